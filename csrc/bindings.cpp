@@ -1,0 +1,266 @@
+// fedagg._core: the CPU backend. Arrays arrive already validated by the Python
+// layer (fedagg/_arrays.py); the checks here keep bad calls from crashing.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <string>
+
+#include "fedagg/check.hpp"
+#include "fedagg/coef_math.hpp"
+#include "fedagg/kernels.hpp"
+#include "fedagg/ops.hpp"
+#include "fedagg/threadpool.hpp"
+
+namespace py = pybind11;
+using fedagg::Rows;
+
+namespace {
+
+using f32 = py::array_t<float, py::array::forcecast>;
+using f64 = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+void require_f32(const py::array& a, const char* what) {
+  if (!py::isinstance<py::array_t<float>>(a) || a.dtype().kind() != 'f' || a.itemsize() != 4)
+    throw py::type_error(std::string(what) + " must be a float32 array");
+}
+
+// The updates: a 2-D float32 array whose rows are contiguous, or a sequence of
+// contiguous float32 arrays of one size. Keeps borrowed pointers only; the
+// caller keeps the arrays alive for the call.
+Rows to_rows(const py::object& obj) {
+  Rows rows;
+  if (py::isinstance<py::array>(obj)) {
+    py::array a = py::reinterpret_borrow<py::array>(obj);
+    require_f32(a, "updates");
+    if (a.ndim() != 2) throw py::value_error("updates must be a 2-D (n, d) array");
+    if (a.shape(1) > 1 && a.strides(1) != 4)
+      throw py::value_error("updates must be contiguous along the coordinate axis");
+    rows.d = static_cast<std::size_t>(a.shape(1));
+    const char* base = static_cast<const char*>(a.data());
+    for (py::ssize_t i = 0; i < a.shape(0); ++i)
+      rows.ptr.push_back(reinterpret_cast<const float*>(base + i * a.strides(0)));
+  } else if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) {
+    py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
+    bool first = true;
+    for (py::size_t i = 0; i < seq.size(); ++i) {
+      py::object item = seq[i];
+      if (!py::isinstance<py::array>(item))
+        throw py::type_error("updates[" + std::to_string(i) + "] must be a float32 array");
+      py::array a = py::reinterpret_borrow<py::array>(item);
+      require_f32(a, ("updates[" + std::to_string(i) + "]").c_str());
+      if (!(a.flags() & py::array::c_style))
+        throw py::value_error("updates[" + std::to_string(i) + "] must be C-contiguous");
+      const auto size = static_cast<std::size_t>(a.size());
+      if (first) rows.d = size;
+      else if (size != rows.d)
+        throw py::value_error("updates[" + std::to_string(i) + "] has " + std::to_string(size) +
+                              " coordinates, expected " + std::to_string(rows.d));
+      first = false;
+      rows.ptr.push_back(static_cast<const float*>(a.data()));
+    }
+  } else {
+    throw py::type_error("updates must be a 2-D float32 array or a list of float32 arrays");
+  }
+  if (rows.ptr.empty()) throw py::value_error("updates is empty");
+  return rows;
+}
+
+py::array_t<float> new_out(std::size_t d) { return py::array_t<float>(static_cast<py::ssize_t>(d)); }
+
+const double* square(const f64& D, int& n, const char* what) {
+  if (D.ndim() != 2 || D.shape(0) != D.shape(1))
+    throw py::value_error(std::string(what) + " must be a square 2-D array");
+  n = static_cast<int>(D.shape(0));
+  return D.data();
+}
+
+template <class Fn>
+py::tuple coordinate_rule(const py::object& updates, Fn&& fn) {
+  Rows rows = to_rows(updates);
+  auto out = new_out(rows.d);
+  float* o = out.mutable_data();
+  bool bad;
+  {
+    py::gil_scoped_release release;
+    bad = fn(rows, o);
+  }
+  return py::make_tuple(out, bad);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fedagg CPU kernels (C++, multithreaded, runtime ISA dispatch)";
+  py::register_exception<fedagg::InvalidArgument>(m, "InvalidArgument", PyExc_ValueError);
+
+  m.def("isa", [] { return std::string(fedagg::kernels().isa); },
+        "Instruction set of the kernels in use.");
+  m.def("available_isas", [] {
+    std::vector<std::string> out;
+    for (const char* name : {"avx512", "avx2", "base"})
+      if (fedagg::kernel_table(name)) out.emplace_back(name);
+    return out;
+  });
+  m.def("_force_isa", [](const std::string& isa) { fedagg::force_isa(isa.c_str()); },
+        py::arg("isa"), "Testing: run the kernels of a lower instruction set ('' = best).");
+  m.def("num_threads", &fedagg::num_threads);
+  m.def("set_num_threads", [](int n) {
+    py::gil_scoped_release release;
+    fedagg::set_num_threads(n);
+  }, py::arg("n"));
+  m.def("has_cuda", [] { return false; }, "Whether the CUDA backend was compiled in.");
+
+  m.def("weighted_sum", [](const py::object& updates, const f64& coef) {
+    Rows rows = to_rows(updates);
+    if (coef.ndim() != 1 || static_cast<std::size_t>(coef.shape(0)) != rows.n())
+      throw py::value_error("coef must have one entry per update");
+    auto out = new_out(rows.d);
+    float* o = out.mutable_data();
+    {
+      py::gil_scoped_release release;
+      fedagg::weighted_sum(rows, coef.data(), o);
+    }
+    return out;
+  }, py::arg("updates"), py::arg("coef"));
+
+  m.def("axpy_f64", [](py::array_t<double, py::array::c_style> acc, const py::array& x, double w) {
+    require_f32(x, "x");
+    if (!(x.flags() & py::array::c_style) || acc.ndim() != 1 || x.size() != acc.size())
+      throw py::value_error("acc and x must be contiguous with the same size");
+    double* a = acc.mutable_data();
+    const float* p = static_cast<const float*>(x.data());
+    const auto d = static_cast<std::size_t>(acc.size());
+    py::gil_scoped_release release;
+    fedagg::axpy_f64(a, p, w, d);
+  }, py::arg("acc"), py::arg("x"), py::arg("w"));
+
+  auto matrix = [](std::vector<double>&& v, std::size_t n, std::size_t m) {
+    py::array_t<double> out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(m)});
+    std::copy(v.begin(), v.end(), out.mutable_data());
+    return out;
+  };
+  auto vector = [](std::vector<double>&& v) {
+    py::array_t<double> out(static_cast<py::ssize_t>(v.size()));
+    std::copy(v.begin(), v.end(), out.mutable_data());
+    return out;
+  };
+
+  m.def("pairwise_sqdist", [matrix](const py::object& updates, bool exact) {
+    Rows rows = to_rows(updates);
+    std::vector<double> D;
+    {
+      py::gil_scoped_release release;
+      D = exact ? fedagg::pairwise_sqdist_exact(rows) : fedagg::pairwise_sqdist(rows);
+    }
+    return matrix(std::move(D), rows.n(), rows.n());
+  }, py::arg("updates"), py::arg("exact") = false,
+     "n x n squared Euclidean distances; exact=True computes in float64 throughout.");
+
+  m.def("sqdist_to", [vector](const py::object& updates, const py::array& x) {
+    Rows rows = to_rows(updates);
+    require_f32(x, "x");
+    if (!(x.flags() & py::array::c_style) || static_cast<std::size_t>(x.size()) != rows.d)
+      throw py::value_error("x must be contiguous with d coordinates");
+    const float* p = static_cast<const float*>(x.data());
+    std::vector<double> r;
+    {
+      py::gil_scoped_release release;
+      r = fedagg::sqdist_to(rows, p);
+    }
+    return vector(std::move(r));
+  }, py::arg("updates"), py::arg("x"));
+
+  m.def("sqnorms", [vector](const py::object& updates) {
+    Rows rows = to_rows(updates);
+    std::vector<double> r;
+    {
+      py::gil_scoped_release release;
+      r = fedagg::sqnorms(rows);
+    }
+    return vector(std::move(r));
+  }, py::arg("updates"));
+
+  m.def("coordinate_median", [](const py::object& updates) {
+    return coordinate_rule(updates, [](const Rows& r, float* o) { return fedagg::coordinate_median(r, o); });
+  }, py::arg("updates"), "Returns (median, saw_nonfinite).");
+  m.def("trimmed_mean", [](const py::object& updates, int f) {
+    return coordinate_rule(updates, [f](const Rows& r, float* o) { return fedagg::trimmed_mean(r, f, o); });
+  }, py::arg("updates"), py::arg("f"), "Returns (mean of ranks [f, n-f), saw_nonfinite).");
+  m.def("bulyan_reduce", [](const py::object& updates, int f) {
+    return coordinate_rule(updates, [f](const Rows& r, float* o) { return fedagg::bulyan_reduce(r, f, o); });
+  }, py::arg("updates"), py::arg("f"),
+     "Bulyan's coordinate stage on theta rows: mean of the theta - 2f values closest to the median.");
+
+  m.def("nonfinite_rows", [](const py::object& updates) {
+    Rows rows = to_rows(updates);
+    std::vector<std::uint8_t> bad;
+    {
+      py::gil_scoped_release release;
+      bad = fedagg::nonfinite_rows(rows);
+    }
+    py::array_t<bool> out(static_cast<py::ssize_t>(bad.size()));
+    for (std::size_t i = 0; i < bad.size(); ++i) out.mutable_data()[i] = bad[i] != 0;
+    return out;
+  }, py::arg("updates"));
+
+  m.def("mix", [](const py::object& updates, const f64& A) {
+    Rows rows = to_rows(updates);
+    if (A.ndim() != 2 || static_cast<std::size_t>(A.shape(1)) != rows.n())
+      throw py::value_error("A must be an (m, n) matrix");
+    const int mrows = static_cast<int>(A.shape(0));
+    py::array_t<float> out({static_cast<py::ssize_t>(mrows), static_cast<py::ssize_t>(rows.d)});
+    std::vector<float*> ptrs(mrows);
+    for (int i = 0; i < mrows; ++i) ptrs[i] = out.mutable_data() + static_cast<std::size_t>(i) * rows.d;
+    {
+      py::gil_scoped_release release;
+      fedagg::mix(rows, A.data(), mrows, ptrs.data());
+    }
+    return out;
+  }, py::arg("updates"), py::arg("A"), "Rows of A @ updates, accumulated in float64.");
+
+  m.def("krum_scores", [vector](const f64& D, int f) {
+    int n;
+    const double* d = square(D, n, "D");
+    return vector(fedagg::krum_scores(d, n, f));
+  }, py::arg("D"), py::arg("f"));
+  m.def("bulyan_select", [](const f64& D, int f) {
+    int n;
+    const double* d = square(D, n, "D");
+    auto s = fedagg::bulyan_select(d, n, f);
+    py::array_t<std::int64_t> out(static_cast<py::ssize_t>(s.size()));
+    std::copy(s.begin(), s.end(), out.mutable_data());
+    return out;
+  }, py::arg("D"), py::arg("f"));
+  m.def("nnm_mixing", [matrix](const f64& D, int f) {
+    int n;
+    const double* d = square(D, n, "D");
+    return matrix(fedagg::nnm_mixing(d, n, f), n, n);
+  }, py::arg("D"), py::arg("f"));
+  m.def("weiszfeld", [vector](const f64& D, const f64& alpha, double nu, int maxiter, double tol) {
+    int n;
+    const double* d = square(D, n, "D");
+    if (alpha.ndim() != 1 || alpha.shape(0) != n) throw py::value_error("alpha must have n entries");
+    FEDAGG_CHECK(nu > 0 && maxiter >= 0 && tol >= 0, "need nu > 0, maxiter >= 0, tol >= 0");
+    std::vector<double> a(n), scratch(2 * static_cast<std::size_t>(n));
+    double obj = 0.0;
+    int it = fedagg::coef::weiszfeld(d, n, alpha.data(), nu, maxiter, tol, a.data(), &obj, scratch.data());
+    return py::make_tuple(vector(std::move(a)), it, obj);
+  }, py::arg("D"), py::arg("alpha"), py::arg("nu"), py::arg("maxiter"), py::arg("tol"),
+     "Smoothed Weiszfeld on the distance matrix; returns (coefficients, iterations, objective).");
+  m.def("centered_clipping", [vector](const f64& D, const f64& w, double tau, int iters) {
+    int m1;
+    const double* d = square(D, m1, "D");
+    const int n = m1 - 1;
+    if (n < 1 || w.ndim() != 1 || w.shape(0) != n) throw py::value_error("w must have n entries, D (n+1) x (n+1)");
+    FEDAGG_CHECK(tau > 0 && iters >= 1, "need tau > 0 and iters >= 1");
+    std::vector<double> a(m1), scratch(2 * static_cast<std::size_t>(m1));
+    int clipped = fedagg::coef::centered_clipping(d, n, w.data(), tau, iters, a.data(), scratch.data());
+    return py::make_tuple(vector(std::move(a)), clipped);
+  }, py::arg("D"), py::arg("w"), py::arg("tau"), py::arg("iters"),
+     "Centered clipping on the distance matrix (index 0 = start point); returns (coefficients, clipped).");
+
+  m.def("_network_sorts_all_01", &fedagg::network_sorts_all_01, py::arg("n"));
+  m.def("_network_size", [](int n) { return fedagg::sorting_network(n).lo.size(); }, py::arg("n"));
+}

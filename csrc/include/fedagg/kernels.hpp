@@ -1,0 +1,41 @@
+// The coordinate-parallel kernels. Each is implemented once in
+// simd/kernels_impl.inc and compiled per instruction set (baseline x86-64,
+// AVX2+FMA, AVX-512); kernels() picks the best one this CPU supports at run
+// time. Every kernel works on the coordinate range [begin, end) so callers can
+// split the work over threads.
+#pragma once
+#include <cstddef>
+
+#include "fedagg/rows.hpp"
+
+namespace fedagg {
+
+struct KernelTable {
+  const char* isa;
+  int lanes;  // float lanes per vector register
+  // out[j] = sum_i coef[i] * rows[i][j], accumulated in float64.
+  void (*weighted_sum)(const float* const* rows, int n, const double* coef, float* out,
+                       std::size_t begin, std::size_t end);
+  // acc[i * n + k] += sum_j (rows[i][j] - rows[k][j])^2 for i < k (upper triangle only).
+  void (*pairwise_sqdist)(const float* const* rows, int n, double* acc, std::size_t begin,
+                          std::size_t end);
+  // acc[i] += sum_j (rows[i][j] - x[j])^2.
+  void (*sqdist_to)(const float* const* rows, int n, const float* x, double* acc,
+                    std::size_t begin, std::size_t end);
+  // acc[i] += sum_j rows[i][j]^2.
+  void (*sqnorms)(const float* const* rows, int n, double* acc, std::size_t begin,
+                  std::size_t end);
+  // Sort each coordinate's n values with `net`, then reduce them:
+  //   mode 0: median; mode 1: mean of sorted ranks [f, n - f);
+  //   mode 2: Bulyan's second stage, mean of the n - 2f values closest to the median.
+  // Returns true if a NaN or Inf was seen (the output is then meaningless).
+  bool (*sorted_reduce)(const float* const* rows, const NetworkView& net, int mode, int f, float* out,
+                        std::size_t begin, std::size_t end);
+};
+
+const KernelTable& kernels();
+// Names of the compiled-in instruction sets, best first, and whether this CPU runs each.
+const KernelTable* kernel_table(const char* isa);  // nullptr if not compiled in or not usable
+void force_isa(const char* isa);                   // testing: use a lower ISA; "" restores best
+
+}  // namespace fedagg

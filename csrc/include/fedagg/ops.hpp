@@ -1,0 +1,42 @@
+// Multithreaded drivers of the kernels, and the selection logic of the rules.
+// Inputs are validated here (the Python layer validates too, with friendlier
+// messages); violations throw fedagg::InvalidArgument.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "fedagg/rows.hpp"
+
+namespace fedagg {
+
+// Batcher's odd-even merge sort on n positions (n padded to a power of two,
+// comparators touching padding dropped: padding acts as +inf and never moves).
+// If `needed` is non-empty, comparators that cannot affect those output
+// positions are pruned.
+Network sorting_network(int n, const std::vector<int>& needed = {});
+// Exhaustive 0-1 principle check of the network for n <= 20 (tests).
+bool network_sorts_all_01(int n);
+
+void weighted_sum(const Rows& rows, const double* coef, float* out);
+void axpy_f64(double* acc, const float* x, double w, std::size_t d);
+// Full symmetric n x n matrix of squared distances, zero diagonal.
+std::vector<double> pairwise_sqdist(const Rows& rows);
+// The same in float64 arithmetic throughout (slow; for inputs whose float32
+// differences overflow).
+std::vector<double> pairwise_sqdist_exact(const Rows& rows);
+std::vector<double> sqdist_to(const Rows& rows, const float* x);
+std::vector<double> sqnorms(const Rows& rows);
+// Coordinate-wise rules. Return true if a NaN/Inf was seen.
+bool coordinate_median(const Rows& rows, float* out);
+bool trimmed_mean(const Rows& rows, int f, float* out);
+bool bulyan_reduce(const Rows& rows, int f, float* out);
+std::vector<std::uint8_t> nonfinite_rows(const Rows& rows);
+// out[i] = sum_k A[i * n + k] rows[k], for i < m.
+void mix(const Rows& rows, const double* A, int m, float* const* out);
+
+// Selection on the distance matrix.
+std::vector<double> krum_scores(const double* D, int n, int f);
+std::vector<std::int64_t> bulyan_select(const double* D, int n, int f);
+std::vector<double> nnm_mixing(const double* D, int n, int f);
+
+}  // namespace fedagg

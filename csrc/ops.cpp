@@ -1,0 +1,278 @@
+#include "fedagg/ops.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <numeric>
+#include <set>
+
+#include "fedagg/check.hpp"
+#include "fedagg/coef_math.hpp"
+#include "fedagg/kernels.hpp"
+#include "fedagg/threadpool.hpp"
+
+namespace fedagg {
+namespace {
+
+// Coordinate ranges handed to threads: large enough to amortize scheduling,
+// small enough to balance; multiples of 64 keep vector groups aligned.
+std::size_t task_size(std::size_t d, std::size_t minimum) {
+  const std::size_t threads = static_cast<std::size_t>(num_threads());
+  std::size_t t = d / (threads * 8) + 1;
+  t = std::max(t, minimum);
+  return (t + 63) / 64 * 64;
+}
+
+template <class Fn>
+void for_ranges(std::size_t d, std::size_t chunk, Fn&& fn) {
+  const std::size_t ntasks = (d + chunk - 1) / chunk;
+  parallel_for(ntasks, [&](std::size_t t, int worker) {
+    const std::size_t b = t * chunk;
+    fn(b, std::min(d, b + chunk), worker);
+  });
+}
+
+void check_rows(const Rows& rows) {
+  FEDAGG_CHECK(rows.n() > 0, "need at least one update");
+  FEDAGG_CHECK(rows.n() < (1u << 30), "too many updates");
+  for (const float* p : rows.ptr) FEDAGG_CHECK(p != nullptr || rows.d == 0, "null update");
+}
+
+NetworkView view(const Network& net) { return {net.n, net.lo.data(), net.hi.data(), net.lo.size()}; }
+
+bool sorted_reduce(const Rows& rows, const Network& net, int mode, int f, float* out) {
+  check_rows(rows);
+  std::atomic<bool> bad{false};
+  const NetworkView nv = view(net);
+  const auto& k = kernels();
+  for_ranges(rows.d, task_size(rows.d, 4096), [&](std::size_t b, std::size_t e, int) {
+    if (k.sorted_reduce(rows.ptr.data(), nv, mode, f, out, b, e)) bad.store(true);
+  });
+  return bad.load();
+}
+
+}  // namespace
+
+Network sorting_network(int n, const std::vector<int>& needed) {
+  FEDAGG_CHECK(n >= 1, "sorting network needs n >= 1");
+  Network net;
+  net.n = n;
+  int N = 1;
+  while (N < n) N <<= 1;
+  std::vector<std::pair<int, int>> comps;
+  for (int p = 1; p < N; p <<= 1)
+    for (int k = p; k >= 1; k >>= 1)
+      for (int j = k % p; j + k < N; j += 2 * k)
+        for (int i = 0; i < std::min(k, N - j - k); ++i)
+          if ((i + j) / (2 * p) == (i + j + k) / (2 * p) && i + j + k < n)
+            comps.emplace_back(i + j, i + j + k);
+  std::vector<bool> keep(comps.size(), true);
+  if (!needed.empty()) {
+    std::vector<bool> live(n, false);
+    for (int p : needed) live.at(p) = true;
+    for (std::size_t c = comps.size(); c-- > 0;) {
+      auto [a, b] = comps[c];
+      if (live[a] || live[b]) live[a] = live[b] = true;
+      else keep[c] = false;
+    }
+  }
+  for (std::size_t c = 0; c < comps.size(); ++c)
+    if (keep[c]) {
+      net.lo.push_back(static_cast<std::uint32_t>(comps[c].first));
+      net.hi.push_back(static_cast<std::uint32_t>(comps[c].second));
+    }
+  return net;
+}
+
+bool network_sorts_all_01(int n) {
+  FEDAGG_CHECK(n >= 1 && n <= 20, "exhaustive check only for 1 <= n <= 20");
+  const Network net = sorting_network(n);
+  for (std::uint32_t bits = 0; bits < (1u << n); ++bits) {
+    std::vector<int> v(n);
+    for (int i = 0; i < n; ++i) v[i] = (bits >> i) & 1;
+    for (std::size_t c = 0; c < net.lo.size(); ++c) {
+      int& a = v[net.lo[c]];
+      int& b = v[net.hi[c]];
+      if (a > b) std::swap(a, b);
+    }
+    if (!std::is_sorted(v.begin(), v.end())) return false;
+  }
+  return true;
+}
+
+void weighted_sum(const Rows& rows, const double* coef, float* out) {
+  check_rows(rows);
+  const auto& k = kernels();
+  const int n = static_cast<int>(rows.n());
+  for_ranges(rows.d, task_size(rows.d, 16384), [&](std::size_t b, std::size_t e, int) {
+    k.weighted_sum(rows.ptr.data(), n, coef, out, b, e);
+  });
+}
+
+void axpy_f64(double* acc, const float* x, double w, std::size_t d) {
+  for_ranges(d, task_size(d, 65536), [&](std::size_t b, std::size_t e, int) {
+    for (std::size_t j = b; j < e; ++j) acc[j] += w * static_cast<double>(x[j]);
+  });
+}
+
+namespace {
+template <class Kernel>
+std::vector<double> reduce_per_worker(std::size_t d, std::size_t width, std::size_t min_task,
+                                      Kernel&& kernel) {
+  const std::size_t T = static_cast<std::size_t>(num_threads());
+  std::vector<double> partial(checked_mul(T, width, "per-thread partial sums"), 0.0);
+  for_ranges(d, task_size(d, min_task), [&](std::size_t b, std::size_t e, int worker) {
+    kernel(partial.data() + static_cast<std::size_t>(worker) * width, b, e);
+  });
+  std::vector<double> total(width, 0.0);
+  for (std::size_t t = 0; t < T; ++t)
+    for (std::size_t i = 0; i < width; ++i) total[i] += partial[t * width + i];
+  return total;
+}
+
+void symmetrize(std::vector<double>& D, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    D[i * n + i] = 0.0;
+    for (std::size_t k = i + 1; k < n; ++k) D[k * n + i] = D[i * n + k];
+  }
+}
+}  // namespace
+
+std::vector<double> pairwise_sqdist(const Rows& rows) {
+  check_rows(rows);
+  const std::size_t n = rows.n();
+  const auto& k = kernels();
+  auto D = reduce_per_worker(rows.d, checked_mul(n, n, "distance matrix"), 16384,
+                             [&](double* acc, std::size_t b, std::size_t e) {
+                               k.pairwise_sqdist(rows.ptr.data(), static_cast<int>(n), acc, b, e);
+                             });
+  symmetrize(D, n);
+  return D;
+}
+
+std::vector<double> pairwise_sqdist_exact(const Rows& rows) {
+  check_rows(rows);
+  const std::size_t n = rows.n();
+  auto D = reduce_per_worker(rows.d, checked_mul(n, n, "distance matrix"), 16384,
+                             [&](double* acc, std::size_t b, std::size_t e) {
+                               for (std::size_t i = 0; i < n; ++i)
+                                 for (std::size_t k = i + 1; k < n; ++k) {
+                                   double s = 0.0;
+                                   for (std::size_t j = b; j < e; ++j) {
+                                     double t = static_cast<double>(rows.ptr[i][j]) -
+                                                static_cast<double>(rows.ptr[k][j]);
+                                     s += t * t;
+                                   }
+                                   acc[i * n + k] += s;
+                                 }
+                             });
+  symmetrize(D, n);
+  return D;
+}
+
+std::vector<double> sqdist_to(const Rows& rows, const float* x) {
+  check_rows(rows);
+  const auto& k = kernels();
+  return reduce_per_worker(rows.d, rows.n(), 16384, [&](double* acc, std::size_t b, std::size_t e) {
+    k.sqdist_to(rows.ptr.data(), static_cast<int>(rows.n()), x, acc, b, e);
+  });
+}
+
+std::vector<double> sqnorms(const Rows& rows) {
+  check_rows(rows);
+  const auto& k = kernels();
+  return reduce_per_worker(rows.d, rows.n(), 16384, [&](double* acc, std::size_t b, std::size_t e) {
+    k.sqnorms(rows.ptr.data(), static_cast<int>(rows.n()), acc, b, e);
+  });
+}
+
+bool coordinate_median(const Rows& rows, float* out) {
+  const int n = static_cast<int>(rows.n());
+  const Network net = sorting_network(n, {(n - 1) / 2, n / 2});
+  return sorted_reduce(rows, net, 0, 0, out);
+}
+
+bool trimmed_mean(const Rows& rows, int f, float* out) {
+  const int n = static_cast<int>(rows.n());
+  FEDAGG_CHECK(f >= 0 && 2 * f < n, "trimmed mean needs 0 <= f and 2f < n");
+  std::vector<int> needed;
+  for (int i = f; i < n - f; ++i) needed.push_back(i);
+  return sorted_reduce(rows, sorting_network(n, needed), 1, f, out);
+}
+
+bool bulyan_reduce(const Rows& rows, int f, float* out) {
+  const int n = static_cast<int>(rows.n());
+  FEDAGG_CHECK(f >= 0 && 4 * f < n, "Bulyan's coordinate stage needs 0 <= f and 4f < theta");
+  return sorted_reduce(rows, sorting_network(n), 2, f, out);
+}
+
+std::vector<std::uint8_t> nonfinite_rows(const Rows& rows) {
+  check_rows(rows);
+  std::vector<std::uint8_t> bad(rows.n(), 0);
+  parallel_for(rows.n(), [&](std::size_t i, int) {
+    const float* p = rows.ptr[i];
+    bool any = false;
+    for (std::size_t j = 0; j < rows.d; ++j) any |= !std::isfinite(p[j]);
+    bad[i] = any;
+  });
+  return bad;
+}
+
+void mix(const Rows& rows, const double* A, int m, float* const* out) {
+  check_rows(rows);
+  const auto& k = kernels();
+  const int n = static_cast<int>(rows.n());
+  // Small coordinate chunks so the n input rows of a chunk stay in cache while
+  // all m outputs are formed from them.
+  std::size_t chunk = std::max<std::size_t>(256, (std::size_t(1) << 17) / rows.n()) / 64 * 64;
+  for_ranges(rows.d, chunk, [&](std::size_t b, std::size_t e, int) {
+    for (int i = 0; i < m; ++i)
+      k.weighted_sum(rows.ptr.data(), n, A + static_cast<std::size_t>(i) * n, out[i], b, e);
+  });
+}
+
+std::vector<double> krum_scores(const double* D, int n, int f) {
+  FEDAGG_CHECK(n > 2 * f + 2, "Krum needs n > 2f + 2");
+  std::vector<double> scores(n), scratch(n);
+  coef::krum_scores(D, n, nullptr, n - f - 2, scores.data(), scratch.data());
+  return scores;
+}
+
+std::vector<std::int64_t> bulyan_select(const double* D, int n, int f) {
+  FEDAGG_CHECK(f >= 0 && n >= 4 * f + 3, "Bulyan needs n >= 4f + 3");
+  const int theta = n - 2 * f;
+  std::vector<unsigned char> active(n, 1);
+  std::vector<double> scores(n), scratch(n);
+  std::vector<std::int64_t> selected;
+  for (int s = 0; s < theta; ++s) {
+    const int remaining = n - s;
+    coef::krum_scores(D, n, active.data(), std::max(0, remaining - f - 2), scores.data(),
+                      scratch.data());
+    int best = -1;
+    for (int i = 0; i < n; ++i)
+      if (active[i] && (best < 0 || scores[i] < scores[best])) best = i;
+    active[best] = 0;
+    selected.push_back(best);
+  }
+  return selected;
+}
+
+std::vector<double> nnm_mixing(const double* D, int n, int f) {
+  FEDAGG_CHECK(f >= 0 && f < n, "NNM needs 0 <= f < n");
+  const int keep = n - f;
+  std::vector<double> A(static_cast<std::size_t>(n) * n, 0.0);
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) {
+    std::iota(order.begin(), order.end(), 0);
+    // Nearest first; the update itself (distance 0) before any tie.
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+      const double da = a == i ? -1.0 : D[i * n + a];
+      const double db = b == i ? -1.0 : D[i * n + b];
+      return da < db;
+    });
+    for (int t = 0; t < keep; ++t) A[static_cast<std::size_t>(i) * n + order[t]] = 1.0 / keep;
+  }
+  return A;
+}
+
+}  // namespace fedagg

@@ -1,0 +1,175 @@
+"""Streaming aggregation: updates are added as they arrive; result() is cheap.
+
+State is built on arrival: the mean keeps a float64 running sum (O(d), no
+update is stored); the other rules keep one float32 copy of each update (at
+most one n x d buffer in all) and the distance-based rules also grow the
+n x n distance matrix one row per update, so result() only runs the n x n
+selection and one pass to form the output.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import numpy as np
+
+from . import _core
+from ._arrays import Batch, _to_numpy
+from .rules import RULES, _check_float, _check_policy, _params, _run
+
+
+class Aggregator:
+    """Collects one round of updates and aggregates them with `rule`.
+
+    >>> import numpy as np, fedagg
+    >>> agg = fedagg.Aggregator("median")
+    >>> for x in ([1.0, 5.0], [2.0, 6.0], [9.0, -1.0]):
+    ...     _ = agg.add(np.array(x, dtype=np.float32))
+    >>> agg.result()
+    array([2., 5.], dtype=float32)
+
+    Parameters are those of :func:`fedagg.aggregate`. For centered clipping the
+    state carries over: each round starts from the previous round's result.
+    """
+
+    def __init__(self, rule: str = "mean", f: int = 0, *, nonfinite: str = "raise",
+                 clip_norm: Optional[float] = None, nnm: bool = False, **params):
+        self.rule = rule
+        self.nonfinite = _check_policy(nonfinite)
+        if not isinstance(nnm, bool):
+            raise TypeError("nnm must be True or False")
+        self.nnm = nnm
+        self.clip_norm = None if clip_norm is None else _check_float(clip_norm, "clip_norm")
+        self._p = _params(rule, f, None, None, None, params)
+        self._spec = RULES[rule]
+        self._center = self._p.get("center")
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Start a new round (centered clipping keeps its center)."""
+        self._rows: List[np.ndarray] = []
+        self._weights: List[float] = []
+        self._ids: List[Any] = []
+        self._excluded: List[Any] = []
+        self._d: Optional[int] = None
+        self._wrap = None
+        self._sum: Optional[np.ndarray] = None  # mean: float64 running sum
+        self._total = 0.0
+        self._count = 0
+        self._clipped = 0
+        self._D = np.zeros((0, 0))
+        self._seen_ids = set()
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def _streams_mean(self) -> bool:
+        return self.rule == "mean" and not self.nnm
+
+    def add(self, update: Any, weight: Optional[float] = None, client_id: Any = None) -> int:
+        """Add one update (any shape; copied); returns its index in this round.
+
+        Raises ValueError for a wrong size, a duplicate client_id, or (policy
+        "raise") NaN/Inf, leaving the state unchanged. With policy "exclude" a
+        non-finite update is recorded in ``info.details['excluded_ids']`` and
+        returns -1.
+        """
+        if client_id is not None:
+            try:
+                dup = client_id in self._seen_ids
+            except TypeError:
+                raise TypeError("client_id must be hashable") from None
+            if dup:
+                raise ValueError(f"client_id {client_id!r} already submitted this round")
+        if weight is not None:
+            if not self._spec.weights:
+                raise ValueError(f"rule {self.rule!r} does not take per-update weights")
+            weight = _check_float(weight, "weight", positive=False)
+            if weight < 0:
+                raise ValueError(f"weight must be >= 0, got {weight}")
+        arr, back = _to_numpy(update, "update")
+        x = np.array(arr, dtype=np.float32, copy=True, order="C").reshape(-1)
+        if x.size == 0:
+            raise ValueError("update has no coordinates")
+        if self._d is not None and x.size != self._d:
+            raise ValueError(f"update has {x.size} coordinates, this round has {self._d}")
+        if _core.nonfinite_rows([x])[0]:
+            if self.nonfinite == "raise":
+                raise ValueError(f"update from client {client_id!r} contains NaN or Inf")
+            self._excluded.append(client_id)
+            if client_id is not None:
+                self._seen_ids.add(client_id)
+            return -1
+        if self._d is None:
+            self._d = x.size
+            shape = arr.shape
+            self._wrap = lambda out, back=back, shape=shape: back(out.reshape(shape))
+        if self.clip_norm is not None:
+            norm = float(np.sqrt(_core.sqnorms([x])[0]))
+            if norm > self.clip_norm:
+                x *= np.float32(self.clip_norm / norm)
+                self._clipped += 1
+        w = 1.0 if weight is None else weight
+        if self._streams_mean:
+            if self._sum is None:
+                self._sum = np.zeros(self._d)
+            _core.axpy_f64(self._sum, x, w)
+        else:
+            if self._spec.distance_based and not self.nnm:
+                self._grow_distances(x)
+            self._rows.append(x)
+        self._weights.append(w)
+        self._ids.append(client_id)
+        if client_id is not None:
+            self._seen_ids.add(client_id)
+        self._total += w
+        self._count += 1
+        return self._count - 1
+
+    def _grow_distances(self, x: np.ndarray) -> None:
+        k = len(self._rows)
+        dist = _core.sqdist_to(self._rows, x) if k else np.zeros(0)
+        if not np.all(np.isfinite(dist)):  # float32 overflow of huge values
+            dist = _core.pairwise_sqdist([*self._rows, x], exact=True)[-1, :-1]
+        D = np.zeros((k + 1, k + 1))
+        D[:k, :k] = self._D
+        D[k, :k] = dist
+        D[:k, k] = dist
+        self._D = D
+
+    # ----------------------------------------------------------------- result
+    def result(self, return_info: bool = False):
+        """Aggregate the updates added since the last reset()."""
+        if self._count == 0:
+            raise ValueError("no updates were added this round")
+        weights = np.asarray(self._weights)
+        has_weights = self._spec.weights and np.any(weights != 1.0)
+        if self._streams_mean:
+            if not self._total > 0:
+                raise ValueError("the weights of this round sum to zero")
+            out = (self._sum / self._total).astype(np.float32)
+            result = self._wrap(out)
+            if not return_info:
+                return result
+            from .rules import AggregationInfo
+
+            return result, AggregationInfo(
+                rule="mean", n=self._count, f=self._p["f"], weights=weights / self._total,
+                clipped=self._clipped, client_ids=tuple(self._ids),
+                details={"excluded_ids": tuple(self._excluded)},
+            )
+        p = dict(self._p)
+        p["center"] = self._center
+        batch = Batch(self._rows, len(self._rows), self._d, self._wrap)
+        res = _run(self.rule, batch, p, weights=weights if has_weights else None,
+                   nonfinite="raise", clip_norm=None, nnm=self.nnm, return_info=True,
+                   client_ids=tuple(self._ids),
+                   D=self._D if self._spec.distance_based and not self.nnm else None)
+        out, info = res
+        if self.rule == "centered_clipping":
+            self._center = np.array(_to_numpy(out, "result")[0], dtype=np.float32).reshape(-1)
+        info.details["excluded_ids"] = tuple(self._excluded)
+        object.__setattr__(info, "clipped", self._clipped)
+        return (out, info) if return_info else out

@@ -1,0 +1,574 @@
+"""Aggregation rules: one function per rule, and ``aggregate(updates, rule=...)``.
+
+Every rule takes ``n`` updates of ``d`` coordinates (an ``(n, d)`` array or a
+list of ``n`` arrays; NumPy or CPU torch) and returns the aggregate in the
+caller's type, or ``(aggregate, AggregationInfo)`` with ``return_info=True``.
+``f`` is always the number of Byzantine updates the rule must tolerate.
+
+Common options of every rule:
+
+``nonfinite``
+    ``"raise"`` (default): an update holding NaN or Inf raises ``ValueError``
+    naming it. ``"exclude"``: such updates are dropped, reported in
+    ``info.excluded``, and the rule runs on the rest (its ``n`` vs ``f``
+    precondition is checked on the rest).
+``clip_norm``
+    Static L2 clipping: each update ``x`` is replaced by
+    ``x * min(1, clip_norm / ||x||)`` before the rule (fused into the weights
+    for ``mean``). ``info.clipped`` counts the updates scaled down.
+``nnm``
+    Nearest-neighbour mixing (Allouah et al. 2023) before the rule: each
+    update is replaced by the mean of its ``n - f`` nearest updates (itself
+    included; squared Euclidean distance, ties by index). The ``n`` mixed
+    updates are materialized (one ``n x d`` float32 buffer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+from ._arrays import Batch, as_batch, as_vector, as_weights
+
+__all__ = [
+    "AggregationInfo",
+    "RULES",
+    "aggregate",
+    "mean",
+    "median",
+    "trimmed_mean",
+    "krum",
+    "multi_krum",
+    "bulyan",
+    "geometric_median",
+    "centered_clipping",
+    "nnm",
+    "clip",
+]
+
+
+@dataclass(frozen=True)
+class AggregationInfo:
+    """Diagnostics of one aggregation. Indices refer to the updates as given."""
+
+    rule: str
+    n: int
+    f: int
+    #: updates the output was formed from (Krum, Multi-Krum, Bulyan's selection), in selection order
+    selected: Optional[np.ndarray] = None
+    #: updates dropped for holding NaN/Inf (``nonfinite="exclude"``)
+    excluded: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: Krum scores (Krum, Multi-Krum; NaN for excluded updates)
+    scores: Optional[np.ndarray] = None
+    #: weight of each update in the output (mean, Multi-Krum, geometric median, centered clipping)
+    weights: Optional[np.ndarray] = None
+    #: updates scaled down by ``clip_norm``
+    clipped: int = 0
+    #: iterations run (geometric median, centered clipping)
+    iterations: Optional[int] = None
+    #: rule-specific extras (objective value, clipped-by-tau count, ...)
+    details: Dict[str, Any] = field(default_factory=dict)
+    #: client ids in update order (streaming Aggregator)
+    client_ids: Optional[Tuple[Any, ...]] = None
+
+
+class _NonFinite(Exception):
+    """A kernel saw NaN/Inf (or a float32 distance overflowed)."""
+
+
+def _check_int(value: Any, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_float(value: Any, name: str, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value}")
+    return value
+
+
+def _finite(x: np.ndarray) -> bool:
+    return bool(np.isfinite(x).all())
+
+
+# ----------------------------------------------------------------- rule kernels
+# Each takes a Batch of n finite-or-suspect rows and returns (float32 result, info fields);
+# raises _NonFinite when the kernels report NaN/Inf.
+
+
+def _distances(batch: Batch, exact: bool) -> np.ndarray:
+    D = _core.pairwise_sqdist(batch.rows, exact=exact)
+    if not _finite(D):
+        raise _NonFinite
+    return D
+
+
+def _k_mean(batch: Batch, p: dict, exact: bool):
+    w = p["weights"] if p["weights"] is not None else np.ones(batch.n)
+    coef = w / w.sum()
+    if p["scale"] is not None:  # clip_norm fused into the coefficients
+        coef = coef * p["scale"]
+    out = _core.weighted_sum(batch.rows, coef)
+    if not _finite(out):
+        raise _NonFinite
+    return out, {"weights": w / w.sum()}
+
+
+def _k_median(batch: Batch, p: dict, exact: bool):
+    out, bad = _core.coordinate_median(batch.rows)
+    if bad:
+        raise _NonFinite
+    return out, {}
+
+
+def _k_trimmed_mean(batch: Batch, p: dict, exact: bool):
+    out, bad = _core.trimmed_mean(batch.rows, p["trim"])
+    if bad:
+        raise _NonFinite
+    return out, {"details": {"trimmed_per_side": p["trim"]}}
+
+
+def _krum_scores(batch: Batch, p: dict, exact: bool) -> np.ndarray:
+    D = p.get("D")
+    if D is None:
+        D = _distances(batch, exact)
+    return _core.krum_scores(D, p["f"])
+
+
+def _k_krum(batch: Batch, p: dict, exact: bool):
+    scores = _krum_scores(batch, p, exact)
+    best = int(np.argmin(scores))
+    return np.array(batch.row(best), dtype=np.float32, copy=True), {
+        "selected": np.array([best]),
+        "scores": scores,
+    }
+
+
+def _k_multi_krum(batch: Batch, p: dict, exact: bool):
+    scores = _krum_scores(batch, p, exact)
+    m = p["m"] if p["m"] is not None else batch.n - p["f"]
+    if not 1 <= m <= batch.n:
+        raise ValueError(f"m must satisfy 1 <= m <= n = {batch.n}, got {m}")
+    sel = np.argsort(scores, kind="stable")[:m]
+    w = p["weights"] if p["weights"] is not None else np.ones(batch.n)
+    wsel = w[sel]
+    if not wsel.sum() > 0:
+        raise ValueError("weights of the selected updates sum to zero")
+    coef = wsel / wsel.sum()
+    out = _core.weighted_sum(batch.subset(sel).rows, coef)
+    weights = np.zeros(batch.n)
+    weights[sel] = coef
+    return out, {"selected": sel, "scores": scores, "weights": weights}
+
+
+def _k_bulyan(batch: Batch, p: dict, exact: bool):
+    D = p.get("D")
+    if D is None:
+        D = _distances(batch, exact)
+    sel = _core.bulyan_select(D, p["f"])
+    out, bad = _core.bulyan_reduce(batch.subset(sel).rows, p["f"])
+    if bad:
+        raise _NonFinite
+    return out, {"selected": sel}
+
+
+def _k_geometric_median(batch: Batch, p: dict, exact: bool):
+    D = p.get("D")
+    if D is None:
+        D = _distances(batch, exact)
+    w = p["weights"] if p["weights"] is not None else np.ones(batch.n)
+    alpha = w / w.sum()
+    coef, iters, obj = _core.weiszfeld(D, alpha, p["nu"], p["maxiter"], p["tol"])
+    out = _core.weighted_sum(batch.rows, coef)
+    if not _finite(out):
+        raise _NonFinite
+    return out, {"weights": coef, "iterations": int(iters), "details": {"objective": float(obj)}}
+
+
+def _k_centered_clipping(batch: Batch, p: dict, exact: bool):
+    center = p["center"]
+    if center is None:
+        center = np.zeros(batch.d, dtype=np.float32)
+    n = batch.n
+    D = p.get("D")
+    if D is None:
+        D = _distances(batch, exact)
+    if exact:
+        to_center = _core.pairwise_sqdist([center, *[batch.row(i) for i in range(n)]], exact=True)[0, 1:]
+    else:
+        to_center = _core.sqdist_to(batch.rows, center)
+    if not _finite(to_center):
+        raise _NonFinite
+    full = np.zeros((n + 1, n + 1))
+    full[1:, 1:] = D
+    full[0, 1:] = to_center
+    full[1:, 0] = to_center
+    w = p["weights"] if p["weights"] is not None else np.ones(n)
+    coef, clipped = _core.centered_clipping(full, w / w.sum(), p["tau"], p["iterations"])
+    out = _core.weighted_sum([center, *[batch.row(i) for i in range(n)]], coef)
+    if not _finite(out):
+        raise _NonFinite
+    return out, {
+        "weights": coef[1:],
+        "iterations": p["iterations"],
+        "details": {"center_weight": float(coef[0]), "clipped_by_tau": int(clipped)},
+    }
+
+
+@dataclass(frozen=True)
+class _Rule:
+    kernel: Any
+    weights: bool  # accepts per-update weights
+    min_n: Any  # f -> smallest n, for the precondition message
+    condition: str
+    distance_based: bool
+
+
+RULES: Dict[str, _Rule] = {
+    "mean": _Rule(_k_mean, True, lambda f: 1, "n >= 1", False),
+    "median": _Rule(_k_median, False, lambda f: 2 * f + 1, "n > 2f", False),
+    "trimmed_mean": _Rule(_k_trimmed_mean, False, lambda f: 2 * f + 1, "n > 2f", False),
+    "krum": _Rule(_k_krum, False, lambda f: 2 * f + 3, "n > 2f + 2", True),
+    "multi_krum": _Rule(_k_multi_krum, True, lambda f: 2 * f + 3, "n > 2f + 2", True),
+    "bulyan": _Rule(_k_bulyan, False, lambda f: 4 * f + 3, "n >= 4f + 3", True),
+    "geometric_median": _Rule(_k_geometric_median, True, lambda f: 2 * f + 1, "n > 2f", True),
+    "centered_clipping": _Rule(_k_centered_clipping, True, lambda f: 2 * f + 1, "n > 2f", True),
+}
+
+_DEFAULTS = {
+    "m": None,
+    "beta": None,
+    "nu": 1e-6,
+    "maxiter": 100,
+    "tol": 1e-6,
+    "tau": 100.0,
+    "iterations": 1,
+    "center": None,
+}
+
+
+def _params(rule: str, f: Any, weights: Any, n: Optional[int], d: Optional[int], params: dict) -> dict:
+    """Check and normalize the parameters of `rule` (n and d when known)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose one of {sorted(RULES)}")
+    unknown = set(params) - set(_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unexpected parameter(s) {sorted(unknown)} for rule {rule!r}")
+    p = dict(_DEFAULTS)
+    p.update(params)
+    p["f"] = _check_int(f, "f")
+    spec = RULES[rule]
+    if weights is not None and not spec.weights:
+        raise ValueError(f"rule {rule!r} does not take per-update weights")
+    if p["m"] is not None:
+        if rule != "multi_krum":
+            raise TypeError(f"m is a parameter of multi_krum, not of {rule!r}")
+        p["m"] = _check_int(p["m"], "m", 1)
+    if p["beta"] is not None:
+        if rule != "trimmed_mean":
+            raise TypeError(f"beta is a parameter of trimmed_mean, not of {rule!r}")
+        beta = _check_float(p["beta"], "beta", positive=False)
+        if not 0 <= beta < 0.5:
+            raise ValueError(f"beta must satisfy 0 <= beta < 0.5, got {beta}")
+        if p["f"] != 0:
+            raise ValueError("give trimmed_mean either f (count per side) or beta (fraction), not both")
+    p["nu"] = _check_float(p["nu"], "nu")
+    p["tol"] = _check_float(p["tol"], "tol", positive=False)
+    if p["tol"] < 0:
+        raise ValueError("tol must be >= 0")
+    p["maxiter"] = _check_int(p["maxiter"], "maxiter", 1)
+    p["tau"] = _check_float(p["tau"], "tau")
+    p["iterations"] = _check_int(p["iterations"], "iterations", 1)
+    if p["center"] is not None and rule != "centered_clipping":
+        raise TypeError(f"center is a parameter of centered_clipping, not of {rule!r}")
+    if d is not None and p["center"] is not None:
+        p["center"] = as_vector(p["center"], d, "center")
+        if not _finite(p["center"]):
+            raise ValueError("center must be finite")
+    if n is not None:
+        _check_n(rule, n, p)
+    return p
+
+
+def _check_n(rule: str, n: int, p: dict) -> None:
+    spec = RULES[rule]
+    f = p["f"]
+    if rule == "trimmed_mean":
+        p["trim"] = int(np.floor(p["beta"] * n)) if p["beta"] is not None else f
+        if 2 * p["trim"] >= n:
+            raise ValueError(
+                f"trimmed_mean cuts {p['trim']} updates per side, which needs n > {2 * p['trim']}; got n = {n}"
+            )
+        return
+    if n < spec.min_n(f):
+        raise ValueError(
+            f"{rule} with f = {f} needs {spec.condition} (n >= {spec.min_n(f)}); got n = {n}"
+        )
+    if p["m"] is not None and p["m"] > n:
+        raise ValueError(f"m must satisfy 1 <= m <= n = {n}, got {p['m']}")
+
+
+def _apply_clip(batch: Batch, clip_norm: float, fold: bool):
+    """Norm clipping: scale factors (fold=True), or a batch of clipped rows."""
+    norms = np.sqrt(_core.sqnorms(batch.rows))
+    if not _finite(norms):
+        raise _NonFinite
+    scale = np.minimum(1.0, clip_norm / np.maximum(norms, np.finfo(np.float64).tiny))
+    clipped = int(np.count_nonzero(scale < 1.0))
+    if fold:
+        return batch, scale, clipped
+    rows = [
+        batch.row(i) if scale[i] >= 1.0 else (batch.row(i) * np.float32(scale[i])).astype(np.float32)
+        for i in range(batch.n)
+    ]
+    return Batch(rows, batch.n, batch.d, batch.wrap, batch.keepalive), None, clipped
+
+
+def _mixed(batch: Batch, f: int, exact: bool) -> Batch:
+    D = _distances(batch, exact)
+    A = _core.nnm_mixing(D, f)
+    Y = _core.mix(batch.rows, A)
+    return Batch(Y, batch.n, batch.d, batch.wrap, batch.keepalive)
+
+
+def _run(rule: str, batch: Batch, p: dict, *, weights: Optional[np.ndarray], nonfinite: str,
+         clip_norm: Optional[float], nnm: bool, return_info: bool, client_ids=None,
+         D: Optional[np.ndarray] = None):
+    """Run `rule` with the non-finite policy; indices in info refer to `batch`."""
+    spec = RULES[rule]
+    n_total = batch.n
+    keep = np.arange(n_total)
+    excluded = np.zeros(0, dtype=np.int64)
+    exact = False
+    for _attempt in range(3):
+        sub = batch if len(keep) == n_total else batch.subset(keep)
+        q = dict(p)
+        q["weights"] = None if weights is None else weights[keep]
+        q["scale"] = None
+        q["D"] = None if (D is None or nnm or len(keep) != n_total) else D
+        try:
+            _check_n(rule, sub.n, q)
+            clipped = 0
+            if clip_norm is not None:
+                sub, q["scale"], clipped = _apply_clip(sub, clip_norm, fold=(rule == "mean" and not nnm))
+            if nnm:
+                if not 2 * q["f"] < sub.n:
+                    raise ValueError(f"nnm with f = {q['f']} needs n > 2f; got n = {sub.n}")
+                sub = _mixed(sub, q["f"], exact)
+            out, fields = spec.kernel(sub, q, exact)
+            break
+        except _NonFinite:
+            bad = np.flatnonzero(_core.nonfinite_rows(sub.rows))
+            if bad.size == 0:
+                # Finite input whose float32 squared differences overflowed: redo in float64.
+                if exact:
+                    raise FloatingPointError(f"{rule}: result is not finite for finite input")
+                exact = True
+                continue
+            bad = keep[bad]
+            if nonfinite == "raise":
+                shown = ", ".join(str(int(i)) for i in bad[:10]) + (" ..." if bad.size > 10 else "")
+                raise ValueError(
+                    f"updates [{shown}] contain NaN or Inf ({bad.size} of {n_total}); "
+                    "pass nonfinite='exclude' to drop them"
+                ) from None
+            excluded = np.union1d(excluded, bad)
+            keep = np.setdiff1d(keep, bad)
+            if keep.size == 0:
+                raise ValueError("every update contains NaN or Inf") from None
+    else:  # pragma: no cover - each retry removes rows or switches to exact once
+        raise RuntimeError(f"{rule}: non-finite handling did not converge")
+
+    result = batch.wrap(out)
+    if not return_info:
+        return result
+    # Map indices of the kept subset back to the caller's indices.
+    if "selected" in fields:
+        fields["selected"] = keep[np.asarray(fields["selected"], dtype=np.int64)]
+    for key in ("scores", "weights"):
+        if key in fields:
+            full = np.full(n_total, np.nan if key == "scores" else 0.0)
+            full[keep] = fields[key]
+            fields[key] = full
+    info = AggregationInfo(
+        rule=rule, n=n_total, f=p["f"], excluded=excluded, clipped=clipped,
+        client_ids=client_ids, **fields,
+    )
+    return result, info
+
+
+def _check_policy(nonfinite: str) -> str:
+    if nonfinite not in ("raise", "exclude"):
+        raise ValueError(f"nonfinite must be 'raise' or 'exclude', got {nonfinite!r}")
+    return nonfinite
+
+
+def aggregate(updates: Any, rule: str = "mean", f: int = 0, *, weights: Any = None,
+              nonfinite: str = "raise", clip_norm: Optional[float] = None, nnm: bool = False,
+              return_info: bool = False, **params):
+    """Aggregate `updates` with `rule` (one of ``fedagg.RULES``).
+
+    >>> import numpy as np, fedagg
+    >>> x = np.array([[1.0, 2.0], [2.0, 4.0], [3.0, 600.0]], dtype=np.float32)
+    >>> fedagg.aggregate(x, rule="median")
+    array([2., 4.], dtype=float32)
+    >>> fedagg.aggregate(x, rule="mean", weights=[1, 1, 0]).tolist()
+    [1.5, 3.0]
+    """
+    if not isinstance(rule, str):
+        raise TypeError(f"rule must be a string, got {type(rule).__name__}")
+    _check_policy(nonfinite)
+    if not isinstance(nnm, bool):
+        raise TypeError("nnm must be True or False")
+    batch = as_batch(updates)
+    p = _params(rule, f, weights, None, batch.d, params)
+    w = None if weights is None else as_weights(weights, batch.n)
+    if clip_norm is not None:
+        clip_norm = _check_float(clip_norm, "clip_norm")
+    return _run(rule, batch, p, weights=w, nonfinite=nonfinite, clip_norm=clip_norm,
+                nnm=nnm, return_info=return_info)
+
+
+def mean(updates, *, weights=None, **options):
+    """Weighted mean, FedAvg (McMahan et al. 2017): ``sum_i w_i x_i / sum_i w_i``.
+
+    Accumulated in float64. Not robust: one update can move it arbitrarily.
+    """
+    return aggregate(updates, "mean", 0, weights=weights, **options)
+
+
+def median(updates, f: int = 0, **options):
+    """Coordinate-wise median (Yin et al. 2018).
+
+    For each coordinate the middle value of the n updates; for even n the mean of
+    the two middle values. Tolerates f < n/2 (checked: n > 2f).
+    """
+    return aggregate(updates, "median", f, **options)
+
+
+def trimmed_mean(updates, f: int = 0, *, beta: Optional[float] = None, **options):
+    """Coordinate-wise trimmed mean (Yin et al. 2018).
+
+    For each coordinate, drop the ``f`` smallest and ``f`` largest values and
+    average the other ``n - 2f``. Give either ``f`` (a count per side) or
+    ``beta`` (a fraction per side: ``floor(beta * n)`` values are cut from each
+    end, the paper's beta-trimmed mean). Needs n > 2f.
+    """
+    return aggregate(updates, "trimmed_mean", f, beta=beta, **options)
+
+
+def krum(updates, f: int, **options):
+    """Krum (Blanchard et al. 2017).
+
+    score(i) = sum of the squared distances from update i to its n - f - 2
+    closest other updates; returns the update with the lowest score (lowest
+    index on ties). Needs n > 2f + 2. ``info.scores`` has every score.
+    """
+    return aggregate(updates, "krum", f, **options)
+
+
+def multi_krum(updates, f: int, m: Optional[int] = None, *, weights=None, **options):
+    """Multi-Krum (Blanchard et al. 2017): mean of the ``m`` updates with the best Krum scores.
+
+    Scores as in :func:`krum`, computed once on all n updates; the m lowest
+    (stable order) are averaged, weighted by ``weights`` if given. ``m``
+    defaults to n - f. Needs n > 2f + 2.
+    """
+    return aggregate(updates, "multi_krum", f, m=m, weights=weights, **options)
+
+
+def bulyan(updates, f: int, **options):
+    """Bulyan (El Mhamdi et al. 2018) over Krum, needing n >= 4f + 3.
+
+    1. Selection: theta = n - 2f updates chosen by iterated Krum; each step
+       scores the remaining updates (r of them) with their r - f - 2 nearest
+       remaining neighbours (at least 0) and removes the best one.
+    2. Per coordinate: of the theta selected values, the mean of the
+       beta = theta - 2f values closest to their median (ties keep the smaller value).
+    """
+    return aggregate(updates, "bulyan", f, **options)
+
+
+def geometric_median(updates, f: int = 0, *, weights=None, nu: float = 1e-6,
+                     maxiter: int = 100, tol: float = 1e-6, **options):
+    """Geometric median by smoothed Weiszfeld (RFA, Pillutla et al. 2022).
+
+    Minimizes sum_i a_i max(nu, ||z - x_i||) (a = normalized weights) starting
+    from the weighted mean: z <- sum_i b_i x_i / sum_i b_i with
+    b_i = a_i / max(nu, ||z - x_i||), until the objective changes by at most
+    ``tol`` times its value or ``maxiter`` iterations ran. Computed from the
+    pairwise distance matrix (two passes over the data in all).
+    """
+    return aggregate(updates, "geometric_median", f, weights=weights, nu=nu,
+                     maxiter=maxiter, tol=tol, **options)
+
+
+def centered_clipping(updates, f: int = 0, *, tau: float = 100.0, iterations: int = 1,
+                      center=None, weights=None, **options):
+    """Centered clipping (Karimireddy et al. 2021).
+
+    Starting at v = ``center`` (the previous aggregate; zeros if None), repeat
+    ``iterations`` times: v <- v + sum_i a_i (x_i - v) min(1, tau / ||x_i - v||)
+    with a = normalized weights (1/n by default).
+    """
+    return aggregate(updates, "centered_clipping", f, tau=tau, iterations=iterations,
+                     center=center, weights=weights, **options)
+
+
+def nnm(updates, f: int, *, nonfinite: str = "raise"):
+    """Nearest-neighbour mixing (Allouah et al. 2023): returns the n mixed updates.
+
+    Row i of the result is the mean of the n - f updates nearest to update i
+    (itself included; squared Euclidean distance, ties by index). Needs n > 2f.
+    Pass ``nnm=True`` to any rule to mix before it.
+    """
+    _check_policy(nonfinite)
+    batch = as_batch(updates)
+    f = _check_int(f, "f")
+    if not 2 * f < batch.n:
+        raise ValueError(f"nnm with f = {f} needs n > 2f; got n = {batch.n}")
+    bad = np.flatnonzero(_core.nonfinite_rows(batch.rows))
+    if bad.size:
+        raise ValueError(f"updates {bad.tolist()[:10]} contain NaN or Inf")
+    D = _core.pairwise_sqdist(batch.rows)
+    if not _finite(D):  # float32 differences overflowed: redo in float64
+        D = _core.pairwise_sqdist(batch.rows, exact=True)
+    Y = _core.mix(batch.rows, _core.nnm_mixing(D, f))
+    if isinstance(updates, (list, tuple)):
+        return [batch.wrap(y) for y in Y]
+    return _wrap_matrix(updates, Y)
+
+
+def clip(updates, max_norm: float):
+    """Static L2 clipping: each update scaled by min(1, max_norm / ||x||); returns copies."""
+    max_norm = _check_float(max_norm, "max_norm")
+    batch = as_batch(updates)
+    norms = np.sqrt(_core.sqnorms(batch.rows))
+    if not _finite(norms):
+        raise ValueError("updates contain NaN or Inf")
+    scale = np.minimum(1.0, max_norm / np.maximum(norms, np.finfo(np.float64).tiny))
+    rows = [(np.asarray(batch.row(i)) * scale[i]).astype(np.float32) for i in range(batch.n)]
+    if isinstance(updates, (list, tuple)):
+        return [batch.wrap(r) for r in rows]
+    return _wrap_matrix(updates, np.stack(rows))
+
+
+def _wrap_matrix(like, Y: np.ndarray):
+    """Return an (n, d) float32 result in the type and dtype of `like`."""
+    from ._arrays import is_torch_tensor
+
+    if is_torch_tensor(like):
+        import torch
+
+        return torch.from_numpy(Y).to(like.dtype)
+    return Y.astype(like.dtype, copy=False)
