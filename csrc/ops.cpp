@@ -38,7 +38,9 @@ void check_rows(const Rows& rows) {
   for (const float* p : rows.ptr) FEDAGG_CHECK(p != nullptr || rows.d == 0, "null update");
 }
 
-NetworkView view(const Network& net) { return {net.n, net.lo.data(), net.hi.data(), net.lo.size()}; }
+NetworkView view(const Network& net) {
+  return {net.n, net.block, net.lo.data(), net.hi.data(), net.lo.size()};
+}
 
 bool sorted_reduce(const Rows& rows, const Network& net, int mode, int f, float* out) {
   check_rows(rows);
@@ -53,21 +55,23 @@ bool sorted_reduce(const Rows& rows, const Network& net, int mode, int f, float*
 
 }  // namespace
 
-Network sorting_network(int n, const std::vector<int>& needed) {
+Network sorting_network(int n, const std::vector<int>& needed, bool prune, bool block16) {
   FEDAGG_CHECK(n >= 1, "sorting network needs n >= 1");
   Network net;
   net.n = n;
+  net.block = block16 ? 16 : 0;
+  const int first_p = block16 ? 16 : 1;
   int N = 1;
   while (N < n) N <<= 1;
   std::vector<std::pair<int, int>> comps;
-  for (int p = 1; p < N; p <<= 1)
+  for (int p = first_p; p < N; p <<= 1)
     for (int k = p; k >= 1; k >>= 1)
       for (int j = k % p; j + k < N; j += 2 * k)
         for (int i = 0; i < std::min(k, N - j - k); ++i)
           if ((i + j) / (2 * p) == (i + j + k) / (2 * p) && i + j + k < n)
             comps.emplace_back(i + j, i + j + k);
   std::vector<bool> keep(comps.size(), true);
-  if (!needed.empty()) {
+  if (prune) {
     std::vector<bool> live(n, false);
     for (int p : needed) live.at(p) = true;
     for (std::size_t c = comps.size(); c-- > 0;) {
@@ -138,6 +142,22 @@ void symmetrize(std::vector<double>& D, std::size_t n) {
 }
 }  // namespace
 
+namespace {
+bool all_finite(const std::vector<double>& v) {
+  for (double x : v)
+    if (!std::isfinite(x)) return false;
+  return true;
+}
+bool any_nonfinite_row(const Rows& rows) {
+  for (auto b : nonfinite_rows(rows))
+    if (b) return true;
+  return false;
+}
+}  // namespace
+
+// The fast kernels square float32 differences, which overflow for |x| >~ 1e19.
+// A non-finite result from finite input is recomputed in float64; input with
+// NaN/Inf is returned as is for the caller's policy.
 std::vector<double> pairwise_sqdist(const Rows& rows) {
   check_rows(rows);
   const std::size_t n = rows.n();
@@ -147,6 +167,7 @@ std::vector<double> pairwise_sqdist(const Rows& rows) {
                                k.pairwise_sqdist(rows.ptr.data(), static_cast<int>(n), acc, b, e);
                              });
   symmetrize(D, n);
+  if (!all_finite(D) && !any_nonfinite_row(rows)) return pairwise_sqdist_exact(rows);
   return D;
 }
 
@@ -170,40 +191,72 @@ std::vector<double> pairwise_sqdist_exact(const Rows& rows) {
   return D;
 }
 
+namespace {
+// Row i: sum_j (rows[i][j] - x[j])^2 in float64 throughout (x may be null: zeros).
+std::vector<double> sqdist_rows_exact(const Rows& rows, const float* x) {
+  return reduce_per_worker(rows.d, rows.n(), 16384, [&](double* acc, std::size_t b, std::size_t e) {
+    for (std::size_t i = 0; i < rows.n(); ++i) {
+      double s = 0.0;
+      for (std::size_t j = b; j < e; ++j) {
+        const double t = static_cast<double>(rows.ptr[i][j]) - (x ? static_cast<double>(x[j]) : 0.0);
+        s += t * t;
+      }
+      acc[i] += s;
+    }
+  });
+}
+}  // namespace
+
 std::vector<double> sqdist_to(const Rows& rows, const float* x) {
   check_rows(rows);
   const auto& k = kernels();
-  return reduce_per_worker(rows.d, rows.n(), 16384, [&](double* acc, std::size_t b, std::size_t e) {
+  auto r = reduce_per_worker(rows.d, rows.n(), 16384, [&](double* acc, std::size_t b, std::size_t e) {
     k.sqdist_to(rows.ptr.data(), static_cast<int>(rows.n()), x, acc, b, e);
   });
+  if (!all_finite(r) && !any_nonfinite_row(rows) && !any_nonfinite_row(Rows{{x}, rows.d}))
+    return sqdist_rows_exact(rows, x);
+  return r;
 }
 
 std::vector<double> sqnorms(const Rows& rows) {
   check_rows(rows);
   const auto& k = kernels();
-  return reduce_per_worker(rows.d, rows.n(), 16384, [&](double* acc, std::size_t b, std::size_t e) {
+  auto r = reduce_per_worker(rows.d, rows.n(), 16384, [&](double* acc, std::size_t b, std::size_t e) {
     k.sqnorms(rows.ptr.data(), static_cast<int>(rows.n()), acc, b, e);
   });
+  if (!all_finite(r) && !any_nonfinite_row(rows)) return sqdist_rows_exact(rows, nullptr);
+  return r;
 }
 
 bool coordinate_median(const Rows& rows, float* out) {
   const int n = static_cast<int>(rows.n());
-  const Network net = sorting_network(n, {(n - 1) / 2, n / 2});
+  const Network net = sorting_network(n, {(n - 1) / 2, n / 2}, true, true);
   return sorted_reduce(rows, net, 0, 0, out);
 }
 
 bool trimmed_mean(const Rows& rows, int f, float* out) {
   const int n = static_cast<int>(rows.n());
   FEDAGG_CHECK(f >= 0 && 2 * f < n, "trimmed mean needs 0 <= f and 2f < n");
+  // Only the f lowest and f highest ranks must be placed; the middle is summed as a set.
   std::vector<int> needed;
-  for (int i = f; i < n - f; ++i) needed.push_back(i);
-  return sorted_reduce(rows, sorting_network(n, needed), 1, f, out);
+  for (int i = 0; i < f; ++i) {
+    needed.push_back(i);
+    needed.push_back(n - 1 - i);
+  }
+  return sorted_reduce(rows, sorting_network(n, needed, true, true), 1, f, out);
 }
 
 bool bulyan_reduce(const Rows& rows, int f, float* out) {
   const int n = static_cast<int>(rows.n());
-  FEDAGG_CHECK(f >= 0 && 4 * f < n, "Bulyan's coordinate stage needs 0 <= f and 4f < theta");
-  return sorted_reduce(rows, sorting_network(n), 2, f, out);
+  FEDAGG_CHECK(f >= 0 && 2 * f < n, "Bulyan's coordinate stage needs 0 <= f and 2f < theta");
+  // Placed: the median ranks and the 2f ranks at each end (the window's
+  // candidates); ranks [2f, n - 2f) are always in the window and summed as a set.
+  std::vector<int> needed = {(n - 1) / 2, n / 2};
+  for (int i = 0; i < 2 * f; ++i) {
+    needed.push_back(i);
+    needed.push_back(n - 1 - i);
+  }
+  return sorted_reduce(rows, sorting_network(n, needed, true, true), 2, f, out);
 }
 
 std::vector<std::uint8_t> nonfinite_rows(const Rows& rows) {

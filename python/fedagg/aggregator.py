@@ -131,8 +131,6 @@ class Aggregator:
     def _grow_distances(self, x: np.ndarray) -> None:
         k = len(self._rows)
         dist = _core.sqdist_to(self._rows, x) if k else np.zeros(0)
-        if not np.all(np.isfinite(dist)):  # float32 overflow of huge values
-            dist = _core.pairwise_sqdist([*self._rows, x], exact=True)[-1, :-1]
         D = np.zeros((k + 1, k + 1))
         D[:k, :k] = self._D
         D[k, :k] = dist

@@ -106,14 +106,15 @@ def _finite(x: np.ndarray) -> bool:
 # raises _NonFinite when the kernels report NaN/Inf.
 
 
-def _distances(batch: Batch, exact: bool) -> np.ndarray:
-    D = _core.pairwise_sqdist(batch.rows, exact=exact)
+def _distances(batch: Batch) -> np.ndarray:
+    # Finite input gives a finite matrix (float32 overflow is redone in float64 natively).
+    D = _core.pairwise_sqdist(batch.rows)
     if not _finite(D):
         raise _NonFinite
     return D
 
 
-def _k_mean(batch: Batch, p: dict, exact: bool):
+def _k_mean(batch: Batch, p: dict):
     w = p["weights"] if p["weights"] is not None else np.ones(batch.n)
     coef = w / w.sum()
     if p["scale"] is not None:  # clip_norm fused into the coefficients
@@ -124,29 +125,29 @@ def _k_mean(batch: Batch, p: dict, exact: bool):
     return out, {"weights": w / w.sum()}
 
 
-def _k_median(batch: Batch, p: dict, exact: bool):
+def _k_median(batch: Batch, p: dict):
     out, bad = _core.coordinate_median(batch.rows)
     if bad:
         raise _NonFinite
     return out, {}
 
 
-def _k_trimmed_mean(batch: Batch, p: dict, exact: bool):
+def _k_trimmed_mean(batch: Batch, p: dict):
     out, bad = _core.trimmed_mean(batch.rows, p["trim"])
     if bad:
         raise _NonFinite
     return out, {"details": {"trimmed_per_side": p["trim"]}}
 
 
-def _krum_scores(batch: Batch, p: dict, exact: bool) -> np.ndarray:
+def _krum_scores(batch: Batch, p: dict) -> np.ndarray:
     D = p.get("D")
     if D is None:
-        D = _distances(batch, exact)
+        D = _distances(batch)
     return _core.krum_scores(D, p["f"])
 
 
-def _k_krum(batch: Batch, p: dict, exact: bool):
-    scores = _krum_scores(batch, p, exact)
+def _k_krum(batch: Batch, p: dict):
+    scores = _krum_scores(batch, p)
     best = int(np.argmin(scores))
     return np.array(batch.row(best), dtype=np.float32, copy=True), {
         "selected": np.array([best]),
@@ -154,8 +155,8 @@ def _k_krum(batch: Batch, p: dict, exact: bool):
     }
 
 
-def _k_multi_krum(batch: Batch, p: dict, exact: bool):
-    scores = _krum_scores(batch, p, exact)
+def _k_multi_krum(batch: Batch, p: dict):
+    scores = _krum_scores(batch, p)
     m = p["m"] if p["m"] is not None else batch.n - p["f"]
     if not 1 <= m <= batch.n:
         raise ValueError(f"m must satisfy 1 <= m <= n = {batch.n}, got {m}")
@@ -171,10 +172,10 @@ def _k_multi_krum(batch: Batch, p: dict, exact: bool):
     return out, {"selected": sel, "scores": scores, "weights": weights}
 
 
-def _k_bulyan(batch: Batch, p: dict, exact: bool):
+def _k_bulyan(batch: Batch, p: dict):
     D = p.get("D")
     if D is None:
-        D = _distances(batch, exact)
+        D = _distances(batch)
     sel = _core.bulyan_select(D, p["f"])
     out, bad = _core.bulyan_reduce(batch.subset(sel).rows, p["f"])
     if bad:
@@ -182,10 +183,10 @@ def _k_bulyan(batch: Batch, p: dict, exact: bool):
     return out, {"selected": sel}
 
 
-def _k_geometric_median(batch: Batch, p: dict, exact: bool):
+def _k_geometric_median(batch: Batch, p: dict):
     D = p.get("D")
     if D is None:
-        D = _distances(batch, exact)
+        D = _distances(batch)
     w = p["weights"] if p["weights"] is not None else np.ones(batch.n)
     alpha = w / w.sum()
     coef, iters, obj = _core.weiszfeld(D, alpha, p["nu"], p["maxiter"], p["tol"])
@@ -195,27 +196,26 @@ def _k_geometric_median(batch: Batch, p: dict, exact: bool):
     return out, {"weights": coef, "iterations": int(iters), "details": {"objective": float(obj)}}
 
 
-def _k_centered_clipping(batch: Batch, p: dict, exact: bool):
+def _k_centered_clipping(batch: Batch, p: dict):
     center = p["center"]
     if center is None:
         center = np.zeros(batch.d, dtype=np.float32)
     n = batch.n
+    rows = [center, *[batch.row(i) for i in range(n)]]
     D = p.get("D")
-    if D is None:
-        D = _distances(batch, exact)
-    if exact:
-        to_center = _core.pairwise_sqdist([center, *[batch.row(i) for i in range(n)]], exact=True)[0, 1:]
-    else:
+    if D is None:  # one pass gives the distances among the updates and to the center
+        full = _distances(Batch(rows, n + 1, batch.d, batch.wrap))
+    else:  # streaming: distances among the updates were built on arrival
         to_center = _core.sqdist_to(batch.rows, center)
-    if not _finite(to_center):
-        raise _NonFinite
-    full = np.zeros((n + 1, n + 1))
-    full[1:, 1:] = D
-    full[0, 1:] = to_center
-    full[1:, 0] = to_center
+        if not _finite(to_center):
+            raise _NonFinite
+        full = np.zeros((n + 1, n + 1))
+        full[1:, 1:] = D
+        full[0, 1:] = to_center
+        full[1:, 0] = to_center
     w = p["weights"] if p["weights"] is not None else np.ones(n)
     coef, clipped = _core.centered_clipping(full, w / w.sum(), p["tau"], p["iterations"])
-    out = _core.weighted_sum([center, *[batch.row(i) for i in range(n)]], coef)
+    out = _core.weighted_sum(rows, coef)
     if not _finite(out):
         raise _NonFinite
     return out, {
@@ -334,8 +334,8 @@ def _apply_clip(batch: Batch, clip_norm: float, fold: bool):
     return Batch(rows, batch.n, batch.d, batch.wrap, batch.keepalive), None, clipped
 
 
-def _mixed(batch: Batch, f: int, exact: bool) -> Batch:
-    D = _distances(batch, exact)
+def _mixed(batch: Batch, f: int) -> Batch:
+    D = _distances(batch)
     A = _core.nnm_mixing(D, f)
     Y = _core.mix(batch.rows, A)
     return Batch(Y, batch.n, batch.d, batch.wrap, batch.keepalive)
@@ -349,8 +349,7 @@ def _run(rule: str, batch: Batch, p: dict, *, weights: Optional[np.ndarray], non
     n_total = batch.n
     keep = np.arange(n_total)
     excluded = np.zeros(0, dtype=np.int64)
-    exact = False
-    for _attempt in range(3):
+    for _attempt in range(2):
         sub = batch if len(keep) == n_total else batch.subset(keep)
         q = dict(p)
         q["weights"] = None if weights is None else weights[keep]
@@ -364,17 +363,13 @@ def _run(rule: str, batch: Batch, p: dict, *, weights: Optional[np.ndarray], non
             if nnm:
                 if not 2 * q["f"] < sub.n:
                     raise ValueError(f"nnm with f = {q['f']} needs n > 2f; got n = {sub.n}")
-                sub = _mixed(sub, q["f"], exact)
-            out, fields = spec.kernel(sub, q, exact)
+                sub = _mixed(sub, q["f"])
+            out, fields = spec.kernel(sub, q)
             break
         except _NonFinite:
             bad = np.flatnonzero(_core.nonfinite_rows(sub.rows))
-            if bad.size == 0:
-                # Finite input whose float32 squared differences overflowed: redo in float64.
-                if exact:
-                    raise FloatingPointError(f"{rule}: result is not finite for finite input")
-                exact = True
-                continue
+            if bad.size == 0:  # cannot happen: finite input gives finite results
+                raise FloatingPointError(f"{rule}: non-finite result from finite input")
             bad = keep[bad]
             if nonfinite == "raise":
                 shown = ", ".join(str(int(i)) for i in bad[:10]) + (" ..." if bad.size > 10 else "")
@@ -386,7 +381,7 @@ def _run(rule: str, batch: Batch, p: dict, *, weights: Optional[np.ndarray], non
             keep = np.setdiff1d(keep, bad)
             if keep.size == 0:
                 raise ValueError("every update contains NaN or Inf") from None
-    else:  # pragma: no cover - each retry removes rows or switches to exact once
+    else:  # pragma: no cover - the retry runs on finite rows only
         raise RuntimeError(f"{rule}: non-finite handling did not converge")
 
     result = batch.wrap(out)
@@ -541,8 +536,6 @@ def nnm(updates, f: int, *, nonfinite: str = "raise"):
     if bad.size:
         raise ValueError(f"updates {bad.tolist()[:10]} contain NaN or Inf")
     D = _core.pairwise_sqdist(batch.rows)
-    if not _finite(D):  # float32 differences overflowed: redo in float64
-        D = _core.pairwise_sqdist(batch.rows, exact=True)
     Y = _core.mix(batch.rows, _core.nnm_mixing(D, f))
     if isinstance(updates, (list, tuple)):
         return [batch.wrap(y) for y in Y]

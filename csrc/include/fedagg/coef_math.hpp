@@ -39,7 +39,31 @@ FEDAGG_HD inline void sqdist_to_combination(const double* D, int n, const double
   }
 }
 
-// Sum of the q smallest of v[0..m) (v is reordered). Quickselect, then sum.
+// In-place ascending heap sort (no recursion, no allocation: runs on a device too).
+FEDAGG_HD inline void heap_sort(double* v, int m) {
+  auto sift = [v](int root, int end) {
+    while (2 * root + 1 < end) {
+      int child = 2 * root + 1;
+      if (child + 1 < end && v[child] < v[child + 1]) ++child;
+      if (!(v[root] < v[child])) return;
+      double t = v[root];
+      v[root] = v[child];
+      v[child] = t;
+      root = child;
+    }
+  };
+  for (int i = m / 2 - 1; i >= 0; --i) sift(i, m);
+  for (int end = m - 1; end > 0; --end) {
+    double t = v[0];
+    v[0] = v[end];
+    v[end] = t;
+    sift(0, end);
+  }
+}
+
+// Sum of the q smallest of v[0..m) (v is reordered): quickselect, then the q
+// values are summed in ascending order, so equal multisets give equal sums
+// bit for bit (duplicated updates get exactly equal scores).
 FEDAGG_HD inline double sum_smallest(double* v, int m, int q) {
   if (q <= 0) return 0.0;
   if (q > m) q = m;
@@ -62,6 +86,7 @@ FEDAGG_HD inline double sum_smallest(double* v, int m, int q) {
     else if (q - 1 >= i) lo = i;
     else break;
   }
+  heap_sort(v, q);
   double s = 0.0;
   for (int i = 0; i < q; ++i) s += v[i];
   return s;

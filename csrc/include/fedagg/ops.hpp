@@ -11,9 +11,13 @@ namespace fedagg {
 
 // Batcher's odd-even merge sort on n positions (n padded to a power of two,
 // comparators touching padding dropped: padding acts as +inf and never moves).
-// If `needed` is non-empty, comparators that cannot affect those output
-// positions are pruned.
-Network sorting_network(int n, const std::vector<int>& needed = {});
+// With `prune`, comparators that cannot affect the positions in `needed` are
+// dropped. Comparators only permute values, so the positions not needed still
+// hold, as a multiset, exactly the values not needed: a trimmed sum only needs
+// the extreme ranks placed. With block16, the first stages (which sort aligned
+// groups of 16 positions) are left to the kernel's in-register sort.
+Network sorting_network(int n, const std::vector<int>& needed = {}, bool prune = false,
+                        bool block16 = false);
 // Exhaustive 0-1 principle check of the network for n <= 20 (tests).
 bool network_sorts_all_01(int n);
 

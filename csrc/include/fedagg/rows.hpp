@@ -16,8 +16,11 @@ struct Rows {
 // A comparator network on n positions: after applying every (lo, hi) pair in
 // order (min to lo, max to hi), the positions the network was built for hold
 // their sorted values.
+// With block = 16, each aligned group of 16 positions is first sorted in
+// registers by the kernel, and lo/hi hold only the merge stages that follow.
 struct Network {
   int n = 0;
+  int block = 0;
   std::vector<std::uint32_t> lo, hi;
 };
 
@@ -25,6 +28,7 @@ struct Network {
 // kernel files instantiate no standard-library templates).
 struct NetworkView {
   int n;
+  int block;
   const std::uint32_t* lo;
   const std::uint32_t* hi;
   std::size_t size;

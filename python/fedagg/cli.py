@@ -1,0 +1,236 @@
+"""The ``fedagg`` command: ``fedagg info`` and ``fedagg bench``.
+
+Uses rich for the progress bar and the table when it is installed, plain text otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, List, Optional
+
+import fedagg
+
+try:  # optional: pip install fedagg[cli]
+    import rich  # noqa: F401
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+except ImportError:  # pragma: no cover - exercised where rich is missing
+    rich = None
+
+COLUMNS = ["rule", "impl", "time", "GB/s", "x read pass", "fedagg speed-up", "agrees", "note"]
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _float_at_least(low: float, strict: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > low if strict else value >= low) or value != value:
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedagg", description="Fast, robust aggregation: tools.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("info", help="print the compiled and usable backends").set_defaults(func=_info)
+
+    b = sub.add_parser("bench", help="time every rule against NumPy, torch, Flower and ByzFL",
+                       description="Time fedagg's rules and the alternatives on the same n x d float32 "
+                                   "updates; each timing is a warm-up then the median of --repeat calls.")
+    b.add_argument("--n", type=_int_at_least(1), default=64, help="updates (default 64)")
+    b.add_argument("--d", type=_int_at_least(1), default=10_000_000, help="coordinates (default 10,000,000)")
+    b.add_argument("--f", type=_int_at_least(0), default=4, help="Byzantine updates to tolerate (default 4)")
+    b.add_argument("--rules", nargs="+", choices=list(fedagg.RULES), metavar="RULE",
+                   help=f"rules to run (default: all of {', '.join(fedagg.RULES)})")
+    b.add_argument("--repeat", type=_int_at_least(1), default=3, help="timed calls per case (default 3)")
+    b.add_argument("--seed", type=_int_at_least(0), default=0, help="data seed (default 0)")
+    b.add_argument("--threads", type=_int_at_least(0), default=None,
+                   help="threads for fedagg and torch (0: all cores; default: as configured)")
+    b.add_argument("--json", metavar="PATH", default=None, help="write all results as JSON ('-': stdout)")
+    b.add_argument("--no-compare", dest="compare", action="store_false",
+                   help="time fedagg only (no NumPy/torch/Flower/ByzFL)")
+    b.add_argument("--max-seconds", type=_float_at_least(0, True), default=60.0,
+                   help="skip an alternative estimated to take longer per call (default 60)")
+    b.add_argument("--bandwidth-gb", type=_float_at_least(0, False), default=1.0,
+                   help="size of the arrays of the copy-bandwidth test (default 1; 0 skips it)")
+    b.set_defaults(func=_bench)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, TypeError, OSError) as e:
+        parser.exit(2, f"fedagg {args.command}: error: {e}\n")
+
+
+def _info(args) -> int:
+    print(f"fedagg {fedagg.__version__}")
+    print(json.dumps(fedagg.backends(), indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------ bench
+
+
+def _out(stream):
+    if not rich:
+        return None
+    console = Console(file=stream, highlight=False)
+    if not console.is_terminal:  # rich's default of 80 columns squeezes the table
+        console = Console(file=stream, highlight=False, width=max(console.width, 120))
+    return console
+
+
+def _print(console, text: str, stream) -> None:
+    if console is not None:
+        console.print(text, markup=False)
+    else:
+        print(text, file=stream, flush=True)
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.2f} GB"
+
+
+def _bench(args) -> int:
+    from . import benchmark
+
+    report = sys.stderr if args.json == "-" else sys.stdout  # stdout carries only JSON then
+    con, err = _out(report), _out(sys.stderr)
+    mem = benchmark.memory_estimate(args.n, args.d, args.compare, args.bandwidth_gb)
+    _print(err, f"memory: input {_gb(mem['input_bytes'])} ({args.n} x {args.d:,} float32); "
+                f"peak about {_gb(mem['peak_bytes'])} with the alternatives' temporaries", sys.stderr)
+    avail = _mem_available()
+    if avail is not None and mem["peak_bytes"] > avail:
+        _print(err, f"warning: only {_gb(avail)} of memory is available", sys.stderr)
+
+    kwargs = dict(n=args.n, d=args.d, f=args.f, seed=args.seed, rules=args.rules, repeat=args.repeat,
+                  compare=args.compare, max_seconds=args.max_seconds, bandwidth_gb=args.bandwidth_gb,
+                  threads=args.threads)
+    if rich:
+        with Progress(TextColumn("{task.description:<32}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=err, transient=True) as bar:
+            task = bar.add_task("starting", total=None)
+            res = benchmark.run(**kwargs, progress=lambda done, total, label: bar.update(
+                task, completed=done, total=total, description=label))
+    else:
+        res = benchmark.run(**kwargs, progress=lambda done, total, label: print(
+            f"[{done}/{total}] {label}", file=sys.stderr, flush=True))
+
+    for line in header(res):
+        _print(con, line, report)
+    rows, notes = table_rows(res)
+    if rich:
+        t = Table(*COLUMNS)
+        for col in t.columns[:-1]:
+            col.no_wrap = True
+        for row in rows:
+            t.add_row(*row)
+        con.print(t)
+    else:
+        _print(con, plain_table(rows), report)
+    for i, note in enumerate(notes, 1):
+        _print(con, f"[{i}] {note}", report)
+
+    if args.json == "-":
+        json.dump(res, sys.stdout, indent=2, default=_jsonable)
+        sys.stdout.write("\n")
+    elif args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=2, default=_jsonable)
+        _print(con, f"results written to {args.json}", report)
+    return 0
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"cannot write {type(x).__name__} as JSON")
+
+
+def _mem_available() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def header(res: Dict[str, Any]) -> List[str]:
+    m = res["machine"]
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores, fedagg isa {m['isa']}, {m['threads']} threads"
+        + (f" (torch {m['torch_threads']})" if "torch_threads" in m else ""),
+        f"n = {res['n']}, d = {res['d']:,}, f = {res['f']}, input {res['input_gb']:.3g} GB, "
+        f"repeat {res['repeat']} (median)",
+        f"read pass: {fmt_time(res['read_pass']['seconds'])} ({res['read_pass']['gbps']:.2f} GB/s; "
+        + ", ".join(f"{k} {fmt_time(v)}" for k, v in res["read_pass"].items() if k in ("numpy", "torch")) + ")",
+    ]
+    bw = res["bandwidth"]
+    lines.append(f"copy bandwidth: {bw['gbps']:.2f} GB/s (read + write of {_gb(bw['bytes'] / 2)})"
+                 if bw else "copy bandwidth: not measured")
+    for name, o in res.get("optional", {}).items():
+        if o["note"]:
+            lines.append(f"{name}: {o['note']}")
+    return lines
+
+
+def fmt_time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.2f} s"
+
+
+def table_rows(res: Dict[str, Any]):
+    """(rows of strings, notes): each row's last cell refers to a note by number."""
+    rows, notes = [], []
+    for r in res["results"]:
+        if r["seconds"] is None:
+            row = [r["rule"], r["impl"], "-", "-", "-", "-", "skipped" if r["skipped"] else "-"]
+        else:
+            speed = "" if r["impl"] == "fedagg" else f"{r['speedup']:.1f}x"
+            agrees = {True: "yes", False: "NO", None: "-"}[r["agrees"]]
+            if r["agrees"] is False and not r["same_definition"]:
+                agrees = "no (def.)"
+            row = [r["rule"], r["impl"], fmt_time(r["seconds"]), f"{r['gbps']:.2f}", f"{r['x_read']:.1f}",
+                   speed, agrees]
+        if r["note"] and r["note"] not in notes:
+            notes.append(r["note"])
+        rows.append(row + [f"[{notes.index(r['note']) + 1}]" if r["note"] else ""])
+    return rows, notes
+
+
+def plain_table(rows: List[List[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(COLUMNS, *rows)]
+    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(COLUMNS), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
