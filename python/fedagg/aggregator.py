@@ -147,7 +147,8 @@ class Aggregator:
         if self._streams_mean:
             if not self._total > 0:
                 raise ValueError("the weights of this round sum to zero")
-            out = (self._sum / self._total).astype(np.float32)
+            out = np.empty(self._d, dtype=np.float32)
+            np.divide(self._sum, self._total, out=out, casting="unsafe")
             result = self._wrap(out)
             if not return_info:
                 return result

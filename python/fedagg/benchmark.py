@@ -226,7 +226,7 @@ def check(kind: str, out: Any, ref: np.ndarray, u: Inputs, selected=None) -> Tup
         if np.array_equal(a, ref):
             return True, ""
         rows = np.flatnonzero((u.X == a).all(axis=1))
-        return False, f"selected update {rows.tolist()[:3]}, fedagg {list(selected)[:3]}"
+        return False, f"selected update {rows.tolist()[:3]}, fedagg {np.asarray(selected).tolist()[:3]}"
     tol = LOOSE if kind == "loose" else ATOL
     ok = np.isclose(a, ref, rtol=tol, atol=tol)
     if ok.all():
@@ -416,7 +416,7 @@ def run(n: int = 64, d: int = 10_000_000, f: int = 4, seed: int = 0, rules: Opti
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
 
-    torch, _ = optional("torch") if compare else (None, "")
+    torch, _ = optional("torch")  # for the read pass even without --compare
     if threads is not None:
         fedagg.set_num_threads(threads)
         if torch is not None:
@@ -457,7 +457,7 @@ def run(n: int = 64, d: int = 10_000_000, f: int = 4, seed: int = 0, rules: Opti
                "skipped": False, "note": case.note}
         results.append(rec)
         mod = mods.get(case.requires)
-        fn = (lambda: case.fn(u, mod))
+        fn = lambda: case.fn(u, mod)  # noqa: E731
         try:
             if case.impl == "fedagg":
                 out, info = fedagg.aggregate(X, case.rule, f, return_info=True)  # the warm-up
@@ -478,7 +478,7 @@ def run(n: int = 64, d: int = 10_000_000, f: int = 4, seed: int = 0, rules: Opti
                        note=_join(rec["note"], extra))
         except Exception as e:
             rec.update(skipped=True, note=_join(rec["note"], f"{type(e).__name__}: {e}"))
-        out = None
+        out = None  # free the output before the next case
     fed = {r["rule"]: r["seconds"] for r in results if r["impl"] == "fedagg"}
     for r in results:
         if r["seconds"] and fed.get(r["rule"]):
