@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 import numpy as np
 
 from . import _core
-from ._arrays import Batch, _to_numpy
+from ._arrays import Batch, _to_numpy, as_vector
 from .rules import RULES, _check_float, _check_policy, _params, _run
 
 
@@ -42,12 +42,16 @@ class Aggregator:
         self.clip_norm = None if clip_norm is None else _check_float(clip_norm, "clip_norm")
         self._p = _params(rule, f, None, None, None, params)
         self._spec = RULES[rule]
-        self._center = self._p.get("center")
+        self._center = self._p.get("center")  # checked against d when the first update arrives
+        self._last_result: Optional[np.ndarray] = None
         self.reset()
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Start a new round (centered clipping keeps its center)."""
+        """Start a new round; centered clipping starts it from the last round's result."""
+        if self._last_result is not None:
+            self._center = self._last_result
+            self._last_result = None
         self._rows: List[np.ndarray] = []
         self._weights: List[float] = []
         self._ids: List[Any] = []
@@ -103,6 +107,11 @@ class Aggregator:
                 self._seen_ids.add(client_id)
             return -1
         if self._d is None:
+            if self._center is not None:
+                center = as_vector(self._center, x.size, "center")
+                if not np.all(np.isfinite(center)):
+                    raise ValueError("center must be finite")
+                self._center = center
             self._d = x.size
             shape = arr.shape
             self._wrap = lambda out, back=back, shape=shape: back(out.reshape(shape))
@@ -168,7 +177,7 @@ class Aggregator:
                    D=self._D if self._spec.distance_based and not self.nnm else None)
         out, info = res
         if self.rule == "centered_clipping":
-            self._center = np.array(_to_numpy(out, "result")[0], dtype=np.float32).reshape(-1)
+            self._last_result = np.array(_to_numpy(out, "result")[0], dtype=np.float32).reshape(-1)
         info.details["excluded_ids"] = tuple(self._excluded)
         object.__setattr__(info, "clipped", self._clipped)
         return (out, info) if return_info else out

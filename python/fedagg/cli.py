@@ -110,7 +110,7 @@ def _print(console, text: str, stream) -> None:
 
 
 def _gb(x: float) -> str:
-    return f"{x / 1e9:.2f} GB"
+    return f"{x / 1e9:.3g} GB"
 
 
 def _bench(args) -> int:
@@ -183,7 +183,7 @@ def _mem_available() -> Optional[int]:
 def header(res: Dict[str, Any]) -> List[str]:
     m = res["machine"]
     lines = [
-        f"machine: {m['cpu']}, {m['cores']} cores, fedagg isa {m['isa']}, {m['threads']} threads"
+        f"machine: {m['cpu']}, {m['cores']} cores, fedagg isa {m['isa']}, threads {m['threads']}"
         + (f" (torch {m['torch_threads']})" if "torch_threads" in m else ""),
         f"n = {res['n']}, d = {res['d']:,}, f = {res['f']}, input {res['input_gb']:.3g} GB, "
         f"repeat {res['repeat']} (median)",

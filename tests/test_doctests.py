@@ -1,0 +1,17 @@
+"""The examples in the docstrings run and give the documented output."""
+
+import doctest
+
+import pytest
+
+import fedagg
+import fedagg.aggregator
+import fedagg.rules
+
+
+@pytest.mark.parametrize("module", [fedagg, fedagg.rules, fedagg.aggregator],
+                         ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    result = doctest.testmod(module, verbose=False, report=True)
+    assert result.attempted > 0, f"{module.__name__} has no docstring examples"
+    assert result.failed == 0
