@@ -124,8 +124,6 @@ def test_bad_nonfinite_policy(policy):
     with pytest.raises(ValueError, match="nonfinite must be 'raise' or 'exclude'"):
         fedagg.aggregate(X, "mean", nonfinite=policy)
     with pytest.raises(ValueError, match="nonfinite must be 'raise' or 'exclude'"):
-        fedagg.nnm(X, 1, nonfinite=policy)
-    with pytest.raises(ValueError, match="nonfinite must be 'raise' or 'exclude'"):
         fedagg.Aggregator("mean", nonfinite=policy)
 
 
@@ -267,3 +265,10 @@ def test_all_rules_run_with_valid_minimal_input():
         n = min_n(rule, 1) if rule != "mean" else 1
         out = fedagg.aggregate(updates(9, n, 2), rule, 1 if rule != "mean" else 0, **rule_kwargs(rule))
         assert out.shape == (2,) and np.all(np.isfinite(out))
+
+
+def test_nnm_rejects_nonfinite_updates():
+    Y = np.ones((5, 3), np.float32)
+    Y[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"updates \[2\] contain NaN or Inf"):
+        fedagg.nnm(Y, 1)
