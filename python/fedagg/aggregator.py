@@ -9,13 +9,14 @@ selection and one pass to form the output.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, List, Optional
 
 import numpy as np
 
 from . import _core
 from ._arrays import Batch, _to_numpy, as_vector
-from .rules import RULES, _check_float, _check_policy, _params, _run
+from .rules import RULES, AggregationInfo, _check_float, _check_policy, _params, _run
 
 
 class Aggregator:
@@ -161,8 +162,6 @@ class Aggregator:
             result = self._wrap(out)
             if not return_info:
                 return result
-            from .rules import AggregationInfo
-
             return result, AggregationInfo(
                 rule="mean", n=self._count, f=self._p["f"], weights=weights / self._total,
                 clipped=self._clipped, client_ids=tuple(self._ids),
@@ -178,6 +177,6 @@ class Aggregator:
         out, info = res
         if self.rule == "centered_clipping":
             self._last_result = np.array(_to_numpy(out, "result")[0], dtype=np.float32).reshape(-1)
-        info.details["excluded_ids"] = tuple(self._excluded)
-        object.__setattr__(info, "clipped", self._clipped)
+        info = dataclasses.replace(info, clipped=self._clipped,
+                                   details={**info.details, "excluded_ids": tuple(self._excluded)})
         return (out, info) if return_info else out

@@ -76,7 +76,7 @@ class AggregationInfo:
 
 
 class _NonFinite(Exception):
-    """A kernel saw NaN/Inf (or a float32 distance overflowed)."""
+    """A kernel saw NaN or Inf in its input."""
 
 
 def _check_int(value: Any, name: str, minimum: int = 0) -> int:
