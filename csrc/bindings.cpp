@@ -110,7 +110,6 @@ PYBIND11_MODULE(_core, m) {
     py::gil_scoped_release release;
     fedagg::set_num_threads(n);
   }, py::arg("n"));
-  m.def("has_cuda", [] { return false; }, "Whether the CUDA backend was compiled in.");
 
   m.def("weighted_sum", [](const py::object& updates, const f64& coef) {
     Rows rows = to_rows(updates);
@@ -263,4 +262,11 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("_network_sorts_all_01", &fedagg::network_sorts_all_01, py::arg("n"));
   m.def("_network_size", [](int n) { return fedagg::sorting_network(n).lo.size(); }, py::arg("n"));
+  m.def("sorting_network", [](int n) {
+    const auto net = fedagg::sorting_network(n);
+    py::array_t<std::uint32_t> lo(static_cast<py::ssize_t>(net.lo.size())), hi(static_cast<py::ssize_t>(net.hi.size()));
+    std::copy(net.lo.begin(), net.lo.end(), lo.mutable_data());
+    std::copy(net.hi.begin(), net.hi.end(), hi.mutable_data());
+    return py::make_tuple(lo, hi);
+  }, py::arg("n"), "Batcher's full sorting network on n positions: (lo, hi) comparator arrays.");
 }

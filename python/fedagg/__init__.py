@@ -7,7 +7,7 @@
 ((1000,), (1,))
 """
 
-from . import _core
+from . import _core, _gpu
 from .aggregator import Aggregator
 from .rules import (
     RULES,
@@ -53,7 +53,8 @@ def backends() -> dict:
     return {
         "cpu": {"compiled": True, "usable": True, "isa": _core.isa(),
                 "isas": list(_core.available_isas()), "threads": _core.num_threads()},
-        "cuda": {"compiled": bool(_core.has_cuda()), "usable": False},
+        "cuda": {"compiled": _gpu.compiled(), "usable": _gpu.device_count() > 0,
+                 "devices": _gpu.device_count()},
     }
 
 

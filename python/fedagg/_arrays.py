@@ -1,10 +1,11 @@
-"""Input handling at the boundary: array-likes in, zero-copy float32 row views out.
+"""Input handling at the boundary: array-likes in, zero-copy float32 rows out.
 
 Updates arrive as one ``(n, d)`` array or as a sequence of ``n`` arrays of one
-shape (NumPy arrays or CPU torch tensors). float32 input whose rows are
-contiguous is passed to the native kernels without a copy; float16, bfloat16
-and float64 input is converted to float32 (one copy) and the result is cast
-back. The result has the caller's type: torch in, torch out.
+shape: NumPy arrays, torch tensors (CPU or CUDA) or CuPy arrays. float32 input
+whose rows are contiguous reaches the kernels without a copy; float16,
+bfloat16 and float64 input is converted to float32 (one copy, on the input's
+device) and the result is cast back. The result has the caller's type and
+device: torch in, torch out; CUDA in, CUDA out.
 """
 
 from __future__ import annotations
@@ -15,46 +16,48 @@ from typing import Any, Callable, List, Sequence, Tuple
 
 import numpy as np
 
+from . import _gpu
+from ._ops import CPU
+
 _FLOAT_KINDS = ("float16", "float32", "float64")
 
 
-def _torch():
-    return sys.modules.get("torch")
-
-
 def is_torch_tensor(x: Any) -> bool:
-    torch = _torch()
+    torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
 
 
 @dataclass
 class Batch:
-    """n updates of d coordinates as the native module takes them."""
+    """n updates of d coordinates as the kernels take them, with the ops of their device."""
 
-    rows: Any  # a 2-D float32 ndarray with contiguous rows, or a list of 1-D float32 arrays
+    rows: Any  # a 2-D float32 array with contiguous rows, or a list of 1-D float32 arrays
     n: int
     d: int
-    wrap: Callable[[np.ndarray], Any]  # float32 (d,) result -> caller's type, dtype and shape
+    wrap: Callable[[Any], Any]  # float32 (d,) result -> caller's type, dtype and shape
     keepalive: List[Any] = field(default_factory=list)
+    ops: Any = CPU
 
-    def row(self, i: int) -> np.ndarray:
+    def row(self, i: int) -> Any:
         return self.rows[i]
 
     def subset(self, index: Sequence[int]) -> "Batch":
         """The updates at `index`, as views (no data is copied)."""
         rows = [self.rows[int(i)] for i in index]
-        return Batch(rows, len(rows), self.d, self.wrap, self.keepalive)
+        return Batch(rows, len(rows), self.d, self.wrap, self.keepalive, self.ops)
+
+    def with_rows(self, rows: Any) -> "Batch":
+        """Other rows (clipped, mixed, ...) of the same d on the same device."""
+        return Batch(rows, len(rows), self.d, self.wrap, self.keepalive, self.ops)
 
 
-def _to_numpy(x: Any, name: str) -> Tuple[np.ndarray, Any]:
-    """A NumPy float view of x, and how to turn a float32 result back into x's kind."""
+def convert(x: Any, name: str) -> Tuple[Any, Callable[[Any], Any], Any]:
+    """A float32 view (or converted copy) of x, how to turn a float32 result back, and x's ops."""
+    lib = _gpu.library_of(x)
+    if lib is not None:
+        return _convert_device(x, name, lib)
     if is_torch_tensor(x):
-        torch = _torch()
-        if x.device.type != "cpu":
-            raise ValueError(
-                f"{name} is on device {x.device}; fedagg was built without the CUDA backend, "
-                "so pass CPU tensors (tensor.cpu())"
-            )
+        torch = sys.modules["torch"]
         if not x.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
         dtype = x.dtype
@@ -67,7 +70,7 @@ def _to_numpy(x: Any, name: str) -> Tuple[np.ndarray, Any]:
             res = torch.from_numpy(out)
             return res if dtype == torch.float32 else res.to(dtype)
 
-        return arr, back
+        return arr, back, CPU
     if isinstance(x, np.ndarray):
         arr = x
     else:
@@ -76,9 +79,7 @@ def _to_numpy(x: Any, name: str) -> Tuple[np.ndarray, Any]:
         except Exception as e:  # ragged lists and the like
             raise TypeError(f"{name} is not an array: {e}") from None
     if arr.dtype.name not in _FLOAT_KINDS:
-        raise TypeError(
-            f"{name} must be float16, float32 or float64, got dtype {arr.dtype}"
-        )
+        raise TypeError(f"{name} must be float16, float32 or float64, got dtype {arr.dtype}")
     dtype = arr.dtype
     if dtype != np.float32:
         arr = arr.astype(np.float32)
@@ -86,7 +87,55 @@ def _to_numpy(x: Any, name: str) -> Tuple[np.ndarray, Any]:
     def back_np(out: np.ndarray, dtype=dtype):
         return out if dtype == np.float32 else out.astype(dtype)
 
-    return arr, back_np
+    return arr, back_np, CPU
+
+
+def _convert_device(x: Any, name: str, lib: Any):
+    if not _gpu.compiled():
+        raise ValueError(
+            f"{name} is a CUDA array, but fedagg was built without the CUDA backend "
+            "(see fedagg.backends()); pass host arrays"
+        )
+    if is_torch_tensor(x):
+        torch = sys.modules["torch"]
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+        dtype = x.dtype
+        t = x.detach()
+        if t.dtype != torch.float32:
+            t = t.to(torch.float32)
+
+        def back(out, dtype=dtype, torch=torch):
+            return out if dtype == torch.float32 else out.to(dtype)
+
+        return t, back, _gpu.GpuOps(lib)
+    cp = sys.modules["cupy"]
+    if x.dtype.name not in _FLOAT_KINDS:
+        raise TypeError(f"{name} must be float16, float32 or float64, got dtype {x.dtype}")
+    dtype = x.dtype
+    a = x if x.dtype == cp.float32 else x.astype(cp.float32)
+
+    def back_cp(out, dtype=dtype):
+        return out if dtype == cp.float32 else out.astype(dtype)
+
+    return a, back_cp, _gpu.GpuOps(lib)
+
+
+def _device_key(ops: Any) -> Any:
+    lib = getattr(ops, "lib", None)
+    return ("cpu",) if lib is None else (type(lib).__name__, str(getattr(lib, "device", getattr(lib, "device_id", ""))))
+
+
+def _contiguous(a: Any) -> Any:
+    if isinstance(a, np.ndarray):
+        return np.ascontiguousarray(a)
+    return a.contiguous() if hasattr(a, "contiguous") else sys.modules["cupy"].ascontiguousarray(a)
+
+
+def _is_contiguous(a: Any) -> bool:
+    if isinstance(a, np.ndarray):
+        return a.flags.c_contiguous
+    return a.is_contiguous() if hasattr(a, "is_contiguous") else a.flags.c_contiguous
 
 
 def as_batch(updates: Any, name: str = "updates") -> Batch:
@@ -95,57 +144,63 @@ def as_batch(updates: Any, name: str = "updates") -> Batch:
         if len(updates) == 0:
             raise ValueError(f"{name} is empty: need at least one update")
         rows = []
-        shape = None
-        back = None
-        keep = []
+        shape = back = ops = None
         for i, u in enumerate(updates):
-            arr, b = _to_numpy(u, f"{name}[{i}]")
+            arr, b, o = convert(u, f"{name}[{i}]")
             if shape is None:
-                shape, back = arr.shape, b
-            elif arr.shape != shape:
-                raise ValueError(
-                    f"{name}[{i}] has shape {arr.shape}, but {name}[0] has shape {shape}"
-                )
-            if not arr.flags.c_contiguous:
-                arr = np.ascontiguousarray(arr)
-            keep.append(u)
+                shape, back, ops = tuple(arr.shape), b, o
+            elif tuple(arr.shape) != shape:
+                raise ValueError(f"{name}[{i}] has shape {tuple(arr.shape)}, but {name}[0] has shape {shape}")
+            elif _device_key(o) != _device_key(ops):
+                raise ValueError(f"{name}[{i}] is on another device than {name}[0]")
+            if not _is_contiguous(arr):
+                arr = _contiguous(arr)
             rows.append(arr.reshape(-1))
-        d = rows[0].size
+        d = int(rows[0].shape[0])
         if d == 0:
             raise ValueError(f"{name} have no coordinates (d = 0)")
 
         def wrap(out, shape=shape, back=back):
             return back(out.reshape(shape))
 
-        return Batch(rows, len(rows), d, wrap, keep)
+        return Batch(rows, len(rows), d, wrap, list(updates), ops)
 
-    if not (isinstance(updates, np.ndarray) or is_torch_tensor(updates)):
+    if not (isinstance(updates, np.ndarray) or is_torch_tensor(updates) or _gpu.library_of(updates)):
         raise TypeError(
             f"{name} must be an (n, d) array or tensor, or a list of arrays; "
             f"got {type(updates).__name__}"
         )
-    arr, back = _to_numpy(updates, name)
+    arr, back, ops = convert(updates, name)
     if arr.ndim != 2:
         raise ValueError(
-            f"{name} must be 2-D (n updates x d coordinates), got shape {arr.shape}; "
+            f"{name} must be 2-D (n updates x d coordinates), got shape {tuple(arr.shape)}; "
             "pass a list to give updates of another shape"
         )
-    n, d = arr.shape
+    n, d = int(arr.shape[0]), int(arr.shape[1])
     if n == 0:
         raise ValueError(f"{name} is empty: need at least one update")
     if d == 0:
         raise ValueError(f"{name} have no coordinates (d = 0)")
-    if d > 1 and arr.strides[1] != arr.itemsize:
+    if d > 1 and not _rows_contiguous(arr):
         raise ValueError(
             f"{name} must be contiguous along the coordinate axis "
             "(use np.ascontiguousarray or tensor.contiguous())"
         )
-    return Batch(arr, n, d, back, [updates])
+    return Batch(arr, n, d, back, [updates], ops)
+
+
+def _rows_contiguous(a: Any) -> bool:
+    """Whether each row of a 2-D array is contiguous (any row stride is fine)."""
+    if is_torch_tensor(a):
+        return a.stride(1) == 1
+    return a.strides[1] == a.itemsize
 
 
 def as_vector(x: Any, d: int, name: str) -> np.ndarray:
-    """A contiguous float32 copy-free view (or converted copy) of one d-vector."""
-    arr, _ = _to_numpy(x, name)
+    """One host d-vector as contiguous float32."""
+    arr, _, ops = convert(x, name)
+    if ops is not CPU:
+        arr = ops.lib.to_host(arr)
     arr = np.ascontiguousarray(arr).reshape(-1)
     if arr.size != d:
         raise ValueError(f"{name} has {arr.size} coordinates, expected {d}")
@@ -156,6 +211,8 @@ def as_weights(weights: Any, n: int, name: str = "weights") -> np.ndarray:
     """Validated float64 weights: n finite, non-negative values with a positive sum."""
     if is_torch_tensor(weights):
         weights = weights.detach().cpu().numpy()
+    elif _gpu.library_of(weights) is not None:
+        weights = _gpu.library_of(weights).to_host(weights)
     try:
         w = np.asarray(weights, dtype=np.float64)
     except (TypeError, ValueError):

@@ -14,8 +14,7 @@ from typing import Any, List, Optional
 
 import numpy as np
 
-from . import _core
-from ._arrays import Batch, _to_numpy, as_vector
+from ._arrays import Batch, _device_key, as_vector, convert
 from .rules import RULES, AggregationInfo, _check_float, _check_policy, _params, _run
 
 
@@ -58,6 +57,7 @@ class Aggregator:
         self._ids: List[Any] = []
         self._excluded: List[Any] = []
         self._d: Optional[int] = None
+        self._ops = None
         self._wrap = None
         self._sum: Optional[np.ndarray] = None  # mean: float64 running sum
         self._total = 0.0
@@ -94,13 +94,16 @@ class Aggregator:
             weight = _check_float(weight, "weight", positive=False)
             if weight < 0:
                 raise ValueError(f"weight must be >= 0, got {weight}")
-        arr, back = _to_numpy(update, "update")
-        x = np.array(arr, dtype=np.float32, copy=True, order="C").reshape(-1)
-        if x.size == 0:
+        arr, back, ops = convert(update, "update")
+        if self._ops is not None and _device_key(ops) != _device_key(self._ops):
+            raise ValueError("update is on another device than this round's first update")
+        x = ops.copy(arr)
+        size = int(x.shape[0])
+        if size == 0:
             raise ValueError("update has no coordinates")
-        if self._d is not None and x.size != self._d:
-            raise ValueError(f"update has {x.size} coordinates, this round has {self._d}")
-        if _core.nonfinite_rows([x])[0]:
+        if self._d is not None and size != self._d:
+            raise ValueError(f"update has {size} coordinates, this round has {self._d}")
+        if ops.nonfinite_rows([x])[0]:
             if self.nonfinite == "raise":
                 raise ValueError(f"update from client {client_id!r} contains NaN or Inf")
             self._excluded.append(client_id)
@@ -109,23 +112,24 @@ class Aggregator:
             return -1
         if self._d is None:
             if self._center is not None:
-                center = as_vector(self._center, x.size, "center")
+                center = as_vector(self._center, size, "center")
                 if not np.all(np.isfinite(center)):
                     raise ValueError("center must be finite")
                 self._center = center
-            self._d = x.size
-            shape = arr.shape
+            self._d = size
+            self._ops = ops
+            shape = tuple(arr.shape)
             self._wrap = lambda out, back=back, shape=shape: back(out.reshape(shape))
         if self.clip_norm is not None:
-            norm = float(np.sqrt(_core.sqnorms([x])[0]))
+            norm = float(np.sqrt(ops.sqnorms([x])[0]))
             if norm > self.clip_norm:
-                x *= np.float32(self.clip_norm / norm)
+                x = ops.scaled(x, self.clip_norm / norm)
                 self._clipped += 1
         w = 1.0 if weight is None else weight
         if self._streams_mean:
             if self._sum is None:
-                self._sum = np.zeros(self._d)
-            _core.axpy_f64(self._sum, x, w)
+                self._sum = ops.accumulator(self._d)
+            ops.axpy(self._sum, x, w)
         else:
             if self._spec.distance_based and not self.nnm:
                 self._grow_distances(x)
@@ -140,7 +144,7 @@ class Aggregator:
 
     def _grow_distances(self, x: np.ndarray) -> None:
         k = len(self._rows)
-        dist = _core.sqdist_to(self._rows, x) if k else np.zeros(0)
+        dist = self._ops.sqdist_to(self._rows, x) if k else np.zeros(0)
         D = np.zeros((k + 1, k + 1))
         D[:k, :k] = self._D
         D[k, :k] = dist
@@ -157,9 +161,7 @@ class Aggregator:
         if self._streams_mean:
             if not self._total > 0:
                 raise ValueError("the weights of this round sum to zero")
-            out = np.empty(self._d, dtype=np.float32)
-            np.divide(self._sum, self._total, out=out, casting="unsafe")
-            result = self._wrap(out)
+            result = self._wrap(self._ops.finish_mean(self._sum, self._total))
             if not return_info:
                 return result
             return result, AggregationInfo(
@@ -169,14 +171,14 @@ class Aggregator:
             )
         p = dict(self._p)
         p["center"] = self._center
-        batch = Batch(self._rows, len(self._rows), self._d, self._wrap)
+        batch = Batch(self._rows, len(self._rows), self._d, self._wrap, ops=self._ops)
         res = _run(self.rule, batch, p, weights=weights if has_weights else None,
                    nonfinite="raise", clip_norm=None, nnm=self.nnm, return_info=True,
                    client_ids=tuple(self._ids),
                    D=self._D if self._spec.distance_based and not self.nnm else None)
         out, info = res
         if self.rule == "centered_clipping":
-            self._last_result = np.array(_to_numpy(out, "result")[0], dtype=np.float32).reshape(-1)
+            self._last_result = as_vector(out, self._d, "result")
         info = dataclasses.replace(info, clipped=self._clipped,
                                    details={**info.details, "excluded_ids": tuple(self._excluded)})
         return (out, info) if return_info else out

@@ -108,7 +108,7 @@ def _finite(x: np.ndarray) -> bool:
 
 def _distances(batch: Batch) -> np.ndarray:
     # Finite input gives a finite matrix (float32 overflow is redone in float64 natively).
-    D = _core.pairwise_sqdist(batch.rows)
+    D = batch.ops.pairwise_sqdist(batch.rows)
     if not _finite(D):
         raise _NonFinite
     return D
@@ -119,21 +119,21 @@ def _k_mean(batch: Batch, p: dict):
     coef = w / w.sum()
     if p["scale"] is not None:  # clip_norm fused into the coefficients
         coef = coef * p["scale"]
-    out = _core.weighted_sum(batch.rows, coef)
-    if not _finite(out):
+    out = batch.ops.weighted_sum(batch.rows, coef)
+    if not batch.ops.all_finite(out):
         raise _NonFinite
     return out, {"weights": w / w.sum()}
 
 
 def _k_median(batch: Batch, p: dict):
-    out, bad = _core.coordinate_median(batch.rows)
+    out, bad = batch.ops.sorted_reduce(batch.rows, "median", 0)
     if bad:
         raise _NonFinite
     return out, {}
 
 
 def _k_trimmed_mean(batch: Batch, p: dict):
-    out, bad = _core.trimmed_mean(batch.rows, p["trim"])
+    out, bad = batch.ops.sorted_reduce(batch.rows, "trimmed_mean", p["trim"])
     if bad:
         raise _NonFinite
     return out, {"details": {"trimmed_per_side": p["trim"]}}
@@ -149,7 +149,7 @@ def _krum_scores(batch: Batch, p: dict) -> np.ndarray:
 def _k_krum(batch: Batch, p: dict):
     scores = _krum_scores(batch, p)
     best = int(np.argmin(scores))
-    return np.array(batch.row(best), dtype=np.float32, copy=True), {
+    return batch.ops.copy(batch.row(best)), {
         "selected": np.array([best]),
         "scores": scores,
     }
@@ -166,7 +166,7 @@ def _k_multi_krum(batch: Batch, p: dict):
     if not wsel.sum() > 0:
         raise ValueError("weights of the selected updates sum to zero")
     coef = wsel / wsel.sum()
-    out = _core.weighted_sum(batch.subset(sel).rows, coef)
+    out = batch.ops.weighted_sum(batch.subset(sel).rows, coef)
     weights = np.zeros(batch.n)
     weights[sel] = coef
     return out, {"selected": sel, "scores": scores, "weights": weights}
@@ -177,7 +177,7 @@ def _k_bulyan(batch: Batch, p: dict):
     if D is None:
         D = _distances(batch)
     sel = _core.bulyan_select(D, p["f"])
-    out, bad = _core.bulyan_reduce(batch.subset(sel).rows, p["f"])
+    out, bad = batch.ops.sorted_reduce(batch.subset(sel).rows, "bulyan", p["f"])
     if bad:
         raise _NonFinite
     return out, {"selected": sel}
@@ -190,27 +190,25 @@ def _k_geometric_median(batch: Batch, p: dict):
     w = p["weights"] if p["weights"] is not None else np.ones(batch.n)
     alpha = w / w.sum()
     coef, iters, obj = _core.weiszfeld(D, alpha, p["nu"], p["maxiter"], p["tol"])
-    out = _core.weighted_sum(batch.rows, coef)
-    if not _finite(out):
+    out = batch.ops.weighted_sum(batch.rows, coef)
+    if not batch.ops.all_finite(out):
         raise _NonFinite
     return out, {"weights": coef, "iterations": int(iters), "details": {"objective": float(obj)}}
 
 
 def _k_centered_clipping(batch: Batch, p: dict):
-    center = p["center"]
-    if center is None:
-        center = np.zeros(batch.d, dtype=np.float32)
+    center = batch.ops.zeros(batch.d) if p["center"] is None else batch.ops.to_device(p["center"])
     n = batch.n
     rows = [center, *[batch.row(i) for i in range(n)]]
     D = p.get("D")
     if D is None and p["iterations"] > 1:
         # Later iterations start from a combination of the updates: they need
         # all pairwise distances (one pass gives them, and those to the center).
-        full = _distances(Batch(rows, n + 1, batch.d, batch.wrap))
+        full = _distances(batch.with_rows(rows))
     else:
         # One iteration needs only the distances to the center; in streaming
         # those among the updates were built on arrival.
-        to_center = _core.sqdist_to(batch.rows, center)
+        to_center = batch.ops.sqdist_to(batch.rows, center)
         if not _finite(to_center):
             raise _NonFinite
         full = np.zeros((n + 1, n + 1))
@@ -220,8 +218,8 @@ def _k_centered_clipping(batch: Batch, p: dict):
         full[1:, 0] = to_center
     w = p["weights"] if p["weights"] is not None else np.ones(n)
     coef, clipped = _core.centered_clipping(full, w / w.sum(), p["tau"], p["iterations"])
-    out = _core.weighted_sum(rows, coef)
-    if not _finite(out):
+    out = batch.ops.weighted_sum(rows, coef)
+    if not batch.ops.all_finite(out):
         raise _NonFinite
     return out, {
         "weights": coef[1:],
@@ -325,25 +323,21 @@ def _check_n(rule: str, n: int, p: dict) -> None:
 
 def _apply_clip(batch: Batch, clip_norm: float, fold: bool):
     """Norm clipping: scale factors (fold=True), or a batch of clipped rows."""
-    norms = np.sqrt(_core.sqnorms(batch.rows))
+    norms = np.sqrt(batch.ops.sqnorms(batch.rows))
     if not _finite(norms):
         raise _NonFinite
     scale = np.minimum(1.0, clip_norm / np.maximum(norms, np.finfo(np.float64).tiny))
     clipped = int(np.count_nonzero(scale < 1.0))
     if fold:
         return batch, scale, clipped
-    rows = [
-        batch.row(i) if scale[i] >= 1.0 else (batch.row(i) * np.float32(scale[i])).astype(np.float32)
-        for i in range(batch.n)
-    ]
-    return Batch(rows, batch.n, batch.d, batch.wrap, batch.keepalive), None, clipped
+    rows = [batch.row(i) if scale[i] >= 1.0 else batch.ops.scaled(batch.row(i), scale[i])
+            for i in range(batch.n)]
+    return batch.with_rows(rows), None, clipped
 
 
 def _mixed(batch: Batch, f: int) -> Batch:
     D = _distances(batch)
-    A = _core.nnm_mixing(D, f)
-    Y = _core.mix(batch.rows, A)
-    return Batch(Y, batch.n, batch.d, batch.wrap, batch.keepalive)
+    return batch.with_rows(batch.ops.mix(batch.rows, _core.nnm_mixing(D, f)))
 
 
 def _run(rule: str, batch: Batch, p: dict, *, weights: Optional[np.ndarray], nonfinite: str,
@@ -372,7 +366,7 @@ def _run(rule: str, batch: Batch, p: dict, *, weights: Optional[np.ndarray], non
             out, fields = spec.kernel(sub, q)
             break
         except _NonFinite:
-            bad = np.flatnonzero(_core.nonfinite_rows(sub.rows))
+            bad = np.flatnonzero(sub.ops.nonfinite_rows(sub.rows))
             if bad.size == 0:  # cannot happen: finite input gives finite results
                 raise FloatingPointError(f"{rule}: non-finite result from finite input")
             bad = keep[bad]
@@ -541,36 +535,24 @@ def nnm(updates, f: int):
     f = _check_int(f, "f")
     if not 2 * f < batch.n:
         raise ValueError(f"nnm with f = {f} needs n > 2f; got n = {batch.n}")
-    bad = np.flatnonzero(_core.nonfinite_rows(batch.rows))
+    bad = np.flatnonzero(batch.ops.nonfinite_rows(batch.rows))
     if bad.size:
         raise ValueError(f"updates {bad.tolist()[:10]} contain NaN or Inf")
-    D = _core.pairwise_sqdist(batch.rows)
-    Y = _core.mix(batch.rows, _core.nnm_mixing(D, f))
+    Y = batch.ops.mix(batch.rows, _core.nnm_mixing(batch.ops.pairwise_sqdist(batch.rows), f))
     if isinstance(updates, (list, tuple)):
         return [batch.wrap(y) for y in Y]
-    return _wrap_matrix(updates, Y)
+    return batch.wrap(Y)
 
 
 def clip(updates, max_norm: float):
     """Static L2 clipping: each update scaled by min(1, max_norm / ||x||); returns copies."""
     max_norm = _check_float(max_norm, "max_norm")
     batch = as_batch(updates)
-    norms = np.sqrt(_core.sqnorms(batch.rows))
+    norms = np.sqrt(batch.ops.sqnorms(batch.rows))
     if not _finite(norms):
         raise ValueError("updates contain NaN or Inf")
     scale = np.minimum(1.0, max_norm / np.maximum(norms, np.finfo(np.float64).tiny))
-    rows = [(np.asarray(batch.row(i)) * scale[i]).astype(np.float32) for i in range(batch.n)]
+    rows = [batch.ops.scaled(batch.row(i), scale[i]) for i in range(batch.n)]
     if isinstance(updates, (list, tuple)):
         return [batch.wrap(r) for r in rows]
-    return _wrap_matrix(updates, np.stack(rows))
-
-
-def _wrap_matrix(like, Y: np.ndarray):
-    """Return an (n, d) float32 result in the type and dtype of `like`."""
-    from ._arrays import is_torch_tensor
-
-    if is_torch_tensor(like):
-        import torch
-
-        return torch.from_numpy(Y).to(like.dtype)
-    return Y.astype(like.dtype, copy=False)
+    return batch.wrap(batch.ops.stack(rows))

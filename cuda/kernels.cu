@@ -1,0 +1,403 @@
+// CUDA kernels of the aggregation rules; semantics identical to the CPU
+// kernels (csrc/simd/kernels_impl.inc), float64 accumulation where the CPU
+// accumulates in float64.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "fedagg_cuda.hpp"
+
+namespace fedagg {
+namespace gpu {
+namespace {
+
+void check(cudaError_t e, const char* op) {
+  if (e != cudaSuccess)
+    throw CudaError(std::string("fedagg CUDA ") + op + ": " + cudaGetErrorString(e), e);
+}
+
+int sm_count() {
+  int dev = 0, sms = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  return sms > 0 ? sms : 1;
+}
+
+unsigned grid_for(std::size_t d, int block) {
+  const std::size_t want = (d + block - 1) / block;
+  const std::size_t cap = static_cast<std::size_t>(sm_count()) * 32;
+  return static_cast<unsigned>(want < cap ? (want > 0 ? want : 1) : cap);
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Block-wide sum, result valid in thread 0. blockDim.x must be a multiple of 32 (<= 1024).
+__device__ double block_sum(double v) {
+  __shared__ double part[32];
+  v = warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < (blockDim.x >> 5) ? part[lane] : 0.0;
+  if (warp == 0) v = warp_sum(v);
+  return v;
+}
+
+// ------------------------------------------------------------------ weighted sum
+__global__ void weighted_sum_kernel(const float* const* __restrict__ rows, int n, std::size_t d,
+                                    const double* __restrict__ coef, float* __restrict__ out) {
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  for (std::size_t j = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < d;
+       j += stride) {
+    double acc = 0.0;
+    for (int i = 0; i < n; ++i) acc += coef[i] * static_cast<double>(__ldg(rows[i] + j));
+    out[j] = static_cast<float>(acc);
+  }
+}
+
+// ------------------------------------------------------- squared distances to x
+// blockIdx.y: the row; the block sums its share of coordinates, then one atomic add.
+__global__ void sqdist_to_kernel(const float* const* __restrict__ rows, std::size_t d,
+                                 const float* __restrict__ x, double* __restrict__ out) {
+  const float* r = rows[blockIdx.y];
+  double s = 0.0;
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  for (std::size_t j = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < d;
+       j += stride) {
+    const double t = static_cast<double>(__ldg(r + j)) - (x ? static_cast<double>(__ldg(x + j)) : 0.0);
+    s += t * t;
+  }
+  s = block_sum(s);
+  if (threadIdx.x == 0) atomicAdd(out + blockIdx.y, s);
+}
+
+__global__ void nonfinite_kernel(const float* const* __restrict__ rows, std::size_t d,
+                                 int* __restrict__ out) {
+  const float* r = rows[blockIdx.y];
+  bool bad = false;
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  for (std::size_t j = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < d;
+       j += stride)
+    bad |= !isfinite(__ldg(r + j));
+  if (__syncthreads_or(bad) && threadIdx.x == 0) out[blockIdx.y] = 1;
+}
+
+// --------------------------------------------------- pairwise squared distances
+// Split over coordinates: each block takes a chunk of coordinates and a
+// 64 x 64 tile of row pairs (tiles with K0 >= I0 only), stages KC coordinates
+// of its 2 x 64 rows in shared memory, and each of its 256 threads
+// accumulates 4 x 4 pairs from exact float32 differences (float32 runs of at
+// most kRun coordinates, then float64), like the CPU kernel.
+constexpr int kTile = 64, kKC = 32, kRun = 512;
+
+__global__ void __launch_bounds__(256)
+pairwise_kernel(const float* const* __restrict__ rows, int n, std::size_t d, std::size_t chunk,
+                double* __restrict__ D) {
+  const int I0 = blockIdx.y * kTile, K0 = blockIdx.z * kTile;
+  if (K0 < I0) return;
+  const std::size_t j0 = static_cast<std::size_t>(blockIdx.x) * chunk;
+  if (j0 >= d) return;
+  const std::size_t j1 = j0 + chunk < d ? j0 + chunk : d;
+  __shared__ float A[kKC][kTile + 1], B[kKC][kTile + 1];
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  float acc[4][4];
+  double dacc[4][4];
+#pragma unroll
+  for (int p = 0; p < 4; ++p)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[p][q] = 0.0f, dacc[p][q] = 0.0;
+  int run = 0;
+  for (std::size_t jj = j0; jj < j1; jj += kKC) {
+    for (int t = threadIdx.x; t < kTile * kKC; t += blockDim.x) {
+      const int r = t / kKC, c = t % kKC;
+      const std::size_t j = jj + c;
+      const bool in = j < j1;
+      A[c][r] = (in && I0 + r < n) ? __ldg(rows[I0 + r] + j) : 0.0f;
+      B[c][r] = (in && K0 + r < n) ? __ldg(rows[K0 + r] + j) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int c = 0; c < kKC; ++c) {
+      float a[4], b[4];
+#pragma unroll
+      for (int p = 0; p < 4; ++p) a[p] = A[c][ty * 4 + p], b[p] = B[c][tx * 4 + p];
+#pragma unroll
+      for (int p = 0; p < 4; ++p)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float t = a[p] - b[q];
+          acc[p][q] = fmaf(t, t, acc[p][q]);
+        }
+    }
+    __syncthreads();
+    run += kKC;
+    if (run >= kRun) {
+      run = 0;
+#pragma unroll
+      for (int p = 0; p < 4; ++p)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) dacc[p][q] += acc[p][q], acc[p][q] = 0.0f;
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < 4; ++p)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int i = I0 + ty * 4 + p, k = K0 + tx * 4 + q;
+      if (i < k && k < n) atomicAdd(D + static_cast<std::size_t>(i) * n + k, dacc[p][q] + acc[p][q]);
+    }
+}
+
+// ---------------------------------------------------- sorting-network rules
+// Batcher's odd-even merge sort for N (a power of two), built at compile time
+// so that the fully unrolled network runs on registers.
+template <int N>
+struct Batcher {
+  unsigned char a[N * 16 > 16 ? N * 16 : 16], b[N * 16 > 16 ? N * 16 : 16];
+  int size;
+};
+
+template <int N>
+__host__ __device__ constexpr Batcher<N> make_batcher() {
+  Batcher<N> s{};
+  for (int p = 1; p < N; p <<= 1)
+    for (int k = p; k >= 1; k >>= 1)
+      for (int j = k % p; j + k < N; j += 2 * k)
+        for (int i = 0; i < k && i < N - j - k; ++i)
+          if ((i + j) / (2 * p) == (i + j + k) / (2 * p)) {
+            s.a[s.size] = static_cast<unsigned char>(i + j);
+            s.b[s.size] = static_cast<unsigned char>(i + j + k);
+            ++s.size;
+          }
+  return s;
+}
+
+template <int N>
+struct Network {
+  static constexpr Batcher<N> value = make_batcher<N>();
+};
+
+template <int A, int B, int N>
+__device__ __forceinline__ void compare_swap(float (&v)[N]) {
+  const float x = v[A], y = v[B];
+  v[A] = fminf(x, y);
+  v[B] = fmaxf(x, y);
+}
+
+// The comparators expand at compile time (template arguments), so every
+// index is a constant and v stays in registers.
+template <int N, int... C>
+__device__ __forceinline__ void apply_network(float (&v)[N], std::integer_sequence<int, C...>) {
+  (compare_swap<Network<N>::value.a[C], Network<N>::value.b[C]>(v), ...);
+}
+
+template <int N>
+__device__ __forceinline__ void sort_registers(float (&v)[N]) {
+  apply_network<N>(v, std::make_integer_sequence<int, Network<N>::value.size>());
+}
+
+// Median and trimmed mean straight from the sorted registers: folds over
+// compile-time indices, predicated on the run-time n and f (a run-time index
+// into v would move it to local memory).
+template <int N, int... I>
+__device__ __forceinline__ float pick(const float (&v)[N], int k, std::integer_sequence<int, I...>) {
+  float r = 0.0f;
+  ((r = (I == k) ? v[I] : r), ...);
+  return r;
+}
+
+template <int N, int... I>
+__device__ __forceinline__ double sum_ranks(const float (&v)[N], int a, int b,
+                                            std::integer_sequence<int, I...>) {
+  double s = 0.0;
+  ((s += (I >= a && I < b) ? static_cast<double>(v[I]) : 0.0), ...);
+  return s;
+}
+
+template <int N>
+__device__ __forceinline__ float reduce_registers(const float (&v)[N], int n, int mode, int f) {
+  constexpr auto idx = std::make_integer_sequence<int, N>();
+  if (mode == 0) {
+    const float lo = pick<N>(v, (n - 1) / 2, idx);
+    if (n & 1) return lo;
+    return static_cast<float>((static_cast<double>(lo) + pick<N>(v, n / 2, idx)) * 0.5);
+  }
+  return static_cast<float>(sum_ranks<N>(v, f, n - f, idx) / (n - 2 * f));
+}
+
+// Bulyan's window mean on sorted values s[0..n) (any indexable storage):
+// the beta = n - 2f values closest to the median; see the CPU kernel.
+template <class Get>
+__device__ __forceinline__ float bulyan_window(Get s, int n, int f) {
+  const int beta = n - 2 * f;
+  const double med = (n & 1) ? static_cast<double>(s((n - 1) / 2))
+                             : (static_cast<double>(s(n / 2 - 1)) + s(n / 2)) * 0.5;
+  int lo = 0;
+  for (int a = 0; a < 2 * f; ++a) lo += (med - s(a)) > (static_cast<double>(s(beta + a)) - med);
+  double sum = 0.0;
+  for (int k = lo; k < lo + beta; ++k) sum += s(k);
+  return static_cast<float>(sum / beta);
+}
+
+template <int N>
+__global__ void sorted_reduce_kernel(const float* const* __restrict__ rows, int n, std::size_t d,
+                                     int mode, int f, float* __restrict__ out, int* flag) {
+  extern __shared__ float staged[];  // mode 2: N values per thread, strided by blockDim
+  bool bad = false;
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  for (std::size_t j = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < d;
+       j += stride) {
+    float v[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (i < n) {
+        v[i] = __ldg(rows[i] + j);
+        bad |= !isfinite(v[i]);
+      } else {
+        v[i] = INFINITY;  // padding sorts to the top and is never read
+      }
+    }
+    sort_registers<N>(v);
+    if (mode != 2) {
+      out[j] = reduce_registers<N>(v, n, mode, f);
+    } else {
+#pragma unroll
+      for (int i = 0; i < N; ++i) staged[i * blockDim.x + threadIdx.x] = v[i];
+      out[j] = bulyan_window([&](int i) { return staged[i * blockDim.x + threadIdx.x]; }, n, f);
+    }
+  }
+  if (bad) atomicOr(flag, 1);
+}
+
+// n > 64: the values live in local memory and the network comes from global memory.
+constexpr int kMaxN = 1024;
+
+__global__ void sorted_reduce_large_kernel(const float* const* __restrict__ rows, int n,
+                                           std::size_t d, int mode, int f,
+                                           const unsigned* __restrict__ lo,
+                                           const unsigned* __restrict__ hi, std::size_t nc,
+                                           float* __restrict__ out, int* flag) {
+  bool bad = false;
+  float v[kMaxN];
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  for (std::size_t j = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < d;
+       j += stride) {
+    for (int i = 0; i < n; ++i) {
+      v[i] = __ldg(rows[i] + j);
+      bad |= !isfinite(v[i]);
+    }
+    for (std::size_t c = 0; c < nc; ++c) {
+      const float x = v[lo[c]], y = v[hi[c]];
+      v[lo[c]] = fminf(x, y);
+      v[hi[c]] = fmaxf(x, y);
+    }
+    float r;
+    if (mode == 0) {
+      r = (n & 1) ? v[(n - 1) / 2]
+                  : static_cast<float>((static_cast<double>(v[n / 2 - 1]) + v[n / 2]) * 0.5);
+    } else if (mode == 1) {
+      double s = 0.0;
+      for (int i = f; i < n - f; ++i) s += v[i];
+      r = static_cast<float>(s / (n - 2 * f));
+    } else {
+      r = bulyan_window([&](int i) { return v[i]; }, n, f);
+    }
+    out[j] = r;
+  }
+  if (bad) atomicOr(flag, 1);
+}
+
+template <int N>
+void launch_sorted(const float* const* rows, int n, std::size_t d, int mode, int f, float* out,
+                   int* flag, cudaStream_t stream) {
+  const int block = 128;
+  const std::size_t smem = mode == 2 ? sizeof(float) * N * block : 0;
+  if (smem > 48 * 1024)
+    check(cudaFuncSetAttribute(sorted_reduce_kernel<N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem)),
+          "sorted_reduce (shared memory)");
+  sorted_reduce_kernel<N><<<grid_for(d, block), block, smem, stream>>>(rows, n, d, mode, f, out, flag);
+  check(cudaGetLastError(), "sorted_reduce");
+}
+
+}  // namespace
+
+void weighted_sum(const float* const* rows, int n, std::size_t d, const double* coef, float* out,
+                  cudaStream_t stream) {
+  const int block = 256;
+  weighted_sum_kernel<<<grid_for(d, block), block, 0, stream>>>(rows, n, d, coef, out);
+  check(cudaGetLastError(), "weighted_sum");
+}
+
+void pairwise_sqdist(const float* const* rows, int n, std::size_t d, double* D, cudaStream_t stream) {
+  check(cudaMemsetAsync(D, 0, sizeof(double) * n * n, stream), "pairwise_sqdist (memset)");
+  const int tiles = (n + kTile - 1) / kTile;
+  const std::size_t tile_pairs = static_cast<std::size_t>(tiles) * (tiles + 1) / 2;
+  std::size_t chunks = static_cast<std::size_t>(sm_count()) * 4 / tile_pairs + 1;
+  const std::size_t max_chunks = (d + kKC - 1) / kKC;
+  if (chunks > max_chunks) chunks = max_chunks;
+  std::size_t chunk = (d + chunks - 1) / chunks;
+  chunk = (chunk + kKC - 1) / kKC * kKC;
+  chunks = (d + chunk - 1) / chunk;
+  dim3 grid(static_cast<unsigned>(chunks), tiles, tiles);
+  pairwise_kernel<<<grid, 256, 0, stream>>>(rows, n, d, chunk, D);
+  check(cudaGetLastError(), "pairwise_sqdist");
+}
+
+void sqdist_to(const float* const* rows, int n, std::size_t d, const float* x, double* out,
+               cudaStream_t stream) {
+  check(cudaMemsetAsync(out, 0, sizeof(double) * n, stream), "sqdist_to (memset)");
+  const int block = 256;
+  std::size_t per_row = (static_cast<std::size_t>(sm_count()) * 8 + n - 1) / n;
+  const std::size_t need = (d + block - 1) / block;
+  if (per_row > need) per_row = need;
+  if (per_row < 1) per_row = 1;
+  sqdist_to_kernel<<<dim3(static_cast<unsigned>(per_row), n), block, 0, stream>>>(rows, d, x, out);
+  check(cudaGetLastError(), "sqdist_to");
+}
+
+void nonfinite_rows(const float* const* rows, int n, std::size_t d, int* out, cudaStream_t stream) {
+  check(cudaMemsetAsync(out, 0, sizeof(int) * n, stream), "nonfinite_rows (memset)");
+  const int block = 256;
+  std::size_t per_row = (static_cast<std::size_t>(sm_count()) * 8 + n - 1) / n;
+  const std::size_t need = (d + block - 1) / block;
+  if (per_row > need) per_row = need;
+  if (per_row < 1) per_row = 1;
+  nonfinite_kernel<<<dim3(static_cast<unsigned>(per_row), n), block, 0, stream>>>(rows, d, out);
+  check(cudaGetLastError(), "nonfinite_rows");
+}
+
+void sorted_reduce(const float* const* rows, int n, std::size_t d, int mode, int f,
+                   const unsigned* net_lo, const unsigned* net_hi, std::size_t net_size, float* out,
+                   int* flag, cudaStream_t stream) {
+  check(cudaMemsetAsync(flag, 0, sizeof(int), stream), "sorted_reduce (memset)");
+  if (n <= 8) return launch_sorted<8>(rows, n, d, mode, f, out, flag, stream);
+  if (n <= 16) return launch_sorted<16>(rows, n, d, mode, f, out, flag, stream);
+  if (n <= 32) return launch_sorted<32>(rows, n, d, mode, f, out, flag, stream);
+  if (n <= 64) return launch_sorted<64>(rows, n, d, mode, f, out, flag, stream);
+  if (n > kMaxN) throw std::invalid_argument("CUDA coordinate-wise rules support n <= 1024");
+  const int block = 64;
+  sorted_reduce_large_kernel<<<grid_for(d, block), block, 0, stream>>>(rows, n, d, mode, f, net_lo,
+                                                                        net_hi, net_size, out, flag);
+  check(cudaGetLastError(), "sorted_reduce");
+}
+
+int max_sorted_n() { return kMaxN; }
+
+int device_count() {
+  int c = 0;
+  if (cudaGetDeviceCount(&c) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return 0;
+  }
+  return c;
+}
+
+}  // namespace gpu
+}  // namespace fedagg
