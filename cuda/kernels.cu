@@ -326,6 +326,16 @@ void launch_sorted(const float* const* rows, int n, std::size_t d, int mode, int
   check(cudaGetLastError(), "sorted_reduce");
 }
 
+// Per-row reductions: blockIdx.y is the row, enough blocks per row to fill the GPU.
+constexpr int kRowBlock = 256;
+dim3 per_row_grid(int n, std::size_t d) {
+  std::size_t per_row = (static_cast<std::size_t>(sm_count()) * 8 + n - 1) / n;
+  const std::size_t need = (d + kRowBlock - 1) / kRowBlock;
+  if (per_row > need) per_row = need;
+  if (per_row < 1) per_row = 1;
+  return dim3(static_cast<unsigned>(per_row), static_cast<unsigned>(n));
+}
+
 }  // namespace
 
 void weighted_sum(const float* const* rows, int n, std::size_t d, const double* coef, float* out,
@@ -353,23 +363,13 @@ void pairwise_sqdist(const float* const* rows, int n, std::size_t d, double* D, 
 void sqdist_to(const float* const* rows, int n, std::size_t d, const float* x, double* out,
                cudaStream_t stream) {
   check(cudaMemsetAsync(out, 0, sizeof(double) * n, stream), "sqdist_to (memset)");
-  const int block = 256;
-  std::size_t per_row = (static_cast<std::size_t>(sm_count()) * 8 + n - 1) / n;
-  const std::size_t need = (d + block - 1) / block;
-  if (per_row > need) per_row = need;
-  if (per_row < 1) per_row = 1;
-  sqdist_to_kernel<<<dim3(static_cast<unsigned>(per_row), n), block, 0, stream>>>(rows, d, x, out);
+  sqdist_to_kernel<<<per_row_grid(n, d), kRowBlock, 0, stream>>>(rows, d, x, out);
   check(cudaGetLastError(), "sqdist_to");
 }
 
 void nonfinite_rows(const float* const* rows, int n, std::size_t d, int* out, cudaStream_t stream) {
   check(cudaMemsetAsync(out, 0, sizeof(int) * n, stream), "nonfinite_rows (memset)");
-  const int block = 256;
-  std::size_t per_row = (static_cast<std::size_t>(sm_count()) * 8 + n - 1) / n;
-  const std::size_t need = (d + block - 1) / block;
-  if (per_row > need) per_row = need;
-  if (per_row < 1) per_row = 1;
-  nonfinite_kernel<<<dim3(static_cast<unsigned>(per_row), n), block, 0, stream>>>(rows, d, out);
+  nonfinite_kernel<<<per_row_grid(n, d), kRowBlock, 0, stream>>>(rows, d, out);
   check(cudaGetLastError(), "nonfinite_rows");
 }
 

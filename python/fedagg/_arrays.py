@@ -54,8 +54,12 @@ class Batch:
 def convert(x: Any, name: str) -> Tuple[Any, Callable[[Any], Any], Any]:
     """A float32 view (or converted copy) of x, how to turn a float32 result back, and x's ops."""
     lib = _gpu.library_of(x)
-    if lib is not None:
-        return _convert_device(x, name, lib)
+    if lib is not None and not _gpu.compiled():
+        raise ValueError(
+            f"{name} is a CUDA array, but fedagg was built without the CUDA backend "
+            "(see fedagg.backends()); pass host arrays"
+        )
+    ops = CPU if lib is None else _gpu.GpuOps(lib)
     if is_torch_tensor(x):
         torch = sys.modules["torch"]
         if not x.is_floating_point():
@@ -64,14 +68,21 @@ def convert(x: Any, name: str) -> Tuple[Any, Callable[[Any], Any], Any]:
         t = x.detach()
         if t.dtype != torch.float32:
             t = t.to(torch.float32)
-        arr = t.numpy()
+        if lib is not None:  # a CUDA tensor stays on its device
+
+            def back_cuda(out, dtype=dtype, torch=torch):
+                return out if dtype == torch.float32 else out.to(dtype)
+
+            return t, back_cuda, ops
 
         def back(out: np.ndarray, dtype=dtype, torch=torch):
             res = torch.from_numpy(out)
             return res if dtype == torch.float32 else res.to(dtype)
 
-        return arr, back, CPU
-    if isinstance(x, np.ndarray):
+        return t.numpy(), back, ops
+    if lib is not None:
+        arr = x  # a CuPy array
+    elif isinstance(x, np.ndarray):
         arr = x
     else:
         try:
@@ -84,41 +95,10 @@ def convert(x: Any, name: str) -> Tuple[Any, Callable[[Any], Any], Any]:
     if dtype != np.float32:
         arr = arr.astype(np.float32)
 
-    def back_np(out: np.ndarray, dtype=dtype):
-        return out if dtype == np.float32 else out.astype(dtype)
+    def back_array(out, dtype=dtype):  # NumPy or CuPy: the same methods
+        return out if out.dtype == dtype else out.astype(dtype)
 
-    return arr, back_np, CPU
-
-
-def _convert_device(x: Any, name: str, lib: Any):
-    if not _gpu.compiled():
-        raise ValueError(
-            f"{name} is a CUDA array, but fedagg was built without the CUDA backend "
-            "(see fedagg.backends()); pass host arrays"
-        )
-    if is_torch_tensor(x):
-        torch = sys.modules["torch"]
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {x.dtype}")
-        dtype = x.dtype
-        t = x.detach()
-        if t.dtype != torch.float32:
-            t = t.to(torch.float32)
-
-        def back(out, dtype=dtype, torch=torch):
-            return out if dtype == torch.float32 else out.to(dtype)
-
-        return t, back, _gpu.GpuOps(lib)
-    cp = sys.modules["cupy"]
-    if x.dtype.name not in _FLOAT_KINDS:
-        raise TypeError(f"{name} must be float16, float32 or float64, got dtype {x.dtype}")
-    dtype = x.dtype
-    a = x if x.dtype == cp.float32 else x.astype(cp.float32)
-
-    def back_cp(out, dtype=dtype):
-        return out if dtype == cp.float32 else out.astype(dtype)
-
-    return a, back_cp, _gpu.GpuOps(lib)
+    return arr, back_array, ops
 
 
 def _device_key(ops: Any) -> Any:
