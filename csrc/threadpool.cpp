@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <vector>
 
@@ -119,8 +120,22 @@ class Pool {
   std::exception_ptr error_;
 };
 
+// Leaked on purpose: no join at interpreter teardown. After fork() the child
+// has none of the parent's worker threads, so it drops (leaks) the parent's
+// pool and builds its own on first use instead of waiting on dead workers.
+std::atomic<Pool*> g_pool{nullptr};
+
+void forget_pool_in_child() { g_pool.store(nullptr); }
+
 Pool& pool() {
-  static Pool* p = new Pool();  // leaked on purpose: no join at interpreter teardown
+  Pool* p = g_pool.load();
+  if (p == nullptr) {
+    static std::once_flag registered;
+    std::call_once(registered, [] { pthread_atfork(nullptr, nullptr, forget_pool_in_child); });
+    Pool* fresh = new Pool();
+    if (g_pool.compare_exchange_strong(p, fresh)) p = fresh;
+    else delete fresh;
+  }
   return *p;
 }
 

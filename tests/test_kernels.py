@@ -393,3 +393,28 @@ def test_set_num_threads_zero_restores_default(threads_restored):
     fedagg.set_num_threads(0)
     assert fedagg.get_num_threads() >= 1
     assert fedagg.backends()["cpu"]["threads"] == fedagg.get_num_threads()
+
+
+def test_forked_child_gets_its_own_thread_pool():
+    """After fork() the parent's worker threads do not exist in the child: the child must
+    build its own pool rather than wait forever on them."""
+    import multiprocessing as mp
+    import warnings
+
+    X = np.random.default_rng(11).standard_normal((9, 100_000)).astype(np.float32)
+    expected = fedagg.median(X)  # the parent's pool is up and running
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+
+    def child():
+        q.put(bool(np.array_equal(fedagg.median(X), expected)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12 warns on fork with threads
+        p = ctx.Process(target=child)
+        p.start()
+    p.join(timeout=60)
+    if p.is_alive():
+        p.kill()
+        pytest.fail("the forked child hung in the thread pool")
+    assert p.exitcode == 0 and q.get(timeout=5) is True
