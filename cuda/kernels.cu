@@ -92,7 +92,7 @@ __global__ void nonfinite_kernel(const float* const* __restrict__ rows, std::siz
 // Split over coordinates: each block takes a chunk of coordinates and a
 // 64 x 64 tile of row pairs (tiles with K0 >= I0 only), stages KC coordinates
 // of its 2 x 64 rows in shared memory, and each of its 256 threads
-// accumulates 4 x 4 pairs from exact float32 differences (float32 runs of at
+// accumulates a 4 x 4 block of pairs from exact float32 differences (float32 runs of at
 // most kRun coordinates, then float64), like the CPU kernel.
 constexpr int kTile = 64, kKC = 32, kRun = 512;
 
@@ -105,7 +105,24 @@ pairwise_kernel(const float* const* __restrict__ rows, int n, std::size_t d, std
   if (j0 >= d) return;
   const std::size_t j1 = j0 + chunk < d ? j0 + chunk : d;
   __shared__ float A[kKC][kTile + 1], B[kKC][kTile + 1];
-  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  // This thread's 4 x 4 block (bi, bk) of the 16 x 16 grid of blocks. A tile on
+  // the diagonal needs only the 136 blocks with bi <= bk: threads 0..135 take
+  // them (whole warps beyond stay idle) instead of computing both halves.
+  int bi, bk;
+  bool active = true;
+  if (I0 == K0) {
+    int t = threadIdx.x;
+    bi = 0;
+    while (bi < 16 && t >= 16 - bi) {  // row bi of the upper triangle holds 16 - bi blocks
+      t -= 16 - bi;
+      ++bi;
+    }
+    active = bi < 16;
+    bk = bi + t;
+  } else {
+    bi = threadIdx.x >> 4;
+    bk = threadIdx.x & 15;
+  }
   float acc[4][4];
   double dacc[4][4];
 #pragma unroll
@@ -123,10 +140,10 @@ pairwise_kernel(const float* const* __restrict__ rows, int n, std::size_t d, std
     }
     __syncthreads();
 #pragma unroll 8
-    for (int c = 0; c < kKC; ++c) {
+    for (int c = 0; c < (active ? kKC : 0); ++c) {
       float a[4], b[4];
 #pragma unroll
-      for (int p = 0; p < 4; ++p) a[p] = A[c][ty * 4 + p], b[p] = B[c][tx * 4 + p];
+      for (int p = 0; p < 4; ++p) a[p] = A[c][bi * 4 + p], b[p] = B[c][bk * 4 + p];
 #pragma unroll
       for (int p = 0; p < 4; ++p)
 #pragma unroll
@@ -149,8 +166,8 @@ pairwise_kernel(const float* const* __restrict__ rows, int n, std::size_t d, std
   for (int p = 0; p < 4; ++p)
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const int i = I0 + ty * 4 + p, k = K0 + tx * 4 + q;
-      if (i < k && k < n) atomicAdd(D + static_cast<std::size_t>(i) * n + k, dacc[p][q] + acc[p][q]);
+      const int i = I0 + bi * 4 + p, k = K0 + bk * 4 + q;
+      if (active && i < k && k < n) atomicAdd(D + static_cast<std::size_t>(i) * n + k, dacc[p][q] + acc[p][q]);
     }
 }
 
