@@ -11,6 +11,7 @@
 #include "fedagg/coef_math.hpp"
 #include "fedagg/kernels.hpp"
 #include "fedagg/ops.hpp"
+#include "fedagg/sort_math.hpp"
 #include "fedagg/threadpool.hpp"
 
 namespace py = pybind11;
@@ -259,6 +260,34 @@ PYBIND11_MODULE(_core, m) {
     return py::make_tuple(vector(std::move(a)), clipped);
   }, py::arg("D"), py::arg("w"), py::arg("tau"), py::arg("iters"),
      "Centered clipping on the distance matrix (index 0 = start point); returns (coefficients, clipped).");
+
+  // The CUDA backend's per-coordinate code (fedagg/sort_math.hpp), run here on
+  // the CPU so the CPU tests check what the GPU runs.
+  m.def("_register_sort_reduce", [](const py::array_t<float, py::array::c_style>& X, int mode, int f) {
+    if (X.ndim() != 2) throw py::value_error("X must be (n, m)");
+    const int n = static_cast<int>(X.shape(0));
+    const py::ssize_t cols = X.shape(1);
+    if (n < 1 || n > 64) throw py::value_error("register sorting takes 1 <= n <= 64");
+    if (mode < 0 || mode > 2 || f < 0 || 2 * f >= n) throw py::value_error("bad mode or f");
+    py::array_t<float> out(cols);
+    py::array_t<bool> bad_cols(cols);
+    const float* x = X.data();
+    for (py::ssize_t j = 0; j < cols; ++j) {
+      float tmp[64];
+      bool bad = false;
+      auto load = [&](int i) { return x[i * cols + j]; };
+      auto stage = [&](int i, float v) { tmp[i] = v; };
+      auto staged = [&](int i) { return tmp[i]; };
+      float r;
+      if (n <= 8) r = fedagg::sortmath::reduce_coordinate<8>(load, n, mode, f, stage, staged, bad);
+      else if (n <= 16) r = fedagg::sortmath::reduce_coordinate<16>(load, n, mode, f, stage, staged, bad);
+      else if (n <= 32) r = fedagg::sortmath::reduce_coordinate<32>(load, n, mode, f, stage, staged, bad);
+      else r = fedagg::sortmath::reduce_coordinate<64>(load, n, mode, f, stage, staged, bad);
+      out.mutable_data()[j] = r;
+      bad_cols.mutable_data()[j] = bad;
+    }
+    return py::make_tuple(out, bad_cols);
+  }, py::arg("X"), py::arg("mode"), py::arg("f"));
 
   m.def("_network_sorts_all_01", &fedagg::network_sorts_all_01, py::arg("n"));
   m.def("_network_size", [](int n) { return fedagg::sorting_network(n).lo.size(); }, py::arg("n"));

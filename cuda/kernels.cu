@@ -8,6 +8,7 @@
 #include <string>
 #include <utility>
 
+#include "fedagg/sort_math.hpp"
 #include "fedagg_cuda.hpp"
 
 namespace fedagg {
@@ -172,95 +173,8 @@ pairwise_kernel(const float* const* __restrict__ rows, int n, std::size_t d, std
 }
 
 // ---------------------------------------------------- sorting-network rules
-// Batcher's odd-even merge sort for N (a power of two), built at compile time
-// so that the fully unrolled network runs on registers.
-template <int N>
-struct Batcher {
-  unsigned char a[N * 16 > 16 ? N * 16 : 16], b[N * 16 > 16 ? N * 16 : 16];
-  int size;
-};
-
-template <int N>
-__host__ __device__ constexpr Batcher<N> make_batcher() {
-  Batcher<N> s{};
-  for (int p = 1; p < N; p <<= 1)
-    for (int k = p; k >= 1; k >>= 1)
-      for (int j = k % p; j + k < N; j += 2 * k)
-        for (int i = 0; i < k && i < N - j - k; ++i)
-          if ((i + j) / (2 * p) == (i + j + k) / (2 * p)) {
-            s.a[s.size] = static_cast<unsigned char>(i + j);
-            s.b[s.size] = static_cast<unsigned char>(i + j + k);
-            ++s.size;
-          }
-  return s;
-}
-
-template <int N>
-struct Network {
-  static constexpr Batcher<N> value = make_batcher<N>();
-};
-
-template <int A, int B, int N>
-__device__ __forceinline__ void compare_swap(float (&v)[N]) {
-  const float x = v[A], y = v[B];
-  v[A] = fminf(x, y);
-  v[B] = fmaxf(x, y);
-}
-
-// The comparators expand at compile time (template arguments), so every
-// index is a constant and v stays in registers.
-template <int N, int... C>
-__device__ __forceinline__ void apply_network(float (&v)[N], std::integer_sequence<int, C...>) {
-  (compare_swap<Network<N>::value.a[C], Network<N>::value.b[C]>(v), ...);
-}
-
-template <int N>
-__device__ __forceinline__ void sort_registers(float (&v)[N]) {
-  apply_network<N>(v, std::make_integer_sequence<int, Network<N>::value.size>());
-}
-
-// Median and trimmed mean straight from the sorted registers: folds over
-// compile-time indices, predicated on the run-time n and f (a run-time index
-// into v would move it to local memory).
-template <int N, int... I>
-__device__ __forceinline__ float pick(const float (&v)[N], int k, std::integer_sequence<int, I...>) {
-  float r = 0.0f;
-  ((r = (I == k) ? v[I] : r), ...);
-  return r;
-}
-
-template <int N, int... I>
-__device__ __forceinline__ double sum_ranks(const float (&v)[N], int a, int b,
-                                            std::integer_sequence<int, I...>) {
-  double s = 0.0;
-  ((s += (I >= a && I < b) ? static_cast<double>(v[I]) : 0.0), ...);
-  return s;
-}
-
-template <int N>
-__device__ __forceinline__ float reduce_registers(const float (&v)[N], int n, int mode, int f) {
-  constexpr auto idx = std::make_integer_sequence<int, N>();
-  if (mode == 0) {
-    const float lo = pick<N>(v, (n - 1) / 2, idx);
-    if (n & 1) return lo;
-    return static_cast<float>((static_cast<double>(lo) + pick<N>(v, n / 2, idx)) * 0.5);
-  }
-  return static_cast<float>(sum_ranks<N>(v, f, n - f, idx) / (n - 2 * f));
-}
-
-// Bulyan's window mean on sorted values s[0..n) (any indexable storage):
-// the beta = n - 2f values closest to the median; see the CPU kernel.
-template <class Get>
-__device__ __forceinline__ float bulyan_window(Get s, int n, int f) {
-  const int beta = n - 2 * f;
-  const double med = (n & 1) ? static_cast<double>(s((n - 1) / 2))
-                             : (static_cast<double>(s(n / 2 - 1)) + s(n / 2)) * 0.5;
-  int lo = 0;
-  for (int a = 0; a < 2 * f; ++a) lo += (med - s(a)) > (static_cast<double>(s(beta + a)) - med);
-  double sum = 0.0;
-  for (int k = lo; k < lo + beta; ++k) sum += s(k);
-  return static_cast<float>(sum / beta);
-}
+// The per-coordinate math lives in fedagg/sort_math.hpp, shared with the CPU
+// build so that the CPU tests exercise it (fedagg._core._register_sort_reduce).
 
 template <int N>
 __global__ void sorted_reduce_kernel(const float* const* __restrict__ rows, int n, std::size_t d,
@@ -270,24 +184,11 @@ __global__ void sorted_reduce_kernel(const float* const* __restrict__ rows, int 
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
   for (std::size_t j = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < d;
        j += stride) {
-    float v[N];
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      if (i < n) {
-        v[i] = __ldg(rows[i] + j);
-        bad |= !isfinite(v[i]);
-      } else {
-        v[i] = INFINITY;  // padding sorts to the top and is never read
-      }
-    }
-    sort_registers<N>(v);
-    if (mode != 2) {
-      out[j] = reduce_registers<N>(v, n, mode, f);
-    } else {
-#pragma unroll
-      for (int i = 0; i < N; ++i) staged[i * blockDim.x + threadIdx.x] = v[i];
-      out[j] = bulyan_window([&](int i) { return staged[i * blockDim.x + threadIdx.x]; }, n, f);
-    }
+    float* mine = staged + threadIdx.x;  // Bulyan's run-time indexing goes through shared memory
+    out[j] = sortmath::reduce_coordinate<N>(
+        [&](int i) { return __ldg(rows[i] + j); }, n, mode, f,
+        [&](int i, float x) { mine[i * blockDim.x] = x; }, [&](int i) { return mine[i * blockDim.x]; },
+        bad);
   }
   if (bad) atomicOr(flag, 1);
 }
@@ -323,7 +224,7 @@ __global__ void sorted_reduce_large_kernel(const float* const* __restrict__ rows
       for (int i = f; i < n - f; ++i) s += v[i];
       r = static_cast<float>(s / (n - 2 * f));
     } else {
-      r = bulyan_window([&](int i) { return v[i]; }, n, f);
+      r = sortmath::bulyan_window([&](int i) { return v[i]; }, n, f);
     }
     out[j] = r;
   }

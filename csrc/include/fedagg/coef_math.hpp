@@ -14,11 +14,7 @@
 #pragma once
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define FEDAGG_HD __host__ __device__
-#else
-#define FEDAGG_HD
-#endif
+#include "fedagg/hd.hpp"
 
 namespace fedagg {
 namespace coef {
