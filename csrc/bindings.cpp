@@ -12,6 +12,7 @@
 #include "fedagg/kernels.hpp"
 #include "fedagg/ops.hpp"
 #include "fedagg/sort_math.hpp"
+#include "fedagg/sparse.hpp"
 #include "fedagg/threadpool.hpp"
 
 namespace py = pybind11;
@@ -66,6 +67,20 @@ Rows to_rows(const py::object& obj) {
   }
   if (rows.ptr.empty()) throw py::value_error("updates is empty");
   return rows;
+}
+
+// A contiguous float32 vector's data (any shape, read as flat).
+const float* vector_f32(const py::array& a, const char* what) {
+  require_f32(a, what);
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(what) + " must be contiguous");
+  return static_cast<const float*>(a.data());
+}
+
+// Indices are uint32 while they fit, else uint64.
+template <class Fn>
+py::tuple with_index(std::size_t d, Fn&& fn) {
+  if (d <= 0xffffffffull) return fn(std::uint32_t{});
+  return fn(std::uint64_t{});
 }
 
 py::array_t<float> new_out(std::size_t d) { return py::array_t<float>(static_cast<py::ssize_t>(d)); }
@@ -260,6 +275,75 @@ PYBIND11_MODULE(_core, m) {
     return py::make_tuple(vector(std::move(a)), clipped);
   }, py::arg("D"), py::arg("w"), py::arg("tau"), py::arg("iters"),
      "Centered clipping on the distance matrix (index 0 = start point); returns (coefficients, clipped).");
+
+  // ---- sparse codecs
+  m.def("topk", [](const py::array& x, long long k) {
+    const float* p = vector_f32(x, "x");
+    const auto d = static_cast<std::size_t>(x.size());
+    if (k < 1 || static_cast<std::size_t>(k) > d) throw py::value_error("k must satisfy 1 <= k <= d");
+    const auto kk = static_cast<std::size_t>(k);
+    return with_index(d, [&](auto tag) {
+      using Index = decltype(tag);
+      py::array_t<Index> idx(static_cast<py::ssize_t>(kk));
+      py::array_t<float> val(static_cast<py::ssize_t>(kk));
+      Index* ip = idx.mutable_data();
+      float* vp = val.mutable_data();
+      {
+        py::gil_scoped_release release;
+        fedagg::topk(p, d, kk, ip, vp);
+      }
+      return py::make_tuple(idx, val);
+    });
+  }, py::arg("x"), py::arg("k"),
+     "The k coordinates of largest magnitude, in index order (ties: lowest indices).");
+
+  m.def("gather_at_least", [](const py::array& x, float threshold) {
+    const float* p = vector_f32(x, "x");
+    const auto d = static_cast<std::size_t>(x.size());
+    if (!(threshold >= 0.0f) || !std::isfinite(threshold)) throw py::value_error("threshold must be finite and >= 0");
+    return with_index(d, [&](auto tag) {
+      using Index = decltype(tag);
+      fedagg::GatherPlan plan;
+      {
+        py::gil_scoped_release release;
+        plan = fedagg::plan_gather(p, d, fedagg::magnitude_key(threshold));
+      }
+      const std::size_t m = plan.total_gt + plan.total_eq;
+      py::array_t<Index> idx(static_cast<py::ssize_t>(m));
+      py::array_t<float> val(static_cast<py::ssize_t>(m));
+      Index* ip = idx.mutable_data();
+      float* vp = val.mutable_data();
+      {
+        py::gil_scoped_release release;
+        fedagg::gather(p, d, plan, m, ip, vp);
+      }
+      return py::make_tuple(idx, val);
+    });
+  }, py::arg("x"), py::arg("threshold"), "Every coordinate with |x| >= threshold, in index order.");
+
+  m.def("scatter_add", [](py::array_t<double, py::array::c_style> acc, const py::array& idx,
+                          const py::array& val, double w) {
+    const float* v = vector_f32(val, "values");
+    if (acc.ndim() != 1) throw py::value_error("acc must be 1-D");
+    if (idx.ndim() != 1 || idx.size() != val.size() || !(idx.flags() & py::array::c_style))
+      throw py::value_error("indices and values must be contiguous 1-D arrays of one length");
+    const auto d = static_cast<std::size_t>(acc.size());
+    const auto m = static_cast<std::size_t>(idx.size());
+    double* a = acc.mutable_data();
+    auto run = [&](auto* ip) {
+      for (std::size_t i = 0; i < m; ++i)
+        if (static_cast<std::size_t>(ip[i]) >= d)
+          throw py::value_error("index " + std::to_string(ip[i]) + " out of range for d = " + std::to_string(d));
+      py::gil_scoped_release release;
+      fedagg::scatter_add(a, d, ip, v, m, w);
+    };
+    if (py::isinstance<py::array_t<std::uint32_t>>(idx) && idx.dtype().kind() == 'u' && idx.itemsize() == 4)
+      run(static_cast<const std::uint32_t*>(idx.data()));
+    else if (py::isinstance<py::array_t<std::uint64_t>>(idx) && idx.dtype().kind() == 'u' && idx.itemsize() == 8)
+      run(static_cast<const std::uint64_t*>(idx.data()));
+    else
+      throw py::type_error("indices must be uint32 or uint64");
+  }, py::arg("acc"), py::arg("idx"), py::arg("val"), py::arg("w"), "acc[idx] += w * val (float64).");
 
   // The CUDA backend's per-coordinate code (fedagg/sort_math.hpp), run here on
   // the CPU so the CPU tests check what the GPU runs.

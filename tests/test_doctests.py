@@ -6,10 +6,13 @@ import pytest
 
 import fedagg
 import fedagg.aggregator
+import fedagg.compress
+import fedagg.compress.bench
 import fedagg.rules
 
 
-@pytest.mark.parametrize("module", [fedagg, fedagg.rules, fedagg.aggregator],
+@pytest.mark.parametrize("module", [fedagg, fedagg.rules, fedagg.aggregator, fedagg.compress,
+                                    fedagg.compress.bench],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False, report=True)

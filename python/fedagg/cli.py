@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip an alternative estimated to take longer per call (default 60)")
     b.add_argument("--bandwidth-gb", type=_float_at_least(0, False), default=1.0,
                    help="size of the arrays of the copy-bandwidth test (default 1; 0 skips it)")
+    b.add_argument("--sections", nargs="+", choices=["rules", "compression"], default=["rules", "compression"],
+                   help="what to benchmark (default: both)")
+    b.add_argument("--topk-ratio", type=_float_at_least(0, True), default=0.01,
+                   help="compression section: k / d of the top-k codec (default 0.01)")
     b.set_defaults(func=_bench)
     return p
 
@@ -118,6 +122,29 @@ def _bench(args) -> int:
 
     report = sys.stderr if args.json == "-" else sys.stdout  # stdout carries only JSON then
     con, err = _out(report), _out(sys.stderr)
+    if args.topk_ratio > 1:
+        raise SystemExit("fedagg bench: --topk-ratio must be in (0, 1]")
+    res: Dict[str, Any] = {}
+    if "rules" in args.sections:
+        res = _bench_rules(args, benchmark, con, err, report)
+    if "compression" in args.sections:
+        from .compress import bench as cbench
+
+        res["compression"] = cbench.run(d=args.d, ratio=args.topk_ratio, n=min(args.n, 16),
+                                        repeat=args.repeat, seed=args.seed)
+        for line in cbench.lines(res["compression"]):
+            _print(con, line, report)
+    if args.json == "-":
+        json.dump(res, sys.stdout, indent=2, default=_jsonable)
+        sys.stdout.write("\n")
+    elif args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=2, default=_jsonable)
+        _print(con, f"results written to {args.json}", report)
+    return 0
+
+
+def _bench_rules(args, benchmark, con, err, report) -> Dict[str, Any]:
     mem = benchmark.memory_estimate(args.n, args.d, args.compare, args.bandwidth_gb)
     _print(err, f"memory: input {_gb(mem['input_bytes'])} ({args.n} x {args.d:,} float32); "
                 f"peak about {_gb(mem['peak_bytes'])} with the alternatives' temporaries", sys.stderr)
@@ -152,15 +179,7 @@ def _bench(args) -> int:
         _print(con, plain_table(rows), report)
     for i, note in enumerate(notes, 1):
         _print(con, f"[{i}] {note}", report)
-
-    if args.json == "-":
-        json.dump(res, sys.stdout, indent=2, default=_jsonable)
-        sys.stdout.write("\n")
-    elif args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=2, default=_jsonable)
-        _print(con, f"results written to {args.json}", report)
-    return 0
+    return res
 
 
 def _jsonable(x: Any) -> Any:

@@ -1,0 +1,108 @@
+"""Compression section of ``fedagg bench``: codec encode / aggregate speed against
+the NumPy and torch idioms, on the same vector in the same run.
+
+>>> from fedagg.compress import bench
+>>> r = bench.run(d=100_000, ratio=0.01, n=3, repeat=1)
+>>> sorted({row["case"] for row in r["rows"]})[:2]
+['mean of 3 top-k payloads', 'top-k encode']
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+
+from . import TopK, decode, mean
+
+
+def _time(fn: Callable[[], Any], repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(d: int = 10_000_000, ratio: float = 0.01, n: int = 16, repeat: int = 5, seed: int = 0) -> Dict[str, Any]:
+    """Times top-k encoding (k = ratio * d) and the mean of n top-k payloads."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(d, dtype=np.float32)
+    k = max(1, int(ratio * d))
+    nbytes = x.nbytes
+    rows: List[Dict[str, Any]] = []
+
+    def add(case, impl, seconds, work_bytes, agrees=None, note=""):
+        rows.append({"case": case, "impl": impl, "seconds": seconds, "gbps": work_bytes / seconds / 1e9,
+                     "agrees": agrees, "note": note})
+
+    exact = TopK(k, error_feedback=False)
+    ours = exact.encode(x)
+    ref_set = set(ours.buffers["indices"].tolist())
+    add("top-k encode", "fedagg exact", _time(lambda: exact.encode(x), repeat), nbytes)
+    approx = TopK(k, method="threshold", error_feedback=False)
+    sent = approx.encode(x).buffers["indices"].size
+    add("top-k encode", "fedagg threshold", _time(lambda: approx.encode(x), repeat), nbytes,
+        note=f"sends {sent} (k = {k})")
+
+    def np_topk():
+        idx = np.argpartition(np.abs(x), -k)[-k:]
+        return idx, x[idx]
+
+    got = set(np_topk()[0].tolist())
+    add("top-k encode", "numpy argpartition", _time(np_topk, repeat), nbytes, got == ref_set,
+        "ties may pick other indices" if got != ref_set else "")
+    torch = sys.modules.get("torch")
+    if torch is None:
+        try:
+            import torch  # noqa: F811
+        except ImportError:
+            torch = None
+    if torch is not None:
+        T = torch.from_numpy(x)
+
+        def torch_topk():
+            idx = torch.topk(T.abs(), k, sorted=False).indices
+            return idx, T[idx]
+
+        got = set(torch_topk()[0].tolist())
+        add("top-k encode", "torch.topk", _time(torch_topk, repeat), nbytes, got == ref_set)
+
+    payloads = [TopK(k, error_feedback=False).encode(rng.standard_normal(d, dtype=np.float32)) for _ in range(n)]
+    wire_bytes = sum(p.nbytes for p in payloads)
+    add(f"mean of {n} top-k payloads", "fedagg", _time(lambda: mean(payloads), repeat), wire_bytes)
+
+    def np_mean():
+        acc = np.zeros(d)
+        for p in payloads:
+            acc[p.buffers["indices"]] += p.buffers["values"]
+        return (acc / n).astype(np.float32)
+
+    agree = bool(np.allclose(np_mean(), mean(payloads), rtol=1e-6, atol=1e-7))
+    add(f"mean of {n} top-k payloads", "numpy scatter", _time(np_mean, repeat), wire_bytes, agree)
+    dense = _time(lambda: np.mean(np.stack([decode(p) for p in payloads]), axis=0), max(1, repeat // 2))
+    add(f"mean of {n} top-k payloads", "decode then mean", dense, wire_bytes, None, f"{n} dense copies")
+
+    for case in {r["case"] for r in rows}:
+        base = [r for r in rows if r["case"] == case and r["impl"].startswith("fedagg")][0]["seconds"]
+        for r in rows:
+            if r["case"] == case:
+                r["speedup"] = r["seconds"] / base
+    return {"d": d, "k": k, "ratio": ratio, "n": n, "repeat": repeat, "rows": rows}
+
+
+def lines(res: Dict[str, Any]) -> List[str]:
+    out = [f"compression: d = {res['d']:,} float32, top-k k = {res['k']:,} ({res['ratio']:g}), "
+           f"n = {res['n']}, median of {res['repeat']}"]
+    out.append(f"{'case':28s} {'impl':20s} {'time':>10s} {'GB/s':>7s} {'fedagg speed-up':>16s}  agrees  note")
+    for r in res["rows"]:
+        sp = "" if r["impl"].startswith("fedagg") else f"{r['speedup']:.1f}x"
+        ag = {True: "yes", False: "no", None: "-"}[r["agrees"]]
+        out.append(f"{r['case']:28s} {r['impl']:20s} {r['seconds'] * 1e3:8.2f}ms {r['gbps']:7.2f} {sp:>16s}  "
+                   f"{ag:6s}  {r['note']}")
+    return out

@@ -1,0 +1,226 @@
+"""Sparsifying codecs: exactness, error feedback, unbiasedness, aggregation, hostile payloads."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from fedagg import compress
+from fedagg.compress import Payload, PayloadError, RandK, TopK
+
+
+def vec(d, seed):
+    return np.random.default_rng(seed).standard_normal(d).astype(np.float32)
+
+
+def wire(p):
+    """Through the wire format and back (what the server sees)."""
+    return Payload.from_frames([bytes(f) for f in p.to_frames()])
+
+
+def topk_ref(x, k):
+    """The k largest |x|, ties by lowest index, in index order (float64 reference)."""
+    order = np.argsort(-np.abs(x.astype(np.float64)), kind="stable")[:k]
+    return np.sort(order)
+
+
+@pytest.mark.parametrize("d,k", [(1, 1), (7, 3), (1000, 10), (300_000, 3000), (300_000, 1), (70_000, 70_000)])
+def test_topk_exact_selects_the_largest(d, k):
+    x = vec(d, d + k)
+    p = wire(TopK(k, error_feedback=False).encode(x))
+    idx = topk_ref(x, k)
+    np.testing.assert_array_equal(p.buffers["indices"], idx)
+    np.testing.assert_array_equal(p.buffers["values"], x[idx])
+    dense = np.zeros(d, np.float32)
+    dense[idx] = x[idx]
+    np.testing.assert_array_equal(compress.decode(p), dense)
+    assert p.bits_per_coordinate == pytest.approx(64 * k / d + 8 * len(p.header()) / d)
+
+
+def test_topk_ties_keep_lowest_indices():
+    x = np.array([1, -2, 2, 0, -2, 2, 1], np.float32)
+    p = TopK(2, error_feedback=False).encode(x)
+    assert p.buffers["indices"].tolist() == [1, 2]
+    big = np.zeros(400_000, np.float32)
+    big[[5, 10, 399_999]] = 7.0
+    assert TopK(2, error_feedback=False).encode(big).buffers["indices"].tolist() == [5, 10]
+
+
+def test_topk_threshold_sends_about_k_and_only_large_values():
+    x = vec(1_000_000, 3)
+    k = 10_000
+    p = TopK(k, method="threshold", error_feedback=False).encode(x)
+    sent = p.buffers["indices"].size
+    assert 0.8 * k <= sent <= 1.25 * k
+    mask = np.zeros(x.size, bool)
+    mask[p.buffers["indices"]] = True
+    assert np.abs(x[mask]).min() >= np.abs(x[~mask]).max()
+
+
+@pytest.mark.parametrize("codec", [TopK(50), TopK(ratio=0.01, method="threshold"), RandK(50)])
+def test_error_feedback_carries_the_residual(codec):
+    """Sum of what was sent plus what is still owed equals the sum of all updates."""
+    d, rounds = 5000, 12
+    state = codec.state(d)
+    total_in = np.zeros(d)
+    total_sent = np.zeros(d)
+    for t in range(rounds):
+        g = vec(d, 100 + t)
+        total_in += g
+        kw = {"seed": t} if isinstance(codec, RandK) else {}
+        total_sent += compress.decode(wire(codec.encode(g, state, **kw)))
+    np.testing.assert_allclose(total_sent + state.residual, total_in, rtol=0, atol=1e-4)
+    # and what is owed stays bounded instead of growing with the rounds
+    assert np.linalg.norm(state.residual) < 0.5 * np.linalg.norm(total_in) + 3 * np.sqrt(d)
+
+
+def test_randk_indices_regenerate_from_the_seed():
+    x = vec(10_000, 5)
+    p = wire(RandK(100, error_feedback=False).encode(x, seed=1234))
+    idx = RandK.indices(10_000, 100, 1234)
+    assert "indices" not in p.buffers and p.buffers["values"].size == 100
+    np.testing.assert_array_equal(p.buffers["values"], x[idx])
+    assert len(set(idx.tolist())) == 100 and np.all(np.diff(idx.astype(np.int64)) > 0)
+
+
+def test_randk_unbiased_statistically():
+    d, k, trials = 40, 8, 6000
+    x = vec(d, 9)
+    codec = RandK(k, unbiased=True)
+    acc = np.zeros(d)
+    for s in range(trials):
+        acc += compress.decode(codec.encode(x, seed=s))
+    est = acc / trials
+    sigma = np.abs(x) * np.sqrt((d / k - 1) / trials)
+    assert np.all(np.abs(est - x) <= 5 * sigma + 1e-6)
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 2.0, 0.0, 5.0]])
+def test_compressed_mean_equals_decode_then_mean(weights):
+    d = 20_000
+    payloads = [TopK(ratio=0.02, error_feedback=False).encode(vec(d, i)) for i in range(2)]
+    payloads += [RandK(300, error_feedback=False).encode(vec(d, 10 + i), seed=i) for i in range(2)]
+    payloads = [wire(p) for p in payloads]
+    dense = np.stack([compress.decode(p).astype(np.float64) for p in payloads])
+    w = np.ones(4) if weights is None else np.asarray(weights)
+    expected = (w[:, None] * dense).sum(0) / w.sum()
+    np.testing.assert_allclose(compress.mean(payloads, weights), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_codec_argument_errors():
+    with pytest.raises(ValueError, match="exactly one of k and ratio"):
+        TopK().encode(vec(10, 0))
+    with pytest.raises(ValueError, match="1 <= k <= d = 10"):
+        TopK(11).encode(vec(10, 0))
+    with pytest.raises(ValueError, match="method must be"):
+        TopK(1, method="fast")
+    x = vec(10, 0)
+    x[3] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        TopK(2).encode(x)
+    with pytest.raises(ValueError, match="state is for d = 5"):
+        TopK(2).encode(vec(10, 0), compress.ErrorFeedback.zeros(5))
+    with pytest.raises(ValueError, match="has d = 11"):
+        compress.mean([TopK(2).encode(vec(10, 0)), TopK(2).encode(vec(11, 0))])
+
+
+# ----------------------------------------------------------- hostile payloads
+def frames_of(meta, buffers, magic=b"FAGP", version=1):
+    body = json.dumps(meta).encode()
+    return [struct.pack("<4sHI", magic, version, len(body)) + body] + buffers
+
+
+GOOD_META = {"codec": "topk", "d": 10, "params": {"k": 2},
+             "buffers": [{"name": "indices", "dtype": "uint32", "count": 2},
+                         {"name": "values", "dtype": "float32", "count": 2}]}
+IDX = np.array([1, 7], np.uint32).tobytes()
+VAL = np.array([0.5, -1.0], np.float32).tobytes()
+
+
+def test_a_handmade_payload_parses():
+    p = Payload.from_frames(frames_of(GOOD_META, [IDX, VAL]))
+    assert compress.decode(p)[[1, 7]].tolist() == [0.5, -1.0]
+
+
+def _meta(**change):
+    m = json.loads(json.dumps(GOOD_META))
+    m.update(change)
+    return m
+
+
+HOSTILE = {
+    "empty": ([], "non-empty list"),
+    "short header": ([b"FAG"], "truncated"),
+    "bad magic": (frames_of(GOOD_META, [IDX, VAL], magic=b"XXXX"), "bad magic"),
+    "future version": (frames_of(GOOD_META, [IDX, VAL], version=9), "version 9"),
+    "not json": ([struct.pack("<4sHI", b"FAGP", 1, 3) + b"{]x", IDX, VAL], "not valid JSON"),
+    "declared length lies": ([struct.pack("<4sHI", b"FAGP", 1, 999) + b"{}", IDX, VAL], "declared"),
+    "missing field": (frames_of({"codec": "topk", "d": 10, "params": {}}, []), "exactly codec"),
+    "unknown codec": (frames_of(_meta(codec="zip"), [IDX, VAL]), "unknown codec"),
+    "huge d": (frames_of(_meta(d=2**50), [IDX, VAL]), "d must be"),
+    "negative d": (frames_of(_meta(d=-1), [IDX, VAL]), "d must be"),
+    "missing frame": (frames_of(GOOD_META, [IDX]), "declares 2 buffers"),
+    "truncated buffer": (frames_of(GOOD_META, [IDX[:5], VAL]), "expected 8"),
+    "oversized buffer": (frames_of(GOOD_META, [IDX + IDX, VAL]), "expected 8"),
+    "bad dtype": (frames_of(_meta(buffers=[{"name": "indices", "dtype": "object", "count": 2},
+                                           GOOD_META["buffers"][1]]), [IDX, VAL]), "not allowed"),
+    "k too large": (frames_of(_meta(params={"k": 11}), [IDX, VAL]), "0 <= k <= d"),
+    "k disagrees": (frames_of(_meta(params={"k": 1}), [IDX, VAL]), "expected 1 indices"),
+    "index out of range": (frames_of(GOOD_META, [np.array([1, 10], np.uint32).tobytes(), VAL]), "out of range"),
+    "unsorted": (frames_of(GOOD_META, [np.array([7, 1], np.uint32).tobytes(), VAL]), "strictly increasing"),
+    "duplicate index": (frames_of(GOOD_META, [np.array([3, 3], np.uint32).tobytes(), VAL]), "strictly increasing"),
+    "nan value": (frames_of(GOOD_META, [IDX, np.array([np.nan, 1], np.float32).tobytes()]), "finite"),
+    "wrong buffers": (frames_of(_meta(buffers=[GOOD_META["buffers"][1], GOOD_META["buffers"][0]]), [VAL, IDX]),
+                      "needs buffers"),
+    "randk bad seed": (frames_of({"codec": "randk", "d": 10, "params": {"k": 2, "seed": -5, "scale": 1.0},
+                                  "buffers": [GOOD_META["buffers"][1]]}, [VAL]), "bad seed"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_payloads_raise_clear_errors(case):
+    frames, message = HOSTILE[case]
+    with pytest.raises(PayloadError, match=message):
+        Payload.from_frames(frames)
+
+
+def test_fuzzed_payloads_never_crash():
+    """Random truncations and byte flips of valid payloads: a PayloadError, or a payload
+    that decodes within bounds; nothing else, ever."""
+    rng = np.random.default_rng(2024)
+    seeds = [TopK(5, error_feedback=False).encode(vec(64, 1)),
+             RandK(6, error_feedback=False).encode(vec(64, 2), seed=77)]
+    accepted = rejected = 0
+    for it in range(3000):
+        frames = [bytearray(bytes(f)) for f in seeds[it % 2].to_frames()]
+        f = int(rng.integers(len(frames)))
+        action = rng.integers(3)
+        if action == 0 and len(frames[f]) > 0:
+            frames[f] = frames[f][: int(rng.integers(len(frames[f])))]
+        elif action == 1 and len(frames[f]) > 0:
+            for _ in range(int(rng.integers(1, 4))):
+                frames[f][int(rng.integers(len(frames[f])))] = int(rng.integers(256))
+        else:
+            frames.pop(f) if len(frames) > 1 and rng.integers(2) else frames.append(bytearray(rng.bytes(8)))
+        try:
+            p = Payload.from_frames([bytes(x) for x in frames])
+        except PayloadError:
+            rejected += 1
+            continue
+        out = compress.decode(p)
+        assert out.shape == (p.d,) and np.isfinite(out).all()
+        accepted += 1
+    assert rejected > 1000 and accepted > 0
+
+
+@pytest.mark.parametrize("method", ["exact", "threshold"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_updates_are_refused_by_every_codec(method, bad):
+    for d, pos in [(50, 7), (400_000, 123_457)]:
+        x = vec(d, 1)
+        x[pos] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            TopK(ratio=0.01, method=method).encode(x)
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            RandK(3).encode(x)
