@@ -12,6 +12,7 @@
 #include "fedagg/kernels.hpp"
 #include "fedagg/ops.hpp"
 #include "fedagg/sort_math.hpp"
+#include "fedagg/quant.hpp"
 #include "fedagg/sparse.hpp"
 #include "fedagg/threadpool.hpp"
 
@@ -344,6 +345,115 @@ PYBIND11_MODULE(_core, m) {
     else
       throw py::type_error("indices must be uint32 or uint64");
   }, py::arg("acc"), py::arg("idx"), py::arg("val"), py::arg("w"), "acc[idx] += w * val (float64).");
+
+  // ---- quantizers (see fedagg/quant.hpp); sizes are checked here, layouts in the kernels
+  auto nbuckets = [](std::size_t d, long long bucket) {
+    if (bucket < 8 || bucket % 8 != 0 || bucket > (1 << 20))
+      throw py::value_error("bucket must be a multiple of 8 in [8, 2^20]");
+    return (d + static_cast<std::size_t>(bucket) - 1) / static_cast<std::size_t>(bucket);
+  };
+  auto need = [](const py::array& a, std::size_t n, const char* what, char kind, int itemsize) {
+    if (a.ndim() != 1 || static_cast<std::size_t>(a.size()) != n || !(a.flags() & py::array::c_style) ||
+        a.dtype().kind() != kind || a.itemsize() != itemsize)
+      throw py::value_error(std::string(what) + ": expected a contiguous 1-D array of " + std::to_string(n) +
+                            " elements of the right dtype");
+  };
+  auto acc_of = [](py::array_t<double, py::array::c_style>& acc) {
+    if (acc.ndim() != 1 || acc.size() < 1) throw py::value_error("acc must be a non-empty 1-D float64 array");
+    return static_cast<std::size_t>(acc.size());
+  };
+
+  m.def("quantize_uniform", [nbuckets](const py::array& x, int bits, long long bucket, std::uint64_t seed) {
+    const float* p = vector_f32(x, "x");
+    const auto d = static_cast<std::size_t>(x.size());
+    if (d < 1) throw py::value_error("x is empty");
+    if (bits != 1 && bits != 2 && bits != 4 && bits != 8) throw py::value_error("bits must be 1, 2, 4 or 8");
+    const std::size_t nb = nbuckets(d, bucket);
+    py::array_t<float> lo(static_cast<py::ssize_t>(nb)), step(static_cast<py::ssize_t>(nb));
+    py::array_t<std::uint8_t> codes(static_cast<py::ssize_t>((d * bits + 7) / 8));
+    float* l = lo.mutable_data(); float* s = step.mutable_data(); std::uint8_t* c = codes.mutable_data();
+    {
+      py::gil_scoped_release release;
+      fedagg::quantize_uniform(p, d, bits, static_cast<std::size_t>(bucket), seed, l, s, c);
+    }
+    return py::make_tuple(lo, step, codes);
+  }, py::arg("x"), py::arg("bits"), py::arg("bucket"), py::arg("seed"));
+
+  m.def("dequantize_uniform_add", [nbuckets, need, acc_of](py::array_t<double, py::array::c_style> acc,
+        const py::array& lo, const py::array& step, const py::array& codes, int bits, long long bucket, double w) {
+    const std::size_t d = acc_of(acc);
+    if (bits != 1 && bits != 2 && bits != 4 && bits != 8) throw py::value_error("bits must be 1, 2, 4 or 8");
+    const std::size_t nb = nbuckets(d, bucket);
+    need(lo, nb, "lo", 'f', 4); need(step, nb, "step", 'f', 4); need(codes, (d * bits + 7) / 8, "codes", 'u', 1);
+    double* a = acc.mutable_data();
+    py::gil_scoped_release release;
+    fedagg::dequantize_uniform_add(static_cast<const float*>(lo.data()), static_cast<const float*>(step.data()),
+                                   static_cast<const std::uint8_t*>(codes.data()), d, bits,
+                                   static_cast<std::size_t>(bucket), w, a);
+  }, py::arg("acc"), py::arg("lo"), py::arg("step"), py::arg("codes"), py::arg("bits"), py::arg("bucket"), py::arg("w"));
+
+  m.def("quantize_qsgd", [nbuckets](const py::array& x, int s, long long bucket, std::uint64_t seed) {
+    const float* p = vector_f32(x, "x");
+    const auto d = static_cast<std::size_t>(x.size());
+    if (d < 1) throw py::value_error("x is empty");
+    if (s < 1 || s > 127) throw py::value_error("levels s must be in [1, 127]");
+    const std::size_t nb = nbuckets(d, bucket);
+    py::array_t<float> norm(static_cast<py::ssize_t>(nb));
+    py::array_t<std::int8_t> codes(static_cast<py::ssize_t>(d));
+    float* nr = norm.mutable_data(); std::int8_t* c = codes.mutable_data();
+    {
+      py::gil_scoped_release release;
+      fedagg::quantize_qsgd(p, d, s, static_cast<std::size_t>(bucket), seed, nr, c);
+    }
+    return py::make_tuple(norm, codes);
+  }, py::arg("x"), py::arg("s"), py::arg("bucket"), py::arg("seed"));
+
+  m.def("dequantize_qsgd_add", [nbuckets, need, acc_of](py::array_t<double, py::array::c_style> acc,
+        const py::array& norm, const py::array& codes, int s, long long bucket, double w) {
+    const std::size_t d = acc_of(acc);
+    if (s < 1 || s > 127) throw py::value_error("levels s must be in [1, 127]");
+    const std::size_t nb = nbuckets(d, bucket);
+    need(norm, nb, "norm", 'f', 4); need(codes, d, "codes", 'i', 1);
+    double* a = acc.mutable_data();
+    py::gil_scoped_release release;
+    fedagg::dequantize_qsgd_add(static_cast<const float*>(norm.data()), static_cast<const std::int8_t*>(codes.data()),
+                                d, s, static_cast<std::size_t>(bucket), w, a);
+  }, py::arg("acc"), py::arg("norm"), py::arg("codes"), py::arg("s"), py::arg("bucket"), py::arg("w"));
+
+  m.def("quantize_sign", [nbuckets](const py::array& x, long long bucket) {
+    const float* p = vector_f32(x, "x");
+    const auto d = static_cast<std::size_t>(x.size());
+    if (d < 1) throw py::value_error("x is empty");
+    const std::size_t nb = nbuckets(d, bucket);
+    py::array_t<float> scale(static_cast<py::ssize_t>(nb));
+    py::array_t<std::uint8_t> bits(static_cast<py::ssize_t>((d + 7) / 8));
+    float* sc = scale.mutable_data(); std::uint8_t* b = bits.mutable_data();
+    {
+      py::gil_scoped_release release;
+      fedagg::quantize_sign(p, d, static_cast<std::size_t>(bucket), sc, b);
+    }
+    return py::make_tuple(scale, bits);
+  }, py::arg("x"), py::arg("bucket"));
+
+  m.def("dequantize_sign_add", [nbuckets, need, acc_of](py::array_t<double, py::array::c_style> acc,
+        const py::array& scale, const py::array& bits, long long bucket, double w) {
+    const std::size_t d = acc_of(acc);
+    const std::size_t nb = nbuckets(d, bucket);
+    need(scale, nb, "scale", 'f', 4); need(bits, (d + 7) / 8, "bits", 'u', 1);
+    double* a = acc.mutable_data();
+    py::gil_scoped_release release;
+    fedagg::dequantize_sign_add(static_cast<const float*>(scale.data()), static_cast<const std::uint8_t*>(bits.data()),
+                                d, static_cast<std::size_t>(bucket), w, a);
+  }, py::arg("acc"), py::arg("scale"), py::arg("bits"), py::arg("bucket"), py::arg("w"));
+
+  m.def("sign_vote_add", [need](py::array_t<std::int32_t, py::array::c_style> votes, const py::array& bits) {
+    if (votes.ndim() != 1 || votes.size() < 1) throw py::value_error("votes must be a non-empty 1-D int32 array");
+    const auto d = static_cast<std::size_t>(votes.size());
+    need(bits, (d + 7) / 8, "bits", 'u', 1);
+    std::int32_t* v = votes.mutable_data();
+    py::gil_scoped_release release;
+    fedagg::sign_vote_add(static_cast<const std::uint8_t*>(bits.data()), d, v);
+  }, py::arg("votes"), py::arg("bits"));
 
   // The CUDA backend's per-coordinate code (fedagg/sort_math.hpp), run here on
   // the CPU so the CPU tests check what the GPU runs.

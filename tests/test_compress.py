@@ -189,11 +189,16 @@ def test_fuzzed_payloads_never_crash():
     """Random truncations and byte flips of valid payloads: a PayloadError, or a payload
     that decodes within bounds; nothing else, ever."""
     rng = np.random.default_rng(2024)
+    from fedagg.compress import QSGD, Sign, Uniform
+
     seeds = [TopK(5, error_feedback=False).encode(vec(64, 1)),
-             RandK(6, error_feedback=False).encode(vec(64, 2), seed=77)]
+             RandK(6, error_feedback=False).encode(vec(64, 2), seed=77),
+             Uniform(2, bucket=16).encode(vec(64, 3), seed=5),
+             QSGD(7, bucket=16).encode(vec(64, 4), seed=6),
+             Sign(bucket=16).encode(vec(64, 5))]
     accepted = rejected = 0
-    for it in range(3000):
-        frames = [bytearray(bytes(f)) for f in seeds[it % 2].to_frames()]
+    for it in range(5000):
+        frames = [bytearray(bytes(f)) for f in seeds[it % len(seeds)].to_frames()]
         f = int(rng.integers(len(frames)))
         action = rng.integers(3)
         if action == 0 and len(frames[f]) > 0:
@@ -211,7 +216,7 @@ def test_fuzzed_payloads_never_crash():
         out = compress.decode(p)
         assert out.shape == (p.d,) and np.isfinite(out).all()
         accepted += 1
-    assert rejected > 1000 and accepted > 0
+    assert rejected > 1500 and accepted > 0
 
 
 @pytest.mark.parametrize("method", ["exact", "threshold"])
@@ -224,3 +229,147 @@ def test_nonfinite_updates_are_refused_by_every_codec(method, bad):
             TopK(ratio=0.01, method=method).encode(x)
         with pytest.raises(ValueError, match="NaN or Inf"):
             RandK(3).encode(x)
+
+
+# ---------------------------------------------------------------- quantizers
+from fedagg.compress import QSGD, Sign, Uniform  # noqa: E402
+
+
+def uniform_ref(x, bits, bucket):
+    """Per-bucket (lo, step) in float64, the quantization grid of Uniform."""
+    out = []
+    for b in range(0, x.size, bucket):
+        v = x[b:b + bucket].astype(np.float64)
+        out.append((v.min(), (np.float32(v.max()) - np.float32(v.min())) / (2**bits - 1)))
+    return out
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2, 1])
+@pytest.mark.parametrize("d,bucket", [(1, 8), (13, 8), (5000, 512), (4099, 64)])
+def test_uniform_roundtrip_within_one_step(bits, d, bucket):
+    x = vec(d, bits * d)
+    p = wire(Uniform(bits, bucket=bucket).encode(x, seed=3))
+    y = compress.decode(p).astype(np.float64)
+    for bi, (lo, step) in enumerate(uniform_ref(x, bits, bucket)):
+        seg = slice(bi * bucket, (bi + 1) * bucket)
+        assert np.all(np.abs(y[seg] - x[seg]) <= step * (1 + 1e-5) + 1e-6)
+        grid = (y[seg] - lo) / step if step > 0 else np.zeros(y[seg].size)
+        np.testing.assert_allclose(grid, np.round(grid), atol=1e-3)  # decoded values sit on the grid
+    assert p.bits_per_coordinate == pytest.approx(bits + 64 * (-(-d // bucket)) / d + 8 * len(p.header()) / d,
+                                                  rel=0.02)
+
+
+@pytest.mark.parametrize("codec", [Uniform(2, bucket=64), Uniform(8), QSGD(4, bucket=64)])
+def test_quantizers_are_unbiased(codec):
+    x = vec(256, 17)
+    trials = 3000
+    acc = np.zeros(x.size)
+    sq = np.zeros(x.size)
+    for s in range(trials):
+        y = compress.decode(codec.encode(x, seed=s)).astype(np.float64)
+        acc += y
+        sq += (y - x) ** 2
+    est = acc / trials
+    sigma = np.sqrt(sq / trials / trials) + 1e-7
+    assert np.all(np.abs(est - x) <= 6 * sigma)
+
+
+def test_qsgd_variance_within_theory():
+    """E||Q(x) - x||^2 <= min(bucket / s^2, sqrt(bucket) / s) ||x||^2 per bucket (Alistarh et al.)."""
+    bucket, s = 256, 8
+    x = vec(bucket * 4, 23)
+    trials = 400
+    err = 0.0
+    for t in range(trials):
+        y = compress.decode(QSGD(s, bucket=bucket).encode(x, seed=t)).astype(np.float64)
+        err += np.sum((y - x) ** 2)
+    bound = min(bucket / s**2, np.sqrt(bucket) / s) * np.sum(x.astype(np.float64) ** 2)
+    assert err / trials <= bound
+
+
+def test_seed_makes_encoding_reproducible():
+    x = vec(3000, 4)
+    a, b = Uniform(4).encode(x, seed=11), Uniform(4).encode(x, seed=11)
+    assert all(np.array_equal(a.buffers[k], b.buffers[k]) for k in a.buffers)
+    c = Uniform(4).encode(x, seed=12)
+    assert not np.array_equal(a.buffers["codes"], c.buffers["codes"])
+
+
+def test_sign_decodes_to_scaled_signs_and_votes():
+    x = vec(1000, 8)
+    p = wire(Sign(bucket=512, error_feedback=False).encode(x))
+    y = compress.decode(p)
+    for b in range(0, 1000, 512):
+        seg = x[b:b + 512].astype(np.float64)
+        np.testing.assert_allclose(y[b:b + 512], np.abs(seg).mean() * np.where(seg < 0, -1, 1), rtol=1e-6)
+    xs = [vec(1000, 30 + i) for i in range(5)]
+    ps = [wire(Sign(error_feedback=False).encode(v)) for v in xs]
+    expected = np.sign(sum(np.where(v < 0, -1, 1) for v in xs))
+    np.testing.assert_array_equal(compress.majority_vote(ps), expected)
+    even = compress.majority_vote(ps[:2])
+    assert set(np.unique(even)) <= {-1.0, 0.0, 1.0} and np.any(even == 0)
+    with pytest.raises(ValueError, match="majority vote takes sign payloads"):
+        compress.majority_vote([ps[0], Uniform(8).encode(xs[0])])
+
+
+@pytest.mark.parametrize("codec", [Sign(), Uniform(2, error_feedback=True), QSGD(2, error_feedback=True)])
+def test_quantizer_error_feedback_carries_the_residual(codec):
+    d, rounds = 3000, 10
+    state = codec.state(d)
+    total_in, total_sent = np.zeros(d), np.zeros(d)
+    for t in range(rounds):
+        g = vec(d, 300 + t)
+        total_in += g
+        kw = {} if isinstance(codec, Sign) else {"seed": t}
+        total_sent += compress.decode(wire(codec.encode(g, state, **kw)))
+    np.testing.assert_allclose(total_sent + state.residual, total_in, rtol=0, atol=2e-4)
+
+
+def test_mixed_codec_mean_equals_decode_then_mean():
+    d = 5000
+    ps = [wire(c.encode(vec(d, i), **kw)) for i, (c, kw) in enumerate([
+        (Uniform(8), {"seed": 1}), (Uniform(2, bucket=64), {"seed": 2}), (QSGD(16), {"seed": 3}),
+        (Sign(error_feedback=False), {}), (TopK(ratio=0.05, error_feedback=False), {})])]
+    w = [1.0, 0.5, 2.0, 1.0, 3.0]
+    dense = np.stack([compress.decode(p).astype(np.float64) for p in ps])
+    expected = (np.asarray(w)[:, None] * dense).sum(0) / sum(w)
+    np.testing.assert_allclose(compress.mean(ps, w), expected, rtol=1e-6, atol=1e-6)
+
+
+def _uniform_frames(**change):
+    p = Uniform(4, bucket=8).encode(vec(20, 1), seed=1)
+    meta = json.loads(p.header()[10:])
+    bufs = {k: v.copy() for k, v in p.buffers.items()}
+    for k, v in change.items():
+        if k in bufs:
+            bufs[k] = v
+        else:
+            meta["params"][k] = v
+    meta["buffers"] = [{"name": k, "dtype": v.dtype.name, "count": int(v.size)} for k, v in bufs.items()]
+    return frames_of(meta, [v.tobytes() for v in bufs.values()])
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"bits": 3}, "bad bits"), ({"bucket": 12}, "bad bucket"),
+    ({"lo": np.zeros(2, np.float32)}, "expected 3 lo"),
+    ({"step": np.array([1, -1, 1], np.float32)}, "steps must be >= 0"),
+    ({"lo": np.array([np.nan, 0, 0], np.float32)}, "lo must be finite"),
+    ({"codes": np.zeros(3, np.uint8)}, "codes have the wrong size"),
+])
+def test_hostile_quantized_payloads(change, message):
+    with pytest.raises(PayloadError, match=message):
+        Payload.from_frames(_uniform_frames(**change))
+
+
+def test_hostile_qsgd_and_sign_payloads():
+    q = QSGD(3, bucket=8).encode(vec(16, 2), seed=0)
+    codes = q.buffers["codes"].copy()
+    codes[0] = 9
+    meta = json.loads(q.header()[10:])
+    with pytest.raises(PayloadError, match="codes beyond s = 3"):
+        Payload.from_frames(frames_of(meta, [q.buffers["norm"].tobytes(), codes.tobytes()]))
+    sgn = Sign(bucket=8).encode(vec(16, 2))
+    meta = json.loads(sgn.header()[10:])
+    meta["d"] = 17
+    with pytest.raises(PayloadError, match="expected 3 scales|signs have the wrong size"):
+        Payload.from_frames(frames_of(meta, [sgn.buffers["scale"].tobytes(), sgn.buffers["signs"].tobytes()]))

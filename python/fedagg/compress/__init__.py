@@ -12,7 +12,8 @@
 [0.10000000149011612, 0.0, 0.20000000298023224, 0.0, 0.0]
 """
 
-from .codecs import ErrorFeedback, RandK, TopK, codec_for, decode, mean
+from .codecs import QSGD, ErrorFeedback, RandK, Sign, TopK, Uniform, codec_for, decode, majority_vote, mean
 from .payload import Payload, PayloadError
 
-__all__ = ["ErrorFeedback", "Payload", "PayloadError", "RandK", "TopK", "codec_for", "decode", "mean"]
+__all__ = ["ErrorFeedback", "Payload", "PayloadError", "QSGD", "RandK", "Sign", "TopK", "Uniform", "codec_for",
+           "decode", "majority_vote", "mean"]

@@ -108,11 +108,10 @@ class _Sparse:
         return p.buffers["indices"], p.buffers["values"]
 
     @classmethod
-    def decode(cls, p: Payload) -> np.ndarray:
-        out = np.zeros(p.d)
+    def add(cls, acc: np.ndarray, p: Payload, w: float) -> None:
+        """acc += w * decode(p), without forming decode(p)."""
         idx, val = cls.sparse(p)
-        _core.scatter_add(out, np.ascontiguousarray(idx), np.ascontiguousarray(val), 1.0)
-        return out.astype(np.float32)
+        _core.scatter_add(acc, np.ascontiguousarray(idx), np.ascontiguousarray(val), w)
 
 
 @_register
@@ -219,32 +218,234 @@ class RandK(_Sparse):
         return cls.indices(p.d, p.params["k"], p.params["seed"]), p.buffers["values"]
 
 
-def decode(payload: Payload) -> np.ndarray:
-    """The dense float32 update a payload stands for."""
-    return codec_for(payload.codec).decode(payload)
+class _Dense:
+    """Quantizers: every coordinate travels, in fewer bits; reproducible stochastic rounding."""
+
+    error_feedback = False
+
+    def state(self, d: int) -> Optional[ErrorFeedback]:
+        return ErrorFeedback.zeros(d) if self.error_feedback else None
+
+    def _prepare(self, update: Any, state: Optional[ErrorFeedback]) -> np.ndarray:
+        x = _vector(update)
+        _require_finite(x)
+        if state is None:
+            return x
+        if state.residual.shape != x.shape:
+            raise ValueError(f"state is for d = {state.residual.size}, update has d = {x.size}")
+        return x + state.residual
+
+    def _finish(self, state: Optional[ErrorFeedback], corrected: np.ndarray, p: Payload) -> Payload:
+        if state is not None:  # what this payload does not carry goes to the next round
+            state.residual[...] = corrected - decode(p)
+        return p
+
+    @staticmethod
+    def _seed(seed: Optional[int]) -> int:
+        if seed is None:
+            return int.from_bytes(os.urandom(8), "little") >> 1
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        return int(seed)
 
 
-def mean(payloads, weights=None) -> np.ndarray:
-    """Weighted mean of sparse payloads, scatter-added into one float64 vector.
+def _check_int_param(p: Payload, name: str, ok) -> int:
+    v = p.params.get(name)
+    _expect(isinstance(v, int) and not isinstance(v, bool) and ok(v), f"{p.codec}: bad {name} {v!r}")
+    return v
 
-    Never builds n dense updates: memory is O(d) plus the payloads. Payloads
-    parsed by Payload.from_frames were checked; others are checked here.
+
+def _check_bucket(p: Payload) -> int:
+    return _check_int_param(p, "bucket", lambda b: 8 <= b <= (1 << 20) and b % 8 == 0)
+
+
+def _buckets(d: int, bucket: int) -> int:
+    return -(-d // bucket)
+
+
+def _check_finite(p: Payload, name: str) -> None:
+    v = np.ascontiguousarray(p.buffers[name])
+    _expect(v.size == 0 or not bool(_core.nonfinite_rows([v])[0]), f"{p.codec}: {name} must be finite")
+
+
+@_register
+class Uniform(_Dense):
+    """Stochastic uniform quantization to 8, 4, 2 or 1 bits with a range per bucket.
+
+    Per bucket of ``bucket`` coordinates: lo = min, step = (max - min) / (2^bits - 1);
+    each coordinate becomes floor((x - lo) / step + u), u ~ U[0, 1) from a hash of
+    (seed, index): unbiased (E[decoded] = x), error at most one step.
+    Bits per coordinate: bits + 64 / bucket.
     """
+
+    name = "uniform"
+
+    def __init__(self, bits: int = 8, *, bucket: int = 512, error_feedback: bool = False):
+        if bits not in (1, 2, 4, 8):
+            raise ValueError(f"bits must be 1, 2, 4 or 8, got {bits!r}")
+        if not isinstance(bucket, int) or bucket < 8 or bucket % 8 or bucket > (1 << 20):
+            raise ValueError(f"bucket must be a multiple of 8 in [8, 2^20], got {bucket!r}")
+        self.bits, self.bucket, self.error_feedback = bits, bucket, error_feedback
+
+    def encode(self, update: Any, state: Optional[ErrorFeedback] = None, seed: Optional[int] = None) -> Payload:
+        x = self._prepare(update, state)
+        lo, step, codes = _core.quantize_uniform(x, self.bits, self.bucket, self._seed(seed))
+        p = Payload(self.name, x.size, {"bits": self.bits, "bucket": self.bucket},
+                    {"lo": lo, "step": step, "codes": codes})
+        return self._finish(state, x, p)
+
+    @staticmethod
+    def check(p: Payload) -> None:
+        check_buffers(p, ("lo", "step", "codes"))
+        _expect(set(p.params) == {"bits", "bucket"}, f"uniform: params must be bits, bucket; got {p.params}")
+        bits = _check_int_param(p, "bits", lambda b: b in (1, 2, 4, 8))
+        nb = _buckets(p.d, _check_bucket(p))
+        _expect(p.buffers["lo"].size == nb and p.buffers["step"].size == nb, f"uniform: expected {nb} lo and step")
+        _expect(p.buffers["codes"].size == -(-p.d * bits // 8), "uniform: codes have the wrong size")
+        _expect(p.buffers["lo"].dtype == np.float32 and p.buffers["step"].dtype == np.float32
+                and p.buffers["codes"].dtype == np.uint8, "uniform: wrong buffer dtypes")
+        _check_finite(p, "lo")
+        _check_finite(p, "step")
+        _expect(bool(np.all(p.buffers["step"] >= 0)), "uniform: steps must be >= 0")
+
+    @staticmethod
+    def add(acc: np.ndarray, p: Payload, w: float) -> None:
+        b = p.buffers
+        _core.dequantize_uniform_add(acc, np.ascontiguousarray(b["lo"]), np.ascontiguousarray(b["step"]),
+                                     np.ascontiguousarray(b["codes"]), p.params["bits"], p.params["bucket"], w)
+
+
+@_register
+class QSGD(_Dense):
+    """QSGD (Alistarh et al. 2017): s levels of |x| / ||x_bucket||, stochastic, with sign.
+
+    level = floor(|x| / norm * s + u): unbiased, variance at most
+    min(bucket / s^2, sqrt(bucket) / s) * ||x||^2. Sent as int8 (s <= 127) plus a
+    float32 norm per bucket.
+    """
+
+    name = "qsgd"
+
+    def __init__(self, s: int = 127, *, bucket: int = 512, error_feedback: bool = False):
+        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 127:
+            raise ValueError(f"s must be an integer in [1, 127], got {s!r}")
+        if not isinstance(bucket, int) or bucket < 8 or bucket % 8 or bucket > (1 << 20):
+            raise ValueError(f"bucket must be a multiple of 8 in [8, 2^20], got {bucket!r}")
+        self.s, self.bucket, self.error_feedback = s, bucket, error_feedback
+
+    def encode(self, update: Any, state: Optional[ErrorFeedback] = None, seed: Optional[int] = None) -> Payload:
+        x = self._prepare(update, state)
+        norm, codes = _core.quantize_qsgd(x, self.s, self.bucket, self._seed(seed))
+        p = Payload(self.name, x.size, {"s": self.s, "bucket": self.bucket}, {"norm": norm, "codes": codes})
+        return self._finish(state, x, p)
+
+    @staticmethod
+    def check(p: Payload) -> None:
+        check_buffers(p, ("norm", "codes"))
+        _expect(set(p.params) == {"s", "bucket"}, f"qsgd: params must be s, bucket; got {p.params}")
+        s = _check_int_param(p, "s", lambda v: 1 <= v <= 127)
+        nb = _buckets(p.d, _check_bucket(p))
+        _expect(p.buffers["norm"].size == nb and p.buffers["norm"].dtype == np.float32, f"qsgd: expected {nb} norms")
+        codes = p.buffers["codes"]
+        _expect(codes.size == p.d and codes.dtype == np.int8, "qsgd: expected one int8 code per coordinate")
+        _check_finite(p, "norm")
+        _expect(bool(np.all(p.buffers["norm"] >= 0)), "qsgd: norms must be >= 0")
+        _expect(bool(np.all(np.abs(codes.astype(np.int16)) <= s)), f"qsgd: codes beyond s = {s}")
+
+    @staticmethod
+    def add(acc: np.ndarray, p: Payload, w: float) -> None:
+        _core.dequantize_qsgd_add(acc, np.ascontiguousarray(p.buffers["norm"]),
+                                  np.ascontiguousarray(p.buffers["codes"]),
+                                  p.params["s"], p.params["bucket"], w)
+
+
+@_register
+class Sign(_Dense):
+    """1-bit sign with a scale per bucket (EF-signSGD, Karimireddy et al. 2019).
+
+    Sends sign(x) packed 8 per byte and scale = mean |x| over each bucket; decodes to
+    scale * sign(x). Biased: use with error feedback (the default). The signs alone
+    aggregate by ``majority_vote`` (signSGD, Bernstein et al. 2018).
+    """
+
+    name = "sign"
+
+    def __init__(self, *, bucket: int = 4096, error_feedback: bool = True):
+        if not isinstance(bucket, int) or bucket < 8 or bucket % 8 or bucket > (1 << 20):
+            raise ValueError(f"bucket must be a multiple of 8 in [8, 2^20], got {bucket!r}")
+        self.bucket, self.error_feedback = bucket, error_feedback
+
+    def encode(self, update: Any, state: Optional[ErrorFeedback] = None) -> Payload:
+        x = self._prepare(update, state)
+        scale, bits = _core.quantize_sign(x, self.bucket)
+        p = Payload(self.name, x.size, {"bucket": self.bucket}, {"scale": scale, "signs": bits})
+        return self._finish(state, x, p)
+
+    @staticmethod
+    def check(p: Payload) -> None:
+        check_buffers(p, ("scale", "signs"))
+        _expect(set(p.params) == {"bucket"}, f"sign: params must be bucket; got {p.params}")
+        nb = _buckets(p.d, _check_bucket(p))
+        _expect(p.buffers["scale"].size == nb and p.buffers["scale"].dtype == np.float32, f"sign: expected {nb} scales")
+        _expect(p.buffers["signs"].size == -(-p.d // 8) and p.buffers["signs"].dtype == np.uint8,
+                "sign: signs have the wrong size")
+        _check_finite(p, "scale")
+        _expect(bool(np.all(p.buffers["scale"] >= 0)), "sign: scales must be >= 0")
+
+    @staticmethod
+    def add(acc: np.ndarray, p: Payload, w: float) -> None:
+        _core.dequantize_sign_add(acc, np.ascontiguousarray(p.buffers["scale"]),
+                                  np.ascontiguousarray(p.buffers["signs"]), p.params["bucket"], w)
+
+
+def _checked(payloads) -> list:
     payloads = list(payloads)
     if not payloads:
         raise ValueError("no payloads")
-    d = payloads[0].d
-    w = np.ones(len(payloads)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (len(payloads),) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
-        raise ValueError("weights must be one finite non-negative number per payload, with a positive sum")
-    acc = np.zeros(d)
+    d = payloads[0].d if isinstance(payloads[0], Payload) else None
     for i, p in enumerate(payloads):
         if not isinstance(p, Payload):
             raise TypeError(f"payloads[{i}] is not a Payload")
         if p.d != d:
             raise ValueError(f"payloads[{i}] has d = {p.d}, payloads[0] has d = {d}")
-        codec = codec_for(p.codec)
-        codec.check(p)
-        idx, val = codec.sparse(p)
-        _core.scatter_add(acc, np.ascontiguousarray(idx), np.ascontiguousarray(val), w[i] / w.sum())
+        codec_for(p.codec).check(p)
+    return payloads
+
+
+def decode(payload: Payload) -> np.ndarray:
+    """The dense float32 update a payload stands for."""
+    (p,) = _checked([payload])
+    acc = np.zeros(p.d)
+    codec_for(p.codec).add(acc, p, 1.0)
     return acc.astype(np.float32)
+
+
+def mean(payloads, weights=None) -> np.ndarray:
+    """Weighted mean of payloads (any codecs), each decoded into one float64 accumulator.
+
+    Never builds n dense updates: memory is O(d) plus the payloads.
+    """
+    payloads = _checked(payloads)
+    w = np.ones(len(payloads)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(payloads),) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+        raise ValueError("weights must be one finite non-negative number per payload, with a positive sum")
+    acc = np.zeros(payloads[0].d)
+    for p, wi in zip(payloads, w / w.sum()):
+        codec_for(p.codec).add(acc, p, float(wi))
+    return acc.astype(np.float32)
+
+
+def majority_vote(payloads) -> np.ndarray:
+    """signSGD with majority vote (Bernstein et al. 2018) on packed sign payloads.
+
+    Returns sign(sum_i sign_i) per coordinate as float32 in {-1, 0, +1} (0 on a tie),
+    counting votes straight from the packed bits.
+    """
+    payloads = _checked(payloads)
+    for i, p in enumerate(payloads):
+        if p.codec != Sign.name:
+            raise ValueError(f"payloads[{i}] is {p.codec!r}, majority vote takes sign payloads")
+    votes = np.zeros(payloads[0].d, dtype=np.int32)
+    for p in payloads:
+        _core.sign_vote_add(votes, np.ascontiguousarray(p.buffers["signs"]))
+    return np.sign(votes).astype(np.float32)

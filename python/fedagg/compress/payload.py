@@ -24,7 +24,7 @@ MAGIC = b"FAGP"
 VERSION = 1
 MAX_HEADER = 1 << 16  # bytes of JSON
 MAX_D = 1 << 40
-_DTYPES = {"uint8": np.uint8, "uint32": np.uint32, "uint64": np.uint64, "float32": np.float32}
+_DTYPES = {"int8": np.int8, "uint8": np.uint8, "uint32": np.uint32, "uint64": np.uint64, "float32": np.float32}
 _PREFIX = struct.Struct("<4sHI")
 
 

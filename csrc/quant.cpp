@@ -1,0 +1,195 @@
+#include "fedagg/quant.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "fedagg/check.hpp"
+#include "fedagg/threadpool.hpp"
+
+// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at
+// load time (GCC function multiversioning); elsewhere they are plain C++.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FEDAGG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FEDAGG_CLONES
+#endif
+
+namespace fedagg {
+namespace {
+
+// u in [0, 1) from (seed, index): a murmur3-style finalizer of the mixed counter.
+inline float uniform01(std::uint64_t seed, std::uint64_t j) {
+  std::uint32_t h = static_cast<std::uint32_t>(j * 0x9E3779B97F4A7C15ull + seed) ^
+                    static_cast<std::uint32_t>(seed >> 32);
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return static_cast<float>(h >> 8) * (1.0f / 16777216.0f);
+}
+
+template <class Fn>
+void for_buckets(std::size_t d, std::size_t bucket, Fn&& fn) {
+  const std::size_t nb = (d + bucket - 1) / bucket;
+  const std::size_t per_task = std::max<std::size_t>(1, (std::size_t(1) << 16) / bucket);
+  const std::size_t ntasks = (nb + per_task - 1) / per_task;
+  parallel_for(ntasks, [&](std::size_t t, int) {
+    const std::size_t b1 = std::min(nb, (t + 1) * per_task);
+    for (std::size_t b = t * per_task; b < b1; ++b) fn(b, b * bucket, std::min(d, (b + 1) * bucket));
+  });
+}
+
+FEDAGG_CLONES void min_max(const float* x, std::size_t n, float* mn, float* mx) {
+  float lo[16], hi[16];
+  for (int l = 0; l < 16; ++l) lo[l] = hi[l] = x[0];
+  std::size_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) {
+      lo[l] = x[j + l] < lo[l] ? x[j + l] : lo[l];
+      hi[l] = x[j + l] > hi[l] ? x[j + l] : hi[l];
+    }
+  for (; j < n; ++j) {
+    lo[0] = x[j] < lo[0] ? x[j] : lo[0];
+    hi[0] = x[j] > hi[0] ? x[j] : hi[0];
+  }
+  *mn = *std::min_element(lo, lo + 16);
+  *mx = *std::max_element(hi, hi + 16);
+}
+
+FEDAGG_CLONES void stochastic_codes(const float* x, std::size_t n, std::size_t j0, float lo, float inv,
+                                    std::uint32_t top, std::uint64_t seed, std::uint8_t* out) {
+  for (std::size_t i = 0; i < n; ++i) {
+    float q = (x[i] - lo) * inv + uniform01(seed, j0 + i);
+    std::uint32_t c = static_cast<std::uint32_t>(q);
+    out[i] = static_cast<std::uint8_t>(c < top ? c : top);
+  }
+}
+
+FEDAGG_CLONES void add_dequantized(const std::uint8_t* code, std::size_t n, double base, double step,
+                                   double* acc) {
+  for (std::size_t i = 0; i < n; ++i) acc[i] += base + step * code[i];
+}
+
+// Packs n codes of `bits` bits (n * bits a multiple of 8 except at the very end).
+void pack(const std::uint8_t* code, std::size_t n, int bits, std::uint8_t* out) {
+  if (bits == 8) {
+    std::memcpy(out, code, n);
+    return;
+  }
+  const int per = 8 / bits;
+  for (std::size_t i = 0; i < n; i += per) {
+    std::uint8_t byte = 0;
+    for (int k = 0; k < per && i + k < n; ++k) byte |= static_cast<std::uint8_t>(code[i + k] << (k * bits));
+    out[i / per] = byte;
+  }
+}
+
+void unpack(const std::uint8_t* in, std::size_t n, int bits, std::uint8_t* code) {
+  if (bits == 8) {
+    std::memcpy(code, in, n);
+    return;
+  }
+  const int per = 8 / bits;
+  const std::uint8_t mask = static_cast<std::uint8_t>((1u << bits) - 1);
+  for (std::size_t i = 0; i < n; ++i)
+    code[i] = static_cast<std::uint8_t>((in[i / per] >> ((i % per) * bits)) & mask);
+}
+
+void check_layout(int bits, std::size_t bucket) {
+  FEDAGG_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, "bits must be 1, 2, 4 or 8");
+  FEDAGG_CHECK(bucket >= 8 && bucket % 8 == 0 && bucket <= (1u << 20), "bucket must be a multiple of 8 in [8, 2^20]");
+}
+
+}  // namespace
+
+void quantize_uniform(const float* x, std::size_t d, int bits, std::size_t bucket, std::uint64_t seed,
+                      float* lo, float* step, std::uint8_t* codes) {
+  check_layout(bits, bucket);
+  const std::uint32_t top = (1u << bits) - 1;
+  for_buckets(d, bucket, [&](std::size_t b, std::size_t j0, std::size_t j1) {
+    float mn, mx;
+    min_max(x + j0, j1 - j0, &mn, &mx);
+    const float s = (mx - mn) / static_cast<float>(top);
+    lo[b] = mn;
+    step[b] = s;
+    std::uint8_t tmp[1 << 12];
+    for (std::size_t c0 = j0; c0 < j1; c0 += sizeof tmp) {
+      const std::size_t n = std::min<std::size_t>(sizeof tmp, j1 - c0);
+      stochastic_codes(x + c0, n, c0, mn, s > 0 ? 1.0f / s : 0.0f, top, seed, tmp);
+      pack(tmp, n, bits, codes + c0 * bits / 8);
+    }
+  });
+}
+
+void dequantize_uniform_add(const float* lo, const float* step, const std::uint8_t* codes, std::size_t d,
+                            int bits, std::size_t bucket, double w, double* acc) {
+  check_layout(bits, bucket);
+  for_buckets(d, bucket, [&](std::size_t b, std::size_t j0, std::size_t j1) {
+    std::uint8_t tmp[1 << 12];
+    for (std::size_t c0 = j0; c0 < j1; c0 += sizeof tmp) {
+      const std::size_t n = std::min<std::size_t>(sizeof tmp, j1 - c0);
+      unpack(codes + c0 * bits / 8, n, bits, tmp);
+      add_dequantized(tmp, n, w * lo[b], w * step[b], acc + c0);
+    }
+  });
+}
+
+void quantize_qsgd(const float* x, std::size_t d, int s, std::size_t bucket, std::uint64_t seed, float* norm,
+                   std::int8_t* codes) {
+  FEDAGG_CHECK(s >= 1 && s <= 127, "QSGD levels s must be in [1, 127]");
+  check_layout(8, bucket);
+  for_buckets(d, bucket, [&](std::size_t b, std::size_t j0, std::size_t j1) {
+    double ss = 0.0;
+    for (std::size_t j = j0; j < j1; ++j) ss += static_cast<double>(x[j]) * x[j];
+    const double nrm = std::sqrt(ss);
+    norm[b] = static_cast<float>(nrm);
+    const double scale = nrm > 0 ? s / nrm : 0.0;
+    for (std::size_t j = j0; j < j1; ++j) {
+      const double a = std::fabs(static_cast<double>(x[j])) * scale + uniform01(seed, j);
+      const int level = std::min(s, static_cast<int>(a));
+      codes[j] = static_cast<std::int8_t>(x[j] < 0 ? -level : level);
+    }
+  });
+}
+
+void dequantize_qsgd_add(const float* norm, const std::int8_t* codes, std::size_t d, int s,
+                         std::size_t bucket, double w, double* acc) {
+  check_layout(8, bucket);
+  for_buckets(d, bucket, [&](std::size_t b, std::size_t j0, std::size_t j1) {
+    const double unit = w * norm[b] / s;
+    for (std::size_t j = j0; j < j1; ++j) acc[j] += unit * codes[j];
+  });
+}
+
+void quantize_sign(const float* x, std::size_t d, std::size_t bucket, float* scale, std::uint8_t* bits) {
+  check_layout(1, bucket);
+  for_buckets(d, bucket, [&](std::size_t b, std::size_t j0, std::size_t j1) {
+    double l1 = 0.0;
+    for (std::size_t j = j0; j < j1; ++j) l1 += std::fabs(static_cast<double>(x[j]));
+    scale[b] = static_cast<float>(l1 / static_cast<double>(j1 - j0));
+    for (std::size_t j = j0; j < j1; j += 8) {
+      std::uint8_t byte = 0;
+      for (std::size_t k = 0; k < 8 && j + k < j1; ++k) byte |= static_cast<std::uint8_t>((x[j + k] < 0) << k);
+      bits[j / 8] = byte;
+    }
+  });
+}
+
+void dequantize_sign_add(const float* scale, const std::uint8_t* bits, std::size_t d, std::size_t bucket,
+                         double w, double* acc) {
+  check_layout(1, bucket);
+  for_buckets(d, bucket, [&](std::size_t b, std::size_t j0, std::size_t j1) {
+    const double a = w * scale[b];
+    for (std::size_t j = j0; j < j1; ++j) acc[j] += ((bits[j / 8] >> (j % 8)) & 1) ? -a : a;
+  });
+}
+
+void sign_vote_add(const std::uint8_t* bits, std::size_t d, std::int32_t* votes) {
+  for_buckets(d, 1 << 12, [&](std::size_t, std::size_t j0, std::size_t j1) {
+    for (std::size_t j = j0; j < j1; ++j) votes[j] += ((bits[j / 8] >> (j % 8)) & 1) ? -1 : 1;
+  });
+}
+
+}  // namespace fedagg
