@@ -455,6 +455,18 @@ PYBIND11_MODULE(_core, m) {
     fedagg::sign_vote_add(static_cast<const std::uint8_t*>(bits.data()), d, v);
   }, py::arg("votes"), py::arg("bits"));
 
+  m.def("hadamard_rotate", [](py::array_t<float, py::array::c_style> x, long long block, std::uint64_t seed,
+                              bool inverse) {
+    if (x.ndim() != 1) throw py::value_error("x must be 1-D");
+    const auto len = static_cast<std::size_t>(x.size());
+    if (block < 2 || (block & (block - 1)) != 0 || len % static_cast<std::size_t>(block) != 0)
+      throw py::value_error("block must be a power of two >= 2 dividing len(x)");
+    float* p = x.mutable_data();
+    py::gil_scoped_release release;
+    fedagg::hadamard_rotate(p, len, static_cast<std::size_t>(block), seed, inverse);
+  }, py::arg("x"), py::arg("block"), py::arg("seed"), py::arg("inverse"),
+     "In place: forward H D x / sqrt(B) per block, or its inverse.");
+
   // The CUDA backend's per-coordinate code (fedagg/sort_math.hpp), run here on
   // the CPU so the CPU tests check what the GPU runs.
   m.def("_register_sort_reduce", [](const py::array_t<float, py::array::c_style>& X, int mode, int f) {

@@ -102,7 +102,35 @@ void check_layout(int bits, std::size_t bucket) {
   FEDAGG_CHECK(bucket >= 8 && bucket % 8 == 0 && bucket <= (1u << 20), "bucket must be a multiple of 8 in [8, 2^20]");
 }
 
+FEDAGG_CLONES void fwht(float* x, std::size_t B) {
+  for (std::size_t h = 1; h < B; h <<= 1)
+    for (std::size_t i = 0; i < B; i += 2 * h)
+      for (std::size_t j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+}
+
+// Random sign of coordinate j: one bit of the counter hash.
+inline float random_sign(std::uint64_t seed, std::uint64_t j) {
+  return uniform01(seed ^ 0xA5A5A5A5A5A5A5A5ull, j) < 0.5f ? -1.0f : 1.0f;
+}
+
 }  // namespace
+
+void hadamard_rotate(float* x, std::size_t len, std::size_t B, std::uint64_t seed, bool inverse) {
+  FEDAGG_CHECK(B >= 2 && (B & (B - 1)) == 0 && len % B == 0, "block must be a power of two dividing the length");
+  const float norm = 1.0f / std::sqrt(static_cast<float>(B));
+  parallel_for(len / B, [&](std::size_t blk, int) {
+    float* y = x + blk * B;
+    const std::size_t j0 = blk * B;
+    if (!inverse)
+      for (std::size_t j = 0; j < B; ++j) y[j] *= random_sign(seed, j0 + j);
+    fwht(y, B);
+    for (std::size_t j = 0; j < B; ++j) y[j] *= inverse ? norm * random_sign(seed, j0 + j) : norm;
+  });
+}
 
 void quantize_uniform(const float* x, std::size_t d, int bits, std::size_t bucket, std::uint64_t seed,
                       float* lo, float* step, std::uint8_t* codes) {

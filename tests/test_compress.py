@@ -195,7 +195,8 @@ def test_fuzzed_payloads_never_crash():
              RandK(6, error_feedback=False).encode(vec(64, 2), seed=77),
              Uniform(2, bucket=16).encode(vec(64, 3), seed=5),
              QSGD(7, bucket=16).encode(vec(64, 4), seed=6),
-             Sign(bucket=16).encode(vec(64, 5))]
+             Sign(bucket=16).encode(vec(64, 5)),
+             compress.Rotation(block=16).encode(vec(40, 6), seed=8)]
     accepted = rejected = 0
     for it in range(5000):
         frames = [bytearray(bytes(f)) for f in seeds[it % len(seeds)].to_frames()]
@@ -373,3 +374,69 @@ def test_hostile_qsgd_and_sign_payloads():
     meta["d"] = 17
     with pytest.raises(PayloadError, match="expected 3 scales|signs have the wrong size"):
         Payload.from_frames(frames_of(meta, [sgn.buffers["scale"].tobytes(), sgn.buffers["signs"].tobytes()]))
+
+
+@pytest.mark.parametrize("rule,f", [("median", 1), ("krum", 1), ("trimmed_mean", 1), ("mean", 0)])
+def test_robust_rules_over_compressed_updates(rule, f):
+    d = 3000
+    ps = [wire(Uniform(8).encode(vec(d, 50 + i), seed=i)) for i in range(7)]
+    dense = np.stack([compress.decode(p) for p in ps])
+    import fedagg
+
+    expected = fedagg.aggregate(dense, rule, f)
+    buf = np.empty((7, d), np.float32)
+    got = compress.aggregate(ps, rule, f, out=buf if rule != "mean" else None)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="out must be"):
+        compress.decode_into(ps, np.empty((6, d), np.float32))
+
+
+# ------------------------------------------------------ rotation (DRIVE) codec
+from fedagg.compress import Rotation  # noqa: E402
+
+
+def test_rotation_vnmse_near_theory():
+    """Unbiased 1-bit DRIVE: vNMSE -> pi/2 - 1 = 0.571 for large blocks (Vargaftik et al. 2021)."""
+    x = vec(1 << 16, 7)
+    errs = []
+    for s in range(20):
+        y = compress.decode(wire(Rotation(block=1 << 14).encode(x, seed=s))).astype(np.float64)
+        errs.append(np.sum((y - x) ** 2) / np.sum(x.astype(np.float64) ** 2))
+    assert 0.53 <= np.mean(errs) <= 0.61
+    p = Rotation(block=1 << 14).encode(x, seed=0)
+    assert p.bits_per_coordinate == pytest.approx(1 + 32 / (1 << 14) + 8 * len(p.header()) / x.size)
+
+
+def test_rotation_unbiased_over_seeds():
+    x = vec(40, 12)  # padded to one block of 64
+    trials = 4000
+    acc = np.zeros(40)
+    sq = np.zeros(40)
+    for s in range(trials):
+        y = compress.decode(Rotation().encode(x, seed=s)).astype(np.float64)
+        acc += y
+        sq += (y - x) ** 2
+    sigma = np.sqrt(sq / trials / trials)
+    assert np.all(np.abs(acc / trials - x) <= 6 * sigma)
+
+
+def test_rotation_shared_seed_mean_equals_decode_then_mean():
+    d = 10_000
+    xs = [vec(d, 60 + i) for i in range(4)]
+    ps = [wire(Rotation(block=4096).encode(x, seed=99)) for x in xs]
+    ps.append(wire(Rotation(block=4096).encode(xs[0], seed=5)))  # another rotation
+    dense = np.stack([compress.decode(p).astype(np.float64) for p in ps])
+    np.testing.assert_allclose(compress.mean(ps), dense.mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_rotation_error_feedback_and_bad_block():
+    codec = Rotation(block=1024, error_feedback=True)
+    state = codec.state(3000)
+    total_in, total_sent = np.zeros(3000), np.zeros(3000)
+    for t in range(6):
+        g = vec(3000, 70 + t)
+        total_in += g
+        total_sent += compress.decode(codec.encode(g, state, seed=t))
+    np.testing.assert_allclose(total_sent + state.residual, total_in, atol=2e-4)
+    with pytest.raises(ValueError, match="power of two"):
+        Rotation(block=1000)

@@ -34,4 +34,9 @@ void dequantize_sign_add(const float* scale, const std::uint8_t* bits, std::size
 // votes[j] += (bit ? -1 : +1) for one payload's bits (majority vote counts).
 void sign_vote_add(const std::uint8_t* bits, std::size_t d, std::int32_t* votes);
 
+// Randomized Hadamard rotation, in place, of each block of B (a power of two)
+// coordinates: forward y = H D x / sqrt(B), inverse x = D H y / sqrt(B), with D
+// the random signs of (seed, index). Orthonormal: the inverse undoes the forward.
+void hadamard_rotate(float* x, std::size_t len, std::size_t B, std::uint64_t seed, bool inverse);
+
 }  // namespace fedagg

@@ -12,8 +12,22 @@
 [0.10000000149011612, 0.0, 0.20000000298023224, 0.0, 0.0]
 """
 
-from .codecs import QSGD, ErrorFeedback, RandK, Sign, TopK, Uniform, codec_for, decode, majority_vote, mean
+from .codecs import (
+    QSGD,
+    ErrorFeedback,
+    RandK,
+    Rotation,
+    Sign,
+    TopK,
+    Uniform,
+    aggregate,
+    codec_for,
+    decode,
+    decode_into,
+    majority_vote,
+    mean,
+)
 from .payload import Payload, PayloadError
 
-__all__ = ["ErrorFeedback", "Payload", "PayloadError", "QSGD", "RandK", "Sign", "TopK", "Uniform", "codec_for",
-           "decode", "majority_vote", "mean"]
+__all__ = ["ErrorFeedback", "Payload", "PayloadError", "QSGD", "RandK", "Rotation", "Sign", "TopK", "Uniform", "aggregate",
+           "codec_for", "decode", "decode_into", "majority_vote", "mean"]
