@@ -41,21 +41,27 @@ void for_buckets(std::size_t d, std::size_t bucket, Fn&& fn) {
   });
 }
 
-FEDAGG_CLONES void min_max(const float* x, std::size_t n, float* mn, float* mx) {
-  float lo[16], hi[16];
-  for (int l = 0; l < 16; ++l) lo[l] = hi[l] = x[0];
+// Min and max of x[0..n); returns false if a NaN or Inf was seen (x * 0 is NaN then).
+FEDAGG_CLONES bool min_max(const float* x, std::size_t n, float* mn, float* mx) {
+  float lo[16], hi[16], z[16];
+  for (int l = 0; l < 16; ++l) lo[l] = hi[l] = x[0], z[l] = 0.0f;
   std::size_t j = 0;
   for (; j + 16 <= n; j += 16)
     for (int l = 0; l < 16; ++l) {
       lo[l] = x[j + l] < lo[l] ? x[j + l] : lo[l];
       hi[l] = x[j + l] > hi[l] ? x[j + l] : hi[l];
+      z[l] += x[j + l] * 0.0f;
     }
   for (; j < n; ++j) {
     lo[0] = x[j] < lo[0] ? x[j] : lo[0];
     hi[0] = x[j] > hi[0] ? x[j] : hi[0];
+    z[0] += x[j] * 0.0f;
   }
+  float zz = 0.0f;
+  for (int l = 0; l < 16; ++l) zz += z[l];
   *mn = *std::min_element(lo, lo + 16);
   *mx = *std::max_element(hi, hi + 16);
+  return zz == 0.0f;
 }
 
 FEDAGG_CLONES void stochastic_codes(const float* x, std::size_t n, std::size_t j0, float lo, float inv,
@@ -138,10 +144,10 @@ void quantize_uniform(const float* x, std::size_t d, int bits, std::size_t bucke
   const std::uint32_t top = (1u << bits) - 1;
   for_buckets(d, bucket, [&](std::size_t b, std::size_t j0, std::size_t j1) {
     float mn, mx;
-    min_max(x + j0, j1 - j0, &mn, &mx);
+    const bool finite = min_max(x + j0, j1 - j0, &mn, &mx);
     const float s = (mx - mn) / static_cast<float>(top);
     lo[b] = mn;
-    step[b] = s;
+    step[b] = finite ? s : NAN;  // the caller checks the steps: no separate finiteness pass
     std::uint8_t tmp[1 << 12];
     for (std::size_t c0 = j0; c0 < j1; c0 += sizeof tmp) {
       const std::size_t n = std::min<std::size_t>(sizeof tmp, j1 - c0);

@@ -196,7 +196,8 @@ def test_fuzzed_payloads_never_crash():
              Uniform(2, bucket=16).encode(vec(64, 3), seed=5),
              QSGD(7, bucket=16).encode(vec(64, 4), seed=6),
              Sign(bucket=16).encode(vec(64, 5)),
-             compress.Rotation(block=16).encode(vec(40, 6), seed=8)]
+             compress.Rotation(block=16).encode(vec(40, 6), seed=8),
+             compress.PowerSGD(rank=1).encode({"w": vec(12, 9).reshape(4, 3), "b": vec(3, 10)})]
     accepted = rejected = 0
     for it in range(5000):
         frames = [bytearray(bytes(f)) for f in seeds[it % len(seeds)].to_frames()]
@@ -440,3 +441,74 @@ def test_rotation_error_feedback_and_bad_block():
     np.testing.assert_allclose(total_sent + state.residual, total_in, atol=2e-4)
     with pytest.raises(ValueError, match="power of two"):
         Rotation(block=1000)
+
+
+# --------------------------------------------------------------- PowerSGD
+from fedagg.compress import PowerSGD  # noqa: E402
+
+
+def layers(seed, m=40, n=30, rank=None):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((m, n))
+    if rank is not None:
+        W = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n))
+    return {"w": W.astype(np.float32), "b": rng.standard_normal(n).astype(np.float32)}
+
+
+def flat(ls):
+    return np.concatenate([v.reshape(-1) for v in ls.values()])
+
+
+def test_powersgd_is_exact_on_low_rank_layers():
+    ls = layers(1, rank=2)
+    p = wire(PowerSGD(rank=2, error_feedback=False).encode(ls))
+    np.testing.assert_allclose(compress.decode(p), flat(ls), rtol=1e-4, atol=1e-4)
+    assert p.nbytes < flat(ls).nbytes  # 40x2 + 30x2 + 30 floats instead of 40x30 + 30
+
+
+def test_powersgd_warm_start_approaches_the_best_rank_r():
+    ls = layers(2)
+    W = ls["w"].astype(np.float64)
+    s = np.linalg.svd(W, compute_uv=False)
+    best = np.sqrt(np.sum(s[2:] ** 2))
+    codec, state = PowerSGD(rank=2, error_feedback=False), PowerSGD(rank=2).state()
+    errs = []
+    for _ in range(8):  # the same matrix each round: power iteration on its top subspace
+        y = compress.decode(codec.encode(ls, state))[: W.size].reshape(W.shape)
+        errs.append(np.linalg.norm(y - W))
+    assert errs[-1] <= errs[0] and errs[-1] <= 1.05 * best
+
+
+def test_powersgd_error_feedback_carries_the_residual():
+    codec, state = PowerSGD(rank=1), PowerSGD(rank=1).state()
+    total_in, total_sent = 0.0, 0.0
+    for t in range(6):
+        ls = layers(10 + t)
+        total_in = total_in + flat(ls).astype(np.float64)
+        total_sent = total_sent + compress.decode(wire(codec.encode(ls, state))).astype(np.float64)
+    owed = np.concatenate([state.residual["w"].reshape(-1), np.zeros(30)])
+    np.testing.assert_allclose(total_sent + owed, total_in, atol=1e-3)
+
+
+def test_powersgd_payload_checks():
+    p = PowerSGD(rank=2).encode(layers(3))
+    meta = json.loads(p.header()[10:])
+    meta["params"]["layers"][0]["rank"] = 40
+    with pytest.raises(PayloadError, match="does not fit shape"):
+        Payload.from_frames(frames_of(meta, [b.tobytes() for b in p.buffers.values()]))
+    meta = json.loads(p.header()[10:])
+    meta["d"] = 5
+    with pytest.raises(PayloadError, match="layers hold 1230 values"):
+        Payload.from_frames(frames_of(meta, [b.tobytes() for b in p.buffers.values()]))
+    with pytest.raises(ValueError, match="repeated"):
+        PowerSGD().encode([("a", np.ones((3, 3), np.float32)), ("a", np.ones(2, np.float32))])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("codec", [Uniform(8), Uniform(2, bucket=16), QSGD(5), Sign(), Rotation(block=64)])
+def test_quantizers_refuse_nonfinite_updates(codec, bad):
+    for d, pos in [(100, 0), (100, 57), (5000, 4999)]:
+        x = vec(d, 3)
+        x[pos] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            codec.encode(x) if isinstance(codec, Sign) else codec.encode(x, seed=1)

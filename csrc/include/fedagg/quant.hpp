@@ -13,6 +13,7 @@ namespace fedagg {
 // bits in {1, 2, 4, 8}; bucket a multiple of 8. For each bucket b:
 // lo[b] = min, step[b] = (max - min) / (2^bits - 1); code = floor((x - lo) / step + u).
 // codes: ceil(d * bits / 8) bytes, code j at bit (j * bits) % 8 of byte j * bits / 8.
+// A bucket holding NaN or Inf gets step = NaN (QSGD: norm, sign: scale non-finite).
 void quantize_uniform(const float* x, std::size_t d, int bits, std::size_t bucket, std::uint64_t seed,
                       float* lo, float* step, std::uint8_t* codes);
 // acc[j] += w * (lo + code * step)

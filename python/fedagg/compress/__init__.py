@@ -27,7 +27,8 @@ from .codecs import (
     majority_vote,
     mean,
 )
+from .lowrank import PowerSGD, PowerSGDState
 from .payload import Payload, PayloadError
 
-__all__ = ["ErrorFeedback", "Payload", "PayloadError", "QSGD", "RandK", "Rotation", "Sign", "TopK", "Uniform", "aggregate",
+__all__ = ["ErrorFeedback", "Payload", "PayloadError", "PowerSGD", "PowerSGDState", "QSGD", "RandK", "Rotation", "Sign", "TopK", "Uniform", "aggregate",
            "codec_for", "decode", "decode_into", "majority_vote", "mean"]

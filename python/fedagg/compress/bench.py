@@ -3,7 +3,7 @@ the NumPy and torch idioms, on the same vector in the same run.
 
 >>> from fedagg.compress import bench
 >>> r = bench.run(d=100_000, ratio=0.01, n=3, repeat=1)
->>> sorted({row["case"] for row in r["rows"]})[:2]
+>>> [c for c in sorted({row["case"] for row in r["rows"]}) if "top-k" in c]
 ['mean of 3 top-k payloads', 'top-k encode']
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List
 
 import numpy as np
 
-from . import TopK, decode, mean
+from . import TopK, Uniform, decode, mean
 
 
 def _time(fn: Callable[[], Any], repeat: int) -> float:
@@ -30,7 +30,8 @@ def _time(fn: Callable[[], Any], repeat: int) -> float:
 
 
 def run(d: int = 10_000_000, ratio: float = 0.01, n: int = 16, repeat: int = 5, seed: int = 0) -> Dict[str, Any]:
-    """Times top-k encoding (k = ratio * d) and the mean of n top-k payloads."""
+    """Times top-k encoding (k = ratio * d), the mean of n top-k payloads, and 8-bit
+    quantization, each against the NumPy (and torch) idiom, plus the copy bandwidth."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(d, dtype=np.float32)
     k = max(1, int(ratio * d))
@@ -88,8 +89,36 @@ def run(d: int = 10_000_000, ratio: float = 0.01, n: int = 16, repeat: int = 5, 
     dense = _time(lambda: np.mean(np.stack([decode(p) for p in payloads]), axis=0), max(1, repeat // 2))
     add(f"mean of {n} top-k payloads", "decode then mean", dense, wire_bytes, None, f"{n} dense copies")
 
+    # 8-bit stochastic quantization: fedagg's kernel against the NumPy idiom.
+    bucket = 512
+    q8 = Uniform(8, bucket=bucket)
+    add("8-bit quantize", "fedagg", _time(lambda: q8.encode(x, seed=1), repeat), nbytes)
+    xb = x[: d - d % bucket].reshape(-1, bucket)
+
+    def np_quantize():
+        lo = xb.min(1, keepdims=True)
+        step = (xb.max(1, keepdims=True) - lo) / 255
+        u = rng.random(xb.shape, dtype=np.float32)
+        return lo, step, np.floor((xb - lo) / np.where(step > 0, step, 1) + u).astype(np.uint8)
+
+    add("8-bit quantize", "numpy", _time(np_quantize, repeat), xb.nbytes)
+    p8 = q8.encode(x, seed=1)
+    acc = np.zeros(d)
+    add("8-bit dequantize (+= into float64)", "fedagg", _time(lambda: Uniform.add(acc, p8, 1.0), repeat), nbytes)
+    lo, step, codes = np_quantize()
+    add("8-bit dequantize (+= into float64)", "numpy",
+        _time(lambda: np.add(acc[: xb.size].reshape(xb.shape), lo + step * codes,
+                             out=acc[: xb.size].reshape(xb.shape)), repeat), xb.nbytes)
+    rows.append({"case": "copy bandwidth", "impl": "np.copyto", "seconds": _time(
+        lambda: np.copyto(np.empty_like(x), x), repeat), "gbps": 0.0, "agrees": None,
+        "note": "read + write"})
+    rows[-1]["gbps"] = 2 * nbytes / rows[-1]["seconds"] / 1e9
+
     for case in {r["case"] for r in rows}:
-        base = [r for r in rows if r["case"] == case and r["impl"].startswith("fedagg")][0]["seconds"]
+        ours = [r for r in rows if r["case"] == case and r["impl"].startswith("fedagg")]
+        if not ours:
+            continue
+        base = ours[0]["seconds"]
         for r in rows:
             if r["case"] == case:
                 r["speedup"] = r["seconds"] / base
@@ -99,10 +128,10 @@ def run(d: int = 10_000_000, ratio: float = 0.01, n: int = 16, repeat: int = 5, 
 def lines(res: Dict[str, Any]) -> List[str]:
     out = [f"compression: d = {res['d']:,} float32, top-k k = {res['k']:,} ({res['ratio']:g}), "
            f"n = {res['n']}, median of {res['repeat']}"]
-    out.append(f"{'case':28s} {'impl':20s} {'time':>10s} {'GB/s':>7s} {'fedagg speed-up':>16s}  agrees  note")
+    out.append(f"{'case':36s} {'impl':20s} {'time':>10s} {'GB/s':>7s} {'fedagg speed-up':>16s}  agrees  note")
     for r in res["rows"]:
-        sp = "" if r["impl"].startswith("fedagg") else f"{r['speedup']:.1f}x"
+        sp = "" if r["impl"].startswith("fedagg") or "speedup" not in r else f"{r['speedup']:.1f}x"
         ag = {True: "yes", False: "no", None: "-"}[r["agrees"]]
-        out.append(f"{r['case']:28s} {r['impl']:20s} {r['seconds'] * 1e3:8.2f}ms {r['gbps']:7.2f} {sp:>16s}  "
+        out.append(f"{r['case']:36s} {r['impl']:20s} {r['seconds'] * 1e3:8.2f}ms {r['gbps']:7.2f} {sp:>16s}  "
                    f"{ag:6s}  {r['note']}")
     return out

@@ -227,8 +227,9 @@ class _Dense:
         return ErrorFeedback.zeros(d) if self.error_feedback else None
 
     def _prepare(self, update: Any, state: Optional[ErrorFeedback]) -> np.ndarray:
+        # No finiteness pass here: each quantizer's per-bucket statistics (range,
+        # norm, mean |x|) turn non-finite on NaN or Inf, and _stats_finite checks them.
         x = _vector(update)
-        _require_finite(x)
         if state is None:
             return x
         if state.residual.shape != x.shape:
@@ -239,6 +240,11 @@ class _Dense:
         if state is not None:  # what this payload does not carry goes to the next round
             state.residual[...] = corrected - decode(p)
         return p
+
+    @staticmethod
+    def _stats_finite(*stats: np.ndarray) -> None:
+        if not all(np.isfinite(a).all() for a in stats):
+            raise ValueError("update contains NaN or Inf")
 
     @staticmethod
     def _seed(seed: Optional[int]) -> int:
@@ -290,6 +296,7 @@ class Uniform(_Dense):
     def encode(self, update: Any, state: Optional[ErrorFeedback] = None, seed: Optional[int] = None) -> Payload:
         x = self._prepare(update, state)
         lo, step, codes = _core.quantize_uniform(x, self.bits, self.bucket, self._seed(seed))
+        self._stats_finite(lo, step)
         p = Payload(self.name, x.size, {"bits": self.bits, "bucket": self.bucket},
                     {"lo": lo, "step": step, "codes": codes})
         return self._finish(state, x, p)
@@ -336,6 +343,7 @@ class QSGD(_Dense):
     def encode(self, update: Any, state: Optional[ErrorFeedback] = None, seed: Optional[int] = None) -> Payload:
         x = self._prepare(update, state)
         norm, codes = _core.quantize_qsgd(x, self.s, self.bucket, self._seed(seed))
+        self._stats_finite(norm)
         p = Payload(self.name, x.size, {"s": self.s, "bucket": self.bucket}, {"norm": norm, "codes": codes})
         return self._finish(state, x, p)
 
@@ -378,6 +386,7 @@ class Sign(_Dense):
     def encode(self, update: Any, state: Optional[ErrorFeedback] = None) -> Payload:
         x = self._prepare(update, state)
         scale, bits = _core.quantize_sign(x, self.bucket)
+        self._stats_finite(scale)
         p = Payload(self.name, x.size, {"bucket": self.bucket}, {"scale": scale, "signs": bits})
         return self._finish(state, x, p)
 
@@ -430,6 +439,7 @@ class Rotation(_Dense):
         y[:d] = x
         _core.hadamard_rotate(y, B, seed, False)
         mean_abs, signs = _core.quantize_sign(y, B)
+        self._stats_finite(mean_abs)
         sq = _core.sqnorms(y.reshape(nb, B))
         l1 = B * mean_abs.astype(np.float64)
         scale = np.divide(sq, l1, out=np.zeros(nb), where=l1 > 0).astype(np.float32)
