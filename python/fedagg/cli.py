@@ -108,7 +108,7 @@ def _out(stream):
 
 def _print(console, text: str, stream) -> None:
     if console is not None:
-        console.print(text, markup=False)
+        console.print(text, markup=False, soft_wrap=True)  # never re-wrap table lines
     else:
         print(text, file=stream, flush=True)
 
