@@ -255,6 +255,11 @@ class _Dense:
         return int(seed)
 
 
+def _check_bucket_arg(bucket: Any) -> None:
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 8 or bucket % 8 or bucket > (1 << 20):
+        raise ValueError(f"bucket must be a multiple of 8 in [8, 2^20], got {bucket!r}")
+
+
 def _check_int_param(p: Payload, name: str, ok) -> int:
     v = p.params.get(name)
     _expect(isinstance(v, int) and not isinstance(v, bool) and ok(v), f"{p.codec}: bad {name} {v!r}")
@@ -289,8 +294,7 @@ class Uniform(_Dense):
     def __init__(self, bits: int = 8, *, bucket: int = 512, error_feedback: bool = False):
         if bits not in (1, 2, 4, 8):
             raise ValueError(f"bits must be 1, 2, 4 or 8, got {bits!r}")
-        if not isinstance(bucket, int) or bucket < 8 or bucket % 8 or bucket > (1 << 20):
-            raise ValueError(f"bucket must be a multiple of 8 in [8, 2^20], got {bucket!r}")
+        _check_bucket_arg(bucket)
         self.bits, self.bucket, self.error_feedback = bits, bucket, error_feedback
 
     def encode(self, update: Any, state: Optional[ErrorFeedback] = None, seed: Optional[int] = None) -> Payload:
@@ -336,8 +340,7 @@ class QSGD(_Dense):
     def __init__(self, s: int = 127, *, bucket: int = 512, error_feedback: bool = False):
         if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 127:
             raise ValueError(f"s must be an integer in [1, 127], got {s!r}")
-        if not isinstance(bucket, int) or bucket < 8 or bucket % 8 or bucket > (1 << 20):
-            raise ValueError(f"bucket must be a multiple of 8 in [8, 2^20], got {bucket!r}")
+        _check_bucket_arg(bucket)
         self.s, self.bucket, self.error_feedback = s, bucket, error_feedback
 
     def encode(self, update: Any, state: Optional[ErrorFeedback] = None, seed: Optional[int] = None) -> Payload:
@@ -379,8 +382,7 @@ class Sign(_Dense):
     name = "sign"
 
     def __init__(self, *, bucket: int = 4096, error_feedback: bool = True):
-        if not isinstance(bucket, int) or bucket < 8 or bucket % 8 or bucket > (1 << 20):
-            raise ValueError(f"bucket must be a multiple of 8 in [8, 2^20], got {bucket!r}")
+        _check_bucket_arg(bucket)
         self.bucket, self.error_feedback = bucket, error_feedback
 
     def encode(self, update: Any, state: Optional[ErrorFeedback] = None) -> Payload:
