@@ -349,7 +349,7 @@ def _run(rule: str, batch: Batch, p: dict, *, weights: Optional[np.ndarray], non
     keep = np.arange(n_total)
     excluded = np.zeros(0, dtype=np.int64)
     for _attempt in range(2):
-        sub = batch if len(keep) == n_total else batch.subset(keep)
+        given = sub = batch if len(keep) == n_total else batch.subset(keep)
         q = dict(p)
         q["weights"] = None if weights is None else weights[keep]
         q["scale"] = None
@@ -366,7 +366,7 @@ def _run(rule: str, batch: Batch, p: dict, *, weights: Optional[np.ndarray], non
             out, fields = spec.kernel(sub, q)
             break
         except _NonFinite:
-            bad = np.flatnonzero(sub.ops.nonfinite_rows(sub.rows))
+            bad = np.flatnonzero(given.ops.nonfinite_rows(given.rows))  # the rows as given, not transformed
             if bad.size == 0:  # cannot happen: finite input gives finite results
                 raise FloatingPointError(f"{rule}: non-finite result from finite input")
             bad = keep[bad]
