@@ -86,7 +86,7 @@ def main():
 
     idioms = {
         "mean": lambda: T.mean(0),
-        "median": lambda: torch.quantile(T, 0.5, dim=0) if n <= 64 else torch.median(T, 0).values,
+        "median": lambda: torch.median(T, 0).values,  # the lower middle value for even n
         "trimmed_mean": lambda: torch.sort(T, 0).values[f: n - f].mean(0),
         "krum": lambda: T[int(torch.argmin(krum_scores(T @ T.T, f)))],
         "multi_krum": multi_krum_torch,
@@ -107,12 +107,13 @@ def main():
         try:
             ref = fn()
             tt = cuda_time(fn, max(3, args.repeat // 3), warmup=1)
-            agree = bool(torch.allclose(ours.float(), ref.float(), rtol=1e-3, atol=1e-3))
+            agree = (None if rule == "median" and n % 2 == 0  # torch: lower middle; fedagg: mean of the two
+                     else bool(torch.allclose(ours.float(), ref.float(), rtol=1e-3, atol=1e-3)))
             rows.append({"rule": rule, "impl": "torch", "seconds": tt, "gbps": nbytes / tt / 1e9,
                          "of_copy_bw": nbytes / tt / copy_bw, "x_read_pass": tt / t_read,
                          "speedup": tt / t, "agrees": agree})
-        except torch.OutOfMemoryError as e:
-            rows.append({"rule": rule, "impl": "torch", "error": f"out of memory: {e}"})
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # e.g. size limits of an idiom
+            rows.append({"rule": rule, "impl": "torch", "error": f"{type(e).__name__}: {e}"})
         torch.cuda.empty_cache()
 
     result = {"device": torch.cuda.get_device_name(), "n": n, "d": d, "f": f,
