@@ -131,7 +131,7 @@ def frames_of(meta, buffers, magic=b"FAGP", version=1):
     return [struct.pack("<4sHI", magic, version, len(body)) + body] + buffers
 
 
-GOOD_META = {"codec": "topk", "d": 10, "params": {"k": 2},
+GOOD_META = {"codec": "topk", "d": 10, "dtype": "float32", "params": {"k": 2},
              "buffers": [{"name": "indices", "dtype": "uint32", "count": 2},
                          {"name": "values", "dtype": "float32", "count": 2}]}
 IDX = np.array([1, 7], np.uint32).tobytes()
@@ -157,6 +157,7 @@ HOSTILE = {
     "not json": ([struct.pack("<4sHI", b"FAGP", 1, 3) + b"{]x", IDX, VAL], "not valid JSON"),
     "declared length lies": ([struct.pack("<4sHI", b"FAGP", 1, 999) + b"{}", IDX, VAL], "declared"),
     "missing field": (frames_of({"codec": "topk", "d": 10, "params": {}}, []), "exactly codec"),
+    "float64 payload": (frames_of(_meta(dtype="float64"), [IDX, VAL]), "decoded dtype"),
     "unknown codec": (frames_of(_meta(codec="zip"), [IDX, VAL]), "unknown codec"),
     "huge d": (frames_of(_meta(d=2**50), [IDX, VAL]), "d must be"),
     "negative d": (frames_of(_meta(d=-1), [IDX, VAL]), "d must be"),
@@ -173,7 +174,8 @@ HOSTILE = {
     "nan value": (frames_of(GOOD_META, [IDX, np.array([np.nan, 1], np.float32).tobytes()]), "finite"),
     "wrong buffers": (frames_of(_meta(buffers=[GOOD_META["buffers"][1], GOOD_META["buffers"][0]]), [VAL, IDX]),
                       "needs buffers"),
-    "randk bad seed": (frames_of({"codec": "randk", "d": 10, "params": {"k": 2, "seed": -5, "scale": 1.0},
+    "randk bad seed": (frames_of({"codec": "randk", "d": 10, "dtype": "float32",
+                                  "params": {"k": 2, "seed": -5, "scale": 1.0},
                                   "buffers": [GOOD_META["buffers"][1]]}, [VAL]), "bad seed"),
 }
 

@@ -1,7 +1,9 @@
 """The wire format of a compressed update: one header frame plus raw buffers.
 
     header = b"FAGP" | version (uint16, little-endian) | n (uint32) | n bytes of UTF-8 JSON
-    JSON   = {"codec": str, "d": int, "params": {...}, "buffers": [{"name", "dtype", "count"}]}
+    JSON   = {"codec": str, "d": int, "dtype": "float32", "params": {...},
+              "buffers": [{"name", "dtype", "count"}]}
+    (d and dtype: length and type of the decoded update; params: the codec's, seeds included)
     frames = [header, buffer_0, buffer_1, ...]   (each buffer: count * itemsize raw bytes, little-endian)
 
 A transport sends the frames as they are (no copy of the buffers). Decoding
@@ -52,6 +54,7 @@ class Payload:
         meta = {
             "codec": self.codec,
             "d": int(self.d),
+            "dtype": "float32",
             "params": self.params,
             "buffers": [{"name": k, "dtype": v.dtype.name, "count": int(v.size)} for k, v in self.buffers.items()],
         }
@@ -81,8 +84,10 @@ class Payload:
             meta = json.loads(header[_PREFIX.size:].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise PayloadError(f"header is not valid JSON: {e}") from None
-        if not isinstance(meta, dict) or set(meta) != {"codec", "d", "params", "buffers"}:
-            raise PayloadError("header must hold exactly codec, d, params and buffers")
+        if not isinstance(meta, dict) or set(meta) != {"codec", "d", "dtype", "params", "buffers"}:
+            raise PayloadError("header must hold exactly codec, d, dtype, params and buffers")
+        if meta["dtype"] != "float32":
+            raise PayloadError(f"decoded dtype {meta['dtype']!r} is not supported (float32)")
         codec, d, params, specs = meta["codec"], meta["d"], meta["params"], meta["buffers"]
         if not isinstance(codec, str) or not isinstance(params, dict) or not isinstance(specs, list):
             raise PayloadError("header fields have the wrong types")
