@@ -42,6 +42,7 @@ BYZANTINE_SHIFT = 4.0  # the last f updates are N(shift, 1) instead of N(0, 1)
 TAU = 100.0  # centered clipping radius (fedagg's and ByzFL's default)
 NU = 1e-6  # Weiszfeld smoothing (fedagg's default)
 _BLOCK = 1 << 14  # columns per block in the blocked NumPy references
+SLOW_SECONDS = 1.0  # alternatives slower than this per call are timed once after the warm-up
 
 
 # ------------------------------------------------------------------ inputs
@@ -320,7 +321,9 @@ def time_call(fn: Callable[[], Any], repeat: int = 3, max_seconds: Optional[floa
               warmup: bool = True):
     """(warm-up output, median seconds, all timings, note): a warm-up call, then `repeat` calls.
 
-    When the warm-up alone takes more than `max_seconds`, it is the only timing.
+    When the warm-up alone takes more than `max_seconds`, it is the only timing; calls
+    slower than SLOW_SECONDS are timed once after the warm-up (their spread is small
+    next to their length, and it keeps the default run to minutes).
     """
     out = None
     if warmup:
@@ -329,6 +332,8 @@ def time_call(fn: Callable[[], Any], repeat: int = 3, max_seconds: Optional[floa
         first = time.perf_counter() - t0
         if max_seconds is not None and first > max_seconds:
             return out, first, [first], f"timed once: {first:.3g} s > {max_seconds:g} s budget"
+        if first > SLOW_SECONDS:
+            repeat = 1
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
