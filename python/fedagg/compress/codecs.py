@@ -81,20 +81,34 @@ def _check_sparse(p: Payload, count: int) -> None:
         _expect(not bool(_core.nonfinite_rows([np.ascontiguousarray(val)])[0]), f"{p.codec}: values must be finite")
 
 
-class _Sparse:
-    """Shared decode / aggregate of payloads carrying (indices, values)."""
+class _Codec:
+    """What every codec shares: the error-feedback state and seeds."""
 
     error_feedback: bool
 
     def state(self, d: int) -> Optional[ErrorFeedback]:
         return ErrorFeedback.zeros(d) if self.error_feedback else None
 
-    def _corrected(self, x: np.ndarray, state: Optional[ErrorFeedback]) -> np.ndarray:
+    @staticmethod
+    def _corrected(x: np.ndarray, state: Optional[ErrorFeedback]) -> np.ndarray:
+        """The update plus what earlier rounds did not send."""
         if state is None:
             return x
         if state.residual.shape != x.shape:
             raise ValueError(f"state is for d = {state.residual.size}, update has d = {x.size}")
         return x + state.residual
+
+    @staticmethod
+    def _seed(seed: Optional[int]) -> int:
+        if seed is None:
+            return int.from_bytes(os.urandom(8), "little") >> 1
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        return int(seed)
+
+
+class _Sparse(_Codec):
+    """Shared decode / aggregate of payloads carrying (indices, values)."""
 
     @staticmethod
     def _remember(state: Optional[ErrorFeedback], corrected: np.ndarray, idx: np.ndarray, sent: np.ndarray) -> None:
@@ -191,8 +205,7 @@ class RandK(_Sparse):
         x = _vector(update)
         _require_finite(x)
         k = _k_of(self.k, self.ratio, x.size)
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        seed = self._seed(seed)
         c = self._corrected(x, state)
         idx = self.indices(x.size, k, seed)
         sent = c[idx]
@@ -218,23 +231,15 @@ class RandK(_Sparse):
         return cls.indices(p.d, p.params["k"], p.params["seed"]), p.buffers["values"]
 
 
-class _Dense:
+class _Dense(_Codec):
     """Quantizers: every coordinate travels, in fewer bits; reproducible stochastic rounding."""
 
     error_feedback = False
 
-    def state(self, d: int) -> Optional[ErrorFeedback]:
-        return ErrorFeedback.zeros(d) if self.error_feedback else None
-
     def _prepare(self, update: Any, state: Optional[ErrorFeedback]) -> np.ndarray:
         # No finiteness pass here: each quantizer's per-bucket statistics (range,
         # norm, mean |x|) turn non-finite on NaN or Inf, and _stats_finite checks them.
-        x = _vector(update)
-        if state is None:
-            return x
-        if state.residual.shape != x.shape:
-            raise ValueError(f"state is for d = {state.residual.size}, update has d = {x.size}")
-        return x + state.residual
+        return self._corrected(_vector(update), state)
 
     def _finish(self, state: Optional[ErrorFeedback], corrected: np.ndarray, p: Payload) -> Payload:
         if state is not None:  # what this payload does not carry goes to the next round
@@ -245,15 +250,6 @@ class _Dense:
     def _stats_finite(*stats: np.ndarray) -> None:
         if not all(np.isfinite(a).all() for a in stats):
             raise ValueError("update contains NaN or Inf")
-
-    @staticmethod
-    def _seed(seed: Optional[int]) -> int:
-        if seed is None:
-            return int.from_bytes(os.urandom(8), "little") >> 1
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
-            raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-        return int(seed)
-
 
 def _check_bucket_arg(bucket: Any) -> None:
     if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 8 or bucket % 8 or bucket > (1 << 20):
