@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "fedagg/check.hpp"
+#include "fedagg/quant_math.hpp"
 #include "fedagg/threadpool.hpp"
 
 // Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at
@@ -17,18 +18,6 @@
 
 namespace fedagg {
 namespace {
-
-// u in [0, 1) from (seed, index): a murmur3-style finalizer of the mixed counter.
-inline float uniform01(std::uint64_t seed, std::uint64_t j) {
-  std::uint32_t h = static_cast<std::uint32_t>(j * 0x9E3779B97F4A7C15ull + seed) ^
-                    static_cast<std::uint32_t>(seed >> 32);
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  h ^= h >> 16;
-  return static_cast<float>(h >> 8) * (1.0f / 16777216.0f);
-}
 
 template <class Fn>
 void for_buckets(std::size_t d, std::size_t bucket, Fn&& fn) {
@@ -116,11 +105,6 @@ FEDAGG_CLONES void fwht(float* x, std::size_t B) {
         x[j] = a + b;
         x[j + h] = a - b;
       }
-}
-
-// Random sign of coordinate j: one bit of the counter hash.
-inline float random_sign(std::uint64_t seed, std::uint64_t j) {
-  return uniform01(seed ^ 0xA5A5A5A5A5A5A5A5ull, j) < 0.5f ? -1.0f : 1.0f;
 }
 
 }  // namespace

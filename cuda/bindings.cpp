@@ -26,6 +26,13 @@ void check_sizes(int n, long long d) {
   if (d < 1) throw py::value_error("updates have no coordinates");
 }
 
+void check_layout(long long d, int bits, long long bucket) {
+  if (d < 1) throw py::value_error("d must be >= 1");
+  if (bits != 1 && bits != 2 && bits != 4 && bits != 8) throw py::value_error("bits must be 1, 2, 4 or 8");
+  if (bucket < 8 || bucket % 8 != 0 || bucket > (1 << 20))
+    throw py::value_error("bucket must be a multiple of 8 in [8, 2^20]");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -83,4 +90,72 @@ PYBIND11_MODULE(_cuda, m) {
                      ptr<int>(flag), stream(s));
   }, py::arg("rows"), py::arg("n"), py::arg("d"), py::arg("mode"), py::arg("f"), py::arg("net_lo"),
      py::arg("net_hi"), py::arg("net_size"), py::arg("out"), py::arg("flag"), py::arg("stream"));
+
+  // ---- compression codecs: acc += w * decode(payload), buffers already on the device
+  m.def("scatter_add", [](std::uintptr_t acc, std::uintptr_t idx, int index_bytes, std::uintptr_t val,
+                          long long m_, double w, std::uintptr_t s) {
+    if (index_bytes != 4 && index_bytes != 8) throw py::value_error("index_bytes must be 4 or 8");
+    if (m_ < 0) throw py::value_error("m must be >= 0");
+    py::gil_scoped_release release;
+    g::scatter_add(ptr<double>(acc), ptr<const void>(idx), index_bytes, ptr<const float>(val),
+                   static_cast<std::size_t>(m_), w, stream(s));
+  }, py::arg("acc"), py::arg("idx"), py::arg("index_bytes"), py::arg("val"), py::arg("m"), py::arg("w"),
+     py::arg("stream"));
+
+  m.def("dequantize_uniform_add", [](std::uintptr_t acc, std::uintptr_t lo, std::uintptr_t step,
+                                     std::uintptr_t codes, long long d, int bits, long long bucket, double w,
+                                     std::uintptr_t s) {
+    check_layout(d, bits, bucket);
+    py::gil_scoped_release release;
+    g::dequantize_uniform_add(ptr<double>(acc), ptr<const float>(lo), ptr<const float>(step),
+                              ptr<const std::uint8_t>(codes), static_cast<std::size_t>(d), bits,
+                              static_cast<std::size_t>(bucket), w, stream(s));
+  }, py::arg("acc"), py::arg("lo"), py::arg("step"), py::arg("codes"), py::arg("d"), py::arg("bits"),
+     py::arg("bucket"), py::arg("w"), py::arg("stream"));
+
+  m.def("dequantize_qsgd_add", [](std::uintptr_t acc, std::uintptr_t norm, std::uintptr_t codes, long long d,
+                                  int s_levels, long long bucket, double w, std::uintptr_t s) {
+    check_layout(d, 8, bucket);
+    if (s_levels < 1 || s_levels > 127) throw py::value_error("QSGD levels s must be in [1, 127]");
+    py::gil_scoped_release release;
+    g::dequantize_qsgd_add(ptr<double>(acc), ptr<const float>(norm), ptr<const std::int8_t>(codes),
+                           static_cast<std::size_t>(d), s_levels, static_cast<std::size_t>(bucket), w, stream(s));
+  }, py::arg("acc"), py::arg("norm"), py::arg("codes"), py::arg("d"), py::arg("s"), py::arg("bucket"),
+     py::arg("w"), py::arg("stream"));
+
+  m.def("dequantize_sign_add", [](std::uintptr_t acc, std::uintptr_t scale, std::uintptr_t signs, long long d,
+                                  long long bucket, double w, std::uintptr_t s) {
+    check_layout(d, 1, bucket);
+    py::gil_scoped_release release;
+    g::dequantize_sign_add(ptr<double>(acc), ptr<const float>(scale), ptr<const std::uint8_t>(signs),
+                           static_cast<std::size_t>(d), static_cast<std::size_t>(bucket), w, stream(s));
+  }, py::arg("acc"), py::arg("scale"), py::arg("signs"), py::arg("d"), py::arg("bucket"), py::arg("w"),
+     py::arg("stream"));
+
+  m.def("dequantize_levels_add", [](std::uintptr_t acc, std::uintptr_t scale, std::uintptr_t codes,
+                                    std::uintptr_t levels, long long len, int bits, long long block, double w,
+                                    std::uintptr_t s) {
+    check_layout(len, bits, block);
+    py::gil_scoped_release release;
+    g::dequantize_levels_add(ptr<double>(acc), ptr<const float>(scale), ptr<const std::uint8_t>(codes),
+                             ptr<const double>(levels), static_cast<std::size_t>(len), bits,
+                             static_cast<std::size_t>(block), w, stream(s));
+  }, py::arg("acc"), py::arg("scale"), py::arg("codes"), py::arg("levels"), py::arg("len"), py::arg("bits"),
+     py::arg("block"), py::arg("w"), py::arg("stream"));
+
+  m.def("sign_vote_add", [](std::uintptr_t votes, std::uintptr_t signs, long long d, std::uintptr_t s) {
+    if (d < 1) throw py::value_error("d must be >= 1");
+    py::gil_scoped_release release;
+    g::sign_vote_add(ptr<std::int32_t>(votes), ptr<const std::uint8_t>(signs), static_cast<std::size_t>(d),
+                     stream(s));
+  }, py::arg("votes"), py::arg("signs"), py::arg("d"), py::arg("stream"));
+
+  m.def("hadamard_rotate", [](std::uintptr_t x, long long len, long long B, std::uint64_t seed, bool inverse,
+                              std::uintptr_t s) {
+    if (B < 2 || (B & (B - 1)) != 0 || len < B || len % B != 0)
+      throw py::value_error("block must be a power of two dividing the length");
+    py::gil_scoped_release release;
+    g::hadamard_rotate(ptr<float>(x), static_cast<std::size_t>(len), static_cast<std::size_t>(B), seed, inverse,
+                       stream(s));
+  }, py::arg("x"), py::arg("len"), py::arg("block"), py::arg("seed"), py::arg("inverse"), py::arg("stream"));
 }

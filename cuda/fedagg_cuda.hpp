@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -34,6 +35,25 @@ void sorted_reduce(const float* const* rows, int n, std::size_t d, int mode, int
                    const unsigned* net_lo, const unsigned* net_hi, std::size_t net_size, float* out,
                    int* flag, cudaStream_t stream);
 int max_sorted_n();  // the largest n sorted_reduce accepts
+
+// Compression codecs (codec_kernels.cu): acc (device float64, the payload's
+// length) += w * decode(payload), from the payload's buffers uploaded as they
+// came off the wire. Layouts and math as in csrc/include/fedagg/quant.hpp.
+void scatter_add(double* acc, const void* idx, int index_bytes, const float* val, std::size_t m, double w,
+                 cudaStream_t stream);
+void dequantize_uniform_add(double* acc, const float* lo, const float* step, const std::uint8_t* codes,
+                            std::size_t d, int bits, std::size_t bucket, double w, cudaStream_t stream);
+void dequantize_qsgd_add(double* acc, const float* norm, const std::int8_t* codes, std::size_t d, int s,
+                         std::size_t bucket, double w, cudaStream_t stream);
+void dequantize_sign_add(double* acc, const float* scale, const std::uint8_t* signs, std::size_t d,
+                         std::size_t bucket, double w, cudaStream_t stream);
+// acc[j] += w * scale[j / block] * levels[code j] (rotation codec, 2^bits levels).
+void dequantize_levels_add(double* acc, const float* scale, const std::uint8_t* codes, const double* levels,
+                           std::size_t len, int bits, std::size_t block, double w, cudaStream_t stream);
+void sign_vote_add(std::int32_t* votes, const std::uint8_t* signs, std::size_t d, cudaStream_t stream);
+// In place, every block of B (a power of two dividing len): the CPU's hadamard_rotate, bit for bit.
+void hadamard_rotate(float* x, std::size_t len, std::size_t B, std::uint64_t seed, bool inverse,
+                     cudaStream_t stream);
 
 int device_count();
 

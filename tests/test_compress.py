@@ -544,3 +544,17 @@ def test_rotation_bits_shrink_the_error(bits, lo, hi):
     errs = [np.sum((compress.decode(wire(Rotation(bits, block=1 << 13).encode(x, seed=s))).astype(np.float64) - x)
                    ** 2) / np.sum(x.astype(np.float64) ** 2) for s in range(12)]
     assert lo <= np.mean(errs) <= hi
+
+
+def test_results_follow_like():
+    torch = pytest.importorskip("torch")
+    ps = [compress.Uniform(8).encode(vec(100, s), seed=s) for s in range(3)]
+    out = compress.mean(ps, like=torch.zeros(1))
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    np.testing.assert_array_equal(out.numpy(), compress.mean(ps))
+    rows = compress.decode_into(ps, torch.empty((3, 100)))
+    np.testing.assert_array_equal(rows.numpy(), compress.decode_into(ps))
+    with pytest.raises(TypeError, match="like must be"):
+        compress.mean(ps, like=[1.0])
+    with pytest.raises(ValueError, match="out must be"):
+        compress.decode_into(ps, np.empty((3, 100), dtype=np.float64))

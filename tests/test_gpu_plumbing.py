@@ -72,6 +72,49 @@ class FakeCuda:
         _view(flag, ctypes.c_int32, 1)[0] = int(bad)
 
 
+    # ---- compression codecs (fedagg/compress/sink.py's DeviceSink)
+    def scatter_add(self, acc, idx, index_bytes, val, m, w, stream):
+        self.calls.append("scatter_add")
+        itype = ctypes.c_uint32 if index_bytes == 4 else ctypes.c_uint64
+        index = _view(idx, itype, m).copy()
+        a = _view(acc, ctypes.c_double, int(index.max()) + 1)
+        _core.scatter_add(a, index, _view(val, ctypes.c_float, m).copy(), w)
+
+    def dequantize_uniform_add(self, acc, lo, step, codes, d, bits, bucket, w, stream):
+        self.calls.append("dequantize_uniform_add")
+        nb = -(-d // bucket)
+        _core.dequantize_uniform_add(_view(acc, ctypes.c_double, d), _view(lo, ctypes.c_float, nb).copy(),
+                                     _view(step, ctypes.c_float, nb).copy(),
+                                     _view(codes, ctypes.c_uint8, -(-d * bits // 8)).copy(), bits, bucket, w)
+
+    def dequantize_qsgd_add(self, acc, norm, codes, d, s, bucket, w, stream):
+        self.calls.append("dequantize_qsgd_add")
+        _core.dequantize_qsgd_add(_view(acc, ctypes.c_double, d), _view(norm, ctypes.c_float, -(-d // bucket)).copy(),
+                                  _view(codes, ctypes.c_int8, d).copy(), s, bucket, w)
+
+    def dequantize_sign_add(self, acc, scale, signs, d, bucket, w, stream):
+        self.calls.append("dequantize_sign_add")
+        _core.dequantize_sign_add(_view(acc, ctypes.c_double, d), _view(scale, ctypes.c_float, -(-d // bucket)).copy(),
+                                  _view(signs, ctypes.c_uint8, -(-d // 8)).copy(), bucket, w)
+
+    def dequantize_levels_add(self, acc, scale, codes, levels, length, bits, block, w, stream):
+        self.calls.append("dequantize_levels_add")
+        nb = length // block
+        lv = _view(levels, ctypes.c_double, 1 << bits)
+        code = _view(codes, ctypes.c_uint8, length * bits // 8)
+        idx = ((code[:, None] >> (np.arange(8 // bits, dtype=np.uint8) * bits)) & ((1 << bits) - 1)).reshape(-1)
+        sc = np.repeat(_view(scale, ctypes.c_float, nb).astype(np.float64), block)
+        _view(acc, ctypes.c_double, length)[:] += w * sc * lv[idx]
+
+    def sign_vote_add(self, votes, signs, d, stream):
+        self.calls.append("sign_vote_add")
+        _core.sign_vote_add(_view(votes, ctypes.c_int32, d), _view(signs, ctypes.c_uint8, -(-d // 8)).copy())
+
+    def hadamard_rotate(self, x, length, block, seed, inverse, stream):
+        self.calls.append("hadamard_rotate")
+        _core.hadamard_rotate(_view(x, ctypes.c_float, length), block, seed, inverse)
+
+
 class FakeLib:
     """The device framework, played by NumPy."""
 
@@ -113,6 +156,12 @@ class FakeLib:
 
     def stack(self, rows):
         return np.stack(rows)
+
+    def to_f32(self, x):
+        return x.astype(np.float32)
+
+    def sign_f32(self, x):
+        return np.sign(x).astype(np.float32)
 
 
 @pytest.fixture
@@ -174,3 +223,71 @@ def test_nnm_and_clip_through_gpu_ops(gpu_ops):
     cpu, cinfo = fedagg.krum(X, 2, clip_norm=3.0, nnm=True, return_info=True)
     assert_close(out, cpu, X)
     assert info.selected.tolist() == cinfo.selected.tolist() and info.clipped == cinfo.clipped
+
+
+# ---------------------------------------------------------------- compression codecs on the GPU path
+class Device:
+    """Stands for a CUDA tensor: compress's `like=` resolves it to the fake device."""
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    monkeypatch.setattr(_gpu, "_cuda", FakeCuda())
+    monkeypatch.setattr(_gpu, "library_of", lambda x: FakeLib() if isinstance(x, Device) else None)
+    FakeCuda.calls.clear()
+    return Device()
+
+
+def _codecs():
+    from fedagg import compress as c
+
+    return [c.TopK(ratio=0.05), c.TopK(ratio=0.05, method="threshold"), c.RandK(ratio=0.1), c.Uniform(8, bucket=64),
+            c.Uniform(2, bucket=64), c.QSGD(15, bucket=64), c.Sign(bucket=64), c.Rotation(1, block=256),
+            c.Rotation(4, block=256)]
+
+
+def _payloads(codec, n, d, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        x = rng.standard_normal(d).astype(np.float32)
+        out.append(codec.encode(x, seed=seed * 100 + i) if "seed" in codec.encode.__code__.co_varnames
+                   else codec.encode(x))
+    return out
+
+
+@pytest.mark.parametrize("codec", _codecs(), ids=lambda c: f"{c.name}-{getattr(c, 'bits', getattr(c, 'method', ''))}")
+def test_compressed_mean_on_the_device_path_matches_host(fake_device, codec):
+    from fedagg import compress
+
+    ps = _payloads(codec, 5, 1000, 7)
+    w = np.array([1.0, 2.0, 0.5, 0.0, 3.0])
+    dev = compress.mean(ps, w, like=fake_device)
+    host = compress.mean(ps, w)
+    np.testing.assert_allclose(dev, host, rtol=1e-6, atol=1e-6)
+    rows = compress.decode_into(ps, like=fake_device)
+    np.testing.assert_allclose(rows, compress.decode_into(ps), rtol=1e-6, atol=1e-6)
+    assert FakeCuda.calls, "the device kernels were not used"
+
+
+def test_powersgd_and_votes_on_the_device_path(fake_device):
+    from fedagg import compress
+
+    rng = np.random.default_rng(2)
+    ps = [compress.PowerSGD(rank=2).encode({"w": rng.standard_normal((20, 10)).astype(np.float32),
+                                            "b": rng.standard_normal(10).astype(np.float32)},
+                                           compress.PowerSGDState()) for _ in range(3)]
+    np.testing.assert_allclose(compress.mean(ps, like=fake_device), compress.mean(ps), rtol=1e-6, atol=1e-7)
+    signs = _payloads(compress.Sign(bucket=64), 4, 300, 3)
+    np.testing.assert_array_equal(compress.majority_vote(signs, like=fake_device), compress.majority_vote(signs))
+    assert "sign_vote_add" in FakeCuda.calls
+
+
+def test_robust_rule_over_payloads_on_the_device_path(fake_device):
+    from fedagg import compress
+
+    ps = _payloads(compress.Uniform(8, bucket=64), 7, 400, 4)
+    out = np.empty((7, 400), dtype=np.float32)
+    dev = compress.aggregate(ps, "trimmed_mean", 2, like=fake_device)
+    host = compress.aggregate(ps, "trimmed_mean", 2, out=out)
+    np.testing.assert_allclose(dev, host, rtol=1e-6, atol=1e-6)

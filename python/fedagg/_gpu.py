@@ -77,6 +77,12 @@ class _TorchLib:
     def stack(self, rows):
         return self.torch.stack(rows)
 
+    def to_f32(self, x):
+        return x.to(self.torch.float32)
+
+    def sign_f32(self, x):
+        return self.torch.sign(x).to(self.torch.float32)
+
 
 class _CupyLib:
     def __init__(self, device_id: int):
@@ -124,6 +130,12 @@ class _CupyLib:
 
     def stack(self, rows):
         return self.cp.stack(rows)
+
+    def to_f32(self, x):
+        return x.astype(self.cp.float32)
+
+    def sign_f32(self, x):
+        return self.cp.sign(x).astype(self.cp.float32)
 
 
 def library_of(x: Any):

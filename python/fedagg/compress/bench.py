@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 
 from . import TopK, Uniform, decode, mean
+from .sink import HostSink
 
 
 def _time(fn: Callable[[], Any], repeat: int) -> float:
@@ -103,8 +104,9 @@ def run(d: int = 10_000_000, ratio: float = 0.01, n: int = 16, repeat: int = 5, 
 
     add("8-bit quantize", "numpy", _time(np_quantize, repeat), xb.nbytes)
     p8 = q8.encode(x, seed=1)
-    acc = np.zeros(d)
-    add("8-bit dequantize (+= into float64)", "fedagg", _time(lambda: Uniform.add(acc, p8, 1.0), repeat), nbytes)
+    sink = HostSink(d)
+    acc = sink.acc
+    add("8-bit dequantize (+= into float64)", "fedagg", _time(lambda: Uniform.add(sink, p8, 1.0), repeat), nbytes)
     lo, step, codes = np_quantize()
     add("8-bit dequantize (+= into float64)", "numpy",
         _time(lambda: np.add(acc[: xb.size].reshape(xb.shape), lo + step * codes,

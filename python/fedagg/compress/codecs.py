@@ -18,6 +18,7 @@ import numpy as np
 from .. import _core
 from .._arrays import convert
 from .payload import Payload, PayloadError, _expect, check_buffers
+from .sink import sink_for
 
 _REGISTRY: Dict[str, Any] = {}
 
@@ -48,7 +49,9 @@ class ErrorFeedback:
 def _vector(update: Any) -> np.ndarray:
     arr, _, ops = convert(update, "update")
     if getattr(ops, "name", "cpu") != "cpu":
-        raise ValueError("the compression codecs take host arrays for now (CUDA codecs are not built yet)")
+        # Encoding runs on the host: the payload travels from host memory anyway,
+        # so a device update is copied once (float32) and encoded by the CPU kernels.
+        arr = ops.lib.to_host(arr)
     x = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
     if x.size == 0:
         raise ValueError("update has no coordinates")
@@ -122,10 +125,10 @@ class _Sparse(_Codec):
         return p.buffers["indices"], p.buffers["values"]
 
     @classmethod
-    def add(cls, acc: np.ndarray, p: Payload, w: float) -> None:
-        """acc += w * decode(p), without forming decode(p)."""
+    def add(cls, sink, p: Payload, w: float) -> None:
+        """sink += w * decode(p), without forming decode(p)."""
         idx, val = cls.sparse(p)
-        _core.scatter_add(acc, np.ascontiguousarray(idx), np.ascontiguousarray(val), w)
+        sink.scatter_add(idx, val, w)
 
 
 @_register
@@ -316,10 +319,9 @@ class Uniform(_Dense):
         _expect(bool(np.all(p.buffers["step"] >= 0)), "uniform: steps must be >= 0")
 
     @staticmethod
-    def add(acc: np.ndarray, p: Payload, w: float) -> None:
+    def add(sink, p: Payload, w: float) -> None:
         b = p.buffers
-        _core.dequantize_uniform_add(acc, np.ascontiguousarray(b["lo"]), np.ascontiguousarray(b["step"]),
-                                     np.ascontiguousarray(b["codes"]), p.params["bits"], p.params["bucket"], w)
+        sink.uniform_add(b["lo"], b["step"], b["codes"], p.params["bits"], p.params["bucket"], w)
 
 
 @_register
@@ -360,10 +362,8 @@ class QSGD(_Dense):
         _expect(bool(np.all(np.abs(codes.astype(np.int16)) <= s)), f"qsgd: codes beyond s = {s}")
 
     @staticmethod
-    def add(acc: np.ndarray, p: Payload, w: float) -> None:
-        _core.dequantize_qsgd_add(acc, np.ascontiguousarray(p.buffers["norm"]),
-                                  np.ascontiguousarray(p.buffers["codes"]),
-                                  p.params["s"], p.params["bucket"], w)
+    def add(sink, p: Payload, w: float) -> None:
+        sink.qsgd_add(p.buffers["norm"], p.buffers["codes"], p.params["s"], p.params["bucket"], w)
 
 
 @_register
@@ -400,9 +400,8 @@ class Sign(_Dense):
         _expect(bool(np.all(p.buffers["scale"] >= 0)), "sign: scales must be >= 0")
 
     @staticmethod
-    def add(acc: np.ndarray, p: Payload, w: float) -> None:
-        _core.dequantize_sign_add(acc, np.ascontiguousarray(p.buffers["scale"]),
-                                  np.ascontiguousarray(p.buffers["signs"]), p.params["bucket"], w)
+    def add(sink, p: Payload, w: float) -> None:
+        sink.sign_add(p.buffers["scale"], p.buffers["signs"], p.params["bucket"], w)
 
 
 # Lloyd-Max quantizers of the standard normal (positive half; the rest is symmetric).
@@ -494,28 +493,22 @@ class Rotation(_Dense):
         _expect(bool(np.all(p.buffers["scale"] >= 0)), "rotation: scales must be >= 0")
 
     @staticmethod
-    def add_group(acc: np.ndarray, items) -> None:
-        """acc += sum_i w_i decode(p_i) for payloads sharing d, bits, block and seed: one inverse rotation."""
+    def add_group(sink, items) -> None:
+        """sink += sum_i w_i decode(p_i) for payloads sharing d, bits, block and seed: one inverse rotation."""
         p0 = items[0][0]
         bits, B, seed = p0.params["bits"], p0.params["block"], p0.params["seed"]
-        nb = -(-p0.d // B)
-        z = np.zeros(nb * B)
+        z = sink.scratch(-(-p0.d // B) * B)  # the rotated domain
         for p, w in items:
-            scale = np.ascontiguousarray(p.buffers["scale"])
-            codes = np.ascontiguousarray(p.buffers["codes"])
+            scale, codes = p.buffers["scale"], p.buffers["codes"]
             if bits == 1:  # S c = S * 0.7979 * sign
-                _core.dequantize_sign_add(z, (scale * np.float32(LLOYD_MAX[1][0])).astype(np.float32), codes, B, w)
+                z.sign_add((scale * np.float32(LLOYD_MAX[1][0])).astype(np.float32), codes, B, w)
             else:
-                per, mask = 8 // bits, (1 << bits) - 1
-                idx = ((codes[:, None] >> (np.arange(per, dtype=np.uint8) * bits)) & mask).reshape(nb, B)
-                z += (w * scale.astype(np.float64)[:, None] * _levels(bits)[idx]).reshape(-1)
-        y = z.astype(np.float32)
-        _core.hadamard_rotate(y, B, seed, True)
-        acc += y[: p0.d]
+                z.levels_add(scale, codes, _levels(bits), bits, B, w)
+        sink.add_rotated_back(z, B, seed)
 
     @classmethod
-    def add(cls, acc: np.ndarray, p: Payload, w: float) -> None:
-        cls.add_group(acc, [(p, w)])
+    def add(cls, sink, p: Payload, w: float) -> None:
+        cls.add_group(sink, [(p, w)])
 
 
 def _checked(payloads) -> list:
@@ -532,77 +525,97 @@ def _checked(payloads) -> list:
     return payloads
 
 
-def decode(payload: Payload) -> np.ndarray:
-    """The dense float32 update a payload stands for."""
+def decode(payload: Payload, *, like: Any = None):
+    """The dense float32 update a payload stands for (on the device of ``like``, if given)."""
     (p,) = _checked([payload])
-    acc = np.zeros(p.d)
-    codec_for(p.codec).add(acc, p, 1.0)
-    return acc.astype(np.float32)
+    sink = sink_for(p.d, like)
+    codec_for(p.codec).add(sink, p, 1.0)
+    return sink.result()
 
 
-def mean(payloads, weights=None) -> np.ndarray:
+def _weights(weights, n: int) -> np.ndarray:
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+        raise ValueError("weights must be one finite non-negative number per payload, with a positive sum")
+    return w / w.sum()
+
+
+def mean(payloads, weights=None, *, like: Any = None):
     """Weighted mean of payloads (any codecs), each decoded into one float64 accumulator.
 
-    Never builds n dense updates: memory is O(d) plus the payloads.
+    Never builds n dense updates: memory is O(d) plus the payloads. With ``like``
+    a CUDA tensor (torch) or CuPy array, the accumulator lives on its device and
+    the payloads are decoded there by fedagg's CUDA kernels; the result is a
+    float32 array of ``like``'s library and device (a CPU torch tensor for a CPU
+    tensor, NumPy otherwise).
     """
     payloads = _checked(payloads)
-    w = np.ones(len(payloads)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (len(payloads),) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
-        raise ValueError("weights must be one finite non-negative number per payload, with a positive sum")
-    acc = np.zeros(payloads[0].d)
+    sink = sink_for(payloads[0].d, like)
     groups: Dict[Any, list] = {}  # rotation payloads sharing a rotation are decoded together
-    for p, wi in zip(payloads, w / w.sum()):
+    for p, wi in zip(payloads, _weights(weights, len(payloads))):
         if p.codec == Rotation.name:
             groups.setdefault((p.params["bits"], p.params["block"], p.params["seed"]), []).append((p, float(wi)))
         else:
-            codec_for(p.codec).add(acc, p, float(wi))
+            codec_for(p.codec).add(sink, p, float(wi))
     for items in groups.values():
-        Rotation.add_group(acc, items)
-    return acc.astype(np.float32)
+        Rotation.add_group(sink, items)
+    return sink.result()
 
 
-def majority_vote(payloads) -> np.ndarray:
+def majority_vote(payloads, *, like: Any = None):
     """signSGD with majority vote (Bernstein et al. 2018) on packed sign payloads.
 
     Returns sign(sum_i sign_i) per coordinate as float32 in {-1, 0, +1} (0 on a tie),
-    counting votes straight from the packed bits.
+    counting votes straight from the packed bits (on ``like``'s device, if given).
     """
     payloads = _checked(payloads)
     for i, p in enumerate(payloads):
         if p.codec != Sign.name:
             raise ValueError(f"payloads[{i}] is {p.codec!r}, majority vote takes sign payloads")
-    votes = np.zeros(payloads[0].d, dtype=np.int32)
-    for p in payloads:
-        _core.sign_vote_add(votes, np.ascontiguousarray(p.buffers["signs"]))
-    return np.sign(votes).astype(np.float32)
+    return sink_for(payloads[0].d, like).sign_votes(payloads)
 
 
-def decode_into(payloads, out: Optional[np.ndarray] = None) -> np.ndarray:
-    """Decode n payloads into the rows of one (n, d) float32 buffer (reused if given)."""
+def decode_into(payloads, out: Any = None, *, like: Any = None):
+    """Decode n payloads into the rows of one (n, d) float32 buffer (reused if given).
+
+    ``out`` may be a NumPy array or a CUDA tensor / CuPy array (decoded on its
+    device); without ``out``, the buffer is made on ``like``'s device.
+    """
     payloads = _checked(payloads)
     n, d = len(payloads), payloads[0].d
+    if out is not None:
+        if tuple(out.shape) != (n, d) or str(out.dtype).split(".")[-1] != "float32" or not _c_contiguous(out):
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {(n, d)}")
+        like = out
+    sink = sink_for(d, like)
     if out is None:
-        out = np.empty((n, d), dtype=np.float32)
-    elif out.shape != (n, d) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous float32 array of shape {(n, d)}")
-    acc = np.empty(d)
+        out = sink.empty_rows(n)
     for i, p in enumerate(payloads):
-        acc[...] = 0.0
-        codec_for(p.codec).add(acc, p, 1.0)
-        out[i] = acc
+        sink.reset()
+        codec_for(p.codec).add(sink, p, 1.0)
+        sink.copy_row(out, i)
     return out
 
 
-def aggregate(payloads, rule: str = "mean", f: int = 0, *, weights=None, out: Optional[np.ndarray] = None,
+def _c_contiguous(x: Any) -> bool:
+    if isinstance(x, np.ndarray):
+        return x.flags.c_contiguous
+    if hasattr(x, "is_contiguous"):
+        return x.is_contiguous()
+    return bool(x.flags.c_contiguous)
+
+
+def aggregate(payloads, rule: str = "mean", f: int = 0, *, weights=None, out: Any = None, like: Any = None,
               **options):
     """Any fedagg rule over compressed updates.
 
     The mean is computed straight from the payloads (O(d) memory). Other rules
     decode into one (n, d) float32 buffer (``out``, reused across rounds if
     given) and run ``fedagg.aggregate`` on it: one dense n x d buffer at most.
+    On a GPU: pass ``like`` (or a device ``out``) and both happen on its device.
     """
     if rule == "mean" and not options:
-        return mean(payloads, weights)
+        return mean(payloads, weights, like=like if out is None else out)
     from ..rules import aggregate as dense_aggregate
 
-    return dense_aggregate(decode_into(payloads, out), rule, f, weights=weights, **options)
+    return dense_aggregate(decode_into(payloads, out, like=like), rule, f, weights=weights, **options)

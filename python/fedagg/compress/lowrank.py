@@ -119,16 +119,15 @@ class PowerSGD:
             _check_finite(p, n)
 
     @staticmethod
-    def add(acc: np.ndarray, p: Payload, w: float) -> None:
+    def add(sink, p: Payload, w: float) -> None:
         off = 0
         for i, s in enumerate(p.params["layers"]):
             size = int(np.prod(s["shape"]))
-            seg = acc[off:off + size]
             if s["rank"] == 0:
-                seg += w * p.buffers[f"{i}.dense"].astype(np.float64)
+                sink.dense_add(off, p.buffers[f"{i}.dense"], w)
             else:
                 m, n = s["shape"]
                 P = p.buffers[f"{i}.P"].reshape(m, s["rank"]).astype(np.float64)
                 Q = p.buffers[f"{i}.Q"].reshape(n, s["rank"]).astype(np.float64)
-                seg += w * (P @ Q.T).reshape(-1)
+                sink.dense_add(off, (P @ Q.T).reshape(-1), w)  # one layer at a time
             off += size
