@@ -4,12 +4,15 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cmath>
 #include <string>
 
 #include "fedagg/check.hpp"
 #include "fedagg/coef_math.hpp"
 #include "fedagg/kernels.hpp"
+#include "fedagg/noise.hpp"
+#include "fedagg/philox.hpp"
 #include "fedagg/ops.hpp"
 #include "fedagg/sort_math.hpp"
 #include "fedagg/quant.hpp"
@@ -466,6 +469,51 @@ PYBIND11_MODULE(_core, m) {
     fedagg::hadamard_rotate(p, len, static_cast<std::size_t>(block), seed, inverse);
   }, py::arg("x"), py::arg("block"), py::arg("seed"), py::arg("inverse"),
      "In place: forward H D x / sqrt(B) per block, or its inverse.");
+
+  // ---- privacy noise (see fedagg/noise.hpp); outputs are written in place, so
+  // they must be exactly the dtype, contiguous and writable (no silent copies).
+  auto writable = [](const py::array& a, char kind, int itemsize, const char* what) {
+    if (a.ndim() != 1 || !(a.flags() & py::array::c_style) || !a.writeable() || a.dtype().kind() != kind ||
+        a.itemsize() != itemsize)
+      throw py::type_error(std::string(what) + " must be a writable contiguous 1-D " +
+                           (kind == 'f' ? "float32" : "int64") + " array");
+    return static_cast<std::size_t>(a.size());
+  };
+  m.def("gaussian_noise", [writable](py::array out, double stddev, std::uint64_t seed, std::uint64_t offset, bool add) {
+    const std::size_t d = writable(out, 'f', 4, "out");
+    if (!std::isfinite(stddev) || stddev < 0) throw py::value_error("stddev must be finite and >= 0");
+    float* p = static_cast<float*>(out.mutable_data());
+    py::gil_scoped_release release;
+    fedagg::gaussian_noise(p, d, static_cast<float>(stddev), seed, offset, add);
+  }, py::arg("out"), py::arg("stddev"), py::arg("seed"), py::arg("offset"), py::arg("add"),
+     "out[j] (+)= stddev * normal number (offset + j) of the Philox4x32-10 stream `seed`.");
+  m.def("discrete_gaussian", [writable](py::array out, std::uint64_t num, std::uint64_t den, std::uint64_t seed,
+                                        std::uint64_t offset, bool add) {
+    const std::size_t d = writable(out, 'i', 8, "out");
+    std::int64_t* p = static_cast<std::int64_t*>(out.mutable_data());
+    py::gil_scoped_release release;
+    fedagg::discrete_gaussian(p, d, num, den, seed, offset, add);
+  }, py::arg("out"), py::arg("num"), py::arg("den"), py::arg("seed"), py::arg("offset"), py::arg("add"),
+     "out[j] (+)= an exact sample of the discrete Gaussian N_Z(0, num / den).");
+  m.def("round_to_grid", [](const py::array_t<double, py::array::c_style | py::array::forcecast>& x, double step,
+                            std::uint64_t seed) {
+    if (x.ndim() != 1) throw py::value_error("x must be 1-D");
+    const double* p = x.data();
+    const auto d = static_cast<std::size_t>(x.size());
+    py::array_t<std::int64_t> out(static_cast<py::ssize_t>(d));
+    std::int64_t* o = out.mutable_data();
+    bool ok;
+    {
+      py::gil_scoped_release release;
+      ok = fedagg::round_to_grid(p, d, step, seed, o);
+    }
+    return py::make_tuple(out, ok);
+  }, py::arg("x"), py::arg("step"), py::arg("seed"),
+     "floor(x / step + u), u ~ U[0, 1): unbiased integers; ok is False on NaN, Inf or overflow.");
+  m.def("philox4x32_10", [](std::array<std::uint32_t, 4> c, std::array<std::uint32_t, 2> k) {
+    fedagg::philox::philox4x32_10(c[0], c[1], c[2], c[3], k[0], k[1]);
+    return c;
+  }, py::arg("counter"), py::arg("key"), "The Philox4x32-10 bijection (for known-answer tests).");
 
   // The CUDA backend's per-coordinate code (fedagg/sort_math.hpp), run here on
   // the CPU so the CPU tests check what the GPU runs.

@@ -158,4 +158,14 @@ PYBIND11_MODULE(_cuda, m) {
     g::hadamard_rotate(ptr<float>(x), static_cast<std::size_t>(len), static_cast<std::size_t>(B), seed, inverse,
                        stream(s));
   }, py::arg("x"), py::arg("len"), py::arg("block"), py::arg("seed"), py::arg("inverse"), py::arg("stream"));
+
+  m.def("gaussian_noise", [](std::uintptr_t out, long long d, double stddev, std::uint64_t seed,
+                             std::uint64_t offset, bool add, std::uintptr_t s) {
+    if (d < 0) throw py::value_error("d must be >= 0");
+    if (!(stddev >= 0) || stddev > 3.4e38) throw py::value_error("stddev must be finite and >= 0");
+    py::gil_scoped_release release;
+    g::gaussian_noise(ptr<float>(out), static_cast<std::size_t>(d), static_cast<float>(stddev), seed, offset, add,
+                      stream(s));
+  }, py::arg("out"), py::arg("d"), py::arg("stddev"), py::arg("seed"), py::arg("offset"), py::arg("add"),
+     py::arg("stream"));
 }

@@ -55,6 +55,10 @@ void sign_vote_add(std::int32_t* votes, const std::uint8_t* signs, std::size_t d
 void hadamard_rotate(float* x, std::size_t len, std::size_t B, std::uint64_t seed, bool inverse,
                      cudaStream_t stream);
 
+// out[j] (+)= stddev * normal number (offset + j) of Philox stream `seed`: the CPU's floats, bit for bit.
+void gaussian_noise(float* out, std::size_t d, float stddev, std::uint64_t seed, std::uint64_t offset, bool add,
+                    cudaStream_t stream);
+
 int device_count();
 
 }  // namespace gpu

@@ -33,18 +33,28 @@ class Aggregator:
     """
 
     def __init__(self, rule: str = "mean", f: int = 0, *, nonfinite: str = "raise",
-                 clip_norm: Optional[float] = None, nnm: bool = False, **params):
+                 clip_norm: Optional[float] = None, nnm: bool = False, dp: Any = None, **params):
         self.rule = rule
         self.nonfinite = _check_policy(nonfinite)
         if not isinstance(nnm, bool):
             raise TypeError("nnm must be True or False")
         self.nnm = nnm
-        self.clip_norm = None if clip_norm is None else _check_float(clip_norm, "clip_norm")
+        if dp is not None and clip_norm is not None:
+            raise ValueError("dp sets the clipping norm; do not pass clip_norm with it")
+        if dp is not None:
+            dp.check_weights(rule, None)
+        self.dp = dp  # fedagg.privacy.CentralDP: clip at its C, noise every result()
+        self._clip_norm = None if clip_norm is None else _check_float(clip_norm, "clip_norm")
         self._p = _params(rule, f, None, None, None, params)
         self._spec = RULES[rule]
         self._center = self._p.get("center")  # checked against d when the first update arrives
         self._last_result: Optional[np.ndarray] = None
         self.reset()
+
+    @property
+    def clip_norm(self) -> Optional[float]:
+        """The clipping norm of this round (the DP mechanism's, adaptive or not, when dp is set)."""
+        return self.dp.clip_norm if self.dp is not None else self._clip_norm
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -94,6 +104,9 @@ class Aggregator:
             weight = _check_float(weight, "weight", positive=False)
             if weight < 0:
                 raise ValueError(f"weight must be >= 0, got {weight}")
+            if self.dp is not None and weight > 1:
+                raise ValueError("with dp, weights must lie in [0, 1] (cap them): larger weights make the "
+                                 "sensitivity unbounded")
         arr, back, ops = convert(update, "update")
         if self._ops is not None and _device_key(ops) != _device_key(self._ops):
             raise ValueError("update is on another device than this round's first update")
@@ -162,13 +175,13 @@ class Aggregator:
             if not self._total > 0:
                 raise ValueError("the weights of this round sum to zero")
             result = self._wrap(self._ops.finish_mean(self._sum, self._total))
-            if not return_info:
-                return result
-            return result, AggregationInfo(
+            info = AggregationInfo(
                 rule="mean", n=self._count, f=self._p["f"], weights=weights / self._total,
                 clipped=self._clipped, client_ids=tuple(self._ids),
                 details={"excluded_ids": tuple(self._excluded)},
             )
+            out, info = self._private(result, info, float(self._total))
+            return (out, info) if return_info else out
         p = dict(self._p)
         p["center"] = self._center
         batch = Batch(self._rows, len(self._rows), self._d, self._wrap, ops=self._ops)
@@ -177,8 +190,17 @@ class Aggregator:
                    client_ids=tuple(self._ids),
                    D=self._D if self._spec.distance_based and not self.nnm else None)
         out, info = res
-        if self.rule == "centered_clipping":
-            self._last_result = as_vector(out, self._d, "result")
         info = dataclasses.replace(info, clipped=self._clipped,
                                    details={**info.details, "excluded_ids": tuple(self._excluded)})
+        out, info = self._private(out, info, float(weights.sum()))
+        if self.rule == "centered_clipping":
+            self._last_result = as_vector(out, self._d, "result")
         return (out, info) if return_info else out
+
+    def _private(self, out, info, weight_sum: float):
+        """The DP release of this round's result (each call is accounted), or the result as is."""
+        if self.dp is None:
+            return out, info
+        out, record = self.dp.release(out, rule=self.rule, participants=self._count,
+                                      unclipped=self._count - self._clipped, weight_sum=weight_sum)
+        return out, dataclasses.replace(info, privacy=record)

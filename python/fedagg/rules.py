@@ -25,6 +25,8 @@ Common options of every rule:
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -73,6 +75,8 @@ class AggregationInfo:
     details: Dict[str, Any] = field(default_factory=dict)
     #: client ids in update order (streaming Aggregator)
     client_ids: Optional[Tuple[Any, ...]] = None
+    #: what differential privacy did this round (``dp=``): a fedagg.privacy.PrivacyRecord
+    privacy: Any = None
 
 
 class _NonFinite(Exception):
@@ -409,7 +413,7 @@ def _check_policy(nonfinite: str) -> str:
 
 def aggregate(updates: Any, rule: str = "mean", f: int = 0, *, weights: Any = None,
               nonfinite: str = "raise", clip_norm: Optional[float] = None, nnm: bool = False,
-              return_info: bool = False, **params):
+              dp: Any = None, return_info: bool = False, **params):
     """Aggregate `updates` with `rule` (one of ``fedagg.RULES``).
 
     >>> import numpy as np, fedagg
@@ -429,8 +433,21 @@ def aggregate(updates: Any, rule: str = "mean", f: int = 0, *, weights: Any = No
     w = None if weights is None else as_weights(weights, batch.n)
     if clip_norm is not None:
         clip_norm = _check_float(clip_norm, "clip_norm")
-    return _run(rule, batch, p, weights=w, nonfinite=nonfinite, clip_norm=clip_norm,
-                nnm=nnm, return_info=return_info)
+    if dp is None:
+        return _run(rule, batch, p, weights=w, nonfinite=nonfinite, clip_norm=clip_norm,
+                    nnm=nnm, return_info=return_info)
+    # Differential privacy (fedagg.privacy.CentralDP): clip -> rule -> noise.
+    if clip_norm is not None:
+        raise ValueError("dp sets the clipping norm; do not pass clip_norm with it")
+    dp.check_weights(rule, w)
+    out, info = _run(rule, batch, p, weights=w, nonfinite=nonfinite, clip_norm=dp.clip_norm,
+                     nnm=nnm, return_info=True)
+    kept = np.setdiff1d(np.arange(batch.n), info.excluded)
+    noised, record = dp.release(out, rule=rule, participants=int(kept.size),
+                                unclipped=int(kept.size) - info.clipped,
+                                weight_sum=float(kept.size if w is None else w[kept].sum()))
+    info = dataclasses.replace(info, privacy=record)
+    return (noised, info) if return_info else noised
 
 
 def mean(updates, *, weights=None, **options):

@@ -1,0 +1,123 @@
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+// SC 2011) and the Gaussian transform built on it, for host and device.
+//
+// Normal number g of the stream (seed, offset) is lane g % 4 of Philox block
+// g / 4: counter (block_lo, block_hi, 0, 0), key (seed_lo, seed_hi). The four
+// words give two Box-Muller pairs. The transform uses only +, -, *, sqrt and
+// integer operations (log and sincos are polynomials here, not libm), and both
+// compilers are told not to contract a * b + c into an FMA (noise.cpp with
+// -ffp-contract=off, the CUDA file with --fmad=false), so every IEEE operation
+// rounds the same way: the CPU and the GPU produce the same floats.
+#pragma once
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+
+#include "fedagg/hd.hpp"
+
+namespace fedagg {
+namespace philox {
+
+constexpr std::uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+constexpr std::uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+
+FEDAGG_HD inline void round(std::uint32_t& c0, std::uint32_t& c1, std::uint32_t& c2, std::uint32_t& c3,
+                            std::uint32_t k0, std::uint32_t k1) {
+  const std::uint64_t p0 = static_cast<std::uint64_t>(kM0) * c0;
+  const std::uint64_t p1 = static_cast<std::uint64_t>(kM1) * c2;
+  const std::uint32_t n0 = static_cast<std::uint32_t>(p1 >> 32) ^ c1 ^ k0;
+  const std::uint32_t n2 = static_cast<std::uint32_t>(p0 >> 32) ^ c3 ^ k1;
+  c1 = static_cast<std::uint32_t>(p1);
+  c3 = static_cast<std::uint32_t>(p0);
+  c0 = n0;
+  c2 = n2;
+}
+
+// The 10-round bijection of (c0..c3) under key (k0, k1), in place.
+FEDAGG_HD inline void philox4x32_10(std::uint32_t& c0, std::uint32_t& c1, std::uint32_t& c2, std::uint32_t& c3,
+                                    std::uint32_t k0, std::uint32_t k1) {
+  FEDAGG_UNROLL
+  for (int r = 0; r < 10; ++r) {
+    round(c0, c1, c2, c3, k0, k1);
+    k0 += kW0;
+    k1 += kW1;
+  }
+}
+
+FEDAGG_HD inline float bits_to_float(std::uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+FEDAGG_HD inline std::uint32_t float_to_bits(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// Natural log of u in (0, 1] (a normal float), Cephes' logf polynomial.
+FEDAGG_HD inline float log_unit(float u) {
+  const std::uint32_t b = float_to_bits(u);
+  float e = static_cast<float>(static_cast<int>(b >> 23) - 127);
+  float m = bits_to_float((b & 0x007FFFFFu) | 0x3F800000u);  // [1, 2)
+  const bool big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1.0f : e;
+  const float x = m - 1.0f;
+  const float z = x * x;
+  float y = 7.0376836292E-2f;
+  y = y * x - 1.1514610310E-1f;
+  y = y * x + 1.1676998740E-1f;
+  y = y * x - 1.2420140846E-1f;
+  y = y * x + 1.4249322787E-1f;
+  y = y * x - 1.6668057665E-1f;
+  y = y * x + 2.0000714765E-1f;
+  y = y * x - 2.4999993993E-1f;
+  y = y * x + 3.3333331174E-1f;
+  y = y * x * z;
+  y = y + e * -2.12194440E-4f;
+  y = y - 0.5f * z;
+  return (x + y) + e * 0.693359375f;
+}
+
+// sin and cos of 2 pi k / 2^24 for k in [0, 2^24): the octant from the integer,
+// Cephes' sinf / cosf polynomials on [-pi/4, pi/4).
+FEDAGG_HD inline void sincos_turn(std::uint32_t k, float& s, float& c) {
+  const std::uint32_t j = (k + (1u << 21)) & 0x00FFFFFFu;
+  const std::uint32_t q = j >> 22;
+  const float x = static_cast<float>(static_cast<int>(j & 0x003FFFFFu) - (1 << 21)) * 3.7450702e-07f;  // (pi / 2) / 2^22
+  const float z = x * x;
+  float sp = -1.9515295891E-4f;
+  sp = sp * z + 8.3321608736E-3f;
+  sp = sp * z - 1.6666654611E-1f;
+  const float sn = sp * z * x + x;
+  float cp = 2.443315711809948E-5f;
+  cp = cp * z - 1.388731625493765E-3f;
+  cp = cp * z + 4.166664568298827E-2f;
+  const float cs = cp * z * z - 0.5f * z + 1.0f;
+  s = q == 0 ? sn : q == 1 ? cs : q == 2 ? -sn : -cs;
+  c = q == 0 ? cs : q == 1 ? -sn : q == 2 ? -cs : sn;
+}
+
+// Box-Muller: radius from a (u = a * 2^-32 + 2^-33 in (0, 1], so |n| <= 6.77),
+// angle from the top 24 bits of b.
+FEDAGG_HD inline void box_muller(std::uint32_t a, std::uint32_t b, float& n0, float& n1) {
+  const float u = static_cast<float>(a) * 0x1p-32f + 0x1p-33f;
+  const float r = sqrtf(-2.0f * log_unit(u));
+  float s, c;
+  sincos_turn(b >> 8, s, c);
+  n0 = r * c;
+  n1 = r * s;
+}
+
+// The four standard normals of block `block` of stream `seed`.
+FEDAGG_HD inline void normal4(std::uint64_t seed, std::uint64_t block, float out[4]) {
+  std::uint32_t c0 = static_cast<std::uint32_t>(block), c1 = static_cast<std::uint32_t>(block >> 32), c2 = 0,
+                c3 = 0;
+  philox4x32_10(c0, c1, c2, c3, static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32));
+  box_muller(c0, c1, out[0], out[1]);
+  box_muller(c2, c3, out[2], out[3]);
+}
+
+}  // namespace philox
+}  // namespace fedagg
