@@ -8,11 +8,13 @@ import fedagg
 import fedagg.aggregator
 import fedagg.compress
 import fedagg.compress.bench
+import fedagg.privacy
+import fedagg.privacy.bench
 import fedagg.rules
 
 
 @pytest.mark.parametrize("module", [fedagg, fedagg.rules, fedagg.aggregator, fedagg.compress,
-                                    fedagg.compress.bench],
+                                    fedagg.compress.bench, fedagg.privacy, fedagg.privacy.bench],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False, report=True)

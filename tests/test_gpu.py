@@ -205,3 +205,30 @@ def test_majority_vote_and_device_encode_on_gpu():
     a = compress.Uniform(8).encode(on_gpu(x), seed=3)
     b = compress.Uniform(8).encode(x, seed=3)
     np.testing.assert_array_equal(a.buffers["codes"], b.buffers["codes"])
+
+
+# ---------------------------------------------------------------- privacy noise on the device
+@pytest.mark.parametrize("d,offset", [(1, 0), (7, 3), (1_000_003, 5), (4096, 2**40 + 2)])
+def test_gaussian_noise_on_gpu_is_the_cpu_stream_bit_for_bit(d, offset):
+    from fedagg import privacy
+
+    poison()
+    dev = privacy.gaussian(d, 1.7, seed=2**63 + 11, offset=offset, like=torch.empty(0, device="cuda"))
+    assert dev.is_cuda and dev.dtype == torch.float32
+    host = privacy.gaussian(d, 1.7, seed=2**63 + 11, offset=offset)
+    np.testing.assert_array_equal(dev.cpu().numpy().view(np.uint32), host.view(np.uint32))
+
+
+def test_dp_aggregation_on_gpu_matches_cpu():
+    from fedagg import privacy
+
+    z = torch.zeros(1000, device="cuda")
+    assert privacy.add_gaussian(z, 1.0, seed=4) is z  # in place
+    np.testing.assert_array_equal(z.cpu().numpy(), privacy.gaussian(1000, 1.0, seed=4))
+    for rule, f in [("mean", 0), ("trimmed_mean", 2), ("krum", 2)]:
+        mk = lambda: privacy.CentralDP(clip_norm=30.0, noise_multiplier=1.0, expected_participants=10, seed=3)
+        X2 = fresh(10, 50_000)
+        dev = fedagg.aggregate(on_gpu(X2), rule, f, dp=mk())
+        host = fedagg.aggregate(X2, rule, f, dp=mk())
+        assert dev.is_cuda
+        np.testing.assert_allclose(dev.cpu().numpy(), host, rtol=1e-4, atol=1e-4)

@@ -115,6 +115,11 @@ class FakeCuda:
         _core.hadamard_rotate(_view(x, ctypes.c_float, length), block, seed, inverse)
 
 
+    def gaussian_noise(self, out, d, stddev, seed, offset, add, stream):
+        self.calls.append("gaussian_noise")
+        _core.gaussian_noise(_view(out, ctypes.c_float, d), stddev, seed, offset, add)
+
+
 class FakeLib:
     """The device framework, played by NumPy."""
 
@@ -291,3 +296,12 @@ def test_robust_rule_over_payloads_on_the_device_path(fake_device):
     dev = compress.aggregate(ps, "trimmed_mean", 2, like=fake_device)
     host = compress.aggregate(ps, "trimmed_mean", 2, out=out)
     np.testing.assert_allclose(dev, host, rtol=1e-6, atol=1e-6)
+
+
+def test_gaussian_noise_on_the_device_path(fake_device):
+    from fedagg import privacy
+
+    for d, offset in [(1, 0), (1001, 3), (70_000, 2**40 + 1)]:
+        np.testing.assert_array_equal(privacy.gaussian(d, 0.5, seed=9, offset=offset, like=fake_device),
+                                      privacy.gaussian(d, 0.5, seed=9, offset=offset))
+    assert "gaussian_noise" in FakeCuda.calls

@@ -71,8 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip an alternative estimated to take longer per call (default 60)")
     b.add_argument("--bandwidth-gb", type=_float_at_least(0, False), default=1.0,
                    help="size of the arrays of the copy-bandwidth test (default 1; 0 skips it)")
-    b.add_argument("--sections", nargs="+", choices=["rules", "compression"], default=["rules", "compression"],
-                   help="what to benchmark (default: both)")
+    b.add_argument("--sections", nargs="+", choices=["rules", "compression", "privacy"],
+                   default=["rules", "compression", "privacy"], help="what to benchmark (default: all)")
     b.add_argument("--topk-ratio", type=_float_at_least(0, True), default=0.01,
                    help="compression section: k / d of the top-k codec (default 0.01)")
     b.set_defaults(func=_bench)
@@ -133,6 +133,12 @@ def _bench(args) -> int:
         res["compression"] = cbench.run(d=args.d, ratio=args.topk_ratio, n=min(args.n, 16),
                                         repeat=args.repeat, seed=args.seed)
         for line in cbench.lines(res["compression"]):
+            _print(con, line, report)
+    if "privacy" in args.sections:
+        from .privacy import bench as pbench
+
+        res["privacy"] = pbench.run(d=args.d, repeat=args.repeat)
+        for line in pbench.lines(res["privacy"]):
             _print(con, line, report)
     if args.json == "-":
         json.dump(res, sys.stdout, indent=2, default=_jsonable)

@@ -9,25 +9,17 @@ the NumPy and torch idioms, on the same vector in the same run.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import numpy as np
 
 from . import TopK, Uniform, decode, mean
+from .._benchutil import add_speedups, median_time, table
 from .sink import HostSink
 
 
-def _time(fn: Callable[[], Any], repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+_time = median_time
 
 
 def run(d: int = 10_000_000, ratio: float = 0.01, n: int = 16, repeat: int = 5, seed: int = 0) -> Dict[str, Any]:
@@ -116,24 +108,10 @@ def run(d: int = 10_000_000, ratio: float = 0.01, n: int = 16, repeat: int = 5, 
         "note": "read + write"})
     rows[-1]["gbps"] = 2 * nbytes / rows[-1]["seconds"] / 1e9
 
-    for case in {r["case"] for r in rows}:
-        ours = [r for r in rows if r["case"] == case and r["impl"].startswith("fedagg")]
-        if not ours:
-            continue
-        base = ours[0]["seconds"]
-        for r in rows:
-            if r["case"] == case:
-                r["speedup"] = r["seconds"] / base
+    add_speedups(rows)
     return {"d": d, "k": k, "ratio": ratio, "n": n, "repeat": repeat, "rows": rows}
 
 
 def lines(res: Dict[str, Any]) -> List[str]:
-    out = [f"compression: d = {res['d']:,} float32, top-k k = {res['k']:,} ({res['ratio']:g}), "
-           f"n = {res['n']}, median of {res['repeat']}"]
-    out.append(f"{'case':36s} {'impl':20s} {'time':>10s} {'GB/s':>7s} {'fedagg speed-up':>16s}  agrees  note")
-    for r in res["rows"]:
-        sp = "" if r["impl"].startswith("fedagg") or "speedup" not in r else f"{r['speedup']:.1f}x"
-        ag = {True: "yes", False: "no", None: "-"}[r["agrees"]]
-        out.append(f"{r['case']:36s} {r['impl']:20s} {r['seconds'] * 1e3:8.2f}ms {r['gbps']:7.2f} {sp:>16s}  "
-                   f"{ag:6s}  {r['note']}")
-    return out
+    return table(f"compression: d = {res['d']:,} float32, top-k k = {res['k']:,} ({res['ratio']:g}), "
+                 f"n = {res['n']}, median of {res['repeat']}", res["rows"])

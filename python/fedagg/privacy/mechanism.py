@@ -215,7 +215,7 @@ class LocalDP:
         """The clipped, noised update (float32, the update's type and device)."""
         from .. import clip
 
-        x = clip(update, self.clip_norm)
+        x = clip([update], self.clip_norm)[0]
         seed = self._fixed_seed if self._fixed_seed is not None else check_seed(None)
         noised = add_gaussian(x, self.noise_multiplier * 2.0 * self.clip_norm, seed=seed,
                               offset=self.round * _ROUND_STRIDE)
