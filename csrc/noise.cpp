@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
 #include "fedagg/check.hpp"
+#include "fedagg/kernels.hpp"
 #include "fedagg/philox.hpp"
 #include "fedagg/quant_math.hpp"
 #include "fedagg/threadpool.hpp"
@@ -23,25 +25,50 @@ namespace {
 
 constexpr int kLanes = 16;  // Philox blocks per vector step: 64 normals
 
-// 64 normals of blocks [block0, block0 + 16), lane-major: n[r][l] is word r of block l.
-FEDAGG_CLONES void normals64(std::uint64_t seed, std::uint64_t block0, float n[4][kLanes]) {
-  std::uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+// 64 normals of blocks [block0, block0 + 16), lane-major: n[r][l] is word r of
+// block l. Lanes outermost, rounds unrolled inside: the lane loop vectorizes.
+// W: the lane word type (64-bit lanes suit AVX-512's 64-bit multiply, 32-bit
+// lanes AVX2's); the words and so the normals are the same either way.
+template <class W>
+inline void normals64_body(std::uint64_t seed, std::uint64_t block0, float n[4][kLanes]) {
+  const std::uint32_t k0 = static_cast<std::uint32_t>(seed), k1 = static_cast<std::uint32_t>(seed >> 32);
+  std::uint32_t w[4][kLanes];
+#pragma GCC ivdep
   for (int l = 0; l < kLanes; ++l) {
     const std::uint64_t b = block0 + static_cast<std::uint64_t>(l);
-    c0[l] = static_cast<std::uint32_t>(b);
-    c1[l] = static_cast<std::uint32_t>(b >> 32);
-    c2[l] = 0;
-    c3[l] = 0;
+    W c0 = static_cast<W>(b & 0xFFFFFFFFu), c1 = static_cast<W>(b >> 32), c2 = 0, c3 = 0;
+#pragma GCC unroll 10
+    for (std::uint32_t r = 0; r < 10; ++r)
+      philox::round(c0, c1, c2, c3, k0 + r * philox::kW0, k1 + r * philox::kW1);
+    w[0][l] = static_cast<std::uint32_t>(c0);
+    w[1][l] = static_cast<std::uint32_t>(c1);
+    w[2][l] = static_cast<std::uint32_t>(c2);
+    w[3][l] = static_cast<std::uint32_t>(c3);
   }
-  std::uint32_t k0 = static_cast<std::uint32_t>(seed), k1 = static_cast<std::uint32_t>(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    for (int l = 0; l < kLanes; ++l) philox::round(c0[l], c1[l], c2[l], c3[l], k0, k1);
-    k0 += philox::kW0;
-    k1 += philox::kW1;
-  }
-  for (int l = 0; l < kLanes; ++l) philox::box_muller(c0[l], c1[l], n[0][l], n[1][l]);
-  for (int l = 0; l < kLanes; ++l) philox::box_muller(c2[l], c3[l], n[2][l], n[3][l]);
+  for (int l = 0; l < kLanes; ++l) philox::box_muller(w[0][l], w[1][l], n[0][l], n[1][l]);
+  for (int l = 0; l < kLanes; ++l) philox::box_muller(w[2][l], w[3][l], n[2][l], n[3][l]);
 }
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target("arch=x86-64-v4"))) void normals64_v4(std::uint64_t seed, std::uint64_t block0,
+                                                             float n[4][kLanes]) {
+  normals64_body<std::uint64_t>(seed, block0, n);
+}
+__attribute__((target_clones("arch=x86-64-v3", "default"))) void normals64_v3(std::uint64_t seed,
+                                                                              std::uint64_t block0,
+                                                                              float n[4][kLanes]) {
+  normals64_body<std::uint32_t>(seed, block0, n);
+}
+// AVX-512 when the kernel dispatch uses it (so fedagg._core._force_isa tests the other path too).
+inline void normals64(std::uint64_t seed, std::uint64_t block0, float n[4][kLanes]) {
+  if (std::strcmp(kernels().isa, "avx512") == 0) normals64_v4(seed, block0, n);
+  else normals64_v3(seed, block0, n);
+}
+#else
+inline void normals64(std::uint64_t seed, std::uint64_t block0, float n[4][kLanes]) {
+  normals64_body<std::uint32_t>(seed, block0, n);
+}
+#endif
 
 FEDAGG_CLONES void emit(float* out, const float n[4][kLanes], float stddev, bool add) {
   for (int l = 0; l < kLanes; ++l)

@@ -121,6 +121,11 @@ def test_gaussian_is_the_documented_stream_bit_for_bit(seed, offset, d, threads,
     np.testing.assert_array_equal(got.view(np.uint32), normals_ref(seed, offset, d).view(np.uint32))
 
 
+def test_gaussian_stream_is_the_same_on_every_instruction_set(isa):
+    np.testing.assert_array_equal(privacy.gaussian(100_003, 1.0, seed=5, offset=1).view(np.uint32),
+                                  normals_ref(5, 1, 100_003).view(np.uint32))
+
+
 def test_gaussian_offsets_index_one_stream():
     whole = privacy.gaussian(10_000, 2.5, seed=11)
     for a, b in [(0, 1), (1, 6), (5, 4097), (333, 10_000)]:
