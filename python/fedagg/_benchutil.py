@@ -34,6 +34,7 @@ def table(title: str, rows: List[Dict[str, Any]]) -> List[str]:
     for r in rows:
         sp = "" if r["impl"].startswith("fedagg") or "speedup" not in r else f"{r['speedup']:.1f}x"
         ag = {True: "yes", False: "no", None: "-"}[r["agrees"]]
-        out.append(f"{r['case']:36s} {r['impl']:22s} {r['seconds'] * 1e3:8.2f}ms {r['gbps']:7.2f} {sp:>16s}  "
+        gb = "-" if r["gbps"] is None else f"{r['gbps']:.2f}"
+        out.append(f"{r['case']:36s} {r['impl']:22s} {r['seconds'] * 1e3:8.2f}ms {gb:>7s} {sp:>16s}  "
                    f"{ag:6s}  {r['note']}")
     return out

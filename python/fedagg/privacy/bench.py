@@ -4,7 +4,7 @@ NumPy's and torch's generators, and the discrete Gaussian's throughput, same run
 >>> from fedagg.privacy import bench
 >>> r = bench.run(d=100_000, repeat=1)
 >>> sorted({row["case"] for row in r["rows"]})
-['Gaussian noise (float32)', 'discrete Gaussian (int64)', 'epsilon, one PLD round']
+['Gaussian noise (float32)', 'copy bandwidth', 'discrete Gaussian (int64)', 'epsilon, one PLD round']
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ def run(d: int = 10_000_000, repeat: int = 5, sigma2: float = 1.0e6) -> Dict[str
     nbytes = 4 * d
 
     def add(case, impl, seconds, work_bytes, note=""):
-        rows.append({"case": case, "impl": impl, "seconds": seconds, "gbps": work_bytes / seconds / 1e9,
-                     "agrees": None, "note": note})
+        rows.append({"case": case, "impl": impl, "seconds": seconds,
+                     "gbps": None if work_bytes is None else work_bytes / seconds / 1e9, "agrees": None, "note": note})
 
     out = np.empty(d, dtype=np.float32)
     from .. import _core
@@ -58,7 +58,10 @@ def run(d: int = 10_000_000, repeat: int = 5, sigma2: float = 1.0e6) -> Dict[str
         pass  # the accountant's row needs it; the noise rows do not
     else:
         add("epsilon, one PLD round", "fedagg (dp-accounting)",
-            median_time(lambda: accounting.epsilon(1.1, 0.01, 1000, 1e-5), 1), 1, "z = 1.1, q = 0.01, 1000 rounds")
+            median_time(lambda: accounting.epsilon(1.1, 0.01, 1000, 1e-5), 1), None, "z = 1.1, q = 0.01, 1000 rounds")
+    src = np.ones(d, dtype=np.float32)
+    add("copy bandwidth", "np.copyto", median_time(lambda: np.copyto(out, src), repeat), 2 * nbytes,
+        "read + write: the noise writes d floats")
     add_speedups(rows)
     return {"d": d, "repeat": repeat, "rows": rows}
 
