@@ -9,6 +9,7 @@
 #include <string>
 
 #include "fedagg/check.hpp"
+#include "fedagg/checksum.hpp"
 #include "fedagg/coef_math.hpp"
 #include "fedagg/kernels.hpp"
 #include "fedagg/noise.hpp"
@@ -469,6 +470,16 @@ PYBIND11_MODULE(_core, m) {
     fedagg::hadamard_rotate(p, len, static_cast<std::size_t>(block), seed, inverse);
   }, py::arg("x"), py::arg("block"), py::arg("seed"), py::arg("inverse"),
      "In place: forward H D x / sqrt(B) per block, or its inverse.");
+
+  m.def("crc32c", [](const py::buffer& data, std::uint32_t crc) {
+    const py::buffer_info info = data.request();  // any contiguous buffer: bytes, memoryview, arrays
+    if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize))
+      throw py::value_error("crc32c needs a contiguous buffer");
+    const std::size_t n = static_cast<std::size_t>(info.size) * static_cast<std::size_t>(info.itemsize);
+    py::gil_scoped_release release;
+    return fedagg::crc32c(info.ptr, n, crc);
+  }, py::arg("data"), py::arg("crc") = 0,
+     "CRC32C of a contiguous buffer; pass a previous result as crc to continue it.");
 
   // ---- privacy noise (see fedagg/noise.hpp); outputs are written in place, so
   // they must be exactly the dtype, contiguous and writable (no silent copies).

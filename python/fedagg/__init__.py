@@ -48,6 +48,15 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str):
+    # The transport needs pyzmq (the "server" extra): imported on first use only.
+    if name == "Client":
+        from .transport.client import Client
+
+        return Client
+    raise AttributeError(f"module 'fedagg' has no attribute {name!r}")
+
+
 def backends() -> dict:
     """What was compiled in and what this machine can use now."""
     return {

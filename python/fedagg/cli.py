@@ -1,4 +1,4 @@
-"""The ``fedagg`` command: ``fedagg info`` and ``fedagg bench``.
+"""The ``fedagg`` command: ``info``, ``bench``, ``serve``, ``join`` and ``keys``.
 
 Uses rich for the progress bar and the table when it is installed, plain text otherwise.
 """
@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--topk-ratio", type=_float_at_least(0, True), default=0.01,
                    help="compression section: k / d of the top-k codec (default 0.01)")
     b.set_defaults(func=_bench)
+
+    from .transport.cli import add_commands
+
+    add_commands(sub, _int_at_least, _float_at_least)
     return p
 
 
@@ -84,7 +88,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, TypeError, OSError) as e:
+    except ImportError as e:
+        parser.exit(2, f"fedagg {args.command}: {e.name or e} is missing (pip install 'fedagg[server]' for "
+                       "serve/join/keys, 'fedagg[privacy]' for accounting)\n")
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
         parser.exit(2, f"fedagg {args.command}: error: {e}\n")
 
 

@@ -1,0 +1,152 @@
+"""``fedagg serve``, ``fedagg join`` and ``fedagg keys``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def add_commands(sub, int_at_least, float_at_least) -> None:
+    s = sub.add_parser("serve", help="run an aggregation server over ZeroMQ",
+                       description="Run rounds: publish the model, collect updates, aggregate at a quorum "
+                                   "or deadline. Plain mode only on loopback/ipc unless --insecure; "
+                                   "elsewhere CURVE keys are required.")
+    s.add_argument("--bind", default="tcp://127.0.0.1:5555", help="endpoint (default tcp://127.0.0.1:5555)")
+    m = s.add_mutually_exclusive_group(required=True)
+    m.add_argument("--d", type=int_at_least(1), help="start from a zero model of d parameters")
+    m.add_argument("--model", type=Path, help="start from this .npy float32 vector")
+    s.add_argument("--rule", default="mean", help="aggregation rule (default mean)")
+    s.add_argument("--f", type=int_at_least(0), default=0, help="Byzantine updates to tolerate")
+    s.add_argument("--quorum", type=int_at_least(1), default=1, help="close a round at this many updates")
+    s.add_argument("--deadline", type=float_at_least(0, True), default=60.0,
+                   help="... or this many seconds after it started (default 60)")
+    s.add_argument("--min-updates", type=int_at_least(1), default=1, help="updates a deadline close needs")
+    s.add_argument("--rounds", type=int_at_least(1), default=None, help="stop after this many rounds")
+    s.add_argument("--server-lr", type=float, default=1.0, help="model += server_lr * aggregate (default 1)")
+    s.add_argument("--clip-norm", type=float_at_least(0, True), default=None, help="clip updates to this L2 norm")
+    s.add_argument("--state-dir", type=Path, default=None,
+                   help="persist rounds and accepted updates here; a restarted server resumes from it")
+    s.add_argument("--chunk-mib", type=float_at_least(0, True), default=4.0, help="chunk size in MiB (<= 4)")
+    s.add_argument("--credits", type=int_at_least(1), default=8, help="chunks in flight per participant")
+    s.add_argument("--curve-secret", type=Path, default=None, help="the server's .key_secret file (CURVE on)")
+    s.add_argument("--allow", type=Path, default=None, help="directory of participants' public .key files")
+    s.add_argument("--insecure", action="store_true", help="plain mode on a non-local endpoint")
+    s.add_argument("--log-json", action="store_true", help="structured logs (one JSON object per line) on stderr")
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="live view of the round (default: when stderr is a terminal)")
+    s.set_defaults(func=_serve)
+
+    j = sub.add_parser("join", help="take part in rounds with a synthetic participant (tests, demos, load)")
+    j.add_argument("--connect", default="tcp://127.0.0.1:5555", help="server endpoint")
+    j.add_argument("--id", default=None, help="participant id (with CURVE: its public key)")
+    j.add_argument("--behaviour", default="honest",
+                   choices=["honest", "signflip", "noise", "nan", "wrongsize", "die"])
+    j.add_argument("--rounds", type=int_at_least(1), default=1)
+    j.add_argument("--task-seed", type=int_at_least(0), default=0, help="seed of the shared target")
+    j.add_argument("--seed", type=int_at_least(0), default=0)
+    j.add_argument("--timeout", type=float_at_least(0, True), default=30.0)
+    j.add_argument("--chunk-delay", type=float_at_least(0, False), default=0.0, help="seconds between chunks")
+    j.add_argument("--server-key", type=Path, default=None, help="the server's public .key file (CURVE on)")
+    j.add_argument("--keys", type=Path, default=None, help="this participant's .key_secret file")
+    j.set_defaults(func=_join)
+
+    k = sub.add_parser("keys", help="CurveZMQ key pairs: generate, list")
+    ks = k.add_subparsers(dest="keys_command", required=True)
+    g = ks.add_parser("generate", help="write NAME.key (public) and NAME.key_secret into DIR")
+    g.add_argument("dir", type=Path)
+    g.add_argument("name")
+    g.set_defaults(func=_keys_generate)
+    ls = ks.add_parser("list", help="the public keys in DIR")
+    ls.add_argument("dir", type=Path)
+    ls.set_defaults(func=_keys_list)
+
+
+def _load_public(path: Path) -> bytes:
+    from zmq.auth import load_certificate
+
+    public, _ = load_certificate(str(path))
+    return public
+
+
+def _serve(args) -> int:
+    from .server import Server, ServerConfig
+
+    handler = logging.StreamHandler(sys.stderr)
+    if args.log_json:
+        from .observe import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    logging.getLogger("fedagg").addHandler(handler)
+    logging.getLogger("fedagg").setLevel(logging.INFO)
+    model = np.zeros(args.d, dtype=np.float32) if args.d else np.load(args.model, allow_pickle=False)
+    cfg = ServerConfig(bind=args.bind, rule=args.rule, f=args.f, quorum=args.quorum, deadline=args.deadline,
+                       min_updates=args.min_updates, rounds=args.rounds, server_lr=args.server_lr,
+                       clip_norm=args.clip_norm, state_dir=str(args.state_dir) if args.state_dir else None,
+                       chunk_bytes=int(args.chunk_mib * (1 << 20)) // 4 * 4, credits=args.credits,
+                       insecure=args.insecure)
+    if args.curve_secret is not None:
+        from zmq.auth import load_certificate
+
+        cfg.curve_public_key, cfg.curve_secret_key = load_certificate(str(args.curve_secret))
+        if cfg.curve_secret_key is None:
+            raise ValueError(f"{args.curve_secret} holds no secret key")
+        if args.allow is None:
+            raise ValueError("--curve-secret needs --allow DIR (the participants' public keys)")
+        cfg.allowed_keys = [_load_public(p) for p in sorted(args.allow.glob("*.key"))]
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    progress = None
+    if show:
+        from .observe import ProgressView
+
+        progress = ProgressView()
+    server = Server(model, cfg, progress=progress,
+                    on_round=lambda rec: print(json.dumps({"round_closed": rec}, default=str), flush=True))
+    print(json.dumps({"listening": server.endpoint, "round": server.round, "d": server.d}), flush=True)
+    try:
+        server.serve()
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _join(args) -> int:
+    from .participant import run
+
+    keys = None
+    if args.server_key is not None:
+        from zmq.auth import load_certificate
+
+        if args.keys is None:
+            raise ValueError("--server-key needs --keys (this participant's .key_secret)")
+        public, secret = load_certificate(str(args.keys))
+        keys = {"server_key": _load_public(args.server_key), "public_key": public, "secret_key": secret}
+    elif args.id is None:
+        raise ValueError("give --id (or CURVE keys)")
+    results = run(args.connect, args.id, behaviour=args.behaviour, rounds=args.rounds, task_seed=args.task_seed,
+                  seed=args.seed, timeout=args.timeout, chunk_delay=args.chunk_delay, keys=keys,
+                  log=lambda line: print(line, flush=True))
+    return 0 if all(r.get("accepted") for r in results) else 1
+
+
+def _keys_generate(args) -> int:
+    from zmq.auth import create_certificates
+
+    args.dir.mkdir(parents=True, exist_ok=True)
+    public, secret = create_certificates(str(args.dir), args.name)
+    os.chmod(secret, 0o600)
+    print(json.dumps({"public": public, "secret": secret, "key": _load_public(Path(public)).decode()}))
+    return 0
+
+
+def _keys_list(args) -> int:
+    if not args.dir.is_dir():
+        raise ValueError(f"{args.dir} is not a directory")
+    for p in sorted(args.dir.glob("*.key")):
+        print(f"{p.stem}\t{_load_public(p).decode()}")
+    return 0

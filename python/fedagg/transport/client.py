@@ -1,0 +1,244 @@
+"""A participant: fetch the global model, submit an update, follow the rounds.
+
+>>> c = fedagg.Client("tcp://127.0.0.1:5555", "alice")            # doctest: +SKIP
+>>> rnd, model = c.model()                                         # doctest: +SKIP
+>>> c.submit(model_update, rnd)                                    # doctest: +SKIP
+{'round': 0, 'id': 'alice'}
+
+The update streams in chunks under the server's credit window; a dropped
+connection or a restarted server is resumed from the bytes the server says it
+holds. Every wait is bounded by ``timeout``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from .. import _core
+from .protocol import Codec, Dtype, Kind, ProtocolError, json_message, message, pack_frames, parse, parse_json
+
+
+# Refusals a resumed upload recovers from ("unknown": the server restarted and forgot us).
+_RESUMABLE = ("order", "session", "incomplete", "unknown")
+
+
+class TransportError(RuntimeError):
+    """The server refused an update or did not answer in time."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+class Client:
+    def __init__(self, endpoint: str, id: Optional[str] = None, *, server_key: Optional[bytes] = None,
+                 public_key: Optional[bytes] = None, secret_key: Optional[bytes] = None, timeout: float = 30.0,
+                 heartbeat: float = 2.0):
+        import zmq
+
+        self.zmq = zmq
+        if server_key is not None:
+            if public_key is None or secret_key is None:
+                raise ValueError("CURVE needs the participant's public and secret keys with the server key")
+            if id is not None and id != (public_key.decode() if isinstance(public_key, bytes) else public_key):
+                raise ValueError("with CURVE the participant id is its public key")
+            id = public_key.decode() if isinstance(public_key, bytes) else public_key
+        if not id:
+            raise ValueError("a participant needs an id")
+        self.endpoint, self.id, self.timeout = endpoint, id, float(timeout)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        ivl = int(heartbeat * 1000)
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * ivl)
+        if server_key is not None:
+            self.sock.curve_serverkey = server_key
+            self.sock.curve_publickey = public_key
+            self.sock.curve_secretkey = secret_key
+        self.sock.connect(endpoint)
+        self.seq = time.time_ns()  # strictly increasing across restarts of this participant
+        self.state: Dict[str, Any] = {}
+        try:
+            self.hello()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- plumbing
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _next(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _send(self, frames) -> None:
+        self.sock.send_multipart(frames, copy=False)
+
+    def _recv(self, deadline: float):
+        """The next server message before `deadline`, or None."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+                return None
+            frames = self.sock.recv_multipart(copy=False)
+            try:
+                head, body = parse(frames, 64 << 20)
+            except ProtocolError:
+                continue  # not from a fedagg server: ignore
+            if head.kind == Kind.ROUND:
+                self.state["round"] = max(self.state.get("round", 0), head.round)
+                self.state["fresh_round"] = head.round
+                continue
+            return head, body
+
+    def _ask_state(self, kind: Kind, payload: Optional[dict] = None) -> Dict[str, Any]:
+        deadline = time.monotonic() + self.timeout
+        seq = self._next()
+        frames = (json_message(kind, payload, seq=seq) if payload is not None else message(kind, b"", seq=seq))
+        self._send(frames)
+        while True:
+            got = self._recv(deadline)
+            if got is None:
+                raise TransportError("timeout", f"no answer to {kind.name} from {self.endpoint}")
+            head, body = got
+            if head.kind == Kind.STATE:
+                self.state.update(parse_json(body))
+                return dict(self.state)
+            if head.kind == Kind.REJECTED:
+                r = parse_json(body)
+                if head.seq != seq:
+                    continue  # the refusal of an earlier message (a chunk in flight)
+                if r.get("reason") == "unknown" and kind != Kind.HELLO:  # the server restarted
+                    self.hello()
+                    return self._ask_state(kind, payload)
+                raise TransportError(r.get("reason", "rejected"), r.get("detail", ""))
+
+    def hello(self) -> Dict[str, Any]:
+        return self._ask_state(Kind.HELLO, {"id": self.id})
+
+    def status(self) -> Dict[str, Any]:
+        return self._ask_state(Kind.STATUS)
+
+    def heartbeat(self) -> None:
+        self._send(message(Kind.HEARTBEAT, b"", seq=self._next()))
+
+    # ---------------------------------------------------------------- the model
+    def model(self) -> Tuple[int, np.ndarray]:
+        """(round, global model) of the server's current round."""
+        st = self.status()
+        rnd, total, step, window = st["round"], st["model_bytes"], st["chunk_bytes"], st["credits"]
+        out = np.empty(total // 4, dtype=np.float32)
+        dst = out.view(np.uint8)
+        off = 0
+        while off < total:
+            self._send(message(Kind.GET_MODEL, b"", round=rnd, offset=off, aux=window, seq=self._next()))
+            want = min(total, off + window * step)
+            deadline = time.monotonic() + self.timeout
+            while off < want:
+                got = self._recv(deadline)
+                if got is None:
+                    raise TransportError("timeout", "model download stalled")
+                head, body = got
+                if head.kind == Kind.REJECTED:
+                    r = parse_json(body)
+                    if r.get("reason") == "round":  # a new round started meanwhile: start over
+                        return self.model()
+                    raise TransportError(r.get("reason", "rejected"), r.get("detail", ""))
+                if head.kind != Kind.MODEL or head.round != rnd or head.offset != off or head.total != total:
+                    continue
+                dst[off:off + head.length] = np.frombuffer(body, dtype=np.uint8)
+                off += head.length
+        return rnd, out
+
+    def wait_round(self, after: int, timeout: Optional[float] = None) -> int:
+        """Block until the server is past round `after`; returns the current round."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while time.monotonic() < deadline:
+            if self.state.get("round", -1) > after:
+                return self.state["round"]
+            if self.status()["round"] > after:
+                return self.state["round"]
+            self._recv(min(deadline, time.monotonic() + 0.2))  # a ROUND notice updates the state
+        raise TransportError("timeout", f"round {after} did not end in time")
+
+    # ---------------------------------------------------------------- submitting
+    def submit(self, update: Any, round: Optional[int] = None, *, chunk_delay: float = 0.0) -> Dict[str, Any]:
+        """Stream `update` (float32 vector, or a fedagg.compress.Payload) for `round`; returns ACCEPTED's JSON.
+
+        Raises TransportError with the server's reason if it is refused.
+        """
+        from ..compress import Payload
+
+        if isinstance(update, Payload):
+            blob = np.frombuffer(pack_frames(update.to_frames()), dtype=np.uint8)
+            codec, dtype = Codec.FAGP, Dtype.NONE
+        else:
+            arr = np.ascontiguousarray(np.asarray(update), dtype=np.float32).reshape(-1)
+            blob, codec, dtype = arr.view(np.uint8), Codec.RAW, Dtype.FLOAT32
+        total = blob.size
+        crc = _core.crc32c(blob)
+        st = self.status() if not self.state else self.state
+        rnd = st["round"] if round is None else int(round)
+        attempts = 0
+        while True:
+            attempts += 1
+            if attempts > 20:
+                raise TransportError("gave up", "too many resumptions")
+            st = self.status()
+            if st["round"] != rnd:
+                raise TransportError("late", f"the server is in round {st['round']}, this update is for {rnd}")
+            if st.get("accepted"):
+                raise TransportError("duplicate", "already accepted this round")
+            try:
+                return self._stream(blob, total, crc, rnd, codec, dtype, st, chunk_delay)
+            except _Resume:
+                continue
+
+    def _stream(self, blob, total, crc, rnd, codec, dtype, st, chunk_delay) -> Dict[str, Any]:
+        step, window, session = st["chunk_bytes"], st["credits"], st["session"]
+        off = st["held"] if st["held"] <= total else 0
+        inflight, committed = 0, False
+        deadline = time.monotonic() + self.timeout
+        while True:
+            while off < total and inflight < window:
+                part = blob[off:off + step]
+                self._send(message(Kind.CHUNK, part, round=rnd, offset=off, total=total, seq=self._next(),
+                                   dtype=dtype, codec=codec, session=session))
+                off += part.size
+                inflight += 1
+                if chunk_delay:
+                    time.sleep(chunk_delay)
+            if off >= total and inflight == 0 and not committed:
+                self._send(message(Kind.COMMIT, b"", round=rnd, aux=crc, total=total, seq=self._next(),
+                                   session=session))
+                committed = True  # now waiting for the verdict
+            got = self._recv(deadline)
+            if got is None:
+                raise _Resume()  # nothing heard: ask where the server stands
+            head, body = got
+            deadline = time.monotonic() + self.timeout
+            if head.kind == Kind.CREDIT:
+                inflight = max(0, inflight - head.aux)
+            elif head.kind == Kind.ACCEPTED:
+                return parse_json(body)
+            elif head.kind == Kind.REJECTED:
+                r = parse_json(body)
+                if r.get("reason") in _RESUMABLE:
+                    raise _Resume()
+                raise TransportError(r.get("reason", "rejected"), r.get("detail", ""))
+
+
+class _Resume(Exception):
+    """Resynchronize with the server's STATE and continue the upload."""

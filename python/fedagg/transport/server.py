@@ -1,0 +1,483 @@
+"""The aggregation server: a ZeroMQ ROUTER that runs rounds.
+
+Each round the server publishes the global model; participants fetch it in
+chunks, train, and stream their update back in chunks that are written
+straight into a preallocated buffer per participant (no whole-update copy).
+The round closes at a quorum of accepted updates, or at the deadline once
+``min_updates`` are in; the pipeline (decode -> checks -> clip -> robust rule
+-> noise) aggregates, the model moves by the aggregate, and the next round
+starts. Every refusal is logged and counted with its reason; the loop never
+stops for a bad message. See docs/protocol.md for the messages.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from .. import _core
+from .protocol import (DEFAULT_CHUNK, HEADER, Codec, Dtype, Kind, ProtocolError, json_message, message, parse,
+                       parse_json, unpack_frames)
+from .state import RoundStore
+
+log = logging.getLogger("fedagg.server")
+
+MAX_ID = 128
+
+
+def is_local(endpoint: str) -> bool:
+    """Loopback TCP or ipc/inproc: the only places plain (unauthenticated) mode is allowed by default."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ServerConfig:
+    """How the server runs rounds. Sizes in bytes, times in seconds."""
+
+    bind: str = "tcp://127.0.0.1:5555"
+    rule: str = "mean"
+    f: int = 0
+    rule_params: Dict[str, Any] = field(default_factory=dict)
+    quorum: int = 1  # close the round once this many updates are accepted
+    deadline: float = 60.0  # ... or this long after the round started, with >= min_updates
+    min_updates: int = 1
+    rounds: Optional[int] = None  # stop after this many rounds (None: run until stopped)
+    server_lr: float = 1.0  # model += server_lr * aggregate
+    clip_norm: Optional[float] = None
+    dp: Any = None  # fedagg.privacy.CentralDP
+    chunk_bytes: int = DEFAULT_CHUNK
+    credits: int = 8  # chunks a participant may have in flight
+    max_peers: int = 1024  # connections held at once (memory: max_peers x model size at most)
+    rate: float = 5000.0  # messages per second per connection (token bucket, burst = rate)
+    state_dir: Optional[str] = None
+    curve_secret_key: Optional[bytes] = None  # z85; with it, CURVE is on
+    curve_public_key: Optional[bytes] = None
+    allowed_keys: Optional[List[bytes]] = None  # z85 public keys of participants
+    insecure: bool = False  # allow plain mode on a non-local endpoint (never by default)
+    heartbeat: float = 2.0  # ZMTP heartbeat interval; a peer silent for 5 intervals is dropped
+
+    def check(self) -> None:
+        if self.chunk_bytes < 4096 or self.chunk_bytes > (4 << 20) or self.chunk_bytes % 4:
+            raise ValueError("chunk_bytes must be a multiple of 4 in [4 KiB, 4 MiB]")
+        for name in ("quorum", "min_updates", "credits", "max_peers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.deadline <= 0 or self.rate <= 0:
+            raise ValueError("deadline and rate must be positive")
+        if self.rounds is not None and self.rounds < 1:
+            raise ValueError("rounds must be >= 1")
+        if self.curve_secret_key is None and not self.insecure and not is_local(self.bind):
+            raise ValueError(f"{self.bind} is not a loopback or ipc endpoint: CURVE keys are required "
+                             "(fedagg keys generate), or pass insecure=True knowingly")
+        if (self.curve_secret_key is None) != (self.curve_public_key is None):
+            raise ValueError("give both the server's CURVE secret and public key")
+
+
+@dataclass
+class Peer:
+    routing_id: bytes
+    pid: str
+    key: str  # the authenticated CURVE key (z85), "" in plain mode
+    tokens: float
+    last_refill: float
+    last_seen: float
+    last_seq: int = -1
+
+
+@dataclass
+class Upload:
+    codec: Codec
+    buf: Any  # numpy uint8 view of the destination
+    total: int
+    received: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Server:
+    """Runs rounds over ZeroMQ until ``config.rounds`` are done or ``stop()`` is called."""
+
+    def __init__(self, model: np.ndarray, config: ServerConfig, *, on_round=None, progress=None):
+        import zmq
+
+        config.check()
+        self.zmq = zmq
+        self.cfg = config
+        self.on_round = on_round  # called with each round's metrics record
+        self.progress = progress  # e.g. observe.ProgressView: .update(server) a few times a second
+        self._shown = 0.0
+        self.store = RoundStore(config.state_dir) if config.state_dir else None
+        self.session = int.from_bytes(os.urandom(8), "little") >> 1
+        restored = self.store.load() if self.store else None
+        if restored is not None:
+            self.round, model, accepted = restored
+            log.info("recovered round %d with %d accepted updates from %s", self.round, len(accepted),
+                     config.state_dir, extra={"event": "recovered", "round": self.round})
+        else:
+            self.round, accepted = 0, []
+            model = np.ascontiguousarray(model, dtype=np.float32).reshape(-1)
+            if model.size == 0:
+                raise ValueError("the model has no parameters")
+        self.model = np.array(model, dtype=np.float32, copy=True)
+        self.d = self.model.size
+        self.model_bytes = self.d * 4
+        self.accepted: Dict[str, np.ndarray] = dict(accepted)
+        self.uploads: Dict[str, Upload] = {}
+        self.peers: Dict[bytes, Peer] = {}
+        self.by_pid: Dict[str, bytes] = {}
+        self.rejected: List[Dict[str, Any]] = []
+        self.round_started = time.monotonic()
+        self.bytes_in = 0
+        self.history: List[Dict[str, Any]] = []
+        self._stop = False
+        if self.store and restored is None:
+            self.store.save_round(self.round, self.model)
+        self.ctx = zmq.Context()
+        self.auth = None
+        self.sock = self._socket()
+
+    # ---------------------------------------------------------------- sockets
+    def _socket(self):
+        zmq = self.zmq
+        s = self.ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.MAXMSGSIZE, self.cfg.chunk_bytes + HEADER.size)
+        s.setsockopt(zmq.RCVHWM, 4 * self.cfg.credits * 64)
+        s.setsockopt(zmq.SNDHWM, 1024)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        s.setsockopt(zmq.LINGER, 0)
+        ivl = int(self.cfg.heartbeat * 1000)
+        s.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * ivl)
+        if self.cfg.curve_secret_key is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self.auth = ThreadAuthenticator(self.ctx)
+            self.auth.start()
+            allowed = {k if isinstance(k, bytes) else k.encode() for k in (self.cfg.allowed_keys or [])}
+
+            class AllowList:
+                def callback(self, domain, key):
+                    return key in allowed
+
+            self.auth.configure_curve_callback("*", AllowList())
+            s.curve_server = True
+            s.curve_secretkey = self.cfg.curve_secret_key
+            s.curve_publickey = self.cfg.curve_public_key
+        s.bind(self.cfg.bind)
+        self.endpoint = s.getsockopt_string(zmq.LAST_ENDPOINT)
+        return s
+
+    def close(self) -> None:
+        self.sock.close(0)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()
+
+    def stop(self) -> None:
+        self._stop = True
+
+    # ---------------------------------------------------------------- replies
+    def _send(self, rid: bytes, frames: List[Any]) -> None:
+        try:
+            self.sock.send_multipart([rid, *frames], copy=False, flags=self.zmq.NOBLOCK)
+        except self.zmq.Again:  # the peer's queue is full: it will ask again (STATUS)
+            log.warning("send queue full, reply dropped", extra={"event": "send_dropped"})
+
+    def _state(self, pid: Optional[str]) -> Dict[str, Any]:
+        held = self.uploads[pid].received if pid in self.uploads else 0
+        return {"round": self.round, "session": self.session, "d": self.d, "dtype": "float32",
+                "model_bytes": self.model_bytes, "chunk_bytes": self.cfg.chunk_bytes, "credits": self.cfg.credits,
+                "held": held, "accepted": pid in self.accepted if pid else False}
+
+    def _reject(self, rid: bytes, reason: str, detail: str = "", pid: Optional[str] = None, rnd: Optional[int] = None,
+                record: bool = True, seq: int = 0) -> None:
+        """Refuse one message; the reply names the refused message's seq (0 if it could not be parsed)."""
+        log.info("rejected %s: %s %s", pid or rid.hex(), reason, detail,
+                 extra={"event": "rejected", "participant": pid, "reason": reason, "round": self.round})
+        if record:
+            self.rejected.append({"id": pid, "reason": reason, "detail": detail, "round": rnd})
+        self._send(rid, json_message(Kind.REJECTED, {"reason": reason, "detail": detail, "held": self._held(pid),
+                                                     "seq": seq}, round=self.round, seq=seq, session=self.session))
+
+    def _held(self, pid: Optional[str]) -> int:
+        return self.uploads[pid].received if pid in self.uploads else 0
+
+    # ---------------------------------------------------------------- the loop
+    def serve(self) -> List[Dict[str, Any]]:
+        """Run rounds; returns the per-round metrics."""
+        zmq = self.zmq
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        target = None if self.cfg.rounds is None else self.cfg.rounds
+        try:
+            while not self._stop and (target is None or len(self.history) < target):
+                if poller.poll(50):
+                    for _ in range(256):  # bounded burst, then check the round
+                        try:
+                            frames = self.sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                self._maybe_close()
+                if self.progress is not None and time.monotonic() - self._shown > 0.25:
+                    self._shown = time.monotonic()
+                    self.progress.update(self)
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+            self.close()
+        return self.history
+
+    def _handle(self, frames) -> None:
+        rid = frames[0].bytes
+        now = time.monotonic()
+        peer = self.peers.get(rid)
+        if peer is not None:  # token bucket
+            peer.tokens = min(self.cfg.rate, peer.tokens + (now - peer.last_refill) * self.cfg.rate)
+            peer.last_refill = now
+            if peer.tokens < 1:
+                log.warning("rate limit: dropped a message from %s", peer.pid,
+                            extra={"event": "rate_limited", "participant": peer.pid})
+                return
+            peer.tokens -= 1
+            peer.last_seen = now
+        try:
+            head, body = parse(frames[1:], self.cfg.chunk_bytes)
+        except ProtocolError as e:
+            self._reject(rid, "malformed", str(e), peer.pid if peer else None, record=peer is not None)
+            return
+        if head.kind == Kind.HELLO:
+            self._hello(rid, frames[1], head, body, now)
+            return
+        if peer is None:
+            self._reject(rid, "unknown", "send HELLO first", record=False, seq=head.seq)
+            return
+        if head.seq <= peer.last_seq:
+            self._reject(rid, "replayed", f"seq {head.seq} <= {peer.last_seq}", peer.pid, head.round, seq=head.seq)
+            return
+        peer.last_seq = head.seq
+        if head.kind == Kind.CHUNK:
+            self._chunk(rid, peer, head, body)
+        elif head.kind == Kind.COMMIT:
+            self._commit(rid, peer, head)
+        elif head.kind == Kind.GET_MODEL:
+            self._get_model(rid, head)
+        elif head.kind in (Kind.STATUS, Kind.HEARTBEAT):
+            if head.kind == Kind.STATUS:
+                self._send(rid, json_message(Kind.STATE, self._state(peer.pid), round=self.round,
+                                             session=self.session))
+        else:
+            self._reject(rid, "malformed", f"{head.kind.name} is not sent by participants", peer.pid, seq=head.seq)
+
+    def _hello(self, rid: bytes, head_frame, head, body, now: float) -> None:
+        try:
+            obj = parse_json(body)
+            pid = obj["id"]
+            if not isinstance(pid, str) or not 1 <= len(pid) <= MAX_ID or not pid.isprintable():
+                raise ProtocolError(f"id must be 1..{MAX_ID} printable characters")
+        except (ProtocolError, KeyError, TypeError) as e:
+            self._reject(rid, "malformed", f"HELLO: {e}", record=False, seq=head.seq)
+            return
+        key = ""
+        if self.cfg.curve_secret_key is not None:
+            key = head_frame.get("User-Id") or ""
+            if pid != key:  # an update is accepted only from the key it claims
+                self._reject(rid, "identity", "id must be the participant's CURVE public key (z85)", record=False, seq=head.seq)
+                return
+        if rid not in self.peers and len(self.peers) >= self.cfg.max_peers:
+            self._drop_idle(now)
+            if len(self.peers) >= self.cfg.max_peers:
+                self._reject(rid, "busy", f"{self.cfg.max_peers} participants connected", record=False, seq=head.seq)
+                return
+        prev = self.peers.get(rid)
+        if prev is not None and prev.pid != pid:  # a connection speaks for one participant at a time
+            self.uploads.pop(prev.pid, None)
+            self.by_pid.pop(prev.pid, None)
+        old = self.by_pid.get(pid)
+        last_seq = -1
+        if old is not None and old != rid:  # reconnected: the new connection takes over
+            last_seq = self.peers.pop(old).last_seq if old in self.peers else -1
+        elif rid in self.peers:
+            last_seq = self.peers[rid].last_seq
+        if head.seq <= last_seq:
+            self._reject(rid, "replayed", f"seq {head.seq} <= {last_seq}", pid, record=False, seq=head.seq)
+            return
+        self.peers[rid] = Peer(rid, pid, key, self.cfg.rate, now, now, head.seq)
+        self.by_pid[pid] = rid
+        log.info("hello from %s", pid, extra={"event": "hello", "participant": pid})
+        self._send(rid, json_message(Kind.STATE, self._state(pid), round=self.round, session=self.session))
+
+    def _drop_idle(self, now: float) -> None:
+        for rid, p in list(self.peers.items()):
+            if now - p.last_seen > 5 * self.cfg.heartbeat and p.pid not in self.uploads:
+                del self.peers[rid]
+                if self.by_pid.get(p.pid) == rid:
+                    del self.by_pid[p.pid]
+
+    def _get_model(self, rid: bytes, head) -> None:
+        if head.round != self.round:
+            self._reject(rid, "round", f"the model of round {self.round} is served, not {head.round}",
+                         self.peers[rid].pid, head.round, record=False, seq=head.seq)
+            return
+        step = self.cfg.chunk_bytes
+        if head.offset % step or head.offset >= self.model_bytes:
+            self._reject(rid, "malformed", "GET_MODEL offset must be a chunk boundary inside the model",
+                         self.peers[rid].pid, record=False, seq=head.seq)
+            return
+        view = memoryview(self.model).cast("B")  # all peers share this buffer: no per-peer copy
+        count = max(1, min(int(head.aux), self.cfg.credits))
+        for off in range(head.offset, min(self.model_bytes, head.offset + count * step), step):
+            part = view[off:off + step]
+            self._send(rid, message(Kind.MODEL, part, round=self.round, offset=off, total=self.model_bytes,
+                                    dtype=Dtype.FLOAT32, session=self.session))
+
+    def _chunk(self, rid: bytes, peer: Peer, head, body) -> None:
+        pid = peer.pid
+        if head.round != self.round:
+            why = "late" if head.round < self.round else "future"
+            self._reject(rid, why, f"round {head.round}, the server is in round {self.round}", pid, head.round, seq=head.seq)
+            return
+        if head.session != self.session:
+            self._reject(rid, "session", "the server restarted: resume from 'held'", pid, head.round, record=False, seq=head.seq)
+            return
+        if pid in self.accepted:
+            self._reject(rid, "duplicate", "an update of this participant is already in the round", pid, head.round, seq=head.seq)
+            return
+        if head.codec == Codec.RAW:
+            if head.dtype != Dtype.FLOAT32 or head.total != self.model_bytes:
+                self.uploads.pop(pid, None)
+                self._reject(rid, "size", f"a raw update is {self.model_bytes} float32 bytes, got {head.total} "
+                             f"bytes of {head.dtype.name}", pid, head.round, seq=head.seq)
+                return
+        elif head.total > self.model_bytes + (1 << 16):  # a compressed update is never bigger than raw
+            self._reject(rid, "size", f"compressed update of {head.total} bytes exceeds the raw size", pid, head.round, seq=head.seq)
+            return
+        up = self.uploads.get(pid)
+        if up is None or up.codec != head.codec or up.total != head.total:
+            if head.offset != 0:
+                self._reject(rid, "order", "an upload starts at offset 0", pid, head.round, record=False, seq=head.seq)
+                return
+            if up is None and len(self.uploads) >= self.cfg.max_peers:
+                self._reject(rid, "busy", f"{self.cfg.max_peers} uploads in progress", pid, head.round, seq=head.seq)
+                return
+            buf = (np.empty(self.d, dtype=np.float32).view(np.uint8) if head.codec == Codec.RAW
+                   else np.empty(head.total, dtype=np.uint8))
+            up = self.uploads[pid] = Upload(head.codec, buf, head.total)
+        if head.offset != up.received:
+            self._reject(rid, "order", f"expected offset {up.received}, got {head.offset}", pid, head.round,
+                         record=False, seq=head.seq)
+            return
+        up.buf[up.received:up.received + head.length] = np.frombuffer(body, dtype=np.uint8)
+        up.received += head.length
+        self.bytes_in += head.length
+        self._send(rid, message(Kind.CREDIT, b"", aux=1, offset=up.received, total=up.total, round=self.round,
+                                session=self.session))
+
+    def _commit(self, rid: bytes, peer: Peer, head) -> None:
+        pid = peer.pid
+        if head.round != self.round:
+            self._reject(rid, "late" if head.round < self.round else "future",
+                         f"round {head.round}, the server is in round {self.round}", pid, head.round, seq=head.seq)
+            return
+        if pid in self.accepted:
+            self._reject(rid, "duplicate", "an update of this participant is already in the round", pid, head.round, seq=head.seq)
+            return
+        up = self.uploads.get(pid)
+        if up is None or up.received != up.total or head.session != self.session:
+            self._reject(rid, "incomplete", f"holding {self._held(pid)} of {up.total if up else '?'} bytes", pid,
+                         head.round, record=False, seq=head.seq)
+            return
+        del self.uploads[pid]
+        if _core.crc32c(up.buf) != head.aux:
+            self._reject(rid, "checksum", "the update's CRC32C does not match COMMIT", pid, head.round, seq=head.seq)
+            return
+        try:
+            update = self._decode(up)
+        except ValueError as e:
+            self._reject(rid, "payload", str(e), pid, head.round, seq=head.seq)
+            return
+        if _core.nonfinite_rows([update])[0]:
+            self._reject(rid, "nonfinite", "the update holds NaN or Inf", pid, head.round, seq=head.seq)
+            return
+        self.accepted[pid] = update
+        if self.store:
+            self.store.save_update(self.round, list(self.accepted), update)
+        log.info("accepted %s", pid, extra={"event": "accepted", "participant": pid, "round": self.round})
+        self._send(rid, json_message(Kind.ACCEPTED, {"round": self.round, "id": pid}, round=self.round,
+                                     session=self.session))
+
+    def _decode(self, up: Upload) -> np.ndarray:
+        if up.codec == Codec.RAW:
+            return up.buf.view(np.float32)
+        from ..compress import Payload, decode
+
+        p = Payload.from_frames(unpack_frames(memoryview(up.buf)))
+        if p.d != self.d:
+            raise ValueError(f"compressed update has d = {p.d}, the model has {self.d}")
+        return decode(p)
+
+    # ---------------------------------------------------------------- closing a round
+    def _maybe_close(self) -> None:
+        n = len(self.accepted)
+        late = time.monotonic() - self.round_started >= self.cfg.deadline
+        if n >= self.cfg.quorum or (late and n >= self.cfg.min_updates):
+            self._close_round(reason="quorum" if n >= self.cfg.quorum else "deadline")
+
+    def _close_round(self, reason: str) -> None:
+        from .. import aggregate
+
+        t0 = time.monotonic()
+        ids = list(self.accepted)
+        rows = [self.accepted[i] for i in ids]
+        kw = dict(self.cfg.rule_params)
+        if self.cfg.dp is not None:
+            kw["dp"] = self.cfg.dp
+        elif self.cfg.clip_norm is not None:
+            kw["clip_norm"] = self.cfg.clip_norm
+        agg, info = aggregate(rows, self.cfg.rule, self.cfg.f, return_info=True, **kw)
+        t_agg = time.monotonic() - t0
+        # A new buffer: MODEL frames still queued keep referencing the old one.
+        self.model = self.model + np.float32(self.cfg.server_lr) * np.asarray(agg, dtype=np.float32)
+        excluded = [ids[i] for i in info.excluded]
+        if info.selected is not None:
+            chosen = {int(i) for i in info.selected}
+            excluded += [ids[i] for i in range(len(ids)) if i not in chosen]
+        record = {
+            "round": self.round, "closed_by": reason, "accepted": ids, "rejected": self.rejected,
+            "excluded_by_rule": sorted(set(excluded)), "rule": self.cfg.rule, "f": self.cfg.f,
+            "seconds": time.monotonic() - self.round_started, "aggregate_seconds": t_agg,
+            "bytes_in": self.bytes_in, "abandoned_uploads": sorted(self.uploads),
+            "privacy": None if info.privacy is None else info.privacy.as_dict(),
+        }
+        log.info("round %d closed (%s): %d accepted, %d rejected, excluded by the rule: %s", self.round, reason,
+                 len(ids), len(self.rejected), record["excluded_by_rule"],
+                 extra={"event": "round_closed", "round": self.round})
+        self.history.append(record)
+        if self.store:
+            self.store.append_metrics(record)
+        if self.on_round is not None:
+            self.on_round(record)
+        self.round += 1
+        self.accepted, self.uploads, self.rejected = {}, {}, []
+        self.bytes_in = 0
+        if self.store:
+            self.store.save_round(self.round, self.model)
+        self.round_started = time.monotonic()
+        note = json_message(Kind.ROUND, {"round": self.round}, round=self.round, session=self.session)
+        for rid in list(self.peers):
+            self._send(rid, note)

@@ -1,0 +1,386 @@
+"""The ZeroMQ transport: protocol parsing, the server's rules, and rounds with real processes.
+
+Servers bind to 127.0.0.1 on a free port; every wait is bounded.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+zmq = pytest.importorskip("zmq")
+
+import fedagg  # noqa: E402
+from fedagg import _core, compress  # noqa: E402
+from fedagg.transport import Client, Server, ServerConfig, TransportError  # noqa: E402
+from fedagg.transport import participant  # noqa: E402
+from fedagg.transport.protocol import (HEADER, Codec, Dtype, Header, Kind, ProtocolError, json_message,  # noqa: E402
+                                       message, pack_frames, parse, parse_json, unpack_frames)
+from fedagg.transport.server import is_local  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    """A Server in a thread of this process."""
+
+    def __init__(self, d=1000, **cfg):
+        cfg.setdefault("bind", "tcp://127.0.0.1:0")
+        cfg.setdefault("deadline", 30.0)
+        self.server = Server(np.zeros(d, np.float32), ServerConfig(**cfg))
+        self.endpoint = self.server.endpoint
+        self.thread = threading.Thread(target=self.server.serve, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def running():
+    made = []
+
+    def make(**kw):
+        r = Running(**kw)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        if r.thread.is_alive():
+            r.stop()
+
+
+def join_cmd(endpoint, pid, behaviour="honest", rounds=1, **kw):
+    cmd = [sys.executable, "-m", "fedagg", "join", "--connect", endpoint, "--id", pid, "--behaviour", behaviour,
+           "--rounds", str(rounds), "--timeout", str(kw.pop("timeout", 20))]
+    for k, v in kw.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    return cmd
+
+
+def spawn(cmd, **kw):
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(pred, timeout=30.0, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---------------------------------------------------------------- the protocol
+def test_message_roundtrip_and_checksum():
+    payload = np.arange(1000, dtype=np.float32)
+    frames = message(Kind.CHUNK, payload, round=3, seq=9, offset=4000, total=8000, dtype=Dtype.FLOAT32)
+    head, body = parse(frames, 1 << 20)
+    assert (head.kind, head.round, head.seq, head.offset, head.total, head.length) == (Kind.CHUNK, 3, 9, 4000, 8000,
+                                                                                       4000)
+    assert head.checksum == _core.crc32c(payload) and bytes(body) == payload.tobytes()
+    assert parse_json(parse(json_message(Kind.HELLO, {"id": "a"}), 100)[1]) == {"id": "a"}
+
+
+def test_crc32c_known_values():
+    assert _core.crc32c(b"123456789") == 0xE3069283  # the CRC32C check value
+    assert _core.crc32c(b"") == 0
+    x = np.random.default_rng(0).integers(0, 256, 300_001, dtype=np.uint8)
+    assert _core.crc32c(x[1000:], _core.crc32c(x[:1000])) == _core.crc32c(x)
+    # against a bitwise reference
+    def ref(data):
+        c = 0xFFFFFFFF
+        for b in data:
+            c ^= b
+            for _ in range(8):
+                c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+        return c ^ 0xFFFFFFFF
+    for n in (1, 7, 8, 9, 100, 30_000):
+        assert _core.crc32c(x[:n]) == ref(x[:n].tobytes())
+    with pytest.raises(ValueError, match="contiguous"):
+        _core.crc32c(np.zeros(10)[::2])
+
+
+def good():
+    return message(Kind.CHUNK, b"abcd", round=1, seq=1, offset=0, total=8, dtype=Dtype.FLOAT32)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda f: f[:1], "exactly 2 frames"),
+    (lambda f: f + [b""], "exactly 2 frames"),
+    (lambda f: [f[0][:63], f[1]], "64 bytes"),
+    (lambda f: [b"XXXX" + f[0][4:], f[1]], "magic"),
+    (lambda f: [f[0][:4] + bytes([2]) + f[0][5:], f[1]], "version"),
+    (lambda f: [f[0][:5] + bytes([99]) + f[0][6:], f[1]], "unknown"),
+    (lambda f: [f[0], b"abc"], "payload bytes"),
+    (lambda f: [f[0], b"abce"], "checksum"),
+    (lambda f: [f[0][:52] + b"\x01\x00\x00\x00" + f[0][56:], f[1]], "reserved"),
+    (lambda f: message(Kind.CHUNK, b"abcd", offset=6, total=8), "runs past"),
+    (lambda f: message(Kind.CHUNK, b"x" * 200), "exceeds the limit"),
+])
+def test_malformed_messages_raise_protocol_errors(mutate, match):
+    with pytest.raises(ProtocolError, match=match):
+        parse(mutate(good()), 100)
+
+
+def test_compressed_blob_framing():
+    p = compress.TopK(ratio=0.1).encode(np.arange(100, dtype=np.float32))
+    blob = pack_frames(p.to_frames())
+    back = compress.Payload.from_frames(unpack_frames(memoryview(blob)))
+    np.testing.assert_array_equal(compress.decode(back), compress.decode(p))
+    for bad in (b"", blob[:-1], blob + b"x", b"\x00\x00\x00\x00", b"\xff\xff\xff\xff" + blob[4:]):
+        with pytest.raises(ProtocolError):
+            unpack_frames(memoryview(bad))
+
+
+def test_is_local():
+    assert is_local("tcp://127.0.0.1:5") and is_local("tcp://localhost:5") and is_local("ipc:///tmp/x")
+    assert is_local("tcp://[::1]:5") and not is_local("tcp://0.0.0.0:5") and not is_local("tcp://10.0.0.1:5")
+    with pytest.raises(ValueError, match="CURVE keys are required"):
+        ServerConfig(bind="tcp://0.0.0.0:5555").check()
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.binary(max_size=200), min_size=0, max_size=4))
+def test_fuzzed_frames_only_raise_protocol_errors(frames):
+    try:
+        parse(frames, 128)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.integers(0, 255), st.integers(0, 20), st.binary(min_size=0, max_size=64),
+       st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
+def test_fuzzed_headers_with_valid_magic(kind, field, body, a, b, c):
+    raw = bytearray(Header(Kind.CHUNK, round=a, offset=b, total=c, length=len(body),
+                           checksum=_core.crc32c(body)).pack())
+    raw[5] = kind
+    raw[8 + field] ^= 0xFF if field < 8 else 0  # corrupt length / aux bytes sometimes
+    try:
+        head, out = parse([bytes(raw), body], 64)
+        assert out.nbytes == head.length <= 64
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.lists(st.binary(max_size=80), min_size=0, max_size=4), min_size=1, max_size=10))
+def test_server_survives_fuzzed_messages(running_server, batches):
+    ep = running_server.endpoint
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(ep)
+    try:
+        for frames in batches:
+            if frames:
+                s.send_multipart(frames)
+        hello = json_message(Kind.HELLO, {"id": "fuzzer"}, seq=time.time_ns())
+        hello_crafted = [hello[0], bytes(hello[1])]
+        s.send_multipart(hello_crafted)  # the server still answers
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            assert s.poll(5000), "the server stopped answering"
+            head, body = parse(s.recv_multipart(), 1 << 20)
+            if head.kind == Kind.STATE:
+                break
+        else:
+            raise AssertionError("no STATE")
+    finally:
+        s.close(0)
+    assert running_server.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def running_server():
+    r = Running(d=100)
+    yield r
+    r.stop()
+
+
+# ---------------------------------------------------------------- the server's rules, in process
+def test_round_with_clients_in_threads(running):
+    r = running(d=5000, quorum=3, rounds=1, rule="mean")
+    results = {}
+
+    def go(i):
+        with Client(r.endpoint, f"p{i}", timeout=10) as c:
+            rnd, model = c.model()
+            assert rnd == 0 and not model.any()
+            results[i] = c.submit(np.full(5000, float(i), np.float32), rnd)
+
+    ts = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+    [t.start() for t in ts]
+    [t.join(30) for t in ts]
+    r.thread.join(10)
+    assert all(results[i] == {"round": 0, "id": f"p{i}"} for i in range(3))
+    np.testing.assert_allclose(r.server.model, np.full(5000, 1.0))
+    assert r.server.history[0]["closed_by"] == "quorum"
+
+
+def test_refusals_late_duplicate_replay_size_nonfinite(running):
+    r = running(d=3000, quorum=5, rounds=None, chunk_bytes=4096)
+    x = np.ones(3000, np.float32)
+    bad = x.copy()
+    bad[5] = np.nan
+    with Client(r.endpoint, "a", timeout=10) as c:
+        assert c.submit(x, 0)["id"] == "a"
+        with pytest.raises(TransportError, match="duplicate"):  # the client knows from STATE
+            c.submit(x, 0)
+        st = c.status()  # and the server refuses a second upload anyway
+        c._send(message(Kind.CHUNK, x[:1024], round=0, offset=0, total=12000, seq=c._next(), dtype=Dtype.FLOAT32,
+                        session=st["session"]))
+        reply = c._recv(time.monotonic() + 5)
+        assert parse_json(reply[1])["reason"] == "duplicate"
+    for pid, update, rnd, match in [("b", np.ones(3001, np.float32), 0, "size"), ("c", bad, 0, "nonfinite"),
+                                    ("d", x, 7, "late|future")]:
+        with Client(r.endpoint, pid, timeout=10) as c, pytest.raises(TransportError, match=match):
+            c.submit(update, rnd)
+    # a replayed message (an old sequence number) is refused
+    with Client(r.endpoint, "e", timeout=10) as e:
+        e._send(message(Kind.HEARTBEAT, b"", seq=5))
+        reply = e._recv(time.monotonic() + 5)
+    assert reply[0].kind == Kind.REJECTED and parse_json(reply[1])["reason"] == "replayed"
+    reasons = {x["id"]: x["reason"] for x in r.server.rejected}
+    assert reasons["a"] == "duplicate" and reasons["b"] == "size" and reasons["c"] == "nonfinite"
+    assert reasons["e"] == "replayed"
+    assert list(r.server.accepted) == ["a"]
+
+
+def test_compressed_updates_are_decoded(running):
+    r = running(d=4000, quorum=2, rounds=1)
+    x = np.random.default_rng(1).standard_normal(4000).astype(np.float32)
+    p = compress.TopK(ratio=0.05, error_feedback=False).encode(x)
+    q = compress.Uniform(8).encode(x, seed=3)
+    with Client(r.endpoint, "sparse", timeout=10) as a, Client(r.endpoint, "quant", timeout=10) as b:
+        a.submit(p, 0)
+        b.submit(q, 0)
+    r.thread.join(10)
+    want = (compress.decode(p).astype(np.float64) + compress.decode(q)) / 2
+    np.testing.assert_allclose(r.server.model, want, rtol=1e-6, atol=1e-6)
+
+
+def test_rate_limit_drops_floods_but_keeps_serving(running, caplog):
+    r = running(d=100, quorum=2, rate=50.0)
+    with Client(r.endpoint, "flood", timeout=10) as c:
+        for _ in range(400):
+            c.heartbeat()
+        time.sleep(0.5)
+        assert any(getattr(rec, "event", "") == "rate_limited" for rec in caplog.records)
+        time.sleep(1.0)  # tokens refill
+        assert c.status()["round"] == 0
+
+
+def test_curve_allow_list_binds_updates_to_keys(running, tmp_path):
+    from zmq.auth import create_certificates, load_certificate
+
+    spub, ssec = load_certificate(create_certificates(str(tmp_path), "server")[1])
+    apub, asec = load_certificate(create_certificates(str(tmp_path), "alice")[1])
+    bpub, bsec = load_certificate(create_certificates(str(tmp_path), "bob")[1])
+    r = running(d=500, quorum=1, rounds=1, curve_secret_key=ssec, curve_public_key=spub, allowed_keys=[apub])
+    with pytest.raises(TransportError, match="timeout"):  # not on the allow-list: ZAP refuses the handshake
+        Client(r.endpoint, server_key=spub, public_key=bpub, secret_key=bsec, timeout=2)
+    # an allowed key claiming another identity is refused
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.curve_serverkey, s.curve_publickey, s.curve_secretkey = spub, apub, asec
+    s.connect(r.endpoint)
+    s.send_multipart(json_message(Kind.HELLO, {"id": "mallory"}, seq=1))
+    assert s.poll(5000)
+    head, body = parse(s.recv_multipart(), 1 << 16)
+    assert head.kind == Kind.REJECTED and parse_json(body)["reason"] == "identity"
+    s.close(0)
+    with Client(r.endpoint, server_key=spub, public_key=apub, secret_key=asec, timeout=10) as c:
+        assert c.id == apub.decode()
+        assert c.submit(np.ones(500, np.float32), 0)["id"] == apub.decode()
+    r.thread.join(10)
+    assert r.server.history[0]["accepted"] == [apub.decode()]
+
+
+# ---------------------------------------------------------------- rounds with participant processes
+def test_byzantine_participants_and_a_killed_upload(running):
+    d = 200_000
+    # Closed by the deadline (the quorum is out of reach), so every verdict is in before it closes.
+    r = running(d=d, quorum=100, min_updates=7, rounds=1, rule="median", f=2, chunk_bytes=64 << 10, deadline=12)
+    ep = r.endpoint
+    slow = spawn(join_cmd(ep, "killed", chunk_delay=0.2, seed=7))  # killed while its upload streams
+    wait_for(lambda: r.server.uploads.get("killed") is not None and r.server.uploads["killed"].received > 0,
+             what="the slow upload to start")
+    slow.send_signal(signal.SIGKILL)
+    slow.communicate(timeout=10)
+    procs = {"dies": spawn(join_cmd(ep, "dies", behaviour="die"))}  # exits by itself mid-upload
+    procs["dies"].communicate(timeout=30)
+    procs.update({f"h{i}": spawn(join_cmd(ep, f"h{i}", seed=i)) for i in range(5)})
+    for b in ("signflip", "noise", "nan", "wrongsize"):
+        procs[b] = spawn(join_cmd(ep, b, behaviour=b, seed=99))
+    out = {k: p.communicate(timeout=60) for k, p in procs.items()}
+    r.thread.join(30)
+    assert not r.thread.is_alive(), "the round did not close"
+    rec = r.server.history[0]
+    assert sorted(rec["accepted"]) == sorted([f"h{i}" for i in range(5)] + ["signflip", "noise"])
+    reasons = {x["id"]: x["reason"] for x in rec["rejected"]}
+    assert reasons["nan"] == "nonfinite" and reasons["wrongsize"] == "size"
+    assert "killed" not in rec["accepted"] and "dies" not in rec["accepted"]
+    assert {"killed", "dies"} <= set(rec["abandoned_uploads"])  # partial uploads stayed out of the aggregate
+    assert procs["dies"].returncode == 3 and procs["h0"].returncode == 0
+    # the honest result: the median of 5 honest and 2 Byzantine updates stays with the honest ones
+    goal = participant.target(d, 0)
+    assert np.abs(r.server.model - goal).max() < 0.1
+    assert "signflip" in rec["excluded_by_rule"] or rec["rule"] == "median"
+    assert all("Traceback" not in e for _, e in out.values())
+
+
+def test_server_killed_and_restarted_mid_round_loses_nothing(tmp_path):
+    d, port = 50_000, free_port()
+    ep = f"tcp://127.0.0.1:{port}"
+    state = tmp_path / "state"
+    serve = [sys.executable, "-m", "fedagg", "serve", "--bind", ep, "--d", str(d), "--quorum", "4", "--rounds", "1",
+             "--state-dir", str(state), "--no-progress", "--chunk-mib", "0.0625"]
+    srv = spawn(serve)
+    try:
+        first = [spawn(join_cmd(ep, f"early{i}", seed=i)) for i in range(2)]
+        for p in first:
+            p.communicate(timeout=60)
+            assert p.returncode == 0
+        accepted = json.loads((state / "round-0" / "accepted.json").read_text())
+        assert sorted(accepted) == ["early0", "early1"]
+        # 4 chunks each at 0.5 s apart: still uploading when the server is killed
+        late = [spawn(join_cmd(ep, f"late{i}", seed=10 + i, timeout=5, chunk_delay=0.5)) for i in range(2)]
+        time.sleep(1.0)
+        srv.send_signal(signal.SIGKILL)  # mid-round, with uploads in flight
+        srv.communicate(timeout=10)
+        srv = spawn(serve)  # same state directory, same port
+        for p in late:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+        out, err = srv.communicate(timeout=60)
+        assert srv.returncode == 0, err
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.communicate(timeout=10)
+    rec = [json.loads(line) for line in (state / "metrics.jsonl").read_text().splitlines()]
+    assert len(rec) == 1 and sorted(rec[0]["accepted"]) == ["early0", "early1", "late0", "late1"]
+    assert "recovered round 0 with 2 accepted" in err
