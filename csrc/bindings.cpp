@@ -481,6 +481,26 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("data"), py::arg("crc") = 0,
      "CRC32C of a contiguous buffer; pass a previous result as crc to continue it.");
 
+  m.def("copy_crc32c", [](const py::buffer& dst, const py::buffer& src, bool check_finite) {
+    const py::buffer_info d = dst.request(true), s = src.request();
+    auto bytes = [](const py::buffer_info& i) {
+      if (i.ndim > 1 || (i.ndim == 1 && i.strides[0] != i.itemsize))
+        throw py::value_error("copy_crc32c needs contiguous buffers");
+      return static_cast<std::size_t>(i.size) * static_cast<std::size_t>(i.itemsize);
+    };
+    const std::size_t n = bytes(s);
+    if (bytes(d) != n) throw py::value_error("copy_crc32c: dst and src sizes differ");
+    if (check_finite && n % 4 != 0) throw py::value_error("copy_crc32c: check_finite needs whole float32s");
+    bool finite = true;
+    std::uint32_t crc;
+    {
+      py::gil_scoped_release release;
+      crc = fedagg::copy_crc32c(d.ptr, s.ptr, n, check_finite ? &finite : nullptr);
+    }
+    return py::make_tuple(crc, finite);
+  }, py::arg("dst"), py::arg("src"), py::arg("check_finite") = false,
+     "Copy src into the writable dst in one pass; returns (CRC32C(src), every float32 finite).");
+
   // ---- privacy noise (see fedagg/noise.hpp); outputs are written in place, so
   // they must be exactly the dtype, contiguous and writable (no silent copies).
   auto writable = [](const py::array& a, char kind, int itemsize, const char* what) {

@@ -126,4 +126,33 @@ std::uint32_t crc32c(const void* data, std::size_t n, std::uint32_t crc) {
   return ~update_sw(c, p, n);
 }
 
+namespace {
+// True if no float32 in [p, p + count) is NaN or Inf (exponent bits all ones).
+bool all_finite_f32(const unsigned char* p, std::size_t count) {
+  std::uint32_t bad = 0;
+  for (std::size_t i = 0; i < count; ++i) {
+    std::uint32_t w;
+    std::memcpy(&w, p + 4 * i, 4);
+    bad |= static_cast<std::uint32_t>((w & 0x7F800000u) == 0x7F800000u);
+  }
+  return bad == 0;
+}
+}  // namespace
+
+std::uint32_t copy_crc32c(void* dst, const void* src, std::size_t n, bool* finite) {
+  constexpr std::size_t kBlock = std::size_t(1) << 16;
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto* s = static_cast<const unsigned char*>(src);
+  std::uint32_t crc = 0;
+  bool ok = true;
+  for (std::size_t off = 0; off < n; off += kBlock) {
+    const std::size_t len = n - off < kBlock ? n - off : kBlock;
+    std::memcpy(d + off, s + off, len);
+    crc = crc32c(d + off, len, crc);
+    if (finite != nullptr) ok = all_finite_f32(d + off, len / 4) && ok;
+  }
+  if (finite != nullptr) *finite = ok;
+  return crc;
+}
+
 }  // namespace fedagg

@@ -384,3 +384,40 @@ def test_server_killed_and_restarted_mid_round_loses_nothing(tmp_path):
     rec = [json.loads(line) for line in (state / "metrics.jsonl").read_text().splitlines()]
     assert len(rec) == 1 and sorted(rec[0]["accepted"]) == ["early0", "early1", "late0", "late1"]
     assert "recovered round 0 with 2 accepted" in err
+
+
+# ---------------------------------------------------------------- observability
+def test_json_logs_and_the_progress_view(running):
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from fedagg.transport.observe import JsonFormatter, ProgressView
+
+    rec = logging.LogRecord("fedagg.server", logging.INFO, __file__, 1, "accepted %s", ("a",), None)
+    rec.event, rec.participant, rec.round = "accepted", "a", 3
+    line = json.loads(JsonFormatter().format(rec))
+    assert line["message"] == "accepted a" and line["event"] == "accepted" and line["round"] == 3
+    r = running(d=1000, quorum=2)
+    out = io.StringIO()
+    view = ProgressView(Console(file=out, width=120, force_terminal=False))
+    with Client(r.endpoint, "watched", timeout=10) as c:
+        c.submit(np.ones(1000, np.float32), 0)
+    view.update(r.server)
+    view.close()
+    text = out.getvalue()
+    assert "round 0" in text and "accepted" in text and "1" in text
+
+
+def test_cli_keys(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fedagg", "keys", "generate", str(tmp_path), "alice"],
+                         capture_output=True, text=True, check=True).stdout
+    key = json.loads(out)["key"]
+    assert (tmp_path / "alice.key_secret").stat().st_mode & 0o077 == 0
+    listed = subprocess.run([sys.executable, "-m", "fedagg", "keys", "list", str(tmp_path)],
+                            capture_output=True, text=True, check=True).stdout
+    assert listed.strip() == f"alice\t{key}"
+    bad = subprocess.run([sys.executable, "-m", "fedagg", "serve", "--bind", "tcp://0.0.0.0:1", "--d", "3"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "CURVE keys are required" in bad.stderr

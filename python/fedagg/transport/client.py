@@ -52,6 +52,8 @@ class Client:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDBUF, 8 << 20)  # two 4 MiB chunks in the kernel's socket buffer
+        self.sock.setsockopt(zmq.RCVBUF, 8 << 20)
         ivl = int(heartbeat * 1000)
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * ivl)
@@ -188,7 +190,6 @@ class Client:
             arr = np.ascontiguousarray(np.asarray(update), dtype=np.float32).reshape(-1)
             blob, codec, dtype = arr.view(np.uint8), Codec.RAW, Dtype.FLOAT32
         total = blob.size
-        crc = _core.crc32c(blob)
         st = self.status() if not self.state else self.state
         rnd = st["round"] if round is None else int(round)
         attempts = 0
@@ -202,11 +203,11 @@ class Client:
             if st.get("accepted"):
                 raise TransportError("duplicate", "already accepted this round")
             try:
-                return self._stream(blob, total, crc, rnd, codec, dtype, st, chunk_delay)
+                return self._stream(blob, total, rnd, codec, dtype, st, chunk_delay)
             except _Resume:
                 continue
 
-    def _stream(self, blob, total, crc, rnd, codec, dtype, st, chunk_delay) -> Dict[str, Any]:
+    def _stream(self, blob, total, rnd, codec, dtype, st, chunk_delay) -> Dict[str, Any]:
         step, window, session = st["chunk_bytes"], st["credits"], st["session"]
         off = st["held"] if st["held"] <= total else 0
         inflight, committed = 0, False
@@ -221,8 +222,7 @@ class Client:
                 if chunk_delay:
                     time.sleep(chunk_delay)
             if off >= total and inflight == 0 and not committed:
-                self._send(message(Kind.COMMIT, b"", round=rnd, aux=crc, total=total, seq=self._next(),
-                                   session=session))
+                self._send(message(Kind.COMMIT, b"", round=rnd, total=total, seq=self._next(), session=session))
                 committed = True  # now waiting for the verdict
             got = self._recv(deadline)
             if got is None:
@@ -235,7 +235,7 @@ class Client:
                 return parse_json(body)
             elif head.kind == Kind.REJECTED:
                 r = parse_json(body)
-                if r.get("reason") in _RESUMABLE:
+                if r.get("reason") in _RESUMABLE or r.get("reason") == "checksum":
                     raise _Resume()
                 raise TransportError(r.get("reason", "rejected"), r.get("detail", ""))
 
