@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "fedagg/check.hpp"
+#include "fedagg/clones.hpp"
 #include "fedagg/kernels.hpp"
 #include "fedagg/philox.hpp"
 #include "fedagg/quant_math.hpp"
@@ -14,11 +15,6 @@
 
 // This file is compiled with -ffp-contract=off -fno-math-errno (CMakeLists.txt):
 // no FMA contraction, so the Gaussian transform rounds like the CUDA kernel's.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FEDAGG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FEDAGG_CLONES
-#endif
 
 namespace fedagg {
 namespace {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from typing import Any, Callable, Dict, List
 
@@ -16,6 +17,17 @@ def median_time(fn: Callable[[], Any], repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def optional_torch():
+    """torch if it is installed (imported now if needed), else None: the comparisons are optional."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        try:
+            import torch
+        except ImportError:
+            return None
+    return torch
 
 
 def add_speedups(rows: List[Dict[str, Any]]) -> None:

@@ -9,13 +9,12 @@ the NumPy and torch idioms, on the same vector in the same run.
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Dict, List
 
 import numpy as np
 
 from . import TopK, Uniform, decode, mean
-from .._benchutil import add_speedups, median_time, table
+from .._benchutil import add_speedups, median_time, optional_torch, table
 from .sink import HostSink
 
 
@@ -51,12 +50,7 @@ def run(d: int = 10_000_000, ratio: float = 0.01, n: int = 16, repeat: int = 5, 
     got = set(np_topk()[0].tolist())
     add("top-k encode", "numpy argpartition", _time(np_topk, repeat), nbytes, got == ref_set,
         "ties may pick other indices" if got != ref_set else "")
-    torch = sys.modules.get("torch")
-    if torch is None:
-        try:
-            import torch  # noqa: F811
-        except ImportError:
-            torch = None
+    torch = optional_torch()
     if torch is not None:
         T = torch.from_numpy(x)
 

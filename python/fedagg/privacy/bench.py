@@ -9,12 +9,11 @@ NumPy's and torch's generators, and the discrete Gaussian's throughput, same run
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Dict, List
 
 import numpy as np
 
-from .._benchutil import add_speedups, median_time, table
+from .._benchutil import add_speedups, median_time, optional_torch, table
 from . import accounting
 from .noise import discrete_gaussian, gaussian
 
@@ -36,12 +35,7 @@ def run(d: int = 10_000_000, repeat: int = 5, sigma2: float = 1.0e6) -> Dict[str
     rng = np.random.default_rng(0)
     add("Gaussian noise (float32)", "numpy standard_normal",
         median_time(lambda: rng.standard_normal(d, dtype=np.float32, out=out), repeat), nbytes, "PCG64, ziggurat")
-    torch = sys.modules.get("torch")
-    if torch is None:
-        try:
-            import torch
-        except ImportError:
-            torch = None
+    torch = optional_torch()
     if torch is not None:
         t = torch.empty(d)
         add("Gaussian noise (float32)", "torch.randn",
