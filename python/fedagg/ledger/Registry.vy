@@ -1,0 +1,192 @@
+# pragma version ~=0.4.3
+"""
+@title fedagg participant registry and round ledger
+@notice Participants register an Ed25519 signing key and stake; each round they
+        commit H(round | participant | update hash) before the commit deadline;
+        the aggregator records each round's outcome (model hash, Merkle root of
+        the accepted participants, their scores). Everything emits an event.
+"""
+
+MAX_BATCH: constant(uint256) = 256
+
+struct Participant:
+    signing_key: bytes32
+    stake: uint256
+    slashed: bool
+    registered: bool
+
+event Registered:
+    participant: indexed(address)
+    signing_key: bytes32
+    stake: uint256
+
+event Staked:
+    participant: indexed(address)
+    amount: uint256
+    total: uint256
+
+event RoundOpened:
+    round_id: indexed(uint256)
+    deadline: uint256
+
+event Committed:
+    round_id: indexed(uint256)
+    participant: indexed(address)
+    commitment: bytes32
+
+event RoundRecorded:
+    round_id: indexed(uint256)
+    model_hash: bytes32
+    merkle_root: bytes32
+    accepted: uint256
+
+event Slashed:
+    participant: indexed(address)
+    amount: uint256
+
+owner: public(address)
+aggregator: public(address)
+min_stake: public(uint256)
+participants: public(HashMap[address, Participant])
+registered_list: public(DynArray[address, 4096])
+commitments: public(HashMap[uint256, HashMap[address, bytes32]])
+deadline: public(HashMap[uint256, uint256])
+model_hash: public(HashMap[uint256, bytes32])
+merkle_root: public(HashMap[uint256, bytes32])
+recorded: public(HashMap[uint256, bool])
+round_accepted: HashMap[uint256, DynArray[address, MAX_BATCH]]
+round_scores: HashMap[uint256, DynArray[int256, MAX_BATCH]]
+
+
+@deploy
+def __init__(min_stake: uint256, aggregator: address):
+    self.owner = msg.sender
+    self.aggregator = aggregator
+    self.min_stake = min_stake
+
+
+@external
+@payable
+def register(signing_key: bytes32):
+    """Register msg.sender with its Ed25519 public key; msg.value is staked."""
+    assert not self.participants[msg.sender].registered, "already registered"
+    assert signing_key != empty(bytes32), "empty signing key"
+    self.participants[msg.sender] = Participant(
+        signing_key=signing_key, stake=msg.value, slashed=False, registered=True
+    )
+    self.registered_list.append(msg.sender)
+    log Registered(participant=msg.sender, signing_key=signing_key, stake=msg.value)
+
+
+@external
+@payable
+def stake():
+    assert self.participants[msg.sender].registered, "not registered"
+    self.participants[msg.sender].stake += msg.value
+    log Staked(participant=msg.sender, amount=msg.value, total=self.participants[msg.sender].stake)
+
+
+@external
+def open_round(round_id: uint256, deadline: uint256):
+    """The aggregator opens a round: commitments are taken up to block `deadline`."""
+    assert msg.sender == self.aggregator, "only the aggregator"
+    assert self.deadline[round_id] == 0, "round already opened"
+    assert deadline >= block.number, "deadline in the past"
+    self.deadline[round_id] = deadline
+    log RoundOpened(round_id=round_id, deadline=deadline)
+
+
+@external
+def close_commits(round_id: uint256):
+    """The aggregator ends the commit window now (before it reads the commitments)."""
+    assert msg.sender == self.aggregator, "only the aggregator"
+    assert self.deadline[round_id] != 0, "round not open"
+    if block.number < self.deadline[round_id]:
+        self.deadline[round_id] = block.number
+        log RoundOpened(round_id=round_id, deadline=block.number)
+
+
+@external
+def commit(round_id: uint256, commitment: bytes32):
+    """Commit keccak256(round | participant | update hash), once, before the deadline."""
+    p: Participant = self.participants[msg.sender]
+    assert p.registered, "not registered"
+    assert not p.slashed, "slashed"
+    assert p.stake >= self.min_stake, "stake below the minimum"
+    assert self.deadline[round_id] != 0, "round not open"
+    assert block.number <= self.deadline[round_id], "commit deadline passed"
+    assert self.commitments[round_id][msg.sender] == empty(bytes32), "already committed"
+    assert commitment != empty(bytes32), "empty commitment"
+    self.commitments[round_id][msg.sender] = commitment
+    log Committed(round_id=round_id, participant=msg.sender, commitment=commitment)
+
+
+@external
+def record_round(round_id: uint256, model_hash: bytes32, merkle_root: bytes32,
+                 accepted: DynArray[address, MAX_BATCH], scores: DynArray[int256, MAX_BATCH]):
+    assert msg.sender == self.aggregator, "only the aggregator"
+    assert not self.recorded[round_id], "round already recorded"
+    assert len(accepted) == len(scores), "one score per accepted participant"
+    self.recorded[round_id] = True
+    self.model_hash[round_id] = model_hash
+    self.merkle_root[round_id] = merkle_root
+    self.round_accepted[round_id] = accepted
+    self.round_scores[round_id] = scores
+    log RoundRecorded(round_id=round_id, model_hash=model_hash, merkle_root=merkle_root, accepted=len(accepted))
+
+
+@external
+def slash(participant: address):
+    """The owner or the aggregator slashes a participant: its stake is forfeited."""
+    assert msg.sender == self.owner or msg.sender == self.aggregator, "only the owner or the aggregator"
+    assert self.participants[participant].registered, "not registered"
+    amount: uint256 = self.participants[participant].stake
+    self.participants[participant].slashed = True
+    self.participants[participant].stake = 0
+    log Slashed(participant=participant, amount=amount)
+
+
+@external
+@view
+def registry(who: DynArray[address, MAX_BATCH]) -> DynArray[Participant, MAX_BATCH]:
+    """Batched view: the registry entries of `who`."""
+    out: DynArray[Participant, MAX_BATCH] = []
+    for a: address in who:
+        out.append(self.participants[a])
+    return out
+
+
+@external
+@view
+def commitments_of(round_id: uint256, who: DynArray[address, MAX_BATCH]) -> DynArray[bytes32, MAX_BATCH]:
+    """Batched view: the commitments of `who` in `round_id` (zero where none)."""
+    out: DynArray[bytes32, MAX_BATCH] = []
+    for a: address in who:
+        out.append(self.commitments[round_id][a])
+    return out
+
+
+@external
+@view
+def participant_count() -> uint256:
+    return len(self.registered_list)
+
+
+@external
+@view
+def registered_slice(start: uint256, count: uint256) -> DynArray[address, MAX_BATCH]:
+    """Batched view: registered addresses [start, start + count), in registration order."""
+    out: DynArray[address, MAX_BATCH] = []
+    n: uint256 = len(self.registered_list)
+    for i: uint256 in range(count, bound=MAX_BATCH):
+        if start + i >= n:
+            break
+        out.append(self.registered_list[start + i])
+    return out
+
+
+@external
+@view
+def round_record(round_id: uint256) -> (bytes32, bytes32, DynArray[address, MAX_BATCH], DynArray[int256, MAX_BATCH]):
+    assert self.recorded[round_id], "round not recorded"
+    return self.model_hash[round_id], self.merkle_root[round_id], self.round_accepted[round_id], self.round_scores[round_id]

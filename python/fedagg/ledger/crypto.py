@@ -1,0 +1,70 @@
+"""Hashes, commitments and Ed25519 signatures of updates (PyNaCl).
+
+    update_hash = SHA-256(update bytes)
+    commitment  = keccak256(round as uint256 | participant address (20 bytes) | update_hash)
+    signature   = Ed25519 over b"fedagg-update" | round as uint256 | update_hash
+
+The commitment goes on chain before the upload; the signature travels with the
+update, made by the key the participant registered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Tuple
+
+import numpy as np
+
+DOMAIN = b"fedagg-update"
+
+
+def update_hash(update: Any) -> bytes:
+    """SHA-256 of the update's bytes (a float32 array, or any buffer)."""
+    if isinstance(update, np.ndarray):
+        update = np.ascontiguousarray(update)
+    return hashlib.sha256(memoryview(update).cast("B")).digest()
+
+
+def _address(address: str) -> bytes:
+    a = address[2:] if address.startswith("0x") else address
+    raw = bytes.fromhex(a)
+    if len(raw) != 20:
+        raise ValueError(f"not a 20-byte address: {address!r}")
+    return raw
+
+
+def commitment(round_id: int, address: str, digest: bytes) -> bytes:
+    from eth_utils import keccak
+
+    if len(digest) != 32:
+        raise ValueError("update hash must be 32 bytes")
+    return keccak(int(round_id).to_bytes(32, "big") + _address(address) + digest)
+
+
+def _message(round_id: int, digest: bytes) -> bytes:
+    return DOMAIN + int(round_id).to_bytes(32, "big") + digest
+
+
+def keypair() -> Tuple[bytes, bytes]:
+    """(public 32 bytes, secret 32-byte seed) of a new Ed25519 key."""
+    from nacl.signing import SigningKey
+
+    sk = SigningKey.generate()
+    return bytes(sk.verify_key), bytes(sk)
+
+
+def sign(secret: bytes, round_id: int, digest: bytes) -> bytes:
+    from nacl.signing import SigningKey
+
+    return SigningKey(secret).sign(_message(round_id, digest)).signature
+
+
+def verify(public: bytes, round_id: int, digest: bytes, signature: bytes) -> bool:
+    from nacl.exceptions import BadSignatureError
+    from nacl.signing import VerifyKey
+
+    try:
+        VerifyKey(public).verify(_message(round_id, digest), signature)
+        return True
+    except (BadSignatureError, ValueError, TypeError):
+        return False

@@ -1,0 +1,208 @@
+"""The ledger on an EVM chain, through web3.py: the embedded py-evm chain
+(eth-tester, no service) or any JSON-RPC node (tested against Hardhat 2).
+
+The same code runs on both; only the provider differs. Transactions are sent
+from the node's unlocked accounts (eth-tester and Hardhat dev accounts).
+Every revert, whatever the backend's exception type, becomes LedgerError
+with the contract's reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+MAX_BATCH = 256
+_SOURCE = Path(__file__).with_name("Registry.vy")
+
+
+class LedgerError(RuntimeError):
+    """A transaction reverted or the chain refused a call; the message says why."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A participant in the registry snapshot."""
+
+    address: str
+    signing_key: bytes
+    stake: int
+    slashed: bool
+    registered: bool
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    model_hash: bytes
+    merkle_root: bytes
+    accepted: Tuple[str, ...]
+    scores: Tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=1)
+def compiled() -> Tuple[list, str]:
+    """(abi, bytecode) of Registry.vy, compiled by the vyper package (no downloaded compiler)."""
+    from vyper.compiler import compile_code
+
+    out = compile_code(_SOURCE.read_text(), output_formats=["abi", "bytecode"])
+    return out["abi"], out["bytecode"]
+
+
+_REASONS = (re.compile(r"reverted with reason string '([^']*)'"), re.compile(r"execution reverted: ([^'\"]*)"),
+            re.compile(r"reverted: ([^'\"]*)"))
+
+
+def _reason(exc: BaseException) -> str:
+    """The contract's revert reason, however the backend words it."""
+    text = str(exc)
+    for pattern in _REASONS:
+        m = pattern.search(text)
+        if m:
+            return m.group(1).strip()
+    return text
+
+
+def _call(fn):
+    """Run a chain interaction; any backend's revert becomes LedgerError."""
+    try:
+        return fn()
+    except LedgerError:
+        raise
+    except Exception as e:  # noqa: BLE001 - backends raise many types: map them all
+        name = type(e).__name__
+        if any(k in name for k in ("Revert", "TransactionFailed", "ContractLogic", "RPCError", "ValueError")):
+            raise LedgerError(_reason(e)) from e
+        raise
+
+
+class EvmLedger:
+    """The Registry contract at `address` on the chain of `w3`; `aggregator` sends the aggregator's txs."""
+
+    def __init__(self, w3, address: str, aggregator: Optional[str] = None):
+        abi, _ = compiled()
+        self.w3 = w3
+        self.contract = w3.eth.contract(address=w3.to_checksum_address(address), abi=abi)
+        self.address = self.contract.address
+        self.aggregator = aggregator or self.contract.functions.aggregator().call()
+        self.gas: Dict[str, List[int]] = {}  # gas used per transaction kind
+
+    # ---------------------------------------------------------------- making one
+    @classmethod
+    def deploy(cls, w3, *, owner: str, aggregator: str, min_stake: int) -> "EvmLedger":
+        abi, bytecode = compiled()
+        factory = w3.eth.contract(abi=abi, bytecode=bytecode)
+        tx = _call(lambda: factory.constructor(int(min_stake), aggregator).transact({"from": owner}))
+        receipt = w3.eth.wait_for_transaction_receipt(tx)
+        ledger = cls(w3, receipt.contractAddress, aggregator)
+        ledger.gas.setdefault("deploy", []).append(receipt.gasUsed)
+        return ledger
+
+    # ---------------------------------------------------------------- transactions
+    def _transact(self, kind: str, sender: str, fn, value: int = 0) -> Any:
+        tx = _call(lambda: fn.transact({"from": sender, "value": int(value)}))
+        receipt = self.w3.eth.wait_for_transaction_receipt(tx)
+        if receipt.status != 1:
+            raise LedgerError(f"{kind} failed")
+        self.gas.setdefault(kind, []).append(receipt.gasUsed)
+        return receipt
+
+    def register(self, account: str, signing_key: bytes, stake: int = 0) -> None:
+        self._transact("register", account, self.contract.functions.register(bytes(signing_key)), stake)
+
+    def stake(self, account: str, amount: int) -> None:
+        self._transact("stake", account, self.contract.functions.stake(), amount)
+
+    def open_round(self, round_id: int, window_blocks: int) -> int:
+        """Open commitments for `round_id` until `window_blocks` blocks from now; returns the deadline."""
+        deadline = self.block_number() + int(window_blocks)
+        self._transact("open_round", self.aggregator, self.contract.functions.open_round(int(round_id), deadline))
+        return deadline
+
+    def close_commits(self, round_id: int) -> None:
+        self._transact("close_commits", self.aggregator, self.contract.functions.close_commits(int(round_id)))
+
+    def commit(self, account: str, round_id: int, commitment: bytes) -> None:
+        self._transact("commit", account, self.contract.functions.commit(int(round_id), bytes(commitment)))
+
+    def record_round(self, round_id: int, model_hash: bytes, merkle_root: bytes, accepted: Sequence[str],
+                     scores: Sequence[int]) -> None:
+        if len(accepted) > MAX_BATCH:
+            raise LedgerError(f"a round record holds at most {MAX_BATCH} participants")
+        self._transact("record_round", self.aggregator, self.contract.functions.record_round(
+            int(round_id), bytes(model_hash), bytes(merkle_root),
+            [self.w3.to_checksum_address(a) for a in accepted], [int(s) for s in scores]))
+
+    def slash(self, sender: str, participant: str) -> None:
+        self._transact("slash", sender, self.contract.functions.slash(self.w3.to_checksum_address(participant)))
+
+    # ---------------------------------------------------------------- views (batched)
+    def block_number(self) -> int:
+        return int(self.w3.eth.block_number)
+
+    def min_stake(self) -> int:
+        return int(self.contract.functions.min_stake().call())
+
+    def deadline(self, round_id: int) -> int:
+        return int(self.contract.functions.deadline(int(round_id)).call())
+
+    def registered(self) -> List[str]:
+        """Every registered address, MAX_BATCH per call."""
+        n = int(self.contract.functions.participant_count().call())
+        out: List[str] = []
+        for start in range(0, n, MAX_BATCH):
+            out += list(self.contract.functions.registered_slice(start, MAX_BATCH).call())
+        return out
+
+    def snapshot(self, addresses: Optional[Sequence[str]] = None) -> Dict[str, Entry]:
+        """The registry entries of `addresses` (default: everyone registered), by address."""
+        addrs = self.registered() if addresses is None else [self.w3.to_checksum_address(a) for a in addresses]
+        out: Dict[str, Entry] = {}
+        for start in range(0, len(addrs), MAX_BATCH):
+            part = addrs[start:start + MAX_BATCH]
+            for a, (key, stake, slashed, registered) in zip(part, self.contract.functions.registry(part).call()):
+                out[a] = Entry(a, bytes(key), int(stake), bool(slashed), bool(registered))
+        return out
+
+    def commitments(self, round_id: int, addresses: Sequence[str]) -> Dict[str, bytes]:
+        """The commitments of `addresses` in `round_id` (missing ones left out), one call per 256."""
+        addrs = [self.w3.to_checksum_address(a) for a in addresses]
+        out: Dict[str, bytes] = {}
+        for start in range(0, len(addrs), MAX_BATCH):
+            part = addrs[start:start + MAX_BATCH]
+            for a, c in zip(part, self.contract.functions.commitments_of(int(round_id), part).call()):
+                if bytes(c) != bytes(32):
+                    out[a] = bytes(c)
+        return out
+
+    def round_record(self, round_id: int) -> RoundRecord:
+        mh, root, accepted, scores = _call(lambda: self.contract.functions.round_record(int(round_id)).call())
+        return RoundRecord(int(round_id), bytes(mh), bytes(root), tuple(accepted), tuple(int(s) for s in scores))
+
+
+def embedded():
+    """A Web3 on a fresh in-process py-evm chain (eth-tester): no service, funded dev accounts."""
+    from web3 import EthereumTesterProvider, Web3
+
+    return Web3(EthereumTesterProvider())
+
+
+def connect(url: str, timeout: float = 10.0):
+    """A Web3 on the JSON-RPC node at `url` (waits up to `timeout` for it to answer)."""
+    from web3 import HTTPProvider, Web3
+
+    w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": timeout}))
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if w3.is_connected():
+                return w3
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        if time.monotonic() > end:
+            raise LedgerError(f"no JSON-RPC node answers at {url}")
+        time.sleep(0.2)

@@ -1,0 +1,171 @@
+"""fedagg.ledger: the Vyper registry on the embedded py-evm chain and on a real Hardhat node.
+
+The Hardhat node (tests/hardhat, installed by `.ci/run` with npm) is started on
+127.0.0.1 by the fixture and stopped afterwards. Without it the Hardhat cases
+skip, unless FEDAGG_REQUIRE_HARDHAT=1 (set by CI) makes that a failure.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("web3")
+pytest.importorskip("vyper")
+pytest.importorskip("nacl")
+
+from fedagg import ledger  # noqa: E402
+from fedagg.ledger import LedgerError, crypto, merkle  # noqa: E402
+from fedagg.ledger.audit import model_hash  # noqa: E402
+
+HARDHAT_DIR = Path(__file__).parent / "hardhat"
+HARDHAT = HARDHAT_DIR / "node_modules" / ".bin" / "hardhat"
+ETH = 10**18
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def hardhat_url():
+    if not HARDHAT.exists() or shutil.which("node") is None:
+        if os.environ.get("FEDAGG_REQUIRE_HARDHAT") == "1":
+            pytest.fail(f"Hardhat is required but not installed at {HARDHAT} (npm ci --prefix tests/hardhat)")
+        pytest.skip("Hardhat not installed (npm ci --prefix tests/hardhat)")
+    port = free_port()
+    proc = subprocess.Popen([str(HARDHAT), "node", "--hostname", "127.0.0.1", "--port", str(port)],
+                            cwd=HARDHAT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        ledger.connect(url, timeout=60)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture(params=["embedded", "hardhat"])
+def w3(request):
+    if request.param == "embedded":
+        return ledger.embedded()
+    return ledger.connect(request.getfixturevalue("hardhat_url"))
+
+
+@pytest.fixture
+def chain(w3):
+    owner, agg = w3.eth.accounts[:2]
+    return ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
+
+
+def test_registry_snapshot_is_batched(chain):
+    w3 = chain.w3
+    people = w3.eth.accounts[2:7]
+    keys = {}
+    for i, a in enumerate(people):
+        keys[a], _ = crypto.keypair()
+        chain.register(a, keys[a], stake=(i + 1) * ETH // 2)  # the first one is under the minimum
+    snap = chain.snapshot()
+    assert list(snap) == people
+    assert all(snap[a].signing_key == keys[a] and snap[a].registered and not snap[a].slashed for a in people)
+    assert snap[people[0]].stake == ETH // 2 and snap[people[4]].stake == 5 * ETH // 2
+    chain.stake(people[0], ETH)
+    assert chain.snapshot([people[0]])[people[0]].stake == 3 * ETH // 2
+    with pytest.raises(LedgerError, match="already registered"):
+        chain.register(people[1], keys[people[1]], ETH)
+    with pytest.raises(LedgerError, match="not registered"):
+        chain.stake(w3.eth.accounts[9], ETH)
+
+
+def test_commitments_and_their_rules(chain):
+    w3 = chain.w3
+    agg = chain.aggregator
+    good, poor, cheat, stranger = w3.eth.accounts[2:6]
+    for a, stake in [(good, 2 * ETH), (poor, ETH // 10), (cheat, 2 * ETH)]:
+        chain.register(a, crypto.keypair()[0], stake)
+    with pytest.raises(LedgerError, match="round not open"):
+        chain.commit(good, 0, b"\x01" * 32)
+    with pytest.raises(LedgerError, match="only the aggregator"):
+        chain._transact("open_round", good, chain.contract.functions.open_round(0, chain.block_number() + 5))
+    chain.open_round(0, 100)
+    h = crypto.update_hash(np.ones(10, np.float32))
+    chain.commit(good, 0, crypto.commitment(0, good, h))
+    with pytest.raises(LedgerError, match="already committed"):
+        chain.commit(good, 0, crypto.commitment(0, good, h))
+    with pytest.raises(LedgerError, match="stake below the minimum"):
+        chain.commit(poor, 0, crypto.commitment(0, poor, h))
+    with pytest.raises(LedgerError, match="not registered"):
+        chain.commit(stranger, 0, crypto.commitment(0, stranger, h))
+    chain.slash(agg, cheat)
+    assert chain.snapshot([cheat])[cheat].slashed and chain.snapshot([cheat])[cheat].stake == 0
+    with pytest.raises(LedgerError, match="slashed"):
+        chain.commit(cheat, 0, crypto.commitment(0, cheat, h))
+    with pytest.raises(LedgerError, match="only the owner or the aggregator"):
+        chain.slash(good, cheat)
+    chain.close_commits(0)
+    late = w3.eth.accounts[6]
+    chain.register(late, crypto.keypair()[0], 2 * ETH)
+    with pytest.raises(LedgerError, match="commit deadline passed"):
+        chain.commit(late, 0, crypto.commitment(0, late, h))
+    got = chain.commitments(0, [good, poor, cheat, stranger, late])  # one batched call
+    assert got == {good: crypto.commitment(0, good, h)}
+
+
+def test_round_record_and_audit(chain):
+    w3 = chain.w3
+    accepted = list(w3.eth.accounts[2:9])
+    model = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    chain.record_round(3, model_hash(model), merkle.root(accepted), accepted, list(range(7)))
+    with pytest.raises(LedgerError, match="already recorded"):
+        chain.record_round(3, model_hash(model), merkle.root(accepted), accepted, list(range(7)))
+    with pytest.raises(LedgerError, match="not recorded"):
+        chain.round_record(4)
+    outsider = w3.eth.accounts[1]
+    rep = ledger.audit_round(chain, 3, model, accepted[:2] + [outsider])
+    assert rep.model_ok and rep.merkle_ok and rep.scores[accepted[6]] == 6
+    assert rep.included == {accepted[0]: True, accepted[1]: True, outsider: False}
+    tampered = model.copy()
+    tampered[0] += 1e-3
+    assert not ledger.audit_round(chain, 3, tampered).model_ok
+    assert set(chain.gas) >= {"deploy", "record_round"}
+
+
+def test_signatures_bind_round_and_update():
+    pub, sec = crypto.keypair()
+    h = crypto.update_hash(np.arange(5, dtype=np.float32))
+    sig = crypto.sign(sec, 7, h)
+    assert crypto.verify(pub, 7, h, sig)
+    assert not crypto.verify(pub, 8, h, sig)  # replayed into another round
+    assert not crypto.verify(pub, 7, crypto.update_hash(np.zeros(5, np.float32)), sig)
+    assert not crypto.verify(crypto.keypair()[0], 7, h, sig)
+    assert not crypto.verify(pub, 7, h, b"\x00" * 10)
+    a, b = "0x" + "11" * 20, "0x" + "22" * 20
+    assert crypto.commitment(1, a, h) != crypto.commitment(2, a, h) != crypto.commitment(1, b, h)
+    with pytest.raises(ValueError):
+        crypto.commitment(1, "0x1234", h)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 13, 17])
+def test_merkle_proofs(n):
+    addrs = ["0x" + bytes([i + 1]) .hex() * 20 for i in range(n)]
+    r = merkle.root(addrs)
+    assert r == merkle.root(list(reversed(addrs)))  # order-free
+    for a in addrs:
+        p = merkle.proof(addrs, a)
+        assert merkle.verify(r, a, p)
+        assert not merkle.verify(r, "0x" + "ff" * 20, p)
+        if p:
+            assert not merkle.verify(r, a, [bytes(32)] + p[1:])
+    assert merkle.root([]) == bytes(32)
+    with pytest.raises(ValueError):
+        merkle.proof(addrs, "0x" + "ee" * 20)
