@@ -421,3 +421,87 @@ def test_cli_keys(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fedagg", "serve", "--bind", "tcp://0.0.0.0:1", "--d", "3"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "CURVE keys are required" in bad.stderr
+
+
+# ---------------------------------------------------------------- hostile inputs found in review
+def _raw_peer(endpoint, pid="x"):
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s
+
+
+def _answer(s):
+    assert s.poll(5000), "no answer"
+    return parse(s.recv_multipart(), 1 << 20)
+
+
+def test_hostile_json_and_payloads_are_refused_not_fatal(running):
+    r = running(d=256, quorum=5, chunk_bytes=8192)
+    s = _raw_peer(r.endpoint)
+    try:
+        for body in (b"[" * 1100 + b"]" * 1100, b'{"id":"a","n":' + b"7" * 4400 + b"}"):
+            s.send_multipart(message(Kind.HELLO, body, seq=time.time_ns()))
+            head, reply = _answer(s)
+            assert head.kind == Kind.REJECTED and parse_json(reply)["reason"] == "malformed"
+        s.send_multipart(json_message(Kind.HELLO, {"id": "hostile"}, seq=time.time_ns()))
+        head, reply = _answer(s)
+        st = parse_json(reply)
+        # a compressed upload whose FAGP header is deeply nested JSON
+        bad = b"FAGP" + (1).to_bytes(2, "little") + (2200).to_bytes(4, "little") + b"[" * 1100 + b"]" * 1100
+        blob = pack_frames([bad])
+        s.send_multipart(message(Kind.CHUNK, blob, round=0, offset=0, total=len(blob), seq=time.time_ns(),
+                                 codec=Codec.FAGP, session=st["session"]))
+        head, _ = _answer(s)
+        assert head.kind == Kind.CREDIT
+        s.send_multipart(message(Kind.COMMIT, b"", round=0, total=len(blob), seq=time.time_ns(),
+                                 session=st["session"]))
+        head, reply = _answer(s)
+        assert head.kind == Kind.REJECTED and parse_json(reply)["reason"] == "payload"
+    finally:
+        s.close(0)
+    assert r.thread.is_alive()
+    with Client(r.endpoint, "honest", timeout=10) as c:
+        assert c.submit(np.ones(256, np.float32), 0)["id"] == "honest"
+
+
+def test_pipeline_is_checked_at_start_and_huge_updates_do_not_poison_the_model(running):
+    with pytest.raises(ValueError, match="cannot run on 1 updates"):
+        ServerConfig(rule="krum", f=1, quorum=1).check()
+    with pytest.raises(ValueError, match="cannot run"):
+        ServerConfig(rule="nope").check()
+    r = running(d=64, quorum=2, rounds=1, server_lr=2.0)  # 2 x 3e38 overflows float32
+    for pid in ("big1", "big2"):
+        with Client(r.endpoint, pid, timeout=10) as c:
+            c.submit(np.full(64, 3e38, np.float32), 0)
+    r.thread.join(10)
+    rec = r.server.history[0]
+    assert rec["failed"] and "not finite" in rec["failed"]
+    assert np.isfinite(r.server.model).all()
+
+
+def test_refusals_are_counted_but_listed_boundedly(running):
+    from fedagg.transport.server import MAX_REJECTED_LISTED
+
+    r = running(d=64, quorum=5, rate=1e9)
+    with Client(r.endpoint, "noisy", timeout=10) as c:
+        st = c.status()
+        for _ in range(MAX_REJECTED_LISTED + 200):
+            c._send(message(Kind.CHUNK, b"\x00" * 8, round=5, offset=0, total=256, seq=c._next(),
+                            dtype=Dtype.FLOAT32, session=st["session"]))
+        wait_for(lambda: r.server.rejected_counts.get("future", 0) == MAX_REJECTED_LISTED + 200,
+                 what="every refusal counted")
+    assert len(r.server.rejected) == MAX_REJECTED_LISTED
+
+
+def test_client_never_hangs_when_the_server_is_gone(running):
+    r = running(d=64, quorum=5)
+    c = Client(r.endpoint, "orphan", timeout=1.0)
+    r.stop()
+    t0 = time.monotonic()
+    with pytest.raises(TransportError, match="timeout"):
+        for _ in range(100_000):
+            c.heartbeat()
+        c.status()
+    assert time.monotonic() - t0 < 30
+    c.close()

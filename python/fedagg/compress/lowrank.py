@@ -10,6 +10,8 @@ layers flattened and concatenated in the order given.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -101,8 +103,9 @@ class PowerSGD:
             _expect(isinstance(s, dict) and set(s) == {"name", "shape", "rank"}, f"powersgd: bad layer spec {i}")
             shape, r = s["shape"], s["rank"]
             _expect(isinstance(shape, list) and 1 <= len(shape) <= 8
-                    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape),
+                    and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= (1 << 40) for v in shape),
                     f"powersgd: bad shape {shape!r}")
+            _expect(math.prod(shape) <= p.d, f"powersgd: shape {shape!r} holds more than d = {p.d} values")
             _expect(isinstance(r, int) and not isinstance(r, bool) and r >= 0, f"powersgd: bad rank {r!r}")
             size = int(np.prod(shape, dtype=np.int64))
             total += size

@@ -82,8 +82,8 @@ class Payload:
             raise PayloadError(f"header length {len(header)} does not match its declared {n} + {_PREFIX.size}")
         try:
             meta = json.loads(header[_PREFIX.size:].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PayloadError(f"header is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge integers, deep nesting
+            raise PayloadError(f"header is not acceptable JSON: {type(e).__name__}") from None
         if not isinstance(meta, dict) or set(meta) != {"codec", "d", "dtype", "params", "buffers"}:
             raise PayloadError("header must hold exactly codec, d, dtype, params and buffers")
         if meta["dtype"] != "float32":

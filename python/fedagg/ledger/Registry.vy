@@ -33,6 +33,7 @@ event Committed:
     round_id: indexed(uint256)
     participant: indexed(address)
     commitment: bytes32
+    late: bool
 
 event RoundRecorded:
     round_id: indexed(uint256)
@@ -50,6 +51,7 @@ min_stake: public(uint256)
 participants: public(HashMap[address, Participant])
 registered_list: public(DynArray[address, 4096])
 commitments: public(HashMap[uint256, HashMap[address, bytes32]])
+committed_late: public(HashMap[uint256, HashMap[address, bool]])
 deadline: public(HashMap[uint256, uint256])
 model_hash: public(HashMap[uint256, bytes32])
 merkle_root: public(HashMap[uint256, bytes32])
@@ -108,17 +110,19 @@ def close_commits(round_id: uint256):
 
 @external
 def commit(round_id: uint256, commitment: bytes32):
-    """Commit keccak256(round | participant | update hash), once, before the deadline."""
+    """Commit keccak256(round | participant | update hash), once. A commitment after the
+    deadline is kept but marked late, so the aggregator can name the reason it refuses it."""
     p: Participant = self.participants[msg.sender]
     assert p.registered, "not registered"
     assert not p.slashed, "slashed"
     assert p.stake >= self.min_stake, "stake below the minimum"
     assert self.deadline[round_id] != 0, "round not open"
-    assert block.number <= self.deadline[round_id], "commit deadline passed"
     assert self.commitments[round_id][msg.sender] == empty(bytes32), "already committed"
     assert commitment != empty(bytes32), "empty commitment"
+    late: bool = block.number > self.deadline[round_id]
     self.commitments[round_id][msg.sender] = commitment
-    log Committed(round_id=round_id, participant=msg.sender, commitment=commitment)
+    self.committed_late[round_id][msg.sender] = late
+    log Committed(round_id=round_id, participant=msg.sender, commitment=commitment, late=late)
 
 
 @external
@@ -158,12 +162,14 @@ def registry(who: DynArray[address, MAX_BATCH]) -> DynArray[Participant, MAX_BAT
 
 @external
 @view
-def commitments_of(round_id: uint256, who: DynArray[address, MAX_BATCH]) -> DynArray[bytes32, MAX_BATCH]:
-    """Batched view: the commitments of `who` in `round_id` (zero where none)."""
+def commitments_of(round_id: uint256, who: DynArray[address, MAX_BATCH]) -> (DynArray[bytes32, MAX_BATCH], DynArray[bool, MAX_BATCH]):
+    """Batched view: the commitments of `who` in `round_id` (zero where none) and whether each came late."""
     out: DynArray[bytes32, MAX_BATCH] = []
+    late: DynArray[bool, MAX_BATCH] = []
     for a: address in who:
         out.append(self.commitments[round_id][a])
-    return out
+        late.append(self.committed_late[round_id][a])
+    return out, late
 
 
 @external

@@ -168,15 +168,17 @@ class EvmLedger:
                 out[a] = Entry(a, bytes(key), int(stake), bool(slashed), bool(registered))
         return out
 
-    def commitments(self, round_id: int, addresses: Sequence[str]) -> Dict[str, bytes]:
-        """The commitments of `addresses` in `round_id` (missing ones left out), one call per 256."""
+    def commitments(self, round_id: int, addresses: Sequence[str]) -> Dict[str, Tuple[bytes, bool]]:
+        """{address: (commitment, came after the deadline)} of `addresses` in `round_id`, missing ones
+        left out; one call per 256 addresses."""
         addrs = [self.w3.to_checksum_address(a) for a in addresses]
-        out: Dict[str, bytes] = {}
+        out: Dict[str, Tuple[bytes, bool]] = {}
         for start in range(0, len(addrs), MAX_BATCH):
             part = addrs[start:start + MAX_BATCH]
-            for a, c in zip(part, self.contract.functions.commitments_of(int(round_id), part).call()):
+            values, late = self.contract.functions.commitments_of(int(round_id), part).call()
+            for a, c, lt in zip(part, values, late):
                 if bytes(c) != bytes(32):
-                    out[a] = bytes(c)
+                    out[a] = (bytes(c), bool(lt))
         return out
 
     def round_record(self, round_id: int) -> RoundRecord:

@@ -52,6 +52,7 @@ class Client:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))  # a full queue is a timeout, not a hang
         self.sock.setsockopt(zmq.SNDBUF, 8 << 20)  # two 4 MiB chunks in the kernel's socket buffer
         self.sock.setsockopt(zmq.RCVBUF, 8 << 20)
         ivl = int(heartbeat * 1000)
@@ -86,7 +87,10 @@ class Client:
         return self.seq
 
     def _send(self, frames) -> None:
-        self.sock.send_multipart(frames, copy=False)
+        try:
+            self.sock.send_multipart(frames, copy=False)
+        except self.zmq.Again:
+            raise TransportError("timeout", f"cannot send to {self.endpoint}: its queue is full") from None
 
     def _recv(self, deadline: float):
         """The next server message before `deadline`, or None."""
@@ -106,6 +110,14 @@ class Client:
             return head, body
 
     def _ask_state(self, kind: Kind, payload: Optional[dict] = None) -> Dict[str, Any]:
+        for _ in range(3):  # after "unknown" (the server restarted): HELLO, then ask again
+            try:
+                return self._ask_state_once(kind, payload)
+            except _Unknown:
+                self._ask_state_once(Kind.HELLO, {"id": self.id})
+        raise TransportError("unknown", "the server keeps forgetting this participant")
+
+    def _ask_state_once(self, kind: Kind, payload: Optional[dict]) -> Dict[str, Any]:
         deadline = time.monotonic() + self.timeout
         seq = self._next()
         frames = (json_message(kind, payload, seq=seq) if payload is not None else message(kind, b"", seq=seq))
@@ -123,8 +135,7 @@ class Client:
                 if head.seq != seq:
                     continue  # the refusal of an earlier message (a chunk in flight)
                 if r.get("reason") == "unknown" and kind != Kind.HELLO:  # the server restarted
-                    self.hello()
-                    return self._ask_state(kind, payload)
+                    raise _Unknown()
                 raise TransportError(r.get("reason", "rejected"), r.get("detail", ""))
 
     def hello(self) -> Dict[str, Any]:
@@ -139,6 +150,13 @@ class Client:
     # ---------------------------------------------------------------- the model
     def model(self) -> Tuple[int, np.ndarray]:
         """(round, global model) of the server's current round."""
+        for _ in range(5):
+            got = self._model_once()
+            if got is not None:
+                return got
+        raise TransportError("round", "rounds kept closing during the model download")
+
+    def _model_once(self) -> Optional[Tuple[int, np.ndarray]]:
         st = self.status()
         rnd, total, step, window = st["round"], st["model_bytes"], st["chunk_bytes"], st["credits"]
         out = np.empty(total // 4, dtype=np.float32)
@@ -156,7 +174,7 @@ class Client:
                 if head.kind == Kind.REJECTED:
                     r = parse_json(body)
                     if r.get("reason") == "round":  # a new round started meanwhile: start over
-                        return self.model()
+                        return None
                     raise TransportError(r.get("reason", "rejected"), r.get("detail", ""))
                 if head.kind != Kind.MODEL or head.round != rnd or head.offset != off or head.total != total:
                     continue
@@ -201,6 +219,8 @@ class Client:
             if st["round"] != rnd:
                 raise TransportError("late", f"the server is in round {st['round']}, this update is for {rnd}")
             if st.get("accepted"):
+                if attempts > 1:  # our COMMIT got through; its answer was lost
+                    return {"round": rnd, "id": self.id}
                 raise TransportError("duplicate", "already accepted this round")
             try:
                 return self._stream(blob, total, rnd, codec, dtype, st, chunk_delay)
@@ -211,6 +231,7 @@ class Client:
         step, window, session = st["chunk_bytes"], st["credits"], st["session"]
         off = st["held"] if st["held"] <= total else 0
         inflight, committed = 0, False
+        first_seq = self.seq + 1  # refusals of earlier messages (a previous attempt) are stale
         deadline = time.monotonic() + self.timeout
         while True:
             while off < total and inflight < window:
@@ -235,9 +256,15 @@ class Client:
                 return parse_json(body)
             elif head.kind == Kind.REJECTED:
                 r = parse_json(body)
+                if 0 < head.seq < first_seq:
+                    continue
                 if r.get("reason") in _RESUMABLE or r.get("reason") == "checksum":
                     raise _Resume()
                 raise TransportError(r.get("reason", "rejected"), r.get("detail", ""))
+
+
+class _Unknown(Exception):
+    """The server does not know this connection (it restarted): say HELLO again."""
 
 
 class _Resume(Exception):

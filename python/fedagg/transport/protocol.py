@@ -143,8 +143,8 @@ def parse_json(body: memoryview) -> Any:
         raise ProtocolError("control payload too large")
     try:
         return json.loads(bytes(body).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"control payload is not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge integers, deep nesting
+        raise ProtocolError(f"control payload is not acceptable JSON: {type(e).__name__}") from None
 
 
 def pack_frames(frames: Sequence[Any]) -> bytes:

@@ -29,6 +29,7 @@ from .state import RoundStore
 log = logging.getLogger("fedagg.server")
 
 MAX_ID = 128
+MAX_REJECTED_LISTED = 1000  # refusals listed per round (all are counted by reason)
 
 
 def is_local(endpoint: str) -> bool:
@@ -87,6 +88,21 @@ class ServerConfig:
                              "(fedagg keys generate), or pass insecure=True knowingly")
         if (self.curve_secret_key is None) != (self.curve_public_key is None):
             raise ValueError("give both the server's CURVE secret and public key")
+        if self.min_updates > self.quorum:
+            raise ValueError("min_updates must be <= quorum")
+        # The pipeline must work on the smallest round the server may close: try it now,
+        # on zeros, rather than fail at the first close.
+        from .. import aggregate
+
+        kw = dict(self.rule_params)
+        if self.clip_norm is not None:
+            kw["clip_norm"] = self.clip_norm
+        try:
+            aggregate(np.zeros((self.min_updates, 4), dtype=np.float32), self.rule, self.f, **kw)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"the aggregation pipeline cannot run on {self.min_updates} updates: {e}") from None
+        if self.dp is not None:
+            self.dp.check_weights(self.rule, None)
 
 
 @dataclass
@@ -144,8 +160,10 @@ class Server:
         self.peers: Dict[bytes, Peer] = {}
         self.by_pid: Dict[str, bytes] = {}
         self.rejected: List[Dict[str, Any]] = []
+        self.rejected_counts: Dict[str, int] = {}
         self.round_started = time.monotonic()
         self.bytes_in = 0
+        self._failed_at = -1
         self.history: List[Dict[str, Any]] = []
         self._stop = False
         if self.store and restored is None:
@@ -215,7 +233,9 @@ class Server:
         log.info("rejected %s: %s %s", pid or rid.hex(), reason, detail,
                  extra={"event": "rejected", "participant": pid, "reason": reason, "round": self.round})
         if record:
-            self.rejected.append({"id": pid, "reason": reason, "detail": detail, "round": rnd})
+            self.rejected_counts[reason] = self.rejected_counts.get(reason, 0) + 1
+            if len(self.rejected) < MAX_REJECTED_LISTED:
+                self.rejected.append({"id": pid, "reason": reason, "detail": detail, "round": rnd})
         self._send(rid, json_message(Kind.REJECTED, {"reason": reason, "detail": detail, "held": self._held(pid),
                                                      "seq": seq}, round=self.round, seq=seq, session=self.session))
 
@@ -249,6 +269,19 @@ class Server:
         return self.history
 
     def _handle(self, frames) -> None:
+        """One message; nothing a participant sends may stop the loop."""
+        try:
+            self._dispatch(frames)
+        except Exception as e:  # noqa: BLE001 - a bug or an input we did not foresee: log it, keep serving
+            log.exception("internal error on a message: %s", e, extra={"event": "internal_error"})
+            try:
+                self._send(frames[0].bytes, json_message(Kind.REJECTED, {"reason": "internal", "detail": str(e)[:200],
+                                                                         "held": 0, "seq": 0},
+                                                         round=self.round, session=self.session))
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _dispatch(self, frames) -> None:
         rid = frames[0].bytes
         now = time.monotonic()
         peer = self.peers.get(rid)
@@ -314,17 +347,19 @@ class Server:
         prev = self.peers.get(rid)
         if prev is not None and prev.pid != pid:  # a connection speaks for one participant at a time
             self.uploads.pop(prev.pid, None)
+            self.reserved.pop(prev.pid, None)
             self.by_pid.pop(prev.pid, None)
         old = self.by_pid.get(pid)
-        last_seq = -1
-        if old is not None and old != rid:  # reconnected: the new connection takes over
-            last_seq = self.peers.pop(old).last_seq if old in self.peers else -1
-        elif rid in self.peers:
-            last_seq = self.peers[rid].last_seq
+        last_seq, tokens, refill = -1, self.cfg.rate, now
+        if old is not None and old != rid and old in self.peers:  # reconnected: the new connection takes over
+            gone = self.peers.pop(old)
+            last_seq, tokens, refill = gone.last_seq, gone.tokens, gone.last_refill
+        if prev is not None:  # a HELLO does not refill the rate limit
+            last_seq, tokens, refill = max(last_seq, prev.last_seq), prev.tokens, prev.last_refill
         if head.seq <= last_seq:
             self._reject(rid, "replayed", f"seq {head.seq} <= {last_seq}", pid, record=False, seq=head.seq)
             return
-        self.peers[rid] = Peer(rid, pid, key, self.cfg.rate, now, now, head.seq)
+        self.peers[rid] = Peer(rid, pid, key, tokens, refill, now, head.seq)
         self.by_pid[pid] = rid
         self._reserve(pid)
         log.info("hello from %s", pid, extra={"event": "hello", "participant": pid})
@@ -336,11 +371,15 @@ class Server:
         (First-touch page faults cost up to ~10 us per 4 KiB page on some VMs: far more
         than copying the bytes.) At most max_peers buffers exist at once.
         """
-        if pid in self.reserved or pid in self.accepted or len(self.reserved) >= self.cfg.max_peers:
+        if pid in self.reserved or pid in self.accepted or pid in self.uploads or self._buffers() >= self.cfg.max_peers:
             return
         buf = self.pool.pop() if self.pool else np.empty(self.d, dtype=np.float32)
         buf.view(np.uint8)[::4096] = 0  # one write per page faults it in
         self.reserved[pid] = buf
+
+    def _buffers(self) -> int:
+        """Receive buffers held for this round: reserved, uploading and accepted (at most max_peers)."""
+        return len(self.reserved) + len(self.uploads) + len(self.accepted)
 
     def _drop_idle(self, now: float) -> None:
         for rid, p in list(self.peers.items()):
@@ -392,8 +431,9 @@ class Server:
             if head.offset != 0:
                 self._reject(rid, "order", "an upload starts at offset 0", pid, head.round, record=False, seq=head.seq)
                 return
-            if up is None and len(self.uploads) >= self.cfg.max_peers:
-                self._reject(rid, "busy", f"{self.cfg.max_peers} uploads in progress", pid, head.round, seq=head.seq)
+            if up is None and pid not in self.reserved and self._buffers() >= self.cfg.max_peers:
+                self._reject(rid, "busy", f"{self.cfg.max_peers} updates held this round", pid, head.round,
+                             seq=head.seq)
                 return
             if head.codec == Codec.RAW:
                 held = self.reserved.pop(pid, None)
@@ -437,8 +477,8 @@ class Server:
         del self.uploads[pid]
         try:
             update = self._decode(up)
-        except ValueError as e:
-            self._reject(rid, "payload", str(e), pid, head.round, seq=head.seq)
+        except Exception as e:  # noqa: BLE001 - whatever a hostile payload makes a codec raise
+            self._reject(rid, "payload", f"{type(e).__name__}: {e}"[:300], pid, head.round, seq=head.seq)
             return
         if not up.finite if up.codec == Codec.RAW else _core.nonfinite_rows([update])[0]:
             self._reject(rid, "nonfinite", "the update holds NaN or Inf", pid, head.round, seq=head.seq)
@@ -463,6 +503,8 @@ class Server:
     # ---------------------------------------------------------------- closing a round
     def _maybe_close(self) -> None:
         n = len(self.accepted)
+        if n == self._failed_at:  # the pipeline failed on exactly these updates: wait for more
+            return
         late = time.monotonic() - self.round_started >= self.cfg.deadline
         if n >= self.cfg.quorum or (late and n >= self.cfg.min_updates):
             self._close_round(reason="quorum" if n >= self.cfg.quorum else "deadline")
@@ -478,10 +520,23 @@ class Server:
             kw["dp"] = self.cfg.dp
         elif self.cfg.clip_norm is not None:
             kw["clip_norm"] = self.cfg.clip_norm
-        agg, info = aggregate(rows, self.cfg.rule, self.cfg.f, return_info=True, **kw)
+        try:
+            agg, info = aggregate(rows, self.cfg.rule, self.cfg.f, return_info=True, **kw)
+        except Exception as e:  # noqa: BLE001 - keep serving; the round stays open for more updates
+            log.error("round %d: the pipeline failed on %d updates: %s", self.round, len(ids), e,
+                      extra={"event": "aggregate_failed", "round": self.round})
+            self._failed_at = len(ids)
+            return
         t_agg = time.monotonic() - t0
         # A new buffer: MODEL frames still queued keep referencing the old one.
-        self.model = self.model + np.float32(self.cfg.server_lr) * np.asarray(agg, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # checked right below
+            new_model = self.model + np.float32(self.cfg.server_lr) * np.asarray(agg, dtype=np.float32)
+        failed = None
+        if _core.nonfinite_rows([new_model])[0]:  # e.g. finite but huge updates overflowing the sum
+            failed = "the aggregate is not finite: the model is kept (set clip_norm)"
+            log.error("round %d: %s", self.round, failed, extra={"event": "aggregate_failed", "round": self.round})
+        else:
+            self.model = new_model
         excluded = [ids[i] for i in info.excluded]
         if info.selected is not None:
             chosen = {int(i) for i in info.selected}
@@ -492,23 +547,28 @@ class Server:
             "seconds": time.monotonic() - self.round_started, "aggregate_seconds": t_agg,
             "bytes_in": self.bytes_in, "abandoned_uploads": sorted(self.uploads),
             "privacy": None if info.privacy is None else info.privacy.as_dict(),
+            "rejected_counts": dict(self.rejected_counts), "failed": failed,
         }
         log.info("round %d closed (%s): %d accepted, %d rejected, excluded by the rule: %s", self.round, reason,
                  len(ids), len(self.rejected), record["excluded_by_rule"],
                  extra={"event": "round_closed", "round": self.round})
         self.history.append(record)
-        if self.store:
-            self.store.append_metrics(record)
-        if self.on_round is not None:
-            self.on_round(record)
+        try:
+            if self.store:
+                self.store.append_metrics(record)
+            if self.on_round is not None:
+                self.on_round(record)
+        except Exception as e:  # noqa: BLE001 - a metrics sink must not stop the rounds
+            log.error("round %d: reporting failed: %s", self.round, e, extra={"event": "report_failed"})
         self.round += 1
+        self._failed_at = -1
         # Receive buffers go back to the pool (the aggregate no longer needs them) and are
         # handed out again at the participants' next HELLO or first chunk.
         for arr in list(self.accepted.values()) + [u.buf.view(np.float32) for u in self.uploads.values()
                                                    if u.codec == Codec.RAW]:
             if arr.size == self.d and arr.base is not None and len(self.pool) < self.cfg.max_peers:
                 self.pool.append(arr)
-        self.accepted, self.uploads, self.rejected = {}, {}, []
+        self.accepted, self.uploads, self.rejected, self.rejected_counts = {}, {}, [], {}
         for pid in list(self.by_pid):
             self._reserve(pid)
         self.bytes_in = 0
