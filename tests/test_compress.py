@@ -154,7 +154,7 @@ HOSTILE = {
     "short header": ([b"FAG"], "truncated"),
     "bad magic": (frames_of(GOOD_META, [IDX, VAL], magic=b"XXXX"), "bad magic"),
     "future version": (frames_of(GOOD_META, [IDX, VAL], version=9), "version 9"),
-    "not json": ([struct.pack("<4sHI", b"FAGP", 1, 3) + b"{]x", IDX, VAL], "not valid JSON"),
+    "not json": ([struct.pack("<4sHI", b"FAGP", 1, 3) + b"{]x", IDX, VAL], "not acceptable JSON"),
     "declared length lies": ([struct.pack("<4sHI", b"FAGP", 1, 999) + b"{}", IDX, VAL], "declared"),
     "missing field": (frames_of({"codec": "topk", "d": 10, "params": {}}, []), "exactly codec"),
     "float64 payload": (frames_of(_meta(dtype="float64"), [IDX, VAL]), "decoded dtype"),
@@ -505,8 +505,15 @@ def test_powersgd_payload_checks():
         Payload.from_frames(frames_of(meta, [b.tobytes() for b in p.buffers.values()]))
     meta = json.loads(p.header()[10:])
     meta["d"] = 5
-    with pytest.raises(PayloadError, match="layers hold 1230 values"):
+    with pytest.raises(PayloadError, match="holds more than d = 5 values"):
         Payload.from_frames(frames_of(meta, [b.tobytes() for b in p.buffers.values()]))
+    meta = json.loads(p.header()[10:])
+    meta["params"]["layers"][0]["shape"] = [2**64, 1]  # would overflow an int64 product
+    with pytest.raises(PayloadError, match="bad shape"):
+        Payload.from_frames(frames_of(meta, [b.tobytes() for b in p.buffers.values()]))
+    nested = struct.pack("<4sHI", b"FAGP", 1, 4000) + b"[" * 2000 + b"]" * 2000
+    with pytest.raises(PayloadError, match="not acceptable JSON"):  # deep nesting: no RecursionError
+        Payload.from_frames([nested])
     with pytest.raises(ValueError, match="repeated"):
         PowerSGD().encode([("a", np.ones((3, 3), np.float32)), ("a", np.ones(2, np.float32))])
 
