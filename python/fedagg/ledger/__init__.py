@@ -10,6 +10,7 @@ commitments, signed updates and audited round records (contract: Registry.vy).
 from . import crypto, merkle
 from .audit import AuditReport, audit_round
 from .evm import EvmLedger, Entry, LedgerError, RoundRecord, compiled, connect, embedded
+from .gate import LedgerGate, LedgerParticipant
 
-__all__ = ["AuditReport", "Entry", "EvmLedger", "LedgerError", "RoundRecord", "audit_round", "compiled", "connect",
-           "crypto", "embedded", "merkle"]
+__all__ = ["AuditReport", "Entry", "EvmLedger", "LedgerError", "LedgerGate", "LedgerParticipant", "RoundRecord",
+           "audit_round", "compiled", "connect", "crypto", "embedded", "merkle"]

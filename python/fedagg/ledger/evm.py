@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,14 @@ def _call(fn):
         raise
 
 
+def _locked(method):
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return run
+
+
 class EvmLedger:
     """The Registry contract at `address` on the chain of `w3`; `aggregator` sends the aggregator's txs."""
 
@@ -90,6 +99,9 @@ class EvmLedger:
         self.address = self.contract.address
         self.aggregator = aggregator or self.contract.functions.aggregator().call()
         self.gas: Dict[str, List[int]] = {}  # gas used per transaction kind
+        # One request at a time: the embedded chain is shared by the server's and the
+        # participants' threads in one process, and its provider is not thread-safe.
+        self.lock = threading.RLock()
 
     # ---------------------------------------------------------------- making one
     @classmethod
@@ -104,8 +116,9 @@ class EvmLedger:
 
     # ---------------------------------------------------------------- transactions
     def _transact(self, kind: str, sender: str, fn, value: int = 0) -> Any:
-        tx = _call(lambda: fn.transact({"from": sender, "value": int(value)}))
-        receipt = self.w3.eth.wait_for_transaction_receipt(tx)
+        with self.lock:
+            tx = _call(lambda: fn.transact({"from": sender, "value": int(value)}))
+            receipt = self.w3.eth.wait_for_transaction_receipt(tx)
         if receipt.status != 1:
             raise LedgerError(f"{kind} failed")
         self.gas.setdefault(kind, []).append(receipt.gasUsed)
@@ -141,15 +154,19 @@ class EvmLedger:
         self._transact("slash", sender, self.contract.functions.slash(self.w3.to_checksum_address(participant)))
 
     # ---------------------------------------------------------------- views (batched)
+    @_locked
     def block_number(self) -> int:
         return int(self.w3.eth.block_number)
 
+    @_locked
     def min_stake(self) -> int:
         return int(self.contract.functions.min_stake().call())
 
+    @_locked
     def deadline(self, round_id: int) -> int:
         return int(self.contract.functions.deadline(int(round_id)).call())
 
+    @_locked
     def registered(self) -> List[str]:
         """Every registered address, MAX_BATCH per call."""
         n = int(self.contract.functions.participant_count().call())
@@ -158,6 +175,7 @@ class EvmLedger:
             out += list(self.contract.functions.registered_slice(start, MAX_BATCH).call())
         return out
 
+    @_locked
     def snapshot(self, addresses: Optional[Sequence[str]] = None) -> Dict[str, Entry]:
         """The registry entries of `addresses` (default: everyone registered), by address."""
         addrs = self.registered() if addresses is None else [self.w3.to_checksum_address(a) for a in addresses]
@@ -168,6 +186,7 @@ class EvmLedger:
                 out[a] = Entry(a, bytes(key), int(stake), bool(slashed), bool(registered))
         return out
 
+    @_locked
     def commitments(self, round_id: int, addresses: Sequence[str]) -> Dict[str, Tuple[bytes, bool]]:
         """{address: (commitment, came after the deadline)} of `addresses` in `round_id`, missing ones
         left out; one call per 256 addresses."""
@@ -181,16 +200,19 @@ class EvmLedger:
                     out[a] = (bytes(c), bool(lt))
         return out
 
+    @_locked
     def round_record(self, round_id: int) -> RoundRecord:
         mh, root, accepted, scores = _call(lambda: self.contract.functions.round_record(int(round_id)).call())
         return RoundRecord(int(round_id), bytes(mh), bytes(root), tuple(accepted), tuple(int(s) for s in scores))
 
 
-def embedded():
-    """A Web3 on a fresh in-process py-evm chain (eth-tester): no service, funded dev accounts."""
+def embedded(accounts: int = 40):
+    """A Web3 on a fresh in-process py-evm chain (eth-tester): no service, `accounts` funded dev accounts."""
+    from eth_tester import EthereumTester, PyEVMBackend
     from web3 import EthereumTesterProvider, Web3
 
-    return Web3(EthereumTesterProvider())
+    backend = PyEVMBackend(genesis_state=PyEVMBackend.generate_genesis_state(num_accounts=int(accounts)))
+    return Web3(EthereumTesterProvider(EthereumTester(backend)))
 
 
 def connect(url: str, timeout: float = 10.0):

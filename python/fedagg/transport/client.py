@@ -12,6 +12,7 @@ holds. Every wait is bounded by ``timeout``.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -36,7 +37,7 @@ class TransportError(RuntimeError):
 class Client:
     def __init__(self, endpoint: str, id: Optional[str] = None, *, server_key: Optional[bytes] = None,
                  public_key: Optional[bytes] = None, secret_key: Optional[bytes] = None, timeout: float = 30.0,
-                 heartbeat: float = 2.0):
+                 heartbeat: float = 2.0, address: Optional[str] = None):
         import zmq
 
         self.zmq = zmq
@@ -49,6 +50,7 @@ class Client:
         if not id:
             raise ValueError("a participant needs an id")
         self.endpoint, self.id, self.timeout = endpoint, id, float(timeout)
+        self.address = address  # the ledger address, when the server admits by ledger and CURVE both
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -114,7 +116,7 @@ class Client:
             try:
                 return self._ask_state_once(kind, payload)
             except _Unknown:
-                self._ask_state_once(Kind.HELLO, {"id": self.id})
+                self._ask_state_once(Kind.HELLO, self._hello_body())
         raise TransportError("unknown", "the server keeps forgetting this participant")
 
     def _ask_state_once(self, kind: Kind, payload: Optional[dict]) -> Dict[str, Any]:
@@ -138,8 +140,11 @@ class Client:
                     raise _Unknown()
                 raise TransportError(r.get("reason", "rejected"), r.get("detail", ""))
 
+    def _hello_body(self) -> Dict[str, Any]:
+        return {"id": self.id} if self.address is None else {"id": self.id, "address": self.address}
+
     def hello(self) -> Dict[str, Any]:
-        return self._ask_state(Kind.HELLO, {"id": self.id})
+        return self._ask_state(Kind.HELLO, self._hello_body())
 
     def status(self) -> Dict[str, Any]:
         return self._ask_state(Kind.STATUS)
@@ -194,10 +199,25 @@ class Client:
         raise TransportError("timeout", f"round {after} did not end in time")
 
     # ---------------------------------------------------------------- submitting
-    def submit(self, update: Any, round: Optional[int] = None, *, chunk_delay: float = 0.0) -> Dict[str, Any]:
+    def wait_phase(self, phase: str = "upload", timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Poll STATUS until the server's round is in `phase` (a ledger round starts with "commit")."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            st = self.status()
+            if st.get("phase", "upload") == phase:
+                return st
+            if time.monotonic() > deadline:
+                raise TransportError("timeout", f"the round did not reach its {phase} phase")
+            time.sleep(0.1)
+
+    def submit(self, update: Any, round: Optional[int] = None, *, chunk_delay: float = 0.0,
+               signature: Optional[bytes] = None) -> Dict[str, Any]:
         """Stream `update` (float32 vector, or a fedagg.compress.Payload) for `round`; returns ACCEPTED's JSON.
 
-        Raises TransportError with the server's reason if it is refused.
+        `signature`: for a ledger-validated server, the Ed25519 signature of (round, SHA-256 of the
+        uploaded bytes) by the registered key (fedagg.ledger.LedgerParticipant.commit gives it); the
+        upload waits for the round's commit phase to end. Raises TransportError with the server's
+        reason if it is refused.
         """
         from ..compress import Payload
 
@@ -216,6 +236,8 @@ class Client:
             if attempts > 20:
                 raise TransportError("gave up", "too many resumptions")
             st = self.status()
+            if st.get("phase", "upload") != "upload":
+                st = self.wait_phase("upload")
             if st["round"] != rnd:
                 raise TransportError("late", f"the server is in round {st['round']}, this update is for {rnd}")
             if st.get("accepted"):
@@ -223,11 +245,11 @@ class Client:
                     return {"round": rnd, "id": self.id}
                 raise TransportError("duplicate", "already accepted this round")
             try:
-                return self._stream(blob, total, rnd, codec, dtype, st, chunk_delay)
+                return self._stream(blob, total, rnd, codec, dtype, st, chunk_delay, signature)
             except _Resume:
                 continue
 
-    def _stream(self, blob, total, rnd, codec, dtype, st, chunk_delay) -> Dict[str, Any]:
+    def _stream(self, blob, total, rnd, codec, dtype, st, chunk_delay, signature) -> Dict[str, Any]:
         step, window, session = st["chunk_bytes"], st["credits"], st["session"]
         off = st["held"] if st["held"] <= total else 0
         inflight, committed = 0, False
@@ -243,7 +265,8 @@ class Client:
                 if chunk_delay:
                     time.sleep(chunk_delay)
             if off >= total and inflight == 0 and not committed:
-                self._send(message(Kind.COMMIT, b"", round=rnd, total=total, seq=self._next(), session=session))
+                proof = b"" if signature is None else json.dumps({"signature": bytes(signature).hex()}).encode()
+                self._send(message(Kind.COMMIT, proof, round=rnd, total=total, seq=self._next(), session=session))
                 committed = True  # now waiting for the verdict
             got = self._recv(deadline)
             if got is None:
@@ -258,7 +281,7 @@ class Client:
                 r = parse_json(body)
                 if 0 < head.seq < first_seq:
                     continue
-                if r.get("reason") in _RESUMABLE or r.get("reason") == "checksum":
+                if r.get("reason") in _RESUMABLE or r.get("reason") in ("checksum", "phase"):
                     raise _Resume()
                 raise TransportError(r.get("reason", "rejected"), r.get("detail", ""))
 

@@ -12,6 +12,7 @@ stops for a bad message. See docs/protocol.md for the messages.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import os
@@ -72,6 +73,8 @@ class ServerConfig:
     allowed_keys: Optional[List[bytes]] = None  # z85 public keys of participants
     insecure: bool = False  # allow plain mode on a non-local endpoint (never by default)
     heartbeat: float = 2.0  # ZMTP heartbeat interval; a peer silent for 5 intervals is dropped
+    ledger: Any = None  # fedagg.ledger.LedgerGate: registered, staked, committed, signed updates only
+    admission: Optional[str] = None  # "federated", "ledger" or "both" (default: "ledger" with a ledger)
 
     def check(self) -> None:
         if self.chunk_bytes < 4096 or self.chunk_bytes > (4 << 20) or self.chunk_bytes % 4:
@@ -88,6 +91,15 @@ class ServerConfig:
                              "(fedagg keys generate), or pass insecure=True knowingly")
         if (self.curve_secret_key is None) != (self.curve_public_key is None):
             raise ValueError("give both the server's CURVE secret and public key")
+        if self.admission is None:
+            self.admission = "federated" if self.ledger is None else "ledger"
+        if self.admission not in ("federated", "ledger", "both"):
+            raise ValueError(f"admission must be 'federated', 'ledger' or 'both', got {self.admission!r}")
+        if (self.admission != "federated") != (self.ledger is not None):
+            raise ValueError("admission 'ledger' and 'both' need a ledger (fedagg.ledger.LedgerGate), "
+                             "'federated' takes none")
+        if self.admission == "both" and self.curve_secret_key is None:
+            raise ValueError("admission 'both' needs CURVE keys and an allow-list")
         if self.min_updates > self.quorum:
             raise ValueError("min_updates must be <= quorum")
         # The pipeline must work on the smallest round the server may close: try it now,
@@ -114,6 +126,7 @@ class Peer:
     last_refill: float
     last_seen: float
     last_seq: int = -1
+    address: Optional[str] = None  # the ledger address this participant speaks for
 
 
 @dataclass
@@ -164,6 +177,8 @@ class Server:
         self.round_started = time.monotonic()
         self.bytes_in = 0
         self._failed_at = -1
+        self.gate = config.ledger
+        self.phase = "upload"  # with a ledger each round starts with a commit phase
         self.history: List[Dict[str, Any]] = []
         self._stop = False
         if self.store and restored is None:
@@ -223,7 +238,7 @@ class Server:
 
     def _state(self, pid: Optional[str]) -> Dict[str, Any]:
         held = self.uploads[pid].received if pid in self.uploads else 0
-        return {"round": self.round, "session": self.session, "d": self.d, "dtype": "float32",
+        return {"round": self.round, "session": self.session, "d": self.d, "dtype": "float32", "phase": self.phase,
                 "model_bytes": self.model_bytes, "chunk_bytes": self.cfg.chunk_bytes, "credits": self.cfg.credits,
                 "held": held, "accepted": pid in self.accepted if pid else False}
 
@@ -249,6 +264,7 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         target = None if self.cfg.rounds is None else self.cfg.rounds
+        self._start_ledger_round()
         try:
             while not self._stop and (target is None or len(self.history) < target):
                 if poller.poll(50):
@@ -314,7 +330,7 @@ class Server:
         if head.kind == Kind.CHUNK:
             self._chunk(rid, peer, head, body)
         elif head.kind == Kind.COMMIT:
-            self._commit(rid, peer, head)
+            self._commit(rid, peer, head, body)
         elif head.kind == Kind.GET_MODEL:
             self._get_model(rid, head)
         elif head.kind in (Kind.STATUS, Kind.HEARTBEAT):
@@ -337,7 +353,18 @@ class Server:
         if self.cfg.curve_secret_key is not None:
             key = head_frame.get("User-Id") or ""
             if pid != key:  # an update is accepted only from the key it claims
-                self._reject(rid, "identity", "id must be the participant's CURVE public key (z85)", record=False, seq=head.seq)
+                self._reject(rid, "identity", "id must be the participant's CURVE public key (z85)", record=False,
+                             seq=head.seq)
+                return
+        address = None
+        if self.gate is not None:
+            address = obj.get("address", pid) if self.cfg.admission == "both" else pid
+            try:
+                why = self.gate.admit(address)
+            except (ValueError, TypeError):
+                why = "unregistered"  # not even an address
+            if why:
+                self._reject(rid, why, f"{address!r} is not admitted by the ledger", pid, seq=head.seq)
                 return
         if rid not in self.peers and len(self.peers) >= self.cfg.max_peers:
             self._drop_idle(now)
@@ -359,7 +386,7 @@ class Server:
         if head.seq <= last_seq:
             self._reject(rid, "replayed", f"seq {head.seq} <= {last_seq}", pid, record=False, seq=head.seq)
             return
-        self.peers[rid] = Peer(rid, pid, key, tokens, refill, now, head.seq)
+        self.peers[rid] = Peer(rid, pid, key, tokens, refill, now, head.seq, address)
         self.by_pid[pid] = rid
         self._reserve(pid)
         log.info("hello from %s", pid, extra={"event": "hello", "participant": pid})
@@ -376,6 +403,11 @@ class Server:
         buf = self.pool.pop() if self.pool else np.empty(self.d, dtype=np.float32)
         buf.view(np.uint8)[::4096] = 0  # one write per page faults it in
         self.reserved[pid] = buf
+
+    def _address_of(self, pid: str) -> str:
+        rid = self.by_pid.get(pid)
+        peer = self.peers.get(rid) if rid is not None else None
+        return peer.address if peer is not None and peer.address else pid
 
     def _buffers(self) -> int:
         """Receive buffers held for this round: reserved, uploading and accepted (at most max_peers)."""
@@ -409,13 +441,20 @@ class Server:
         pid = peer.pid
         if head.round != self.round:
             why = "late" if head.round < self.round else "future"
-            self._reject(rid, why, f"round {head.round}, the server is in round {self.round}", pid, head.round, seq=head.seq)
+            self._reject(rid, why, f"round {head.round}, the server is in round {self.round}", pid,
+                         head.round, seq=head.seq)
             return
         if head.session != self.session:
-            self._reject(rid, "session", "the server restarted: resume from 'held'", pid, head.round, record=False, seq=head.seq)
+            self._reject(rid, "session", "the server restarted: resume from 'held'", pid, head.round,
+                         record=False, seq=head.seq)
+            return
+        if self.phase != "upload":
+            self._reject(rid, "phase", "commit your update on chain; uploads open after the commit phase", pid,
+                         head.round, record=False, seq=head.seq)
             return
         if pid in self.accepted:
-            self._reject(rid, "duplicate", "an update of this participant is already in the round", pid, head.round, seq=head.seq)
+            self._reject(rid, "duplicate", "an update of this participant is already in the round", pid,
+                         head.round, seq=head.seq)
             return
         if head.codec == Codec.RAW:
             if head.dtype != Dtype.FLOAT32 or head.total != self.model_bytes:
@@ -424,7 +463,8 @@ class Server:
                              f"bytes of {head.dtype.name}", pid, head.round, seq=head.seq)
                 return
         elif head.total > self.model_bytes + (1 << 16):  # a compressed update is never bigger than raw
-            self._reject(rid, "size", f"compressed update of {head.total} bytes exceeds the raw size", pid, head.round, seq=head.seq)
+            self._reject(rid, "size", f"compressed update of {head.total} bytes exceeds the raw size", pid,
+                         head.round, seq=head.seq)
             return
         up = self.uploads.get(pid)
         if up is None or up.codec != head.codec or up.total != head.total:
@@ -460,14 +500,24 @@ class Server:
         self._send(rid, message(Kind.CREDIT, b"", aux=1, offset=up.received, total=up.total, round=self.round,
                                 session=self.session))
 
-    def _commit(self, rid: bytes, peer: Peer, head) -> None:
+    def _ledger_check(self, peer: Peer, body, up: Upload) -> Optional[str]:
+        """Registration, stake, signature and commitment of an uploaded update (None: admissible)."""
+        try:
+            sig = bytes.fromhex(parse_json(body)["signature"])
+        except (ProtocolError, KeyError, TypeError, ValueError):
+            return "signature"
+        digest = hashlib.sha256(memoryview(up.buf).cast("B")).digest()
+        return self.gate.check(peer.address, digest, sig)
+
+    def _commit(self, rid: bytes, peer: Peer, head, body=b"") -> None:
         pid = peer.pid
         if head.round != self.round:
             self._reject(rid, "late" if head.round < self.round else "future",
                          f"round {head.round}, the server is in round {self.round}", pid, head.round, seq=head.seq)
             return
         if pid in self.accepted:
-            self._reject(rid, "duplicate", "an update of this participant is already in the round", pid, head.round, seq=head.seq)
+            self._reject(rid, "duplicate", "an update of this participant is already in the round", pid,
+                         head.round, seq=head.seq)
             return
         up = self.uploads.get(pid)
         if up is None or up.received != up.total or head.session != self.session:
@@ -475,6 +525,11 @@ class Server:
                          head.round, record=False, seq=head.seq)
             return
         del self.uploads[pid]
+        if self.gate is not None:
+            why = self._ledger_check(peer, body, up)
+            if why:
+                self._reject(rid, why, "the ledger does not vouch for this update", pid, head.round, seq=head.seq)
+                return
         try:
             update = self._decode(up)
         except Exception as e:  # noqa: BLE001 - whatever a hostile payload makes a codec raise
@@ -501,7 +556,28 @@ class Server:
         return decode(p)
 
     # ---------------------------------------------------------------- closing a round
+    def _start_ledger_round(self) -> None:
+        if self.gate is None:
+            return
+        self.phase = "commit"
+        try:
+            self.gate.start_round(self.round)
+        except Exception as e:  # noqa: BLE001 - the chain is down: uploads cannot be verified yet
+            log.error("round %d: the ledger could not open the round: %s", self.round, e,
+                      extra={"event": "ledger_error", "round": self.round})
+
     def _maybe_close(self) -> None:
+        if self.phase == "commit":
+            if time.monotonic() - self.round_started >= self.gate.commit_seconds:
+                try:
+                    self.gate.close_commits()
+                    self.phase = "upload"
+                    log.info("round %d: commit phase over, %d commitments", self.round,
+                             len(self.gate.commitments or {}), extra={"event": "upload_phase", "round": self.round})
+                except Exception as e:  # noqa: BLE001 - try again on the next tick
+                    log.error("round %d: closing the commit window failed: %s", self.round, e,
+                              extra={"event": "ledger_error", "round": self.round})
+            return
         n = len(self.accepted)
         if n == self._failed_at:  # the pipeline failed on exactly these updates: wait for more
             return
@@ -520,6 +596,9 @@ class Server:
             kw["dp"] = self.cfg.dp
         elif self.cfg.clip_norm is not None:
             kw["clip_norm"] = self.cfg.clip_norm
+        addresses = [self._address_of(i) for i in ids]
+        if self.gate is not None and self.gate.stake_weighted:
+            kw["weights"] = self.gate.weights(addresses)
         try:
             agg, info = aggregate(rows, self.cfg.rule, self.cfg.f, return_info=True, **kw)
         except Exception as e:  # noqa: BLE001 - keep serving; the round stays open for more updates
@@ -549,6 +628,17 @@ class Server:
             "privacy": None if info.privacy is None else info.privacy.as_dict(),
             "rejected_counts": dict(self.rejected_counts), "failed": failed,
         }
+        if self.gate is not None:
+            scores = _scores(info, len(ids))
+            if failed is None:
+                try:
+                    self.gate.record(self.model, addresses, scores)
+                except Exception as e:  # noqa: BLE001 - the round stands; its record is missing and says so
+                    record["ledger_error"] = str(e)
+                    log.error("round %d: recording on the ledger failed: %s", self.round, e,
+                              extra={"event": "ledger_error", "round": self.round})
+            record["ledger"] = {"seconds": self.gate.cost.seconds, "gas": dict(self.gate.cost.gas),
+                                "calls": self.gate.cost.calls, "addresses": addresses, "scores": scores}
         log.info("round %d closed (%s): %d accepted, %d rejected, excluded by the rule: %s", self.round, reason,
                  len(ids), len(self.rejected), record["excluded_by_rule"],
                  extra={"event": "round_closed", "round": self.round})
@@ -575,6 +665,20 @@ class Server:
         if self.store:
             self.store.save_round(self.round, self.model)
         self.round_started = time.monotonic()
+        self._start_ledger_round()
         note = json_message(Kind.ROUND, {"round": self.round}, round=self.round, session=self.session)
         for rid in list(self.peers):
             self._send(rid, note)
+
+
+def _scores(info, n: int) -> List[int]:
+    """Each accepted update's score for the round record: its weight in the aggregate x 1e6
+    (selection rules: 1e6 if selected, 0 if not; coordinate-wise rules: 1e6 each)."""
+    from ..ledger.gate import SCORE_SCALE
+
+    if info.weights is not None:
+        return [int(round(float(w) * SCORE_SCALE)) for w in np.nan_to_num(info.weights)]
+    if info.selected is not None:
+        chosen = {int(i) for i in info.selected}
+        return [SCORE_SCALE if i in chosen else 0 for i in range(n)]
+    return [SCORE_SCALE] * n

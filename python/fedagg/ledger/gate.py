@@ -1,0 +1,159 @@
+"""The server's and the participants' side of the ledger.
+
+Server (``LedgerGate``), per round, off the hot path: open the round on chain
+and snapshot the registry (one batched read); after the commit phase, close the
+commit window and read every commitment (one batched read); check each update
+against the snapshot (registered, staked, not slashed), its Ed25519 signature
+and its commitment before its bytes reach the aggregator; record the round's
+outcome. Participant (``LedgerParticipant``): register and stake once; per
+round, commit the update's hash on chain, then sign it for the upload.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+
+from . import crypto, merkle
+from .audit import model_hash
+from .evm import Entry, EvmLedger, LedgerError
+
+SCORE_SCALE = 1_000_000  # scores on chain are integers: weight in the aggregate x 1e6
+REPLAY_LOOKBACK = 16  # rounds searched to tell a replayed signature from a wrong one
+
+
+@dataclass
+class RoundCost:
+    """Time and gas the ledger cost the aggregator in one round."""
+
+    seconds: float = 0.0
+    gas: Dict[str, int] = field(default_factory=dict)
+    calls: int = 0
+
+
+class LedgerGate:
+    """Admission and verification of ledger-validated participants, for fedagg.transport.Server."""
+
+    def __init__(self, chain: EvmLedger, *, commit_seconds: float = 5.0, window_blocks: int = 1_000_000,
+                 stake_weighted: bool = False):
+        if commit_seconds < 0:
+            raise ValueError("commit_seconds must be >= 0")
+        self.chain = chain
+        self.commit_seconds = float(commit_seconds)
+        self.window_blocks = int(window_blocks)
+        self.stake_weighted = stake_weighted
+        self.min_stake = chain.min_stake()
+        self.snapshot: Dict[str, Entry] = {}
+        self.commitments: Optional[Dict[str, tuple]] = None
+        self.cost = RoundCost()
+        self.round = -1
+
+    def _timed(self, fn, kind: str):  # kind: for readers of a profile; gas is keyed by the chain
+        before = {k: len(v) for k, v in self.chain.gas.items()}
+        t0 = time.monotonic()
+        try:
+            return fn()
+        finally:
+            self.cost.seconds += time.monotonic() - t0
+            self.cost.calls += 1
+            for k, v in self.chain.gas.items():
+                new = v[before.get(k, 0):]
+                if new:
+                    self.cost.gas[k] = self.cost.gas.get(k, 0) + sum(new)
+
+    # ---------------------------------------------------------------- the round
+    def start_round(self, rnd: int) -> None:
+        self.round, self.commitments, self.cost = rnd, None, RoundCost()
+        if self.chain.deadline(rnd) == 0:  # not opened yet (a restarted server finds it open)
+            self._timed(lambda: self.chain.open_round(rnd, self.window_blocks), "open_round")
+        self.snapshot = self._timed(self.chain.snapshot, "snapshot")
+
+    def admit(self, address: str) -> Optional[str]:
+        """None if `address` may take part this round, else the reason."""
+        e = self.snapshot.get(_checksum(address))
+        if e is None or not e.registered:
+            return "unregistered"
+        if e.slashed:
+            return "slashed"
+        if e.stake < self.min_stake:
+            return "unstaked"
+        return None
+
+    def close_commits(self) -> None:
+        """End the commit window and read every commitment of the snapshot in one batched call."""
+        def run():
+            self.chain.close_commits(self.round)
+            return self.chain.commitments(self.round, list(self.snapshot))
+        self.commitments = self._timed(run, "close_commits")
+
+    def check(self, address: str, digest: bytes, signature: bytes) -> Optional[str]:
+        """None if the update with this SHA-256 and signature is admissible, else the reason."""
+        address = _checksum(address)
+        why = self.admit(address)
+        if why:
+            return why
+        key = self.snapshot[address].signing_key
+        if not crypto.verify(key, self.round, digest, signature):
+            for old in range(max(0, self.round - REPLAY_LOOKBACK), self.round):
+                if crypto.verify(key, old, digest, signature):
+                    return "replayed"
+            return "signature"
+        if self.commitments is None:
+            return "commit-phase"
+        got = self.commitments.get(address)
+        if got is None:  # not there at the close: ask once more, to name a late commitment as such
+            got = self._timed(lambda: self.chain.commitments(self.round, [address]), "commitments").get(address)
+            if got is None:
+                return "uncommitted"
+        value, late = got
+        if late:
+            return "late-commit"
+        if value != crypto.commitment(self.round, address, digest):
+            return "commitment"
+        return None
+
+    def weights(self, addresses: Sequence[str]) -> np.ndarray:
+        return np.array([float(self.snapshot[_checksum(a)].stake) for a in addresses])
+
+    def record(self, model: np.ndarray, accepted: Sequence[str], scores: Sequence[int]) -> None:
+        addrs = [_checksum(a) for a in accepted]
+        self._timed(lambda: self.chain.record_round(self.round, model_hash(model), merkle.root(addrs), addrs,
+                                                    [int(s) for s in scores]), "record_round")
+
+
+class LedgerParticipant:
+    """A participant's chain side: its account and Ed25519 key."""
+
+    def __init__(self, chain: EvmLedger, account: str, secret: Optional[bytes] = None):
+        self.chain = chain
+        self.account = _checksum(account)
+        if secret is None:
+            self.public, self.secret = crypto.keypair()
+        else:
+            from nacl.signing import SigningKey
+
+            self.secret, self.public = bytes(secret), bytes(SigningKey(bytes(secret)).verify_key)
+
+    def register(self, stake: int) -> None:
+        self.chain.register(self.account, self.public, stake)
+
+    def commit(self, rnd: int, update: Any) -> bytes:
+        """Commit the update's hash for round `rnd`; returns the signature to send with it."""
+        digest = crypto.update_hash(update)
+        self.chain.commit(self.account, rnd, crypto.commitment(rnd, self.account, digest))
+        return crypto.sign(self.secret, rnd, digest)
+
+    def sign(self, rnd: int, update: Any) -> bytes:
+        return crypto.sign(self.secret, rnd, crypto.update_hash(update))
+
+
+def _checksum(address: str) -> str:
+    from eth_utils import to_checksum_address
+
+    return to_checksum_address(address)
+
+
+__all__ = ["LedgerError", "LedgerGate", "LedgerParticipant", "RoundCost", "SCORE_SCALE"]

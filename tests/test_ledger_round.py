@@ -1,0 +1,143 @@
+"""Rounds of ledger-validated participants over ZeroMQ on loopback, on the embedded chain and on Hardhat.
+
+16 honest participants register, stake, commit their update's hash on chain,
+then upload it with an Ed25519 signature; beside them, participants that are
+unregistered, unstaked, slashed, sign wrongly, commit another update, commit
+late, or replay an old signed update. Each is refused with its reason in the
+round report, the rounds complete with the honest ones, and the round records
+verify with fedagg audit.
+"""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("zmq")
+pytest.importorskip("web3")
+pytest.importorskip("vyper")
+pytest.importorskip("nacl")
+
+from fedagg import ledger  # noqa: E402
+from fedagg.ledger import LedgerGate, LedgerParticipant, crypto  # noqa: E402
+from fedagg.transport import Client, Server, ServerConfig, TransportError  # noqa: E402
+from test_ledger import ETH, hardhat_url, w3  # noqa: E402,F401 - the chain fixtures (embedded and Hardhat)
+
+D = 2000
+HONEST = 16
+
+
+def honest_update(i: int) -> np.ndarray:
+    return np.full(D, 1.0 + 0.01 * i, dtype=np.float32)
+
+
+def test_ledger_validated_rounds(w3):  # noqa: F811
+    accounts = list(w3.eth.accounts)
+    owner, agg = accounts[:2]
+    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
+    people = {}
+    names = [f"h{i}" for i in range(HONEST)] + ["unstaked", "slashed", "badsig", "mismatch", "late", "replayer"]
+    for name, acct in zip(names, accounts[2:]):
+        lp = LedgerParticipant(chain, acct)
+        lp.register(ETH // 10 if name == "unstaked" else 2 * ETH)
+        people[name] = lp
+    chain.slash(owner, people["slashed"].account)
+    stranger = accounts[2 + len(names)]  # never registered
+
+    gate = LedgerGate(chain, commit_seconds=3.0)
+    models = {}
+    server = Server(np.zeros(D, np.float32),
+                    ServerConfig(bind="tcp://127.0.0.1:0", rule="trimmed_mean", f=2, quorum=100,
+                                 min_updates=HONEST, deadline=8.0, rounds=2, ledger=gate),
+                    on_round=lambda rec: models.setdefault(rec["round"], server.model.copy()))
+    ep = server.endpoint
+    th = threading.Thread(target=server.serve, daemon=True)
+    th.start()
+    results = {}
+
+    def honest(name, i, rounds=2):
+        lp = people[name]
+        with Client(ep, lp.account, timeout=30) as c:
+            last = -1
+            for _ in range(rounds):
+                if last >= 0:
+                    c.wait_round(last, 30)
+                rnd = c.status()["round"]
+                u = honest_update(i)
+                sig = lp.commit(rnd, u)
+                results[(name, rnd)] = c.submit(u, rnd, signature=sig)
+                last = rnd
+
+    def adversary(name):
+        lp = people[name]
+        try:
+            with Client(ep, lp.account, timeout=30) as c:
+                rnd = c.status()["round"]
+                u = honest_update(99)
+                if name == "badsig":
+                    lp.commit(rnd, u)
+                    sig = crypto.sign(crypto.keypair()[1], rnd, crypto.update_hash(u))  # not its registered key
+                elif name == "mismatch":
+                    sig = lp.commit(rnd, honest_update(98))  # commits to another update
+                    sig = lp.sign(rnd, u)
+                elif name == "late":
+                    c.wait_phase("upload")  # the commit window is closed now
+                    sig = lp.commit(rnd, u)
+                else:
+                    sig = lp.sign(rnd, u)
+                results[(name, rnd)] = c.submit(u, rnd, signature=sig)
+        except TransportError as e:
+            results[(name, 0)] = e.reason
+
+    def unregistered(name, address):
+        try:
+            Client(ep, address, timeout=30).close()
+        except TransportError as e:
+            results[(name, 0)] = e.reason
+
+    def replayer():
+        lp = people["replayer"]
+        with Client(ep, lp.account, timeout=30) as c:
+            u = honest_update(7)
+            sig0 = lp.commit(0, u)
+            results[("replayer", 0)] = c.submit(u, 0, signature=sig0)
+            c.wait_round(0, 30)
+            lp.commit(1, u)  # commits honestly for round 1 ...
+            try:
+                c.submit(u, 1, signature=sig0)  # ... but replays round 0's signed upload
+            except TransportError as e:
+                results[("replayer", 1)] = e.reason
+
+    threads = [threading.Thread(target=honest, args=(f"h{i}", i)) for i in range(HONEST)]
+    threads += [threading.Thread(target=adversary, args=(n,)) for n in ("unstaked", "slashed", "badsig", "mismatch",
+                                                                        "late")]
+    threads += [threading.Thread(target=unregistered, args=("stranger", stranger)), threading.Thread(target=replayer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    th.join(60)
+    assert not th.is_alive(), "the rounds did not finish"
+
+    assert results[("unstaked", 0)] == "unstaked" and results[("slashed", 0)] == "slashed"
+    assert results[("stranger", 0)] == "unregistered"
+    assert results[("badsig", 0)] == "signature" and results[("mismatch", 0)] == "commitment"
+    assert results[("late", 0)] == "late-commit" and results[("replayer", 1)] == "replayed"
+    r0, r1 = server.history
+    honest_ids = {people[f"h{i}"].account for i in range(HONEST)}
+    assert set(r0["accepted"]) == honest_ids | {people["replayer"].account}
+    assert set(r1["accepted"]) == honest_ids
+    reasons0 = {x["reason"] for x in r0["rejected"]}
+    assert {"unstaked", "slashed", "unregistered", "signature", "commitment", "late-commit"} <= reasons0
+    assert "replayed" in {x["reason"] for x in r1["rejected"]}
+    # the honest result: trimmed mean of the honest updates, moved twice
+    assert np.allclose(models[1], 2 * np.mean([honest_update(i)[0] for i in range(HONEST)]), atol=0.02)
+    # the round records verify from the chain and the published models
+    for rnd in (0, 1):
+        rep = ledger.audit_round(chain, rnd, models[rnd], sorted(honest_ids)[:3])
+        assert rep.ok, rep.as_dict()
+        assert set(rep.scores) == set(server.history[rnd]["accepted"])
+    assert not ledger.audit_round(chain, 0, models[1]).model_ok
+    cost = r0["ledger"]
+    assert cost["calls"] >= 3 and cost["gas"]["record_round"] > 0 and cost["seconds"] < r0["seconds"]
