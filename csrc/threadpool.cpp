@@ -37,7 +37,11 @@ class Pool {
     stop_workers();
     nthreads_ = std::max(1, n);
     stop_ = false;
-    for (int w = 1; w < nthreads_; ++w) workers_.emplace_back([this, w] { worker_loop(w); });
+    // New workers answer only runs started after they exist: a worker that took the
+    // current generation for new work would run a finished batch and miscount active_
+    // (a lost wakeup: the caller then waits forever).
+    const std::size_t gen = generation_;
+    for (int w = 1; w < nthreads_; ++w) workers_.emplace_back([this, w, gen] { worker_loop(w, gen); });
   }
 
   void run(std::size_t ntasks, const TaskFn& fn) {
@@ -79,8 +83,7 @@ class Pool {
     }
   }
 
-  void worker_loop(int worker) {
-    std::size_t seen = 0;
+  void worker_loop(int worker, std::size_t seen) {
     for (;;) {
       {
         std::unique_lock<std::mutex> lk(mu_);

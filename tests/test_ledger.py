@@ -168,3 +168,32 @@ def test_merkle_proofs(n):
     assert merkle.root([]) == bytes(32)
     with pytest.raises(ValueError):
         merkle.proof(addrs, "0x" + "ee" * 20)
+
+
+def test_audit_cli_on_a_hardhat_round(hardhat_url, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    w3 = ledger.connect(hardhat_url)
+    owner, agg = w3.eth.accounts[:2]
+    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
+    accepted = list(w3.eth.accounts[2:6])
+    model = np.arange(100, dtype=np.float32)
+    chain.record_round(0, model_hash(model), merkle.root(accepted), accepted, [1, 2, 3, 4])
+    np.save(tmp_path / "model.npy", model)
+
+    def audit(model_path, who):
+        cmd = [sys.executable, "-m", "fedagg", "audit", "--rpc", hardhat_url, "--contract", chain.address,
+               "--round", "0", "--model", str(model_path)] + sum((["--participant", p] for p in who), [])
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    ok = audit(tmp_path / "model.npy", accepted[:2])
+    assert ok.returncode == 0, ok.stderr
+    rep = json.loads(ok.stdout)
+    assert rep["ok"] and rep["scores"][accepted[3]] == 4 and set(rep["proofs"]) == set(accepted[:2])
+    np.save(tmp_path / "other.npy", model + 1)
+    bad = audit(tmp_path / "other.npy", [w3.eth.accounts[9]])
+    assert bad.returncode == 1
+    rep = json.loads(bad.stdout)
+    assert not rep["model_ok"] and rep["included"] == {w3.eth.accounts[9]: False}

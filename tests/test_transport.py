@@ -505,3 +505,17 @@ def test_client_never_hangs_when_the_server_is_gone(running):
         c.status()
     assert time.monotonic() - t0 < 30
     c.close()
+
+
+def test_untrusted_json_bounds():
+    from fedagg import _json
+
+    assert _json.loads(b'{"a": "[[[[\\"]]]", "b": [[1]]}', 100) == {"a": '[[[["]]]', "b": [[1]]}
+    with pytest.raises(_json.UntrustedJSONError, match="deeper than 32"):
+        _json.loads(b"[" * 33 + b"]" * 33, 1000)
+    assert _json.loads(b"[" * 32 + b"]" * 32, 1000)
+    with pytest.raises(_json.UntrustedJSONError, match="at most 10"):
+        _json.loads(b"[1,2,3,4,5,6]", 10)
+    for bad in (b"\xff", b"{", b"1" * 5000):
+        with pytest.raises(_json.UntrustedJSONError):
+            _json.loads(bad, 10_000)

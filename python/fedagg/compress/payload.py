@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from .. import _json
+
 MAGIC = b"FAGP"
 VERSION = 1
 MAX_HEADER = 1 << 16  # bytes of JSON
@@ -81,9 +83,9 @@ class Payload:
         if n > MAX_HEADER or len(header) != _PREFIX.size + n:
             raise PayloadError(f"header length {len(header)} does not match its declared {n} + {_PREFIX.size}")
         try:
-            meta = json.loads(header[_PREFIX.size:].decode("utf-8"))
-        except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge integers, deep nesting
-            raise PayloadError(f"header is not acceptable JSON: {type(e).__name__}") from None
+            meta = _json.loads(header[_PREFIX.size:], MAX_HEADER)
+        except _json.UntrustedJSONError as e:
+            raise PayloadError(f"header is not acceptable JSON: {e}") from None
         if not isinstance(meta, dict) or set(meta) != {"codec", "d", "dtype", "params", "buffers"}:
             raise PayloadError("header must hold exactly codec, d, dtype, params and buffers")
         if meta["dtype"] != "float32":

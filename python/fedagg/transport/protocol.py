@@ -31,7 +31,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, List, Sequence, Tuple
 
-from .. import _core
+from .. import _core, _json
 
 MAGIC = b"FAGW"
 VERSION = 1
@@ -139,12 +139,10 @@ def parse(frames: Sequence[Any], max_payload: int, *, verify: bool = True) -> Tu
 
 
 def parse_json(body: memoryview) -> Any:
-    if body.nbytes > MAX_JSON:
-        raise ProtocolError("control payload too large")
     try:
-        return json.loads(bytes(body).decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge integers, deep nesting
-        raise ProtocolError(f"control payload is not acceptable JSON: {type(e).__name__}") from None
+        return _json.loads(bytes(body), MAX_JSON)
+    except _json.UntrustedJSONError as e:
+        raise ProtocolError(f"control payload is not acceptable JSON: {e}") from None
 
 
 def pack_frames(frames: Sequence[Any]) -> bytes:
