@@ -10,6 +10,7 @@ import fedagg.compress
 import fedagg.compress.bench
 import fedagg.privacy
 import fedagg.privacy.bench
+import fedagg.ledger.bench
 import fedagg.server
 import fedagg.transport.bench
 import fedagg.rules
@@ -17,7 +18,7 @@ import fedagg.rules
 
 @pytest.mark.parametrize("module", [fedagg, fedagg.rules, fedagg.aggregator, fedagg.compress,
                                     fedagg.compress.bench, fedagg.privacy, fedagg.privacy.bench,
-                                    fedagg.server, fedagg.transport.bench],
+                                    fedagg.server, fedagg.transport.bench, fedagg.ledger.bench],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False, report=True)

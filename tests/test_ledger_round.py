@@ -141,3 +141,44 @@ def test_ledger_validated_rounds(w3):  # noqa: F811
     assert not ledger.audit_round(chain, 0, models[1]).model_ok
     cost = r0["ledger"]
     assert cost["calls"] >= 3 and cost["gas"]["record_round"] > 0 and cost["seconds"] < r0["seconds"]
+
+
+def test_admission_both_curve_and_ledger_with_stake_weights(tmp_path):
+    from zmq.auth import create_certificates, load_certificate
+
+    w3 = ledger.embedded()
+    owner, agg, a, b = w3.eth.accounts[:4]
+    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
+    pa, pb = LedgerParticipant(chain, a), LedgerParticipant(chain, b)
+    pa.register(ETH)
+    pb.register(3 * ETH)
+    spub, ssec = load_certificate(create_certificates(str(tmp_path), "server")[1])
+    keys = {n: load_certificate(create_certificates(str(tmp_path), n)[1]) for n in ("a", "b")}
+    gate = LedgerGate(chain, commit_seconds=1.0, stake_weighted=True)
+    with pytest.raises(ValueError, match="needs CURVE"):
+        ServerConfig(bind="tcp://127.0.0.1:0", ledger=gate, admission="both").check()
+    server = Server(np.zeros(10, np.float32),
+                    ServerConfig(bind="tcp://127.0.0.1:0", quorum=2, rounds=1, ledger=gate, admission="both",
+                                 curve_secret_key=ssec, curve_public_key=spub,
+                                 allowed_keys=[keys["a"][0], keys["b"][0]]))
+    th = threading.Thread(target=server.serve, daemon=True)
+    th.start()
+    results = {}
+
+    def go(name, lp, value):
+        pub, sec = keys[name]
+        with Client(server.endpoint, server_key=spub, public_key=pub, secret_key=sec, address=lp.account,
+                    timeout=20) as c:
+            u = np.full(10, value, np.float32)
+            results[name] = c.submit(u, 0, signature=lp.commit(0, u))
+
+    ts = [threading.Thread(target=go, args=("a", pa, 1.0)), threading.Thread(target=go, args=("b", pb, 5.0))]
+    [t.start() for t in ts]
+    [t.join(60) for t in ts]
+    th.join(30)
+    assert set(results) == {"a", "b"}
+    # stake-weighted mean: (1 x 1 + 3 x 5) / 4 = 4
+    np.testing.assert_allclose(server.model, np.full(10, 4.0), rtol=1e-6)
+    rec = server.history[0]
+    assert sorted(rec["ledger"]["addresses"]) == sorted([a, b])
+    assert ledger.audit_round(chain, 0, server.model, [a, b]).ok

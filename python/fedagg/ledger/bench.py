@@ -1,0 +1,66 @@
+"""Ledger overhead of a round: n ledger-validated participants (threads of this
+process) over ZeroMQ on loopback, on the embedded chain or a JSON-RPC node.
+
+Reports the round's time, the aggregator's time in chain calls (open the round,
+snapshot, close the commit window + batched read, record), their gas, and the
+participants' own chain time (commit transactions).
+
+>>> from fedagg.ledger import bench
+>>> r = bench.run(n=2, d=1000, commit_seconds=0.5)
+>>> r["accepted"], r["ledger_calls"] >= 3
+(2, True)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+
+def run(n: int = 16, d: int = 25_000_000, *, rpc: Optional[str] = None, commit_seconds: float = 2.0,
+        rule: str = "mean") -> Dict[str, Any]:
+    from ..transport import Client, Server, ServerConfig
+    from . import EvmLedger, LedgerGate, LedgerParticipant, connect, embedded
+
+    w3 = connect(rpc) if rpc else embedded(accounts=n + 2)
+    owner, agg = w3.eth.accounts[:2]
+    chain = EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=10**18)
+    people = [LedgerParticipant(chain, a) for a in w3.eth.accounts[2:2 + n]]
+    for p in people:
+        p.register(2 * 10**18)
+    gate = LedgerGate(chain, commit_seconds=commit_seconds)
+    server = Server(np.zeros(d, np.float32), ServerConfig(bind="tcp://127.0.0.1:0", rule=rule, quorum=n, rounds=1,
+                                                         deadline=600.0, ledger=gate, rate=1e6))
+    th = threading.Thread(target=server.serve, daemon=True)
+    th.start()
+    commit_time = [0.0] * n
+    ready = threading.Barrier(n + 1)
+
+    def participant(i: int) -> None:
+        x = np.full(d, 0.5, dtype=np.float32)
+        with Client(server.endpoint, people[i].account, timeout=600) as c:
+            ready.wait()
+            t0 = time.perf_counter()
+            sig = people[i].commit(0, x)
+            commit_time[i] = time.perf_counter() - t0
+            c.submit(x, 0, signature=sig)
+
+    ts = [threading.Thread(target=participant, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    ready.wait()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.join(900)
+    th.join(900)
+    rec = server.history[0]
+    cost = rec["ledger"]
+    return {"n": n, "d": d, "backend": rpc or "embedded py-evm", "accepted": len(rec["accepted"]),
+            "round_seconds": rec["seconds"], "wall_seconds": time.perf_counter() - t0,
+            "commit_phase_seconds": commit_seconds, "ledger_seconds": cost["seconds"], "ledger_calls": cost["calls"],
+            "ledger_gas": cost["gas"], "participant_commit_seconds_max": max(commit_time),
+            "participant_commit_gas": int(np.mean(chain.gas.get("commit", [0]))),
+            "aggregate_seconds": rec["aggregate_seconds"]}
