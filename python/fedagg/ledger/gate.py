@@ -29,9 +29,11 @@ REPLAY_LOOKBACK = 16  # rounds searched to tell a replayed signature from a wron
 class RoundCost:
     """Time and gas the ledger cost the aggregator in one round."""
 
-    seconds: float = 0.0
+    seconds: float = 0.0  # in chain calls
     gas: Dict[str, int] = field(default_factory=dict)
     calls: int = 0
+    hash_seconds: float = 0.0  # hashing uploads to check them against their commitments
+    call_seconds: Dict[str, float] = field(default_factory=dict)  # per kind of chain call
 
 
 class LedgerGate:
@@ -51,13 +53,15 @@ class LedgerGate:
         self.cost = RoundCost()
         self.round = -1
 
-    def _timed(self, fn, kind: str):  # kind: for readers of a profile; gas is keyed by the chain
+    def _timed(self, fn, kind: str):
         before = {k: len(v) for k, v in self.chain.gas.items()}
         t0 = time.monotonic()
         try:
             return fn()
         finally:
-            self.cost.seconds += time.monotonic() - t0
+            dt = time.monotonic() - t0
+            self.cost.seconds += dt
+            self.cost.call_seconds[kind] = self.cost.call_seconds.get(kind, 0.0) + dt
             self.cost.calls += 1
             for k, v in self.chain.gas.items():
                 new = v[before.get(k, 0):]

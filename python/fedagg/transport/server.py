@@ -136,6 +136,7 @@ class Upload:
     total: int
     received: int = 0
     finite: bool = True
+    sha256: Any = None  # with a ledger: the running hash of the bytes received, chunk by chunk
     started: float = field(default_factory=time.monotonic)
 
 
@@ -481,6 +482,8 @@ class Server:
             else:
                 buf = np.empty(head.total, dtype=np.uint8)
             up = self.uploads[pid] = Upload(head.codec, buf, head.total)
+            if self.gate is not None:
+                up.sha256 = hashlib.sha256()
         if up.codec == Codec.RAW and head.length % 4:
             self._reject(rid, "malformed", "raw chunks hold whole float32 values", pid, head.round, seq=head.seq)
             return
@@ -495,6 +498,10 @@ class Server:
                          record=False, seq=head.seq)  # not counted as received: the client resends it
             return
         up.finite = up.finite and finite  # raw float32: checked on the way in, no pass at COMMIT
+        if up.sha256 is not None:  # hashed while the upload streams, not at COMMIT
+            t0 = time.monotonic()
+            up.sha256.update(body)
+            self.gate.cost.hash_seconds += time.monotonic() - t0
         up.received += head.length
         self.bytes_in += head.length
         self._send(rid, message(Kind.CREDIT, b"", aux=1, offset=up.received, total=up.total, round=self.round,
@@ -506,8 +513,7 @@ class Server:
             sig = bytes.fromhex(parse_json(body)["signature"])
         except (ProtocolError, KeyError, TypeError, ValueError):
             return "signature"
-        digest = hashlib.sha256(memoryview(up.buf).cast("B")).digest()
-        return self.gate.check(peer.address, digest, sig)
+        return self.gate.check(peer.address, up.sha256.digest(), sig)
 
     def _commit(self, rid: bytes, peer: Peer, head, body=b"") -> None:
         pid = peer.pid
@@ -637,7 +643,8 @@ class Server:
                     record["ledger_error"] = str(e)
                     log.error("round %d: recording on the ledger failed: %s", self.round, e,
                               extra={"event": "ledger_error", "round": self.round})
-            record["ledger"] = {"seconds": self.gate.cost.seconds, "gas": dict(self.gate.cost.gas),
+            record["ledger"] = {"seconds": self.gate.cost.seconds, "hash_seconds": self.gate.cost.hash_seconds,
+                                "gas": dict(self.gate.cost.gas), "call_seconds": dict(self.gate.cost.call_seconds),
                                 "calls": self.gate.cost.calls, "addresses": addresses, "scores": scores}
         log.info("round %d closed (%s): %d accepted, %d rejected, excluded by the rule: %s", self.round, reason,
                  len(ids), len(self.rejected), record["excluded_by_rule"],
