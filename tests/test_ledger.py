@@ -197,3 +197,7 @@ def test_audit_cli_on_a_hardhat_round(hardhat_url, tmp_path):
     assert bad.returncode == 1
     rep = json.loads(bad.stdout)
     assert not rep["model_ok"] and rep["included"] == {w3.eth.accounts[9]: False}
+
+
+def test_evm_ledger_implements_the_interface(chain):
+    assert isinstance(chain, ledger.Ledger)

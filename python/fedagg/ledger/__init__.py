@@ -9,8 +9,9 @@ commitments, signed updates and audited round records (contract: Registry.vy).
 
 from . import crypto, merkle
 from .audit import AuditReport, audit_round
+from .base import Ledger
 from .evm import EvmLedger, Entry, LedgerError, RoundRecord, compiled, connect, embedded
 from .gate import LedgerGate, LedgerParticipant
 
-__all__ = ["AuditReport", "Entry", "EvmLedger", "LedgerError", "LedgerGate", "LedgerParticipant", "RoundRecord",
+__all__ = ["AuditReport", "Entry", "EvmLedger", "Ledger", "LedgerError", "LedgerGate", "LedgerParticipant", "RoundRecord",
            "audit_round", "compiled", "connect", "crypto", "embedded", "merkle"]

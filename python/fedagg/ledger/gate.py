@@ -19,7 +19,8 @@ import numpy as np
 
 from . import crypto, merkle
 from .audit import model_hash
-from .evm import Entry, EvmLedger, LedgerError
+from .base import Ledger
+from .evm import Entry, LedgerError
 
 SCORE_SCALE = 1_000_000  # scores on chain are integers: weight in the aggregate x 1e6
 REPLAY_LOOKBACK = 16  # rounds searched to tell a replayed signature from a wrong one
@@ -39,7 +40,7 @@ class RoundCost:
 class LedgerGate:
     """Admission and verification of ledger-validated participants, for fedagg.transport.Server."""
 
-    def __init__(self, chain: EvmLedger, *, commit_seconds: float = 5.0, window_blocks: int = 1_000_000,
+    def __init__(self, chain: Ledger, *, commit_seconds: float = 5.0, window_blocks: int = 1_000_000,
                  stake_weighted: bool = False):
         if commit_seconds < 0:
             raise ValueError("commit_seconds must be >= 0")
@@ -131,7 +132,7 @@ class LedgerGate:
 class LedgerParticipant:
     """A participant's chain side: its account and Ed25519 key."""
 
-    def __init__(self, chain: EvmLedger, account: str, secret: Optional[bytes] = None):
+    def __init__(self, chain: Ledger, account: str, secret: Optional[bytes] = None):
         self.chain = chain
         self.account = _checksum(account)
         if secret is None:
