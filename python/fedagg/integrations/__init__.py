@@ -1,0 +1,1 @@
+"""Integrations with training frameworks (``fedagg.integrations.torch``; more to come)."""
