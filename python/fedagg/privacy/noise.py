@@ -105,11 +105,11 @@ def add_gaussian(x: Any, stddev: float, *, seed: Optional[int] = None, offset: i
             return x
         return x + gaussian(int(np.prod(x.shape)), stddev, seed=seed, offset=offset, like=x).reshape(x.shape)
     if is_torch_tensor(x):
-        if x.dtype == __import__("torch").float32 and x.is_contiguous():
-            _core.gaussian_noise(x.detach().view(-1).numpy(), stddev, seed, offset, True)
-            return x
         import torch
 
+        if x.dtype == torch.float32 and x.is_contiguous():
+            _core.gaussian_noise(x.detach().view(-1).numpy(), stddev, seed, offset, True)
+            return x
         return x + torch.from_numpy(gaussian(x.numel(), stddev, seed=seed, offset=offset)).reshape(x.shape)
     if not isinstance(x, np.ndarray):
         raise TypeError(f"x must be a NumPy array, a torch tensor or a CuPy array, got {type(x).__name__}")

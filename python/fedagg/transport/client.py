@@ -228,8 +228,7 @@ class Client:
             arr = np.ascontiguousarray(np.asarray(update), dtype=np.float32).reshape(-1)
             blob, codec, dtype = arr.view(np.uint8), Codec.RAW, Dtype.FLOAT32
         total = blob.size
-        st = self.status() if not self.state else self.state
-        rnd = st["round"] if round is None else int(round)
+        rnd = self.status()["round"] if round is None else int(round)
         attempts = 0
         while True:
             attempts += 1
