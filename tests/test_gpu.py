@@ -232,3 +232,40 @@ def test_dp_aggregation_on_gpu_matches_cpu():
         host = fedagg.aggregate(X2, rule, f, dp=mk())
         assert dev.is_cuda
         np.testing.assert_allclose(dev.cpu().numpy(), host, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- torch integration on the device
+def test_torch_integration_round_on_gpu_matches_cpu():
+    from fedagg import compress
+    from fedagg.integrations.torch import Participant, ParameterVector, ServerOptimizer
+
+    def run(device):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).to(device)
+        server = ParameterVector(model)
+        glob = server.get()
+        opt = ServerOptimizer("fedadam", lr=0.05)
+        rng = np.random.default_rng(5)
+        data = [(torch.from_numpy(rng.standard_normal((32, 20)).astype(np.float32)).to(device),
+                 torch.from_numpy(rng.integers(0, 3, 32)).to(device)) for _ in range(4)]
+        parts = [Participant(torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(),
+                                                 torch.nn.Linear(16, 3)).to(device),
+                             codec=compress.TopK(ratio=0.25)) for _ in data]
+        for _ in range(3):
+            payloads = []
+            for p, (x, y) in zip(parts, data):
+                p.begin(glob)
+                loss = torch.nn.functional.cross_entropy(p.params.module(x), y)
+                loss.backward()
+                with torch.no_grad():
+                    for t in p.params.tensors:
+                        t -= 0.1 * t.grad
+                        t.grad = None
+                payloads.append(p.update())
+            like = glob if device == "cuda" else None
+            agg = compress.mean(payloads, like=like) if like is not None else compress.mean(payloads)
+            glob = opt.step(glob, agg)
+        assert glob.device.type == device
+        return glob.cpu().numpy()
+
+    np.testing.assert_allclose(run("cuda"), run("cpu"), rtol=1e-4, atol=1e-5)
