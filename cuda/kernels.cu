@@ -51,13 +51,44 @@ __device__ double block_sum(double v) {
 }
 
 // ------------------------------------------------------------------ weighted sum
-__global__ void weighted_sum_kernel(const float* const* __restrict__ rows, int n, std::size_t d,
-                                    const double* __restrict__ coef, float* __restrict__ out) {
+// True in every thread of the block when out and all n rows are 16-byte aligned
+// (then four coordinates per thread, one 16-byte load per row).
+__device__ bool rows_aligned16(const float* const* __restrict__ rows, int n, const void* out) {
+  bool ok = (reinterpret_cast<std::uintptr_t>(out) & 15) == 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x)
+    ok &= (reinterpret_cast<std::uintptr_t>(rows[i]) & 15) == 0;
+  return __syncthreads_and(ok);
+}
+
+// Rows summed in order 0..n-1 per coordinate, in float64, like the CPU kernel.
+__global__ void __launch_bounds__(256)
+weighted_sum_kernel(const float* const* __restrict__ rows, int n, std::size_t d,
+                    const double* __restrict__ coef, float* __restrict__ out) {
+  const std::size_t tid = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
-  for (std::size_t j = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < d;
-       j += stride) {
+  std::size_t tail = 0;
+  if (rows_aligned16(rows, n, out)) {
+    const std::size_t d4 = d / 4;
+    for (std::size_t q = tid; q < d4; q += stride) {
+      double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+#pragma unroll 4
+      for (int i = 0; i < n; ++i) {
+        const float4 v = __ldg(reinterpret_cast<const float4*>(rows[i]) + q);
+        const double c = __ldg(coef + i);
+        a0 += c * static_cast<double>(v.x);
+        a1 += c * static_cast<double>(v.y);
+        a2 += c * static_cast<double>(v.z);
+        a3 += c * static_cast<double>(v.w);
+      }
+      reinterpret_cast<float4*>(out)[q] =
+          make_float4(static_cast<float>(a0), static_cast<float>(a1), static_cast<float>(a2),
+                      static_cast<float>(a3));
+    }
+    tail = d4 * 4;
+  }
+  for (std::size_t j = tail + tid; j < d; j += stride) {
     double acc = 0.0;
-    for (int i = 0; i < n; ++i) acc += coef[i] * static_cast<double>(__ldg(rows[i] + j));
+    for (int i = 0; i < n; ++i) acc += __ldg(coef + i) * static_cast<double>(__ldg(rows[i] + j));
     out[j] = static_cast<float>(acc);
   }
 }
@@ -68,9 +99,22 @@ __global__ void sqdist_to_kernel(const float* const* __restrict__ rows, std::siz
                                  const float* __restrict__ x, double* __restrict__ out) {
   const float* r = rows[blockIdx.y];
   double s = 0.0;
+  const std::size_t tid = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
-  for (std::size_t j = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < d;
-       j += stride) {
+  std::size_t tail = 0;
+  if (((reinterpret_cast<std::uintptr_t>(r) | reinterpret_cast<std::uintptr_t>(x)) & 15) == 0) {
+    const float4* r4 = reinterpret_cast<const float4*>(r);
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    for (std::size_t q = tid; q < d / 4; q += stride) {
+      const float4 a = __ldg(r4 + q);
+      const float4 b = x ? __ldg(x4 + q) : make_float4(0.f, 0.f, 0.f, 0.f);
+      const double t0 = static_cast<double>(a.x) - b.x, t1 = static_cast<double>(a.y) - b.y;
+      const double t2 = static_cast<double>(a.z) - b.z, t3 = static_cast<double>(a.w) - b.w;
+      s += (t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3);
+    }
+    tail = d / 4 * 4;
+  }
+  for (std::size_t j = tail + tid; j < d; j += stride) {
     const double t = static_cast<double>(__ldg(r + j)) - (x ? static_cast<double>(__ldg(x + j)) : 0.0);
     s += t * t;
   }
@@ -82,22 +126,30 @@ __global__ void nonfinite_kernel(const float* const* __restrict__ rows, std::siz
                                  int* __restrict__ out) {
   const float* r = rows[blockIdx.y];
   bool bad = false;
+  const std::size_t tid = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
-  for (std::size_t j = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < d;
-       j += stride)
-    bad |= !isfinite(__ldg(r + j));
+  std::size_t tail = 0;
+  if ((reinterpret_cast<std::uintptr_t>(r) & 15) == 0) {
+    const float4* r4 = reinterpret_cast<const float4*>(r);
+    for (std::size_t q = tid; q < d / 4; q += stride) {
+      const float4 a = __ldg(r4 + q);
+      bad |= !(isfinite(a.x) && isfinite(a.y) && isfinite(a.z) && isfinite(a.w));
+    }
+    tail = d / 4 * 4;
+  }
+  for (std::size_t j = tail + tid; j < d; j += stride) bad |= !isfinite(__ldg(r + j));
   if (__syncthreads_or(bad) && threadIdx.x == 0) out[blockIdx.y] = 1;
 }
 
 // --------------------------------------------------- pairwise squared distances
 // Split over coordinates: each block takes a chunk of coordinates and a
 // 64 x 64 tile of row pairs (tiles with K0 >= I0 only), stages KC coordinates
-// of its 2 x 64 rows in shared memory, and each of its 256 threads
+// of its 2 x 64 rows in shared memory, and each of its kThreads = 256 threads
 // accumulates a 4 x 4 block of pairs from exact float32 differences (float32 runs of at
 // most kRun coordinates, then float64), like the CPU kernel.
-constexpr int kTile = 64, kKC = 32, kRun = 512;
+constexpr int kTile = 64, kKC = 32, kRun = 512, kThreads = 256, kPer = kTile * kKC / kThreads;
 
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kThreads, 2)
 pairwise_kernel(const float* const* __restrict__ rows, int n, std::size_t d, std::size_t chunk,
                 double* __restrict__ D) {
   const int I0 = blockIdx.y * kTile, K0 = blockIdx.z * kTile;
@@ -130,21 +182,37 @@ pairwise_kernel(const float* const* __restrict__ rows, int n, std::size_t d, std
   for (int p = 0; p < 4; ++p)
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[p][q] = 0.0f, dacc[p][q] = 0.0;
+  // Each thread stages kPer values of A (and of B off the diagonal, where B is A),
+  // loaded into registers one stage ahead so the loads overlap the arithmetic.
+  const bool diag = I0 == K0;
+  float(*Bs)[kTile + 1] = diag ? A : B;
+  float pa[kPer], pb[kPer];
+  auto fetch = [&](std::size_t jj) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int t = threadIdx.x + u * kThreads, r = t / kKC;
+      const std::size_t j = jj + t % kKC;
+      const bool in = j < j1;
+      pa[u] = (in && I0 + r < n) ? __ldg(rows[I0 + r] + j) : 0.0f;
+      pb[u] = (!diag && in && K0 + r < n) ? __ldg(rows[K0 + r] + j) : 0.0f;
+    }
+  };
+  fetch(j0);
   int run = 0;
   for (std::size_t jj = j0; jj < j1; jj += kKC) {
-    for (int t = threadIdx.x; t < kTile * kKC; t += blockDim.x) {
-      const int r = t / kKC, c = t % kKC;
-      const std::size_t j = jj + c;
-      const bool in = j < j1;
-      A[c][r] = (in && I0 + r < n) ? __ldg(rows[I0 + r] + j) : 0.0f;
-      B[c][r] = (in && K0 + r < n) ? __ldg(rows[K0 + r] + j) : 0.0f;
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int t = threadIdx.x + u * kThreads, r = t / kKC, c = t % kKC;
+      A[c][r] = pa[u];
+      if (!diag) B[c][r] = pb[u];
     }
     __syncthreads();
+    if (jj + kKC < j1) fetch(jj + kKC);
 #pragma unroll 8
     for (int c = 0; c < (active ? kKC : 0); ++c) {
       float a[4], b[4];
 #pragma unroll
-      for (int p = 0; p < 4; ++p) a[p] = A[c][bi * 4 + p], b[p] = B[c][bk * 4 + p];
+      for (int p = 0; p < 4; ++p) a[p] = A[c][bi * 4 + p], b[p] = Bs[c][bk * 4 + p];
 #pragma unroll
       for (int p = 0; p < 4; ++p)
 #pragma unroll
@@ -267,14 +335,14 @@ void pairwise_sqdist(const float* const* rows, int n, std::size_t d, double* D, 
   check(cudaMemsetAsync(D, 0, sizeof(double) * n * n, stream), "pairwise_sqdist (memset)");
   const int tiles = (n + kTile - 1) / kTile;
   const std::size_t tile_pairs = static_cast<std::size_t>(tiles) * (tiles + 1) / 2;
-  std::size_t chunks = static_cast<std::size_t>(sm_count()) * 4 / tile_pairs + 1;
+  std::size_t chunks = static_cast<std::size_t>(sm_count()) * 8 / tile_pairs + 1;
   const std::size_t max_chunks = (d + kKC - 1) / kKC;
   if (chunks > max_chunks) chunks = max_chunks;
   std::size_t chunk = (d + chunks - 1) / chunks;
   chunk = (chunk + kKC - 1) / kKC * kKC;
   chunks = (d + chunk - 1) / chunk;
   dim3 grid(static_cast<unsigned>(chunks), tiles, tiles);
-  pairwise_kernel<<<grid, 256, 0, stream>>>(rows, n, d, chunk, D);
+  pairwise_kernel<<<grid, kThreads, 0, stream>>>(rows, n, d, chunk, D);
   check(cudaGetLastError(), "pairwise_sqdist");
 }
 
