@@ -55,11 +55,18 @@ def hardhat_url():
             proc.wait(5)
 
 
-@pytest.fixture(params=["embedded", "hardhat"])
+@pytest.fixture(params=["embedded", "node", "hardhat"])
 def w3(request):
+    """The chain in process, the same chain served over HTTP (fedagg.ledger.node), and Hardhat."""
     if request.param == "embedded":
-        return ledger.embedded()
-    return ledger.connect(request.getfixturevalue("hardhat_url"))
+        yield ledger.embedded()
+    elif request.param == "node":
+        from fedagg.ledger.node import EmbeddedNode
+
+        with EmbeddedNode() as node:
+            yield ledger.connect(node.url)
+    else:
+        yield ledger.connect(request.getfixturevalue("hardhat_url"))
 
 
 @pytest.fixture
@@ -201,3 +208,38 @@ def test_audit_cli_on_a_hardhat_round(hardhat_url, tmp_path):
 
 def test_evm_ledger_implements_the_interface(chain):
     assert isinstance(chain, ledger.Ledger)
+
+
+def test_embedded_node_refuses_bad_requests_and_keeps_serving():
+    import json
+    import urllib.error
+    import urllib.request
+
+    from fedagg.ledger.node import MAX_REQUEST, EmbeddedNode
+
+    with pytest.raises(ValueError, match="loopback"):
+        EmbeddedNode(accounts=1, host="0.0.0.0")
+
+    def post(body: bytes):
+        req = urllib.request.Request(node.url, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    with EmbeddedNode(accounts=2) as node:
+        assert post(b"{not json")[0] == 400
+        import http.client
+
+        conn = http.client.HTTPConnection(node.url[len("http://"):], timeout=10)
+        conn.putrequest("POST", "/")
+        conn.putheader("Content-Length", str(MAX_REQUEST + 1))  # refused before a byte of the body is read
+        conn.endheaders()
+        assert conn.getresponse().status == 413
+        conn.close()
+        status, body = post(b'[{"id": 1}, {"jsonrpc": "2.0", "id": 2, "method": "eth_blockNumber", "params": []}]')
+        assert status == 200 and body[0]["error"]["code"] == -32600 and body[1]["result"] == "0x0"
+        status, body = post(b'{"jsonrpc": "2.0", "id": 3, "method": "eth_noSuchMethod", "params": []}')
+        assert "error" in body and body["id"] == 3
+        assert ledger.connect(node.url).eth.block_number == 0  # still serving
