@@ -243,3 +243,33 @@ def test_embedded_node_refuses_bad_requests_and_keeps_serving():
         status, body = post(b'{"jsonrpc": "2.0", "id": 3, "method": "eth_noSuchMethod", "params": []}')
         assert "error" in body and body["id"] == 3
         assert ledger.connect(node.url).eth.block_number == 0  # still serving
+
+
+def test_gate_sees_when_every_admitted_participant_has_committed():
+    w3 = ledger.embedded()
+    owner, agg, a, b, poor = w3.eth.accounts[:5]
+    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
+    pa, pb = ledger.LedgerParticipant(chain, a), ledger.LedgerParticipant(chain, b)
+    pa.register(2 * ETH)
+    pb.register(2 * ETH)
+    chain.register(poor, crypto.keypair()[0], ETH // 10)  # under the minimum: not waited for
+    gate = ledger.LedgerGate(chain, commit_seconds=60)
+    with pytest.raises(ValueError, match="poll_seconds"):
+        ledger.LedgerGate(chain, poll_seconds=0)
+    gate.start_round(0)
+    assert not gate.all_committed()
+    pa.commit(0, np.ones(4, np.float32))
+    assert not gate.all_committed()
+    pb.commit(0, np.zeros(4, np.float32))
+    assert gate.all_committed()
+
+
+def test_a_compressed_update_is_hashed_as_the_bytes_that_travel():
+    import hashlib
+
+    from fedagg import compress
+    from fedagg.transport.protocol import pack_frames
+
+    p = compress.Uniform(8).encode(np.linspace(-1, 1, 1000, dtype=np.float32), seed=1)
+    assert crypto.update_hash(p) == hashlib.sha256(pack_frames(p.to_frames())).digest()
+    assert crypto.update_hash(p) != crypto.update_hash(compress.Uniform(8).encode(np.zeros(1000, np.float32), seed=1))

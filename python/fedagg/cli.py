@@ -1,4 +1,4 @@
-"""The ``fedagg`` command: ``info``, ``bench``, ``serve``, ``join``, ``keys`` and ``audit``.
+"""The ``fedagg`` command: ``info``, ``bench``, ``serve``, ``join``, ``keys``, ``audit`` and ``demo``.
 
 Uses rich for the progress bar and the table when it is installed, plain text otherwise.
 """
@@ -84,11 +84,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="compression section: k / d of the top-k codec (default 0.01)")
     b.set_defaults(func=_bench)
 
+    from .demo.cli import add_commands as add_demo
     from .ledger.cli import add_commands as add_ledger
     from .transport.cli import add_commands
 
     add_commands(sub, _int_at_least, _float_at_least)
     add_ledger(sub, _int_at_least)
+    add_demo(sub, _int_at_least, _float_at_least)
     return p
 
 
@@ -99,7 +101,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args) or 0
     except ImportError as e:
         parser.exit(2, f"fedagg {args.command}: {e.name or e} is missing (pip install 'fedagg[server]' for "
-                       "serve/join/keys, 'fedagg[ledger]' for audit, 'fedagg[privacy]' for accounting)\n")
+                       "serve/join/keys, 'fedagg[ledger]' for audit, 'fedagg[privacy]' for accounting, 'fedagg[demo]' "
+                       "and torch for demo)\n")
     except (ValueError, TypeError, OSError, RuntimeError) as e:
         parser.exit(2, f"fedagg {args.command}: error: {e}\n")
 

@@ -19,7 +19,12 @@ DOMAIN = b"fedagg-update"
 
 
 def update_hash(update: Any) -> bytes:
-    """SHA-256 of the update's bytes (a float32 array, or any buffer)."""
+    """SHA-256 of the bytes uploaded: a float32 array's, a compress.Payload's frames as packed for
+    the wire, or any buffer's."""
+    if hasattr(update, "to_frames"):  # a fedagg.compress.Payload travels as its packed frames
+        from ..transport.protocol import pack_frames
+
+        update = pack_frames(update.to_frames())
     if isinstance(update, np.ndarray):
         update = np.ascontiguousarray(update)
     return hashlib.sha256(memoryview(update).cast("B")).digest()

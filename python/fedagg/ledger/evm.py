@@ -92,8 +92,10 @@ def _locked(method):
 class EvmLedger:
     """The Registry contract at `address` on the chain of `w3`; `aggregator` sends the aggregator's txs."""
 
-    def __init__(self, w3, address: str, aggregator: Optional[str] = None):
-        abi, _ = compiled()
+    def __init__(self, w3, address: str, aggregator: Optional[str] = None, *, abi: Optional[list] = None):
+        """abi: the Registry's ABI when the caller has it (compiling the contract takes seconds)."""
+        if abi is None:
+            abi, _ = compiled()
         self.w3 = w3
         self.contract = w3.eth.contract(address=w3.to_checksum_address(address), abi=abi)
         self.address = self.contract.address

@@ -41,9 +41,12 @@ class LedgerGate:
     """Admission and verification of ledger-validated participants, for fedagg.transport.Server."""
 
     def __init__(self, chain: Ledger, *, commit_seconds: float = 5.0, window_blocks: int = 1_000_000,
-                 stake_weighted: bool = False):
-        if commit_seconds < 0:
-            raise ValueError("commit_seconds must be >= 0")
+                 stake_weighted: bool = False, poll_seconds: float = 0.25):
+        """commit_seconds: the longest commit phase; it ends sooner once every admitted participant
+        has committed (checked every poll_seconds)."""
+        if commit_seconds < 0 or poll_seconds <= 0:
+            raise ValueError("commit_seconds must be >= 0 and poll_seconds > 0")
+        self.poll_seconds = float(poll_seconds)
         self.chain = chain
         self.commit_seconds = float(commit_seconds)
         self.window_blocks = int(window_blocks)
@@ -86,6 +89,15 @@ class LedgerGate:
         if e.stake < self.min_stake:
             return "unstaked"
         return None
+
+    def all_committed(self) -> bool:
+        """Whether every participant the snapshot admits has committed (one batched read), so the
+        commit window may close before ``commit_seconds``."""
+        eligible = [a for a in self.snapshot if self.admit(a) is None]
+        if not eligible:
+            return False
+        got = self._timed(lambda: self.chain.commitments(self.round, eligible), "commitments")
+        return len(got) == len(eligible)
 
     def close_commits(self) -> None:
         """End the commit window and read every commitment of the snapshot in one batched call."""

@@ -180,6 +180,7 @@ class Server:
         self._failed_at = -1
         self.gate = config.ledger
         self.phase = "upload"  # with a ledger each round starts with a commit phase
+        self._commit_poll = 0.0  # when to next ask the chain whether everyone has committed
         self.history: List[Dict[str, Any]] = []
         self._stop = False
         if self.store and restored is None:
@@ -265,6 +266,7 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         target = None if self.cfg.rounds is None else self.cfg.rounds
+        self.round_started = time.monotonic()  # the deadline and commit phase count from here, not __init__
         self._start_ledger_round()
         try:
             while not self._stop and (target is None or len(self.history) < target):
@@ -574,7 +576,16 @@ class Server:
 
     def _maybe_close(self) -> None:
         if self.phase == "commit":
-            if time.monotonic() - self.round_started >= self.gate.commit_seconds:
+            now = time.monotonic()
+            done = now - self.round_started >= self.gate.commit_seconds
+            if not done and now >= self._commit_poll:  # everyone committed: no need to wait the window out
+                self._commit_poll = now + self.gate.poll_seconds
+                try:
+                    done = self.gate.all_committed()
+                except Exception as e:  # noqa: BLE001 - the chain hiccuped: the timer still ends the phase
+                    log.warning("round %d: reading the commitments failed: %s", self.round, e,
+                                extra={"event": "ledger_error", "round": self.round})
+            if done:
                 try:
                     self.gate.close_commits()
                     self.phase = "upload"

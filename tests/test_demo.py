@@ -1,0 +1,95 @@
+"""fedagg demo: the attacks against plain references, the options, and the whole demo end to end
+(chain node, server and participant processes on loopback) with its default options."""
+
+import subprocess
+import sys
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("zmq")
+
+from fedagg import demo  # noqa: E402
+from fedagg.demo import task  # noqa: E402
+
+
+def test_attacks_match_their_definitions():
+    rng = np.random.default_rng(0)
+    honest = rng.standard_normal(50).astype(np.float32)
+    np.testing.assert_array_equal(task.attack("none", honest, rng), honest)
+    np.testing.assert_allclose(task.attack("signflip", honest, rng), -10.0 * honest.astype(np.float64), rtol=1e-6)
+    noise = task.attack("noise", np.zeros(20000, np.float32), np.random.default_rng(1))
+    assert abs(float(noise.std()) - 1.0) < 0.05 and noise.dtype == np.float32
+    # ALIE (Baruch et al. 2019): n = 10, f = 3 -> s = 10 // 2 + 1 - 3 = 3, z = Phi^-1(7 / 10).
+    est = [rng.standard_normal(50) for _ in range(4)]
+    E = np.stack(est)
+    z = NormalDist().inv_cdf(0.7)
+    assert task.alie_z(10, 3) == pytest.approx(z)
+    got = task.attack("alie", honest, rng, estimates=tuple(e.astype(np.float32) for e in est), n=10, f=3)
+    np.testing.assert_allclose(got, E.mean(0) - z * E.std(0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="estimates"):
+        task.attack("alie", honest, rng, estimates=(honest,))
+    with pytest.raises(ValueError, match="attack must be one of"):
+        task.attack("bitflip", honest, rng)
+
+
+def test_data_split_and_model_are_the_same_in_every_process():
+    a, b = task.load(10, seed=3), task.load(10, seed=3)
+    np.testing.assert_array_equal(a.test, b.test)
+    train = np.concatenate(a.shards)
+    assert len(set(train.tolist()) | set(a.test.tolist())) == len(a.X)  # a partition of the images
+    assert not set(train.tolist()) & set(a.test.tolist())
+    from fedagg.integrations.torch import ParameterVector
+
+    assert torch.equal(ParameterVector(task.model(1)).get(), ParameterVector(task.model(1)).get())
+    with pytest.raises(ValueError):
+        task.load(0, seed=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(participants=0), "participants"), (dict(byzantine=10), "byzantine"), (dict(attack="x"), "attack"),
+    (dict(rule="x"), "rule"), (dict(codec="x"), "codec"), (dict(rounds=0), "rounds"), (dict(f=-1), "f must"),
+    (dict(dp_noise=-1.0), "dp_noise"), (dict(attack="none"), "need an attack"), (dict(epochs=0), "epochs"),
+])
+def test_options_are_checked(change, message):
+    with pytest.raises(ValueError, match=message):
+        demo.Options(**change).check()
+
+
+def test_default_demo_end_to_end(tmp_path):
+    """The README's demo: the robust rule keeps its accuracy under attack, the mean collapses; every
+    round of the robust run leaves out exactly the Byzantine participants; the ledger admitted all."""
+    from fedagg.demo.report import View
+
+    png = tmp_path / "demo.png"
+    opts = demo.Options(plot=str(png))
+    robust, mean = demo.run(opts, View(quiet=True))
+    byz = {f"p{i}*" for i in demo.byzantine_indices(opts)}
+    assert len(byz) == opts.byzantine
+    assert [r.round for r in robust.rows] == list(range(opts.rounds))
+    assert robust.rows[-1].accuracy >= 0.85, [r.accuracy for r in robust.rows]
+    assert mean.rows[-1].accuracy <= 0.3, [r.accuracy for r in mean.rows]
+    for r in robust.rows:
+        assert set(r.excluded) == byz and not r.refused, r
+        assert r.bytes_in > 0 and r.ledger_seconds > 0
+    assert robust.gas.get("open_round") and robust.gas.get("record_round")  # the aggregator's transactions
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_demo_without_ledger_runs_and_prints_rounds(tmp_path):
+    png = tmp_path / "d.png"
+    out = subprocess.run([sys.executable, "-m", "fedagg", "demo", "--participants", "5", "--byzantine", "1",
+                          "--attack", "noise", "--rule", "median", "--rounds", "2", "--codec", "uniform8",
+                          "--no-ledger", "--no-compare", "--plot", str(png)],
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()[:1].isdigit()]
+    assert [int(ln.split()[0]) for ln in lines] == [0, 1], out.stdout
+    assert "median (f=1): final accuracy" in out.stdout and png.exists()
+    bad = subprocess.run([sys.executable, "-m", "fedagg", "demo", "--attack", "none"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "need an attack" in bad.stderr
