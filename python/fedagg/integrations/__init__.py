@@ -1,1 +1,3 @@
-"""Integrations with training frameworks (``fedagg.integrations.torch``; more to come)."""
+"""Integrations with training frameworks: ``torch`` (model <-> vector, participant updates, server
+optimizers), ``flower`` (a Flower Message-API strategy) and ``nvflare`` (an NVFlare ModelAggregator).
+Each is imported on its own and needs its framework (docs/integrations.md)."""
