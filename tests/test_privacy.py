@@ -469,3 +469,17 @@ def test_dp_on_torch_tensors_follows_the_input():
     dp2 = CentralDP(clip_norm=1.0, noise_multiplier=1.0, expected_participants=6, seed=1, mode="discrete")
     out2 = fedagg.aggregate(X.double(), "krum", 1, dp=dp2)
     assert isinstance(out2, torch.Tensor) and out2.dtype == torch.float64
+
+
+def test_tiny_noise_is_refused_by_pld_in_bounded_memory_and_accounted_by_rdp():
+    # PLD's grid grows like 1 / z^2: at z = 1e-3 it would need tens of GiB. A clear error instead.
+    with pytest.raises(ValueError, match="accountant='rdp'"):
+        privacy.CentralDP(clip_norm=1.0, noise_multiplier=1e-3, expected_participants=10)
+    with pytest.raises(ValueError, match="accountant='rdp'"):
+        privacy.LocalDP(clip_norm=1.0, noise_multiplier=0.05)
+    with pytest.raises(ValueError, match="accountant='rdp'"):
+        privacy.epsilon(1e-3, 1.0, 10, 1e-5)
+    dp = privacy.CentralDP(clip_norm=1.0, noise_multiplier=1e-3, expected_participants=10, accountant="rdp", seed=1)
+    out, info = fedagg.aggregate(np.ones((10, 5), np.float32), "mean", dp=dp, return_info=True)
+    assert info.privacy.epsilon > 100 and np.isfinite(info.privacy.epsilon)
+    assert privacy.epsilon(0.1, 1.0, 10, 1e-5) > privacy.epsilon(1.0, 1.0, 10, 1e-5)  # the floor itself works

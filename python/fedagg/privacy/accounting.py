@@ -17,6 +17,9 @@ from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 _KINDS = ("pld", "rdp")
+# PLD's privacy-loss grid grows like 1 / z^2 (about 10^10 points at z = 1e-3: tens of GiB).
+# Below this z the epsilon is in the hundreds anyway; RDP accounts it in constant memory.
+PLD_MIN_NOISE = 0.1
 
 
 def _dp():
@@ -51,6 +54,14 @@ def _check(noise_multiplier: float, sampling_rate: float, delta: Optional[float]
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
 
 
+def check_accountable(noise_multiplier: float, accountant: str) -> None:
+    """Refuse a noise multiplier the accountant cannot account in bounded memory."""
+    if accountant == "pld" and noise_multiplier < PLD_MIN_NOISE:
+        raise ValueError(f"noise_multiplier {noise_multiplier:g} is below {PLD_MIN_NOISE} (epsilon would be in the "
+                         "hundreds): the PLD accountant cannot represent it in bounded memory; "
+                         "use accountant='rdp'")
+
+
 def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: float, *,
             accountant: str = "pld") -> float:
     """Epsilon after `rounds` Poisson-sampled Gaussian rounds, at `delta`."""
@@ -59,6 +70,7 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
         raise ValueError(f"rounds must be a non-negative integer, got {rounds!r}")
     if rounds == 0:
         return 0.0
+    check_accountable(float(noise_multiplier), accountant)
     acc = _accountant(accountant)
     acc.compose(_event(float(noise_multiplier), float(sampling_rate)), rounds)
     return float(acc.get_epsilon(delta))
@@ -131,6 +143,7 @@ class Ledger:
     def add(self, noise_multiplier: float, sampling_rate: float) -> float:
         """Account one more round; returns epsilon so far."""
         _check(noise_multiplier, sampling_rate)
+        check_accountable(float(noise_multiplier), self.accountant)
         self.events.append((float(noise_multiplier), float(sampling_rate)))
         return self.epsilon()
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import _gpu
 from .._arrays import is_torch_tensor
-from .accounting import Ledger, PrivacyRecord
+from .accounting import Ledger, PrivacyRecord, check_accountable
 from .clipping import AdaptiveClip
 from .noise import add_gaussian, check_seed, discrete_gaussian, gaussian, rational_sigma2
 
@@ -122,6 +122,7 @@ class CentralDP:
                 raise ValueError(f"grid_step must be a power of two (exact scaling), got {grid_step!r}")
         self.grid_step = grid_step
         self.ledger = Ledger(delta=delta, accountant=accountant)
+        check_accountable(self.noise_multiplier, accountant)
         self._fixed_seed = None if seed is None else check_seed(seed)
         self.round = 0
         self.records: List[PrivacyRecord] = []
@@ -208,6 +209,7 @@ class LocalDP:
         self.clip_norm = _positive(clip_norm, "clip_norm")
         self.noise_multiplier = _positive(noise_multiplier, "noise_multiplier")
         self.ledger = Ledger(delta=delta, accountant=accountant)
+        check_accountable(self.noise_multiplier, accountant)
         self._fixed_seed = None if seed is None else check_seed(seed)
         self.round = 0
 
