@@ -53,7 +53,7 @@ def test_data_split_and_model_are_the_same_in_every_process():
 @pytest.mark.parametrize("change, message", [
     (dict(participants=0), "participants"), (dict(byzantine=10), "byzantine"), (dict(attack="x"), "attack"),
     (dict(rule="x"), "rule"), (dict(codec="x"), "codec"), (dict(rounds=0), "rounds"), (dict(f=-1), "f must"),
-    (dict(dp_noise=-1.0), "dp_noise"), (dict(attack="none"), "need an attack"), (dict(epochs=0), "epochs"),
+    (dict(dp_noise=-1.0), "dp_noise"), (dict(dp_noise=0.01), "accountant"), (dict(attack="none"), "need an attack"), (dict(epochs=0), "epochs"),
 ])
 def test_options_are_checked(change, message):
     with pytest.raises(ValueError, match=message):

@@ -32,7 +32,7 @@ def run(opts: Options, view=None) -> List[RunResult]:
 
     opts.check()
     view = view or View()
-    f = opts.byzantine if opts.f is None else opts.f
+    f = opts.f if opts.f is not None else 0 if opts.rule == "mean" else opts.byzantine
     runs = [(opts.rule, f)]
     if opts.compare and opts.rule != "mean":
         runs.append(("mean", 0))

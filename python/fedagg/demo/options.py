@@ -53,6 +53,10 @@ class Options:
             raise ValueError("f must be >= 0")
         if self.dp_noise < 0 or not self.dp_clip > 0:
             raise ValueError("dp_noise must be >= 0 and dp_clip > 0")
+        if self.dp_noise > 0:
+            from ..privacy.accounting import check_accountable
+
+            check_accountable(self.dp_noise, "pld")
         if self.epochs < 1 or not self.lr > 0 or self.commit_seconds < 0:
             raise ValueError("epochs must be >= 1, lr > 0, commit_seconds >= 0")
         if self.attack == "none" and self.byzantine:
