@@ -106,3 +106,31 @@ def test_docstring_example():
 
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float64,), (torch.float16, torch.float32), (torch.bfloat16,),
+                                    (torch.float64, torch.float16)])
+def test_any_floating_point_module_round_trips_exactly(dtypes):
+    torch.manual_seed(3)
+    layers = [torch.nn.Linear(5, 4).to(dt) for dt in dtypes]
+    m = torch.nn.ModuleList(layers)
+    before = [p.detach().clone() for p in m.parameters()]
+    pv = ParameterVector(m)
+    v = pv.get()
+    assert v.dtype == (torch.float64 if torch.float64 in dtypes else torch.float32)
+    for p in m.parameters():  # scramble, then restore from the vector
+        with torch.no_grad():
+            p.fill_(7)
+    pv.set(v)
+    for a, b in zip(before, m.parameters()):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert torch.equal(pv.get(), v)
+    step = ServerOptimizer().step(v, torch.ones_like(v))
+    assert step.dtype == v.dtype
+
+
+def test_non_floating_parameters_are_refused():
+    m = torch.nn.Linear(2, 2)
+    m.register_parameter("count", torch.nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False))
+    with pytest.raises(TypeError, match="floating point"):
+        ParameterVector(m)

@@ -8,10 +8,10 @@
 0.0
 
 ``ParameterVector`` keeps the order and shapes of a module's parameters (and,
-optionally, its floating-point buffers), so vector -> module -> vector is exact
-for float32 parameters; other dtypes round-trip through float32 as the wire
-carries float32. Works on CPU and CUDA modules (the vector lives on the module's
-device).
+optionally, its floating-point buffers). The vector is float32, or float64 when
+any parameter is float64, so module -> vector -> module is exact for every
+floating-point dtype (float16 and bfloat16 widen to float32 exactly). Works on
+CPU and CUDA modules (the vector lives on the module's device).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 
 class ParameterVector:
-    """A module's floating-point parameters (and optionally buffers) as one flat float32 vector."""
+    """A module's floating-point parameters (and optionally buffers) as one flat vector (float32 or float64)."""
 
     def __init__(self, module: torch.nn.Module, *, buffers: bool = False):
         if not isinstance(module, torch.nn.Module):
@@ -33,6 +33,11 @@ class ParameterVector:
             tensors += [b for b in module.buffers() if b.is_floating_point()]
         if not tensors:
             raise ValueError("the module has no floating-point parameters")
+        odd = sorted({str(t.dtype) for t in tensors if not t.is_floating_point()})
+        if odd:
+            raise TypeError(f"parameters must be floating point, got {odd}")
+        # float64 only where the module holds float64: every other float widens to float32 exactly.
+        self.dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
         devices = {t.device for t in tensors}
         if len(devices) != 1:
             raise ValueError(f"parameters live on several devices: {sorted(map(str, devices))}")
@@ -42,24 +47,24 @@ class ParameterVector:
         self.numel = sum(self.sizes)
 
     def get(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The parameters, concatenated into `out` (reused if given) or a new float32 vector."""
+        """The parameters, concatenated into `out` (reused if given) or a new vector of self.dtype."""
         if out is None:
-            out = torch.empty(self.numel, dtype=torch.float32, device=self.device)
-        elif out.shape != (self.numel,) or out.dtype != torch.float32 or out.device != self.device:
-            raise ValueError(f"out must be a float32 vector of {self.numel} on {self.device}")
+            out = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        elif out.shape != (self.numel,) or out.dtype != self.dtype or out.device != self.device:
+            raise ValueError(f"out must be a {self.dtype} vector of {self.numel} on {self.device}")
         with torch.no_grad():
-            torch.cat([t.detach().reshape(-1).to(torch.float32) for t in self.tensors], out=out)
+            torch.cat([t.detach().reshape(-1).to(self.dtype) for t in self.tensors], out=out)
         return out
 
     def grads(self) -> torch.Tensor:
         """The gradients as one vector (zeros where a parameter has none)."""
-        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32)
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(self.dtype)
                  for p in self.tensors]
         return torch.cat(parts)
 
     def set(self, vector: Any) -> None:
-        """Write `vector` (float32, numel long; NumPy or torch, any device) into the parameters."""
-        v = torch.as_tensor(vector).to(device=self.device, dtype=torch.float32).reshape(-1)
+        """Write `vector` (numel long; NumPy or torch, any device and float dtype) into the parameters."""
+        v = torch.as_tensor(vector).to(device=self.device, dtype=self.dtype).reshape(-1)
         if v.numel() != self.numel:
             raise ValueError(f"vector has {v.numel()} values, the module {self.numel}")
         if not bool(torch.isfinite(v).all()):
@@ -88,7 +93,7 @@ class Participant:
         self.start = self.params.get()
 
     def update(self):
-        """The update to send: a float32 vector, or a fedagg.compress Payload with a codec."""
+        """The update to send: a vector (the ParameterVector's dtype), or a fedagg.compress Payload with a codec."""
         if self.start is None:
             raise RuntimeError("call begin() with the global model first")
         delta = self.params.get() - self.start
@@ -120,7 +125,8 @@ class ServerOptimizer:
 
     def step(self, model: torch.Tensor, aggregate: Any) -> torch.Tensor:
         """The new global vector (model is not modified)."""
-        g = torch.as_tensor(aggregate).to(device=model.device, dtype=torch.float32).reshape(model.shape)
+        dtype = model.dtype if model.is_floating_point() else torch.float32
+        g = torch.as_tensor(aggregate).to(device=model.device, dtype=dtype).reshape(model.shape)
         if not bool(torch.isfinite(g).all()):
             raise ValueError("aggregate holds NaN or Inf")
         if self.kind == "fedavg":
