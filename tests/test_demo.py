@@ -93,3 +93,49 @@ def test_cli_demo_without_ledger_runs_and_prints_rounds(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fedagg", "demo", "--attack", "none"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "need an attack" in bad.stderr
+
+
+def _children() -> list:
+    """Live child processes of this one (Linux /proc)."""
+    import os
+
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                kids.append(int(d))
+    return kids
+
+
+def test_node_process_exits_when_its_parent_closes_the_pipe():
+    p = subprocess.Popen([sys.executable, "-m", "fedagg.ledger.node", "--accounts", "1", "--until-stdin-closes"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline().startswith(b"http://127.0.0.1:")
+        p.stdin.close()  # what the OS does when the parent dies
+        assert p.wait(timeout=30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.stdout.close()
+
+
+def test_a_failing_run_leaves_no_server_thread_and_no_process():
+    import threading
+
+    from fedagg.demo.runner import run_one
+
+    def boom(row):
+        raise KeyError("the caller's callback failed")
+
+    before = set(_children())
+    opts = demo.Options(participants=5, byzantine=1, attack="noise", rounds=3, ledger=False, compare=False)
+    with pytest.raises(KeyError, match="callback"):
+        run_one(opts, "median", 1, boom)
+    assert not [t for t in threading.enumerate() if t.name == "fedagg-demo-server"]
+    assert set(_children()) <= before

@@ -211,37 +211,45 @@ def test_evm_ledger_implements_the_interface(chain):
 
 
 def test_embedded_node_refuses_bad_requests_and_keeps_serving():
+    import http.client
     import json
-    import urllib.error
-    import urllib.request
 
     from fedagg.ledger.node import MAX_REQUEST, EmbeddedNode
 
     with pytest.raises(ValueError, match="loopback"):
         EmbeddedNode(accounts=1, host="0.0.0.0")
 
-    def post(body: bytes):
-        req = urllib.request.Request(node.url, data=body, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    with EmbeddedNode(accounts=2) as node:
-        assert post(b"{not json")[0] == 400
-        import http.client
-
+    def post(body: bytes, **headers):
+        h = {"Content-Type": "application/json", "Content-Length": str(len(body)), **headers}
         conn = http.client.HTTPConnection(node.url[len("http://"):], timeout=10)
-        conn.putrequest("POST", "/")
-        conn.putheader("Content-Length", str(MAX_REQUEST + 1))  # refused before a byte of the body is read
-        conn.endheaders()
-        assert conn.getresponse().status == 413
-        conn.close()
-        status, body = post(b'[{"id": 1}, {"jsonrpc": "2.0", "id": 2, "method": "eth_blockNumber", "params": []}]')
+        try:
+            conn.putrequest("POST", "/", skip_host="Host" in h)
+            for k, v in h.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+            if body and h["Content-Length"] == str(len(body)):
+                conn.send(body)
+            r = conn.getresponse()
+            return r.status, json.loads(r.read())
+        finally:
+            conn.close()
+
+    ok = b'{"jsonrpc": "2.0", "id": 2, "method": "eth_blockNumber", "params": []}'
+    with EmbeddedNode(accounts=2) as node:
+        assert post(ok)[1]["result"] == "0x0"
+        assert post(ok, Origin="http://evil.example")[0] == 403  # a web page in a browser
+        assert post(ok, Host="evil.example")[0] == 403  # DNS rebinding
+        assert post(ok, **{"Content-Type": "text/plain"})[0] == 415  # a form post without preflight
+        assert post(ok, **{"Content-Length": "abc"})[0] == 411
+        assert post(b"", **{"Content-Length": str(MAX_REQUEST + 1)})[0] == 413  # refused before reading
+        assert post(b"{not json")[0] == 400
+        assert post(b"[" * 100_000 + b"]" * 100_000)[0] == 400  # nesting: refused before the parser
+        assert post(b"[]")[0] == 400
+        status, body = post(b'[{"id": 1}, ' + ok + b']')
         assert status == 200 and body[0]["error"]["code"] == -32600 and body[1]["result"] == "0x0"
         status, body = post(b'{"jsonrpc": "2.0", "id": 3, "method": "eth_noSuchMethod", "params": []}')
         assert "error" in body and body["id"] == 3
+        assert post(b'{"jsonrpc": "2.0", "id": 4, "method": "eth_blockNumber", "params": 5}')[1]["error"]
         assert ledger.connect(node.url).eth.block_number == 0  # still serving
 
 

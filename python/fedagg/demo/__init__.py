@@ -32,10 +32,7 @@ def run(opts: Options, view=None) -> List[RunResult]:
 
     opts.check()
     view = view or View()
-    f = opts.f if opts.f is not None else 0 if opts.rule == "mean" else opts.byzantine
-    runs = [(opts.rule, f)]
-    if opts.compare and opts.rule != "mean":
-        runs.append(("mean", 0))
+    runs = opts.runs()
     bad = ", ".join(f"p{i}" for i in byzantine_indices(opts)) or "none"
     results = []
     for rule, rf in runs:

@@ -32,7 +32,13 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
 
 
 def _demo(args) -> int:
+    import signal
+    import sys
+
     from . import Options, run
+
+    # SIGTERM unwinds like Ctrl-C: the server stops and the child processes are ended.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     opts = Options(participants=args.participants, byzantine=args.byzantine, attack=args.attack, rule=args.rule,
                    f=args.f, rounds=args.rounds, codec=args.codec, dp_noise=args.dp_noise, dp_clip=args.dp_clip,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -61,6 +61,20 @@ class Options:
             raise ValueError("epochs must be >= 1, lr > 0, commit_seconds >= 0")
         if self.attack == "none" and self.byzantine:
             raise ValueError("byzantine participants need an attack (or set byzantine to 0)")
+        honest = self.participants - self.byzantine
+        for rule, f in self.runs():
+            need = min_updates(rule, f, honest)
+            if need > self.participants:
+                raise ValueError(f"{rule} with f = {f} needs rounds of at least {need} updates: "
+                                 f"give at least {need} participants (or a smaller f)")
+
+    def runs(self) -> List[Tuple[str, int]]:
+        """(rule, f) of each run: the chosen rule, then the plain mean (with compare)."""
+        f = self.f if self.f is not None else 0 if self.rule == "mean" else self.byzantine
+        out = [(self.rule, f)]
+        if self.compare and self.rule != "mean":
+            out.append(("mean", 0))
+        return out
 
 
 @dataclass
@@ -88,3 +102,16 @@ def byzantine_indices(opts: Options) -> List[int]:
     """Spread over the participants, fixed by the seed."""
     rng = np.random.default_rng([opts.seed, 7])
     return sorted(int(i) for i in rng.choice(opts.participants, opts.byzantine, replace=False))
+
+
+def min_updates(rule: str, f: int, honest: int) -> int:
+    """The fewest updates a late round closes with: the honest ones, or what the rule needs if more."""
+    from .. import aggregate
+
+    for m in range(max(1, honest), 4 * f + 4):
+        try:
+            aggregate(np.zeros((m, 2), np.float32), rule, f)
+            return m
+        except ValueError:
+            continue
+    return max(1, honest, 4 * f + 3)  # every rule runs by here (Bulyan needs n >= 4f + 3)

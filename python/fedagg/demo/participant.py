@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -37,6 +39,8 @@ def parse(argv=None):
     ap.add_argument("--account", default=None)
     ap.add_argument("--abi", default=None, help="JSON file with the contract's ABI (saves compiling it)")
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--coalition", default=None, help=".npz of every attacker's X0, y0, X1, y1, ... (alie)")
+    ap.add_argument("--until-stdin-closes", action="store_true", help="exit when stdin reaches EOF")
     return ap.parse_args(argv)
 
 
@@ -45,9 +49,17 @@ def main(argv=None) -> int:
     from ..transport import Client, TransportError
 
     a = parse(argv)
+    if a.until_stdin_closes:
+        _exit_when_stdin_closes()
     torch.set_num_threads(1)  # many processes share two cores
     with np.load(a.data) as shard:  # this participant's data only
         X, y = shard["X"], shard["y"]
+    coalition = []  # an ALIE attacker knows the data of every attacker (they collude)
+    if a.coalition:
+        with np.load(a.coalition) as c:
+            coalition = [(c[f"X{k}"], c[f"y{k}"]) for k in range(len(c.files) // 2)]
+    if a.attack == "alie" and len(coalition) < 2:
+        raise SystemExit("alie needs a coalition of at least 2 attackers (--coalition)")
     net = task.model(a.seed)
     codec = task.make_codec(a.codec)
     me = Participant(net, codec=codec if a.attack == "none" else None)
@@ -82,8 +94,8 @@ def main(argv=None) -> int:
             update = me.update()
             if a.attack != "none":
                 estimates = ()
-                if a.attack == "alie":  # honest updates on halves of its data: the spread to hide in
-                    estimates = tuple(_honest_on(me, model, X, y, a, rnd, k) for k in range(4))
+                if a.attack == "alie":  # the coalition's honest updates: the spread to hide in
+                    estimates = tuple(_honest_on(me, model, Xc, yc, a, rnd, k) for k, (Xc, yc) in enumerate(coalition))
                 update = task.attack(a.attack, update.numpy(), rng, estimates=estimates,
                                      n=a.participants, f=a.byzantine)
                 if codec is not None:
@@ -91,7 +103,12 @@ def main(argv=None) -> int:
             elif codec is None:
                 update = update.numpy()
             t1 = time.monotonic()
-            sig = signer.commit(rnd, update) if signer else None
+            sig = None
+            if signer is not None:
+                sig = _commit(signer, rnd, update, pid)
+                if sig is None:  # not on chain: the server would refuse it; wait for the next round
+                    last = rnd
+                    continue
             print(f"{pid}: round {rnd}: trained in {t1 - t0:.2f} s, committed in {time.monotonic() - t1:.2f} s",
                   file=sys.stderr)
             try:
@@ -103,10 +120,39 @@ def main(argv=None) -> int:
 
 
 def _honest_on(me, model, X, y, a, rnd: int, k: int) -> np.ndarray:
-    half = np.random.default_rng([a.seed, a.index, rnd, k]).permutation(len(X))[: max(1, len(X) // 2)]
+    """The honest update of coalition member k: the same in every attacker (same data, same seed),
+    so the whole coalition sends one vector, as in Baruch et al. 2019."""
     me.begin(model)
-    task.train(me.params.module, X[half], y[half], epochs=a.epochs, lr=a.lr, seed=k)
+    task.train(me.params.module, X, y, epochs=a.epochs, lr=a.lr, seed=a.seed * 1000 + rnd + 7919 * k)
     return me.update().numpy()
+
+
+def _exit_when_stdin_closes() -> None:
+    """The parent holds our stdin; at its EOF (the parent is gone, however it went) we go too."""
+    def watch():
+        try:
+            sys.stdin.buffer.read()
+        finally:
+            os._exit(3)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _commit(signer, rnd: int, update, pid: str, tries: int = 3):
+    """Commit on chain, retrying transient failures (a busy node); None if it cannot."""
+    from ..ledger import LedgerError
+
+    for attempt in range(tries):
+        try:
+            return signer.commit(rnd, update)
+        except LedgerError as e:  # the contract said no
+            if "already committed" in str(e):  # an earlier try got through; its answer was lost
+                return signer.sign(rnd, update)
+            print(f"{pid}: round {rnd}: commit refused: {e}", file=sys.stderr)
+            return None
+        except OSError as e:  # the node was busy or reset the connection (requests' errors are OSErrors)
+            print(f"{pid}: round {rnd}: commit failed ({e}); try {attempt + 1} of {tries}", file=sys.stderr)
+        time.sleep(0.2 * (attempt + 1))
+    return None
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class View:
             self._print(f"{res.rule:>18} (f={res.f}): final accuracy {100 * (last.accuracy if last else 0):.1f}%, "
                         f"best {100 * best:.1f}%, {res.seconds:.0f} s"
                         + (f", eps {_eps(last.epsilon)}" if last and last.epsilon is not None else "")
-                        + (f", {gas:,} gas on chain" if gas else ""))
+                        + (f", {gas:,} gas in the aggregator's transactions" if gas else ""))
         if plot_path:
             self._print(f"plot: {plot_path}")
 

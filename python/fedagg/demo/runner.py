@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 
 from . import task
-from .options import DemoError, Options, RoundRow, RunResult, byzantine_indices
+from .options import DemoError, Options, RoundRow, RunResult, byzantine_indices, min_updates
 
 ETH = 10**18
 
@@ -35,7 +35,10 @@ class _Processes:
     def start(self, name: str, args: List[str], stdout=subprocess.DEVNULL) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        p = subprocess.Popen([sys.executable, *args], stdout=stdout, stderr=log, env=env)
+        # Each child holds a pipe from us as stdin and exits at its EOF: if this process dies,
+        # however it dies, no node with unlocked accounts or participant outlives it.
+        p = subprocess.Popen([sys.executable, *args, "--until-stdin-closes"], stdin=subprocess.PIPE, stdout=stdout,
+                             stderr=log, env=env)
         log.close()
         self.procs.append((name, p))
         return p
@@ -60,8 +63,9 @@ class _Processes:
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 pass
-            if p.stdout is not None:
-                p.stdout.close()
+            for pipe in (p.stdin, p.stdout):
+                if pipe is not None:
+                    pipe.close()
 
     def tails(self, lines: int = 5) -> str:
         out = []
@@ -104,6 +108,7 @@ def run_one(opts: Options, rule: str, f: int, on_row: Callable[[RoundRow], None]
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fedagg-demo-") as tmp:
         procs = _Processes(Path(tmp))
+        server = worker = None
         try:
             gate, chain_args, accounts = None, [], []
             if opts.ledger:
@@ -122,11 +127,15 @@ def run_one(opts: Options, rule: str, f: int, on_row: Callable[[RoundRow], None]
                 dp = privacy.CentralDP(noise_multiplier=opts.dp_noise, clip_norm=opts.dp_clip,
                                        expected_participants=opts.participants)
             cfg = ServerConfig(bind="tcp://127.0.0.1:0", rule=rule, f=f, quorum=opts.participants,
-                               min_updates=_min_updates(rule, f, opts.participants - opts.byzantine),
+                               min_updates=min_updates(rule, f, opts.participants - opts.byzantine),
                                deadline=opts.commit_seconds + 20.0, rounds=opts.rounds, ledger=gate, dp=dp)
             rows: "queue.Queue[Any]" = queue.Queue()
             # The model as the round left it (the server moves on while the row is built).
             server = Server(initial, cfg, on_round=lambda rec: rows.put((rec, server.model.copy())))
+            worker = threading.Thread(target=server.serve, name="fedagg-demo-server", daemon=True)
+            coalition = Path(tmp) / "coalition.npz"  # what colluding attackers share (ALIE uses it)
+            np.savez(coalition, **{f"{k}{j}": (data.X if k == "X" else data.y)[data.shards[i]]
+                                   for j, i in enumerate(sorted(bad)) for k in ("X", "y")})
             for i in range(opts.participants):
                 attack = opts.attack if i in bad else "none"
                 shard = Path(tmp) / f"p{i}.npz"
@@ -136,6 +145,8 @@ def run_one(opts: Options, rule: str, f: int, on_row: Callable[[RoundRow], None]
                         "--participants", str(opts.participants), "--byzantine", str(opts.byzantine),
                         "--attack", attack, "--rounds", str(opts.rounds), "--codec", opts.codec,
                         "--epochs", str(opts.epochs), "--lr", str(opts.lr), "--seed", str(opts.seed)]
+                if attack == "alie":
+                    args += ["--coalition", str(coalition)]
                 label = f"p{i}" + ("*" if i in bad else "")
                 if opts.ledger:
                     args += chain_args + ["--account", accounts[i]]
@@ -145,13 +156,11 @@ def run_one(opts: Options, rule: str, f: int, on_row: Callable[[RoundRow], None]
                 procs.start(f"p{i}", args)
             if gate is not None:  # round 0's snapshot must see every registration
                 _wait_registered(gate.chain, opts.participants, procs, timeout=120.0)
-            worker = threading.Thread(target=server.serve, name="fedagg-demo-server", daemon=True)
             worker.start()
             for _ in range(opts.rounds):
                 try:
                     rec, model = rows.get(timeout=round_timeout)
                 except queue.Empty:
-                    server.stop()
                     raise DemoError(f"no round closed in {round_timeout:.0f} s; the processes said:\n"
                                     f"{procs.tails()}") from None
                 row = _row(rec, model, eval_net, Xt, yt, labels)
@@ -162,22 +171,15 @@ def run_one(opts: Options, rule: str, f: int, on_row: Callable[[RoundRow], None]
             if gate is not None:
                 result.gas = {k: int(sum(v)) for k, v in gate.chain.gas.items()}
         finally:
+            if server is not None:  # whatever happened (an error, Ctrl-C), no server is left running
+                if worker is not None and worker.is_alive():
+                    server.stop()
+                    worker.join(10)
+                elif worker is None or not worker.ident:
+                    server.close()
             procs.kill()
     result.seconds = time.monotonic() - t0
     return result
-
-
-def _min_updates(rule: str, f: int, honest: int) -> int:
-    """Close a late round with the honest ones, or the fewest updates the rule takes if that is more."""
-    from .. import aggregate
-
-    for m in range(max(1, honest), 10_000):
-        try:
-            aggregate(np.zeros((m, 2), np.float32), rule, f)
-            return m
-        except ValueError:
-            continue
-    raise DemoError(f"{rule} with f = {f} runs on no round size")
 
 
 def _wait_registered(chain, n: int, procs: _Processes, timeout: float) -> None:

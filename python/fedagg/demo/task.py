@@ -87,9 +87,10 @@ def attack(kind: str, honest: np.ndarray, rng: np.random.Generator, *, estimates
     """A Byzantine participant's update, from its own honest one.
 
     signflip: -10 x the honest update (a scaled sign flip: the mean moves backwards).
-    noise:    Gaussian noise, std 1 per coordinate (about 10x an honest update's size).
-    alie:     mean - z_max * std of honest updates (Baruch et al. 2019), estimated here from
-              `estimates` (honest updates the attacker computed on parts of its data).
+    noise:    Gaussian noise, std 1 per coordinate (about 100x an honest update's norm here).
+    alie:     mean - z_max * std of honest updates (Baruch et al. 2019), estimated from
+              `estimates`: the honest updates of the whole colluding coalition, which every
+              attacker computes alike, so all of them send the same vector.
     """
     if kind == "none":
         return honest

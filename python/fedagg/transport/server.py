@@ -577,9 +577,11 @@ class Server:
     def _maybe_close(self) -> None:
         if self.phase == "commit":
             now = time.monotonic()
+            if now < self._commit_poll:  # the chain is asked at most every poll_seconds
+                return
+            self._commit_poll = now + self.gate.poll_seconds
             done = now - self.round_started >= self.gate.commit_seconds
-            if not done and now >= self._commit_poll:  # everyone committed: no need to wait the window out
-                self._commit_poll = now + self.gate.poll_seconds
+            if not done:  # everyone committed: no need to wait the window out
                 try:
                     done = self.gate.all_committed()
                 except Exception as e:  # noqa: BLE001 - the chain hiccuped: the timer still ends the phase
@@ -591,7 +593,8 @@ class Server:
                     self.phase = "upload"
                     log.info("round %d: commit phase over, %d commitments", self.round,
                              len(self.gate.commitments or {}), extra={"event": "upload_phase", "round": self.round})
-                except Exception as e:  # noqa: BLE001 - try again on the next tick
+                except Exception as e:  # noqa: BLE001 - try again, after a pause
+                    self._commit_poll = now + 1.0
                     log.error("round %d: closing the commit window failed: %s", self.round, e,
                               extra={"event": "ledger_error", "round": self.round})
             return
@@ -683,7 +686,8 @@ class Server:
         if self.store:
             self.store.save_round(self.round, self.model)
         self.round_started = time.monotonic()
-        self._start_ledger_round()
+        if self.cfg.rounds is None or len(self.history) < self.cfg.rounds:  # no chain round that never runs
+            self._start_ledger_round()
         note = json_message(Kind.ROUND, {"round": self.round}, round=self.round, session=self.session)
         for rid in list(self.peers):
             self._send(rid, note)
