@@ -106,12 +106,6 @@ def byzantine_indices(opts: Options) -> List[int]:
 
 def min_updates(rule: str, f: int, honest: int) -> int:
     """The fewest updates a late round closes with: the honest ones, or what the rule needs if more."""
-    from .. import aggregate
+    from ..rules import RULES as SPECS
 
-    for m in range(max(1, honest), 4 * f + 4):
-        try:
-            aggregate(np.zeros((m, 2), np.float32), rule, f)
-            return m
-        except ValueError:
-            continue
-    return max(1, honest, 4 * f + 3)  # every rule runs by here (Bulyan needs n >= 4f + 3)
+    return max(1, honest, SPECS[rule].min_n(f))

@@ -313,7 +313,7 @@ class _Invalid(Exception):
 
 
 def _min_n(rule: str, f: int) -> int:
-    return RULES[rule].min_n(f) if rule != "trimmed_mean" else 2 * f + 1
+    return RULES[rule].min_n(f)
 
 
 class FedaggStrategy(FedAvg):
