@@ -471,15 +471,30 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("x"), py::arg("block"), py::arg("seed"), py::arg("inverse"),
      "In place: forward H D x / sqrt(B) per block, or its inverse.");
 
-  m.def("crc32c", [](const py::buffer& data, std::uint32_t crc) {
-    const py::buffer_info info = data.request();  // any contiguous buffer: bytes, memoryview, arrays
+  auto contiguous_bytes = [](const py::buffer_info& info, const char* what) {
     if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize))
-      throw py::value_error("crc32c needs a contiguous buffer");
-    const std::size_t n = static_cast<std::size_t>(info.size) * static_cast<std::size_t>(info.itemsize);
+      throw py::value_error(std::string(what) + " needs a contiguous buffer");
+    return static_cast<std::size_t>(info.size) * static_cast<std::size_t>(info.itemsize);
+  };
+  m.def("crc32c", [contiguous_bytes](const py::buffer& data, std::uint32_t crc) {
+    const py::buffer_info info = data.request();  // any contiguous buffer: bytes, memoryview, arrays
+    const std::size_t n = contiguous_bytes(info, "crc32c");
     py::gil_scoped_release release;
     return fedagg::crc32c(info.ptr, n, crc);
   }, py::arg("data"), py::arg("crc") = 0,
      "CRC32C of a contiguous buffer; pass a previous result as crc to continue it.");
+  m.def("crc32c_with", [contiguous_bytes](const std::string& impl, const py::buffer& data, std::uint32_t crc) {
+    const py::buffer_info info = data.request();
+    const std::size_t n = contiguous_bytes(info, "crc32c");
+    try {
+      py::gil_scoped_release release;
+      return fedagg::crc32c_with(impl.c_str(), info.ptr, n, crc);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  }, py::arg("impl"), py::arg("data"), py::arg("crc") = 0,
+     "crc32c with one implementation ('software', 'sse4.2', 'vpclmulqdq'); ValueError if the CPU lacks it.");
+  m.def("crc32c_best", &fedagg::crc32c_best, "The CRC32C implementation this CPU runs.");
 
   m.def("copy_crc32c", [](const py::buffer& dst, const py::buffer& src, bool check_finite) {
     const py::buffer_info d = dst.request(true), s = src.request();

@@ -34,6 +34,8 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
                    help="persist rounds and accepted updates here; a restarted server resumes from it")
     s.add_argument("--chunk-mib", type=float_at_least(0, True), default=4.0, help="chunk size in MiB (<= 4)")
     s.add_argument("--credits", type=int_at_least(1), default=8, help="chunks in flight per participant")
+    s.add_argument("--io-threads", type=int_at_least(1), default=None,
+                   help="libzmq I/O threads (default: one per 4 cores, 1 to 4)")
     s.add_argument("--curve-secret", type=Path, default=None, help="the server's .key_secret file (CURVE on)")
     s.add_argument("--allow", type=Path, default=None, help="directory of participants' public .key files")
     s.add_argument("--insecure", action="store_true", help="plain mode on a non-local endpoint")
@@ -89,7 +91,7 @@ def _serve(args) -> int:
                        min_updates=args.min_updates, rounds=args.rounds, server_lr=args.server_lr,
                        clip_norm=args.clip_norm, state_dir=str(args.state_dir) if args.state_dir else None,
                        chunk_bytes=int(args.chunk_mib * (1 << 20)) // 4 * 4, credits=args.credits,
-                       insecure=args.insecure)
+                       insecure=args.insecure, io_threads=args.io_threads)
     if args.curve_secret is not None:
         from zmq.auth import load_certificate
 

@@ -19,6 +19,8 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from .. import _core
+from ..compress.payload import Payload
+from .malloc import keep_freed_memory
 from .protocol import Codec, Dtype, Kind, ProtocolError, json_message, message, pack_frames, parse, parse_json
 
 
@@ -41,6 +43,7 @@ class Client:
         import zmq
 
         self.zmq = zmq
+        keep_freed_memory()  # libzmq's per-message buffers stay faulted in (transport/malloc.py)
         if server_key is not None:
             if public_key is None or secret_key is None:
                 raise ValueError("CURVE needs the participant's public and secret keys with the server key")
@@ -219,8 +222,6 @@ class Client:
         upload waits for the round's commit phase to end. Raises TransportError with the server's
         reason if it is refused.
         """
-        from ..compress import Payload
-
         if isinstance(update, Payload):
             blob = np.frombuffer(pack_frames(update.to_frames()), dtype=np.uint8)
             codec, dtype = Codec.FAGP, Dtype.NONE

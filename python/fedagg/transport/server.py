@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .. import _core
+from .malloc import keep_freed_memory
 from .protocol import (DEFAULT_CHUNK, HEADER, Codec, Dtype, Kind, ProtocolError, json_message, message, parse,
                        parse_json, unpack_frames)
 from .state import RoundStore
@@ -73,13 +74,16 @@ class ServerConfig:
     allowed_keys: Optional[List[bytes]] = None  # z85 public keys of participants
     insecure: bool = False  # allow plain mode on a non-local endpoint (never by default)
     heartbeat: float = 2.0  # ZMTP heartbeat interval; a peer silent for 5 intervals is dropped
+    io_threads: Optional[int] = None  # libzmq I/O threads; None: one per 4 cores, 1 to 4 (about 1 GB/s each)
     ledger: Any = None  # fedagg.ledger.LedgerGate: registered, staked, committed, signed updates only
     admission: Optional[str] = None  # "federated", "ledger" or "both" (default: "ledger" with a ledger)
 
     def check(self) -> None:
         if self.chunk_bytes < 4096 or self.chunk_bytes > (4 << 20) or self.chunk_bytes % 4:
             raise ValueError("chunk_bytes must be a multiple of 4 in [4 KiB, 4 MiB]")
-        for name in ("quorum", "min_updates", "credits", "max_peers"):
+        if self.io_threads is None:
+            self.io_threads = max(1, min(4, (os.cpu_count() or 1) // 4))
+        for name in ("quorum", "min_updates", "credits", "max_peers", "io_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.deadline <= 0 or self.rate <= 0:
@@ -147,6 +151,7 @@ class Server:
         import zmq
 
         config.check()
+        keep_freed_memory()  # libzmq's per-message buffers stay faulted in (transport/malloc.py)
         self.zmq = zmq
         self.cfg = config
         self.on_round = on_round  # called with each round's metrics record
@@ -185,7 +190,7 @@ class Server:
         self._stop = False
         if self.store and restored is None:
             self.store.save_round(self.round, self.model)
-        self.ctx = zmq.Context()
+        self.ctx = zmq.Context(io_threads=config.io_threads)
         self.auth = None
         self.sock = self._socket()
 
@@ -627,13 +632,24 @@ class Server:
             self._failed_at = len(ids)
             return
         t_agg = time.monotonic() - t0
-        # A new buffer: MODEL frames still queued keep referencing the old one.
+        # The updates are spent: their receive buffers go back to the pool, and the new model
+        # is written into one of them (its pages are faulted in already). Never into the old
+        # model's buffer: MODEL frames still queued keep referencing it.
+        agg = np.asarray(agg, dtype=np.float32)
+        self._recycle(rows)
+        del rows
+        new_model = self._spare(agg)
         with np.errstate(over="ignore", invalid="ignore"):  # checked right below
-            new_model = self.model + np.float32(self.cfg.server_lr) * np.asarray(agg, dtype=np.float32)
+            if self.cfg.server_lr == 1.0:
+                np.add(self.model, agg, out=new_model)
+            else:
+                np.multiply(agg, np.float32(self.cfg.server_lr), out=new_model)
+                np.add(self.model, new_model, out=new_model)
         failed = None
         if _core.nonfinite_rows([new_model])[0]:  # e.g. finite but huge updates overflowing the sum
             failed = "the aggregate is not finite: the model is kept (set clip_norm)"
             log.error("round %d: %s", self.round, failed, extra={"event": "aggregate_failed", "round": self.round})
+            self._recycle([new_model])
         else:
             self.model = new_model
         excluded = [ids[i] for i in info.excluded]
@@ -673,12 +689,9 @@ class Server:
             log.error("round %d: reporting failed: %s", self.round, e, extra={"event": "report_failed"})
         self.round += 1
         self._failed_at = -1
-        # Receive buffers go back to the pool (the aggregate no longer needs them) and are
-        # handed out again at the participants' next HELLO or first chunk.
-        for arr in list(self.accepted.values()) + [u.buf.view(np.float32) for u in self.uploads.values()
-                                                   if u.codec == Codec.RAW]:
-            if arr.size == self.d and arr.base is not None and len(self.pool) < self.cfg.max_peers:
-                self.pool.append(arr)
+        # Unfinished uploads' buffers go back to the pool too; all are handed out again at the
+        # participants' next HELLO or first chunk.
+        self._recycle([u.buf.view(np.float32) for u in self.uploads.values() if u.codec == Codec.RAW])
         self.accepted, self.uploads, self.rejected, self.rejected_counts = {}, {}, [], {}
         for pid in list(self.by_pid):
             self._reserve(pid)
@@ -691,6 +704,21 @@ class Server:
         note = json_message(Kind.ROUND, {"round": self.round}, round=self.round, session=self.session)
         for rid in list(self.peers):
             self._send(rid, note)
+
+
+    def _recycle(self, arrays) -> None:
+        """Receive buffers (float32 of d, owned by this server) back into the pool."""
+        for arr in arrays:
+            if (arr.size == self.d and arr.dtype == np.float32 and arr.base is not None and arr.flags.writeable
+                    and len(self.pool) < self.cfg.max_peers and not any(arr is b for b in self.pool)):
+                self.pool.append(arr)
+
+    def _spare(self, avoid: np.ndarray) -> np.ndarray:
+        """A float32 buffer of d for the next model: from the pool unless it overlaps `avoid`."""
+        for i in range(len(self.pool) - 1, -1, -1):
+            if not np.may_share_memory(self.pool[i], avoid) and not np.may_share_memory(self.pool[i], self.model):
+                return self.pool.pop(i)
+        return np.empty(self.d, dtype=np.float32)
 
 
 def _scores(info, n: int) -> List[int]:
