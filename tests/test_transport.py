@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ import fedagg  # noqa: E402
 from fedagg import _core, compress  # noqa: E402
 from fedagg.transport import Client, Server, ServerConfig, TransportError  # noqa: E402
 from fedagg.transport import participant  # noqa: E402
-from fedagg.transport.protocol import (HEADER, Codec, Dtype, Header, Kind, ProtocolError, json_message,  # noqa: E402
+from fedagg.transport.protocol import (Codec, Dtype, Header, Kind, ProtocolError, json_message,  # noqa: E402
                                        message, pack_frames, parse, parse_json, unpack_frames)
 from fedagg.transport.server import is_local  # noqa: E402
 

@@ -18,7 +18,6 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from .. import _core
 from ..compress.payload import Payload
 from .malloc import keep_freed_memory
 from .protocol import Codec, Dtype, Kind, ProtocolError, json_message, message, pack_frames, parse, parse_json
