@@ -163,7 +163,7 @@ def _bench(args) -> int:
         from .transport import bench as tbench
 
         res["transport"] = tbench.run(mb=args.transport_mb, n=args.transport_n, d=args.transport_d,
-                                      rule="mean", repeat=max(1, min(args.repeat, 3)))
+                                      rule="mean", repeat=args.repeat)
         for line in tbench.lines(res["transport"]):
             _print(con, line, report)
     if args.json == "-":
