@@ -7,7 +7,9 @@
 
 The update streams in chunks under the server's credit window; a dropped
 connection or a restarted server is resumed from the bytes the server says it
-holds. Every wait is bounded by ``timeout``.
+holds. Every wait is bounded by ``timeout``. Creating a Client sets glibc's malloc
+trim and mmap thresholds for this process once (transport/malloc.py explains why;
+setting MALLOC_TRIM_THRESHOLD_ in the environment keeps glibc's defaults).
 """
 
 from __future__ import annotations
