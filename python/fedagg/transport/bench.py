@@ -131,6 +131,7 @@ def raw_tcp_many_seconds(n: int, nbytes: int) -> float:
     go.set()
     t0 = time.perf_counter()
     got = [0] * n
+    srv.settimeout(60)  # a sender that never connects fails the run instead of hanging it
     for i in range(n):
         conn, _ = srv.accept()
         conn.setblocking(False)
@@ -138,7 +139,10 @@ def raw_tcp_many_seconds(n: int, nbytes: int) -> float:
     left = n
     try:
         while left:
-            for key, _ in sel.select(timeout=30):
+            ready = sel.select(timeout=60)
+            if not ready:
+                raise RuntimeError("raw TCP senders stalled for 60 s")
+            for key, _ in ready:
                 i = key.data
                 try:
                     k = key.fileobj.recv_into(bufs[i][got[i]:], min(nbytes - got[i], 1 << 22))
