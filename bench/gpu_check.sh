@@ -50,6 +50,9 @@ timeout 180 $PY bench/gpu_bench.py --n 64 --d 16000000 --json "$OUT/gpu_bench.js
 bench_rc=$?
 tail -30 "$OUT/bench.txt"
 echo "bench: $((SECONDS - start)) s, rc=$bench_rc"
+# Where a mean's time goes: kernel, flag, upload, the Python around them, next to torch.
+timeout 60 $PY bench/gpu_overhead.py --n 64 --d 16000000 > "$OUT/overhead.txt" 2>&1 || bench_rc=$?
+cat "$OUT/overhead.txt"
 
 # The transport on this machine's CPU cores (CI's machine has 2): checksum and copy kernels
 # on this CPU, then the loopback benchmark (pyzmq carried in .whl/ like the wheels above).

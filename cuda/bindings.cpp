@@ -51,11 +51,13 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("max_sorted_n", &g::max_sorted_n, "Largest n of the coordinate-wise rules on the GPU.");
 
   m.def("weighted_sum", [](std::uintptr_t r, int n, long long d, std::uintptr_t coef, std::uintptr_t out,
-                           std::uintptr_t s) {
+                           std::uintptr_t nonfinite, std::uintptr_t s) {
     check_sizes(n, d);
     py::gil_scoped_release release;
-    g::weighted_sum(rows(r), n, static_cast<std::size_t>(d), ptr<const double>(coef), ptr<float>(out), stream(s));
-  }, py::arg("rows"), py::arg("n"), py::arg("d"), py::arg("coef"), py::arg("out"), py::arg("stream"));
+    g::weighted_sum(rows(r), n, static_cast<std::size_t>(d), ptr<const double>(coef), ptr<float>(out),
+                    nonfinite ? ptr<int>(nonfinite) : nullptr, stream(s));
+  }, py::arg("rows"), py::arg("n"), py::arg("d"), py::arg("coef"), py::arg("out"), py::arg("nonfinite"),
+     py::arg("stream"), "out = sum_i coef[i] rows[i]; nonfinite (0: none) becomes nonzero on NaN/Inf output.");
 
   m.def("pairwise_sqdist", [](std::uintptr_t r, int n, long long d, std::uintptr_t D, std::uintptr_t s) {
     check_sizes(n, d);

@@ -18,9 +18,10 @@ struct CudaError : std::runtime_error {
   CudaError(const std::string& what, cudaError_t c) : std::runtime_error(what), code(c) {}
 };
 
-// rows: device array of n device pointers to d floats each.
+// rows: device array of n device pointers to d floats each. nonfinite: nullptr, or a device int
+// (zeroed by the caller) that becomes nonzero if any output is NaN or Inf.
 void weighted_sum(const float* const* rows, int n, std::size_t d, const double* coef, float* out,
-                  cudaStream_t stream);
+                  int* nonfinite, cudaStream_t stream);
 // D: device n x n doubles; upper triangle (i < k) written, the rest zero.
 void pairwise_sqdist(const float* const* rows, int n, std::size_t d, double* D, cudaStream_t stream);
 // out: device n doubles; x == nullptr gives squared norms.

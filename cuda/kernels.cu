@@ -60,13 +60,16 @@ __device__ bool rows_aligned16(const float* const* __restrict__ rows, int n, con
   return __syncthreads_and(ok);
 }
 
-// Rows summed in order 0..n-1 per coordinate, in float64, like the CPU kernel.
+// Rows summed in order 0..n-1 per coordinate, in float64, like the CPU kernel. With
+// nonfinite != nullptr, *nonfinite becomes nonzero if any output is NaN or Inf: the check
+// every caller needs, without a second pass over the output and its launches.
 __global__ void __launch_bounds__(256)
 weighted_sum_kernel(const float* const* __restrict__ rows, int n, std::size_t d,
-                    const double* __restrict__ coef, float* __restrict__ out) {
+                    const double* __restrict__ coef, float* __restrict__ out, int* __restrict__ nonfinite) {
   const std::size_t tid = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
   std::size_t tail = 0;
+  bool bad = false;
   if (rows_aligned16(rows, n, out)) {
     const std::size_t d4 = d / 4;
     for (std::size_t q = tid; q < d4; q += stride) {
@@ -80,17 +83,21 @@ weighted_sum_kernel(const float* const* __restrict__ rows, int n, std::size_t d,
         a2 += c * static_cast<double>(v.z);
         a3 += c * static_cast<double>(v.w);
       }
-      reinterpret_cast<float4*>(out)[q] =
-          make_float4(static_cast<float>(a0), static_cast<float>(a1), static_cast<float>(a2),
-                      static_cast<float>(a3));
+      const float4 o = make_float4(static_cast<float>(a0), static_cast<float>(a1), static_cast<float>(a2),
+                                   static_cast<float>(a3));
+      reinterpret_cast<float4*>(out)[q] = o;
+      bad |= !(isfinite(o.x) && isfinite(o.y) && isfinite(o.z) && isfinite(o.w));
     }
     tail = d4 * 4;
   }
   for (std::size_t j = tail + tid; j < d; j += stride) {
     double acc = 0.0;
     for (int i = 0; i < n; ++i) acc += __ldg(coef + i) * static_cast<double>(__ldg(rows[i] + j));
-    out[j] = static_cast<float>(acc);
+    const float o = static_cast<float>(acc);
+    out[j] = o;
+    bad |= !isfinite(o);
   }
+  if (nonfinite != nullptr && __syncthreads_or(bad) && threadIdx.x == 0) atomicOr(nonfinite, 1);
 }
 
 // ------------------------------------------------------- squared distances to x
@@ -325,9 +332,9 @@ dim3 per_row_grid(int n, std::size_t d) {
 }  // namespace
 
 void weighted_sum(const float* const* rows, int n, std::size_t d, const double* coef, float* out,
-                  cudaStream_t stream) {
+                  int* nonfinite, cudaStream_t stream) {
   const int block = 256;
-  weighted_sum_kernel<<<grid_for(d, block), block, 0, stream>>>(rows, n, d, coef, out);
+  weighted_sum_kernel<<<grid_for(d, block), block, 0, stream>>>(rows, n, d, coef, out, nonfinite);
   check(cudaGetLastError(), "weighted_sum");
 }
 

@@ -105,6 +105,22 @@ def test_nonfinite_policy_on_gpu():
     assert_close(out.cpu().numpy(), fedagg.median(np.delete(X, 4, axis=0)), X)
 
 
+
+@pytest.mark.parametrize("cols,bad", [(slice(0, 1026), 500), (slice(0, 1026), 1025), (slice(1, 1027), 10)],
+                         ids=["vector-path", "tail", "unaligned-rows"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_mean_kernel_flags_nonfinite_output_on_every_path(cols, bad, value):
+    """The weighted sum raises its own flag on NaN/Inf output (no second pass): 16-byte rows
+    with a tail, and unaligned rows, must all report it."""
+    X = fresh(9, 1028)
+    X[4, cols][bad] = value
+    T = on_gpu(X)[:, cols]
+    with pytest.raises(ValueError, match=r"updates \[4\] contain NaN or Inf"):
+        fedagg.mean(T)
+    out, info = fedagg.mean(T, nonfinite="exclude", return_info=True)
+    assert info.excluded.tolist() == [4]
+    assert_close(out.cpu().numpy(), fedagg.mean(np.delete(X[:, cols], 4, axis=0)), X[:, cols])
+
 def test_huge_values_fall_back_to_float64_distances():
     X = fresh(9, 300, scale=1e20)
     _, info = fedagg.krum(on_gpu(X), 2, return_info=True)

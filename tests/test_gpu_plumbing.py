@@ -42,9 +42,12 @@ class FakeCuda:
     def device_count():
         return 1
 
-    def weighted_sum(self, rows, n, d, coef, out, stream):
+    def weighted_sum(self, rows, n, d, coef, out, nonfinite, stream):
         self.calls.append("weighted_sum")
-        _view(out, ctypes.c_float, d)[:] = _core.weighted_sum(_rows(rows, n, d), _view(coef, ctypes.c_double, n).copy())
+        o = _view(out, ctypes.c_float, d)
+        o[:] = _core.weighted_sum(_rows(rows, n, d), _view(coef, ctypes.c_double, n).copy())
+        if nonfinite and not np.isfinite(o).all():
+            _view(nonfinite, ctypes.c_int32, 1)[0] |= 1
 
     def pairwise_sqdist(self, rows, n, d, D, stream):
         self.calls.append("pairwise_sqdist")
@@ -144,9 +147,6 @@ class FakeLib:
     def stream(self):
         return 0
 
-    def all_finite(self, x):
-        return bool(np.isfinite(x).all())
-
     def activate(self):
         return contextlib.nullcontext()
 
@@ -217,6 +217,9 @@ def test_large_n_network_and_nonfinite_flag(gpu_ops):
     X[7, 3] = np.inf
     with pytest.raises(ValueError, match=r"updates \[7\] contain NaN or Inf"):
         run(gpu_ops, X, "trimmed_mean", 3)
+    for rule in ("mean", "geometric_median", "centered_clipping"):  # the weighted sum's own flag
+        with pytest.raises(ValueError, match=r"updates \[7\] contain NaN or Inf"):
+            run(gpu_ops, X, rule, 0)
 
 
 def test_nnm_and_clip_through_gpu_ops(gpu_ops):

@@ -23,6 +23,7 @@ except ImportError:  # built without the CUDA backend
     _cuda = None
 
 _MODES = {"median": 0, "trimmed_mean": 1, "bulyan": 2}
+_SMALL = 1 << 16  # host arrays up to this size are uploaded asynchronously from pinned memory
 
 
 def compiled() -> bool:
@@ -45,7 +46,10 @@ class _TorchLib:
         return self.torch.zeros(shape, dtype=getattr(self.torch, dtype), device=self.device)
 
     def from_host(self, a: np.ndarray):
-        return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        t = self.torch.from_numpy(np.ascontiguousarray(a))
+        if t.nbytes <= _SMALL:  # tables, coefficients: staged in pinned memory, not waited for
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def to_host(self, x) -> np.ndarray:
         return x.cpu().numpy()
@@ -58,9 +62,6 @@ class _TorchLib:
 
     def stream(self) -> int:
         return self.torch.cuda.current_stream(self.device).cuda_stream
-
-    def all_finite(self, x) -> bool:
-        return bool(self.torch.isfinite(x).all())
 
     def activate(self):
         return self.torch.cuda.device(self.device)
@@ -113,9 +114,6 @@ class _CupyLib:
     def stream(self) -> int:
         return self.cp.cuda.get_current_stream().ptr
 
-    def all_finite(self, x) -> bool:
-        return bool(self.cp.isfinite(x).all())
-
     def activate(self):
         return self.cp.cuda.Device(self.device_id)
 
@@ -160,8 +158,8 @@ class GpuOps:
         self.lib = lib
 
     # -- plumbing
-    def _table(self, rows) -> Tuple[Any, int, int]:
-        """Device table of row pointers, n, d."""
+    def _pointers(self, rows) -> Tuple[np.ndarray, int, int]:
+        """Host table of row pointers (int64), n, d."""
         lib = self.lib
         if isinstance(rows, (list, tuple)):
             ptrs = np.array([lib.ptr(r) for r in rows], dtype=np.uint64)
@@ -169,7 +167,12 @@ class GpuOps:
         else:
             n, d = int(rows.shape[0]), int(rows.shape[1])
             ptrs = np.uint64(lib.ptr(rows)) + np.arange(n, dtype=np.uint64) * np.uint64(lib.row_stride(rows))
-        return lib.from_host(ptrs.view(np.int64)), n, d
+        return ptrs.view(np.int64), n, d
+
+    def _table(self, rows) -> Tuple[Any, int, int]:
+        """Device table of row pointers, n, d."""
+        ptrs, n, d = self._pointers(rows)
+        return self.lib.from_host(ptrs), n, d
 
     def _launch(self, fn, *args):
         with self.lib.activate():
@@ -178,11 +181,15 @@ class GpuOps:
     # -- the op contract
     def weighted_sum(self, rows, coef: np.ndarray):
         lib = self.lib
-        table, n, d = self._table(rows)
-        c = lib.from_host(np.asarray(coef, dtype=np.float64))
+        ptrs, n, d = self._pointers(rows)
+        # One upload: the row pointers, the coefficients, and the zeroed flag the kernel raises
+        # on a non-finite output (read back below: the call's only wait for the device).
+        c = np.ascontiguousarray(coef, dtype=np.float64)
+        blob = lib.from_host(np.concatenate([ptrs, c.view(np.int64), np.zeros(1, np.int64)]))
+        base = lib.ptr(blob)
         out = lib.empty((d,), "float32")
-        self._launch(_cuda.weighted_sum, lib.ptr(table), n, d, lib.ptr(c), lib.ptr(out))
-        return out
+        self._launch(_cuda.weighted_sum, base, n, d, base + 8 * n, lib.ptr(out), base + 16 * n)
+        return out, not lib.to_host(blob[2 * n:]).any()
 
     def pairwise_sqdist(self, rows) -> np.ndarray:
         lib = self.lib
@@ -235,11 +242,8 @@ class GpuOps:
         coef = lib.from_host(np.ascontiguousarray(A, dtype=np.float64))
         for i in range(m):
             self._launch(_cuda.weighted_sum, lib.ptr(table), n, d, lib.ptr(coef) + 8 * n * i,
-                         lib.ptr(Y) + lib.row_stride(Y) * i)
+                         lib.ptr(Y) + lib.row_stride(Y) * i, 0)
         return Y
-
-    def all_finite(self, x) -> bool:
-        return self.lib.all_finite(x)
 
     def zeros(self, d: int):
         return self.lib.zeros((d,), "float32")

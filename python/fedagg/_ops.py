@@ -21,8 +21,9 @@ class CpuOps:
 
     name = "cpu"
 
-    def weighted_sum(self, rows: Any, coef: np.ndarray) -> np.ndarray:
-        return _core.weighted_sum(rows, coef)
+    def weighted_sum(self, rows: Any, coef: np.ndarray) -> Tuple[np.ndarray, bool]:
+        out = _core.weighted_sum(rows, coef)
+        return out, bool(np.isfinite(out).all())
 
     def pairwise_sqdist(self, rows: Any) -> np.ndarray:
         return _core.pairwise_sqdist(rows)
@@ -45,9 +46,6 @@ class CpuOps:
 
     def mix(self, rows: Any, A: np.ndarray) -> np.ndarray:
         return _core.mix(rows, A)
-
-    def all_finite(self, x: np.ndarray) -> bool:
-        return bool(np.isfinite(x).all())
 
     def zeros(self, d: int) -> np.ndarray:
         return np.zeros(d, dtype=np.float32)

@@ -123,8 +123,8 @@ def _k_mean(batch: Batch, p: dict):
     coef = w / w.sum()
     if p["scale"] is not None:  # clip_norm fused into the coefficients
         coef = coef * p["scale"]
-    out = batch.ops.weighted_sum(batch.rows, coef)
-    if not batch.ops.all_finite(out):
+    out, finite = batch.ops.weighted_sum(batch.rows, coef)
+    if not finite:
         raise _NonFinite
     return out, {"weights": w / w.sum()}
 
@@ -170,7 +170,7 @@ def _k_multi_krum(batch: Batch, p: dict):
     if not wsel.sum() > 0:
         raise ValueError("weights of the selected updates sum to zero")
     coef = wsel / wsel.sum()
-    out = batch.ops.weighted_sum(batch.subset(sel).rows, coef)
+    out, _ = batch.ops.weighted_sum(batch.subset(sel).rows, coef)  # finite scores: finite rows
     weights = np.zeros(batch.n)
     weights[sel] = coef
     return out, {"selected": sel, "scores": scores, "weights": weights}
@@ -194,8 +194,8 @@ def _k_geometric_median(batch: Batch, p: dict):
     w = p["weights"] if p["weights"] is not None else np.ones(batch.n)
     alpha = w / w.sum()
     coef, iters, obj = _core.weiszfeld(D, alpha, p["nu"], p["maxiter"], p["tol"])
-    out = batch.ops.weighted_sum(batch.rows, coef)
-    if not batch.ops.all_finite(out):
+    out, finite = batch.ops.weighted_sum(batch.rows, coef)
+    if not finite:
         raise _NonFinite
     return out, {"weights": coef, "iterations": int(iters), "details": {"objective": float(obj)}}
 
@@ -222,8 +222,8 @@ def _k_centered_clipping(batch: Batch, p: dict):
         full[1:, 0] = to_center
     w = p["weights"] if p["weights"] is not None else np.ones(n)
     coef, clipped = _core.centered_clipping(full, w / w.sum(), p["tau"], p["iterations"])
-    out = batch.ops.weighted_sum(rows, coef)
-    if not batch.ops.all_finite(out):
+    out, finite = batch.ops.weighted_sum(rows, coef)
+    if not finite:
         raise _NonFinite
     return out, {
         "weights": coef[1:],
