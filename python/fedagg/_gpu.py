@@ -11,7 +11,7 @@ allocated the same way and released in stream order.
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import numpy as np
 
