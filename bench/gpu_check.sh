@@ -4,6 +4,9 @@
 # them), benchmark every rule, codec and the noise against torch idioms and the device
 # copy bandwidth. Every step is bounded in time; full logs go to $OUT (or /tmp/fedagg-gpu).
 #   FEDAGG_GPU_ARCH  CUDA architectures to build (default: the machine's own, e.g. 90)
+# Wheels for a machine without network, fetched here once (its python3 is 3.12):
+#   pip download dp-accounting==0.6.0 dm-tree==0.1.10 pyzmq==27.3.0 --python-version 3.12 \
+#     --only-binary=:all: --platform manylinux_2_28_x86_64 --no-deps -d .whl
 set -uo pipefail
 OUT=${OUT:-/tmp/fedagg-gpu}
 mkdir -p "$OUT"
