@@ -705,12 +705,12 @@ class Server:
         for rid in list(self.peers):
             self._send(rid, note)
 
-
     def _recycle(self, arrays) -> None:
-        """Receive buffers (float32 of d, owned by this server) back into the pool."""
+        """Receive buffers (float32 of d, owned by this server) back into the pool, each once."""
         for arr in arrays:
             if (arr.size == self.d and arr.dtype == np.float32 and arr.base is not None and arr.flags.writeable
-                    and len(self.pool) < self.cfg.max_peers and not any(arr is b for b in self.pool)):
+                    and len(self.pool) < self.cfg.max_peers
+                    and not any(np.may_share_memory(arr, b) for b in self.pool)):
                 self.pool.append(arr)
 
     def _spare(self, avoid: np.ndarray) -> np.ndarray:
