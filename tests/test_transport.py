@@ -647,3 +647,30 @@ def test_untrusted_json_bounds():
     for bad in (b"\xff", b"{", b"1" * 5000):
         with pytest.raises(_json.UntrustedJSONError):
             _json.loads(bad, 10_000)
+
+
+def test_a_peer_ignoring_its_credits_is_not_read_further():
+    """Bounded memory per peer: libzmq queues at most credits + 16 messages of one connection;
+    the rest waits in TCP buffers and in the sender's own queue."""
+    chunk, credits, sent = 4 << 20, 4, 100
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    server = Server(np.zeros(sent * chunk // 4, np.float32),
+                    ServerConfig(bind="tcp://127.0.0.1:0", chunk_bytes=chunk, credits=credits, rate=1e9))
+    try:  # not serving: nothing reads the socket, so libzmq alone decides what it takes in
+        flood = _raw_peer(server.endpoint)
+        body = np.ones(chunk, np.uint8)
+        before = rss()
+        for k in range(sent):  # 400 MiB, zero-copy from one buffer
+            flood.send_multipart(message(Kind.CHUNK, body, round=0, seq=k + 1, offset=k * chunk,
+                                         total=sent * chunk, dtype=Dtype.FLOAT32), copy=False)
+        time.sleep(3.0)  # time for libzmq to take in all it will
+        grown = rss() - before
+        assert grown <= (credits + 16 + 6) * chunk, f"{grown / chunk:.1f} chunks held for one peer"
+        assert server.sock.poll(1000)  # and it did take in some
+        flood.close(0)
+    finally:
+        server.close()

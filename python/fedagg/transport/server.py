@@ -201,7 +201,10 @@ class Server:
         s.setsockopt(zmq.MAXMSGSIZE, self.cfg.chunk_bytes + HEADER.size)
         s.setsockopt(zmq.RCVBUF, 2 * self.cfg.chunk_bytes)  # kernel socket buffers of two chunks
         s.setsockopt(zmq.SNDBUF, 2 * self.cfg.chunk_bytes)
-        s.setsockopt(zmq.RCVHWM, 4 * self.cfg.credits * 64)
+        # Messages queued per peer: its credit window and a few control messages. A peer that
+        # ignores its credits is not read further (libzmq stops reading its connection): at most
+        # (credits + 16) chunks of memory per peer, not thousands.
+        s.setsockopt(zmq.RCVHWM, self.cfg.credits + 16)
         s.setsockopt(zmq.SNDHWM, 1024)
         s.setsockopt(zmq.ROUTER_MANDATORY, 0)
         s.setsockopt(zmq.LINGER, 0)
