@@ -276,28 +276,30 @@ std::uint32_t copy_crc32c(void* dst, const void* src, std::size_t n, bool* finit
   constexpr std::size_t kBlock = std::size_t(1) << 14;  // checksummed into L1, then copied out of it
   auto* d = static_cast<unsigned char*>(dst);
   const auto* s = static_cast<const unsigned char*>(src);
-  std::uint32_t crc = 0;
-  bool ok = true;
 #if defined(__x86_64__) && defined(__GNUC__)
   // Streaming stores need the float grid of src to meet dst's 32-byte alignment; a
-  // dst off by a non-multiple of 4 takes the plain path.
-  if (kAvx2 && (finite == nullptr || reinterpret_cast<std::uintptr_t>(d) % 4 == 0)) {
-    for (std::size_t off = 0; off < n; off += kBlock) {
-      const std::size_t len = n - off < kBlock ? n - off : kBlock;
-      crc = crc32c(s + off, len, crc);
-      stream_copy(d + off, s + off, len, finite != nullptr ? &ok : nullptr);
-    }
-    _mm_sfence();  // the streamed lines are visible before whatever the caller does next
-    if (finite != nullptr) *finite = ok;
-    return crc;
-  }
+  // dst off by a non-multiple of 4 takes the plain copy.
+  const bool stream = kAvx2 && (finite == nullptr || reinterpret_cast<std::uintptr_t>(d) % 4 == 0);
+#else
+  const bool stream = false;
 #endif
+  std::uint32_t crc = 0;
+  bool ok = true;
   for (std::size_t off = 0; off < n; off += kBlock) {
     const std::size_t len = n - off < kBlock ? n - off : kBlock;
+    crc = crc32c(s + off, len, crc);
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (stream) {
+      stream_copy(d + off, s + off, len, finite != nullptr ? &ok : nullptr);
+      continue;
+    }
+#endif
     std::memcpy(d + off, s + off, len);
-    crc = crc32c(d + off, len, crc);
-    if (finite != nullptr) ok = all_finite_f32(d + off, len / 4) && ok;
+    if (finite != nullptr) ok = all_finite_f32(s + off, len / 4) && ok;
   }
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (stream) _mm_sfence();  // the streamed lines are visible before whatever the caller does next
+#endif
   if (finite != nullptr) *finite = ok;
   return crc;
 }

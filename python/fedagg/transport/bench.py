@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import socket
+import statistics
 import threading
 import time
 from typing import Any, Dict, List
@@ -110,10 +111,6 @@ def _round(n: int, d: int, rule: str, curve: bool) -> Dict[str, Any]:
             "aggregate_seconds": rec["aggregate_seconds"], "accepted": len(rec["accepted"])}
 
 
-def _raw_many_sender(port: int, nbytes: int, go) -> None:
-    _tcp_sender(port, nbytes, go)
-
-
 def raw_tcp_many_seconds(n: int, nbytes: int) -> float:
     """Seconds for n child processes to each move nbytes over loopback TCP into one receiving
     thread (selectors, recv_into preallocated buffers): the round's traffic without fedagg."""
@@ -123,7 +120,7 @@ def raw_tcp_many_seconds(n: int, nbytes: int) -> float:
     srv.bind(("127.0.0.1", 0))
     srv.listen(max(n, 16))
     go = _FORK.Event()
-    procs = [_FORK.Process(target=_raw_many_sender, args=(srv.getsockname()[1], nbytes, go)) for _ in range(n)]
+    procs = [_FORK.Process(target=_tcp_sender, args=(srv.getsockname()[1], nbytes, go)) for _ in range(n)]
     for p in procs:
         p.start()
     bufs = [memoryview(bytearray(nbytes)) for _ in range(n)]
@@ -163,10 +160,6 @@ def raw_tcp_many_seconds(n: int, nbytes: int) -> float:
             p.join(30)
 
 
-def _median(xs: List[float]) -> float:
-    return float(np.median(np.asarray(xs)))
-
-
 def run(mb: float = 400.0, n: int = 16, d: int = 25_000_000, rule: str = "mean", curve: bool = True,
         repeat: int = 1) -> Dict[str, Any]:
     """Raw TCP and fedagg alternate `repeat` times (a loaded machine drifts: each fedagg run is
@@ -184,7 +177,7 @@ def run(mb: float = 400.0, n: int = 16, d: int = 25_000_000, rule: str = "mean",
     best = min(tcp)
     rows.append({"case": "one update", "impl": "raw TCP socket", "seconds": best, "gbps": nbytes / best / 1e9,
                  "agrees": None, "note": "sendall -> recv_into, same processes layout"})
-    pairs = _median([t / f for t, f in zip(tcp, plain)])
+    pairs = statistics.median([t / f for t, f in zip(tcp, plain)])
     rows.append({"case": "one update", "impl": "fedagg plain", "seconds": min(plain),
                  "gbps": nbytes / min(plain) / 1e9, "agrees": None,
                  "note": f"{100 * best / min(plain):.0f}% of raw TCP (best of {repeat} each; median of "
@@ -193,22 +186,23 @@ def run(mb: float = 400.0, n: int = 16, d: int = 25_000_000, rule: str = "mean",
         rows.append({"case": "one update", "impl": "fedagg curve", "seconds": min(crv), "gbps": nbytes / min(crv) / 1e9,
                      "agrees": None, "note": f"{100 * best / min(crv):.0f}% of raw TCP: the cost of CURVE"})
     total = n * d * 4
+    transfer = total * best / nbytes  # the round's bytes at the single-stream raw rate
     rounds, many = [], []
     for _ in range(repeat):
         many.append(raw_tcp_many_seconds(n, d * 4))
         rounds.append(_round(n, d, rule, False))
-    ratios = [r["round_seconds"] / (total / (nbytes / best) + r["aggregate_seconds"]) for r in rounds]
+    ratios = [r["round_seconds"] / (transfer + r["aggregate_seconds"]) for r in rounds]
     k = int(np.argmin(ratios))
     r = rounds[k]
-    expect = total / (nbytes / best) + r["aggregate_seconds"]
+    expect = transfer + r["aggregate_seconds"]
     rows.append({"case": "round", "impl": f"raw TCP, {n} senders", "seconds": min(many),
                  "gbps": total / min(many) / 1e9, "agrees": None,
-                 "note": f"{n} processes x {d * 4 / 1e6:g} MB -> one receiver; {min(many) / (total / (nbytes / best)):.2f}x "
+                 "note": f"{n} processes x {d * 4 / 1e6:g} MB -> one receiver; {min(many) / transfer:.2f}x "
                          "of the single-stream rate"})
     rows.append({"case": "round", "impl": f"fedagg plain, {n} x {d:,}", "seconds": r["round_seconds"],
                  "gbps": total / r["round_seconds"] / 1e9, "agrees": all(x["accepted"] == n for x in rounds),
                  "note": f"{ratios[k]:.2f}x of transfer at raw TCP rate + aggregation ({expect:.2f} s; {rule} took "
-                         f"{r['aggregate_seconds']:.2f} s); best of {repeat}, median {_median(ratios):.2f}x"})
+                         f"{r['aggregate_seconds']:.2f} s); best of {repeat}, median {statistics.median(ratios):.2f}x"})
     return {"mb": mb, "n": n, "d": d, "rule": rule, "repeat": repeat, "rows": rows,
             "raw": {"tcp": tcp, "plain": plain, "curve": crv, "many": many,
                     "rounds": [{**x, "ratio": q} for x, q in zip(rounds, ratios)]}}
