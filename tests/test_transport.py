@@ -365,7 +365,7 @@ def test_models_over_rounds_reuse_receive_buffers_without_aliasing(running):
         order = [int(pid[1:]) for pid in r.server.history[k]["accepted"]]  # summation order matters
         want = want + np.float32(0.5) * fedagg.aggregate(ups[k][order], "mean")
     np.testing.assert_array_equal(r.server.model, want)
-    assert not any(np.may_share_memory(r.server.model, b) for b in r.server.pool)
+    assert not any(np.may_share_memory(r.server.model, b) for b in r.server.buffers.pool)
 
 def test_refusals_late_duplicate_replay_size_nonfinite(running):
     r = running(d=3000, quorum=5, rounds=None, chunk_bytes=4096)

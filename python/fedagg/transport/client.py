@@ -15,6 +15,7 @@ setting MALLOC_TRIM_THRESHOLD_ in the environment keeps glibc's defaults).
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -57,6 +58,8 @@ class Client:
         self.address = address  # the ledger address, when the server admits by ledger and CURVE both
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
+        if ":" in endpoint.split("://", 1)[-1].rsplit(":", 1)[0]:  # an IPv6 address
+            self.sock.setsockopt(zmq.IPV6, 1)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))  # a full queue is a timeout, not a hang
         self.sock.setsockopt(zmq.SNDBUF, 8 << 20)  # two 4 MiB chunks in the kernel's socket buffer
@@ -70,6 +73,9 @@ class Client:
             self.sock.curve_secretkey = secret_key
         self.sock.connect(endpoint)
         self.seq = time.time_ns()  # strictly increasing across restarts of this participant
+        # Presented with every HELLO: a reconnection (ZeroMQ reconnects with a new identity) takes
+        # over this participant's entry and upload; another connection claiming the id cannot.
+        self.secret = os.urandom(16).hex()
         self.state: Dict[str, Any] = {}
         try:
             self.hello()
@@ -98,8 +104,8 @@ class Client:
         except self.zmq.Again:
             raise TransportError("timeout", f"cannot send to {self.endpoint}: its queue is full") from None
 
-    def _recv(self, deadline: float):
-        """The next server message before `deadline`, or None."""
+    def _recv(self, deadline: float, until_round: Optional[int] = None):
+        """The next server message before `deadline`, or None (also once a ROUND past `until_round` came)."""
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
@@ -112,6 +118,12 @@ class Client:
             if head.kind == Kind.ROUND:
                 self.state["round"] = max(self.state.get("round", 0), head.round)
                 self.state["fresh_round"] = head.round
+                try:
+                    self.state["previous"] = parse_json(body).get("previous")
+                except (ProtocolError, AttributeError):
+                    pass
+                if until_round is not None and head.round > until_round:
+                    return None
                 continue
             return head, body
 
@@ -145,7 +157,10 @@ class Client:
                 raise TransportError(r.get("reason", "rejected"), r.get("detail", ""))
 
     def _hello_body(self) -> Dict[str, Any]:
-        return {"id": self.id} if self.address is None else {"id": self.id, "address": self.address}
+        body = {"id": self.id, "secret": self.secret}
+        if self.address is not None:
+            body["address"] = self.address
+        return body
 
     def hello(self) -> Dict[str, Any]:
         return self._ask_state(Kind.HELLO, self._hello_body())
@@ -192,14 +207,19 @@ class Client:
         return rnd, out
 
     def wait_round(self, after: int, timeout: Optional[float] = None) -> int:
-        """Block until the server is past round `after`; returns the current round."""
+        """Block until the server is past round `after`; returns the current round.
+
+        Whether the closed round moved the model is in ``self.state["previous"]`` afterwards
+        (``model_updated``: a round that reached its deadline with too few updates keeps the model).
+        """
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while time.monotonic() < deadline:
             if self.state.get("round", -1) > after:
                 return self.state["round"]
             if self.status()["round"] > after:
                 return self.state["round"]
-            self._recv(min(deadline, time.monotonic() + 0.2))  # a ROUND notice updates the state
+            # returns as soon as the ROUND notice is in; STATUS again after 1 s in case it was lost
+            self._recv(min(deadline, time.monotonic() + 1.0), until_round=after)
         raise TransportError("timeout", f"round {after} did not end in time")
 
     # ---------------------------------------------------------------- submitting
@@ -237,6 +257,8 @@ class Client:
             if attempts > 20:
                 raise TransportError("gave up", "too many resumptions")
             st = self.status()
+            if st.get("phase") == "finished":
+                raise TransportError("finished", "the server ran its last round; it takes no more updates")
             if st.get("phase", "upload") != "upload":
                 st = self.wait_phase("upload")
             if st["round"] != rnd:

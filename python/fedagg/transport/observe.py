@@ -55,3 +55,27 @@ class ProgressView:
 
     def close(self) -> None:
         self.live.stop()
+
+
+class LogThrottle:
+    """At most `burst` log lines per key in each `interval`; the rest are counted and the count
+    is reported with the key's next line, so a flood of one kind of event costs a few lines.
+    """
+
+    def __init__(self, interval: float = 5.0, burst: int = 5):
+        self.interval, self.burst = interval, burst
+        self._window: dict = {}  # key -> [window start, lines in it, suppressed since the last line]
+
+    def allow(self, key: Any, now: float):
+        """None: stay quiet; else the number of lines suppressed before this one (0 usually)."""
+        w = self._window.get(key)
+        if w is None or now - w[0] >= self.interval:
+            if len(self._window) > 10_000:  # keys are bounded too (e.g. one per participant)
+                self._window.clear()
+            w = self._window[key] = [now, 0, 0 if w is None else w[2]]
+        if w[1] >= self.burst:
+            w[2] += 1
+            return None
+        w[1] += 1
+        suppressed, w[2] = w[2], 0
+        return suppressed

@@ -3,11 +3,14 @@
 Each round the server publishes the global model; participants fetch it in
 chunks, train, and stream their update back in chunks that are written
 straight into a preallocated buffer per participant (no whole-update copy).
-The round closes at a quorum of accepted updates, or at the deadline once
-``min_updates`` are in; the pipeline (decode -> checks -> clip -> robust rule
--> noise) aggregates, the model moves by the aggregate, and the next round
-starts. Every refusal is logged and counted with its reason; the loop never
-stops for a bad message. See docs/protocol.md for the messages.
+The round closes at a quorum of accepted updates, or at the deadline: with at
+least ``min_updates`` the pipeline (decode -> checks -> clip -> robust rule ->
+noise) aggregates and the model moves by the aggregate; with fewer (or when the
+pipeline fails on what arrived) the round closes without a new model and says
+so. Then the next round starts. Every refusal is counted with its reason (and
+logged, a few lines per kind and interval); the loop never stops for a bad
+message. Who is connected lives in peers.py, receive memory in buffers.py.
+See docs/protocol.md for the messages.
 """
 
 from __future__ import annotations
@@ -23,15 +26,22 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .. import _core
+from .buffers import ReceiveBuffers, Upload, default_budget
 from .malloc import keep_freed_memory
+from .observe import LogThrottle
+from .peers import Peer, PeerTable
 from .protocol import (DEFAULT_CHUNK, HEADER, Codec, Dtype, Kind, ProtocolError, json_message, message, parse,
                        parse_json, unpack_frames)
 from .state import RoundStore
 
 log = logging.getLogger("fedagg.server")
 
-MAX_ID = 128
+MAX_ID = 128  # characters of a participant id, and of a HELLO secret
 MAX_REJECTED_LISTED = 1000  # refusals listed per round (all are counted by reason)
+
+
+def _host(endpoint: str) -> str:
+    return endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
 
 
 def is_local(endpoint: str) -> bool:
@@ -40,7 +50,7 @@ def is_local(endpoint: str) -> bool:
         return True
     if not endpoint.startswith("tcp://"):
         return False
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    host = _host(endpoint)
     if host == "localhost":
         return True
     try:
@@ -66,7 +76,10 @@ class ServerConfig:
     dp: Any = None  # fedagg.privacy.CentralDP
     chunk_bytes: int = DEFAULT_CHUNK
     credits: int = 8  # chunks a participant may have in flight
-    max_peers: int = 1024  # connections held at once (memory: max_peers x model size at most)
+    max_peers: int = 4096  # connections tracked at once (a few hundred bytes each; idle ones make room)
+    receive_memory: Optional[int] = None  # bytes of updates held in a round (None: half the physical memory)
+    upload_timeout: float = 30.0  # an upload that receives nothing this long is abandoned, its buffer freed
+    linger: float = 0.0  # after the last round: keep serving the final model this long (inf: until stopped)
     rate: float = 5000.0  # messages per second per connection (token bucket, burst = rate)
     state_dir: Optional[str] = None
     curve_secret_key: Optional[bytes] = None  # z85; with it, CURVE is on
@@ -86,8 +99,12 @@ class ServerConfig:
         for name in ("quorum", "min_updates", "credits", "max_peers", "io_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.deadline <= 0 or self.rate <= 0:
-            raise ValueError("deadline and rate must be positive")
+        if not self.deadline > 0 or not self.rate > 0 or not self.upload_timeout > 0:
+            raise ValueError("deadline, rate and upload_timeout must be positive")
+        if not self.linger >= 0:
+            raise ValueError("linger must be >= 0 seconds")
+        if self.receive_memory is not None and self.receive_memory < 1:
+            raise ValueError("receive_memory must be a positive number of bytes")
         if self.rounds is not None and self.rounds < 1:
             raise ValueError("rounds must be >= 1")
         if self.curve_secret_key is None and not self.insecure and not is_local(self.bind):
@@ -121,29 +138,6 @@ class ServerConfig:
             self.dp.check_weights(self.rule, None)
 
 
-@dataclass
-class Peer:
-    routing_id: bytes
-    pid: str
-    key: str  # the authenticated CURVE key (z85), "" in plain mode
-    tokens: float
-    last_refill: float
-    last_seen: float
-    last_seq: int = -1
-    address: Optional[str] = None  # the ledger address this participant speaks for
-
-
-@dataclass
-class Upload:
-    codec: Codec
-    buf: Any  # numpy uint8 view of the destination
-    total: int
-    received: int = 0
-    finite: bool = True
-    sha256: Any = None  # with a ledger: the running hash of the bytes received, chunk by chunk
-    started: float = field(default_factory=time.monotonic)
-
-
 class Server:
     """Runs rounds over ZeroMQ until ``config.rounds`` are done or ``stop()`` is called."""
 
@@ -172,12 +166,15 @@ class Server:
         self.model = np.array(model, dtype=np.float32, copy=True)
         self.d = self.model.size
         self.model_bytes = self.d * 4
+        budget = default_budget() if config.receive_memory is None else config.receive_memory
+        if budget < self.model_bytes:
+            raise ValueError(f"receive_memory of {budget} bytes cannot hold one update of {self.model_bytes} bytes")
+        self.buffers = ReceiveBuffers(self.d, budget)
         self.accepted: Dict[str, np.ndarray] = dict(accepted)
+        self.buffers.held += self.model_bytes * len(self.accepted)
         self.uploads: Dict[str, Upload] = {}
-        self.reserved: Dict[str, np.ndarray] = {}  # pid -> a float32 buffer of d, faulted in at HELLO
-        self.pool: List[np.ndarray] = []  # buffers of finished rounds, reused
-        self.peers: Dict[bytes, Peer] = {}
-        self.by_pid: Dict[str, bytes] = {}
+        self.abandoned: set = set()  # uploads given up this round (timed out, or their connection switched id)
+        self.peers = PeerTable(config.max_peers, config.rate)
         self.rejected: List[Dict[str, Any]] = []
         self.rejected_counts: Dict[str, int] = {}
         self.round_started = time.monotonic()
@@ -187,17 +184,31 @@ class Server:
         self.phase = "upload"  # with a ledger each round starts with a commit phase
         self._commit_poll = 0.0  # when to next ask the chain whether everyone has committed
         self.history: List[Dict[str, Any]] = []
+        self.previous: Optional[Dict[str, Any]] = None  # how the last round closed (STATE, ROUND)
+        self._throttle = LogThrottle()
+        self._swept = 0.0
         self._stop = False
         if self.store and restored is None:
             self.store.save_round(self.round, self.model)
+        if config.curve_secret_key is None and not is_local(config.bind):
+            log.warning("plain mode on %s: no authentication, anyone who can reach it can submit updates under "
+                        "any id (use CURVE keys: fedagg keys generate)", config.bind, extra={"event": "insecure"})
         self.ctx = zmq.Context(io_threads=config.io_threads)
         self.auth = None
-        self.sock = self._socket()
+        try:
+            self.sock = self._socket()
+        except BaseException:
+            if self.auth is not None:
+                self.auth.stop()
+            self.ctx.term()
+            raise
 
     # ---------------------------------------------------------------- sockets
     def _socket(self):
         zmq = self.zmq
         s = self.ctx.socket(zmq.ROUTER)
+        if ":" in _host(self.cfg.bind):  # an IPv6 address: libzmq binds IPv4 only unless told
+            s.setsockopt(zmq.IPV6, 1)
         s.setsockopt(zmq.MAXMSGSIZE, self.cfg.chunk_bytes + HEADER.size)
         s.setsockopt(zmq.RCVBUF, 2 * self.cfg.chunk_bytes)  # kernel socket buffers of two chunks
         s.setsockopt(zmq.SNDBUF, 2 * self.cfg.chunk_bytes)
@@ -226,7 +237,11 @@ class Server:
             s.curve_server = True
             s.curve_secretkey = self.cfg.curve_secret_key
             s.curve_publickey = self.cfg.curve_public_key
-        s.bind(self.cfg.bind)
+        try:
+            s.bind(self.cfg.bind)
+        except zmq.ZMQError as e:
+            s.close(0)
+            raise ValueError(f"cannot bind {self.cfg.bind}: {e}") from None
         self.endpoint = s.getsockopt_string(zmq.LAST_ENDPOINT)
         return s
 
@@ -247,20 +262,26 @@ class Server:
             log.warning("send queue full, reply dropped", extra={"event": "send_dropped"})
 
     def _state(self, pid: Optional[str]) -> Dict[str, Any]:
-        held = self.uploads[pid].received if pid in self.uploads else 0
         return {"round": self.round, "session": self.session, "d": self.d, "dtype": "float32", "phase": self.phase,
                 "model_bytes": self.model_bytes, "chunk_bytes": self.cfg.chunk_bytes, "credits": self.cfg.credits,
-                "held": held, "accepted": pid in self.accepted if pid else False}
+                "held": self._held(pid), "accepted": pid in self.accepted if pid else False,
+                "rule": self.cfg.rule, "f": self.cfg.f, "server_lr": self.cfg.server_lr, "previous": self.previous}
 
     def _reject(self, rid: bytes, reason: str, detail: str = "", pid: Optional[str] = None, rnd: Optional[int] = None,
                 record: bool = True, seq: int = 0) -> None:
-        """Refuse one message; the reply names the refused message's seq (0 if it could not be parsed)."""
-        log.info("rejected %s: %s %s", pid or rid.hex(), reason, detail,
-                 extra={"event": "rejected", "participant": pid, "reason": reason, "round": self.round})
-        if record:
-            self.rejected_counts[reason] = self.rejected_counts.get(reason, 0) + 1
-            if len(self.rejected) < MAX_REJECTED_LISTED:
-                self.rejected.append({"id": pid, "reason": reason, "detail": detail, "round": rnd})
+        """Refuse one message; the reply names the refused message's seq (0 if it could not be parsed).
+
+        Every refusal is counted by reason; `record=False` keeps routine ones (a resumable
+        `order` or `checksum`, an `unknown` connection) out of the round's listed refusals.
+        """
+        suppressed = self._throttle.allow(("rejected", reason), time.monotonic())
+        if suppressed is not None:
+            log.info("rejected %s: %s %s%s", pid or rid.hex(), reason, detail,
+                     f" ({suppressed} more '{reason}' refusals not logged)" if suppressed else "",
+                     extra={"event": "rejected", "participant": pid, "reason": reason, "round": self.round})
+        self.rejected_counts[reason] = self.rejected_counts.get(reason, 0) + 1
+        if record and len(self.rejected) < MAX_REJECTED_LISTED:
+            self.rejected.append({"id": pid, "reason": reason, "detail": detail, "round": rnd})
         self._send(rid, json_message(Kind.REJECTED, {"reason": reason, "detail": detail, "held": self._held(pid),
                                                      "seq": seq}, round=self.round, seq=seq, session=self.session))
 
@@ -276,8 +297,19 @@ class Server:
         target = None if self.cfg.rounds is None else self.cfg.rounds
         self.round_started = time.monotonic()  # the deadline and commit phase count from here, not __init__
         self._start_ledger_round()
+        linger_until = None
         try:
-            while not self._stop and (target is None or len(self.history) < target):
+            while not self._stop:
+                if target is not None and len(self.history) >= target:
+                    # the last round is closed: keep serving its model (STATUS, GET_MODEL) a while
+                    if linger_until is None:
+                        linger_until = time.monotonic() + self.cfg.linger
+                        self.phase = "finished"
+                        if self.cfg.linger > 0:
+                            log.info("last round closed: serving the final model for %s s", self.cfg.linger,
+                                     extra={"event": "lingering", "round": self.round})
+                    if time.monotonic() >= linger_until:
+                        break
                 if poller.poll(50):
                     for _ in range(256):  # bounded burst, then check the round
                         try:
@@ -285,7 +317,8 @@ class Server:
                         except zmq.Again:
                             break
                         self._handle(frames)
-                self._maybe_close()
+                if linger_until is None:
+                    self._maybe_close()
                 if self.progress is not None and time.monotonic() - self._shown > 0.25:
                     self._shown = time.monotonic()
                     self.progress.update(self)
@@ -312,15 +345,14 @@ class Server:
         rid = frames[0].bytes
         now = time.monotonic()
         peer = self.peers.get(rid)
-        if peer is not None:  # token bucket
-            peer.tokens = min(self.cfg.rate, peer.tokens + (now - peer.last_refill) * self.cfg.rate)
-            peer.last_refill = now
-            if peer.tokens < 1:
-                log.warning("rate limit: dropped a message from %s", peer.pid,
+        if peer is not None and not self.peers.charge(peer, now):  # over its rate: dropped
+            self.rejected_counts["rate"] = self.rejected_counts.get("rate", 0) + 1
+            suppressed = self._throttle.allow("rate_limited", now)
+            if suppressed is not None:
+                log.warning("rate limit: dropped a message from %s%s", peer.pid,
+                            f" ({suppressed} more dropped messages not logged)" if suppressed else "",
                             extra={"event": "rate_limited", "participant": peer.pid})
-                return
-            peer.tokens -= 1
-            peer.last_seen = now
+            return
         try:
             head, body = parse(frames[1:], self.cfg.chunk_bytes, verify=False)
             if head.kind != Kind.CHUNK and _core.crc32c(body) != head.checksum:  # chunks: checked while copied
@@ -332,7 +364,8 @@ class Server:
             self._hello(rid, frames[1], head, body, now)
             return
         if peer is None:
-            self._reject(rid, "unknown", "send HELLO first", record=False, seq=head.seq)
+            self._reject(rid, "unknown", "send HELLO first (this connection is new to the server, or its entry "
+                         "was dropped)", record=False, seq=head.seq)
             return
         if head.seq <= peer.last_seq:
             self._reject(rid, "replayed", f"seq {head.seq} <= {peer.last_seq}", peer.pid, head.round, seq=head.seq)
@@ -343,7 +376,7 @@ class Server:
         elif head.kind == Kind.COMMIT:
             self._commit(rid, peer, head, body)
         elif head.kind == Kind.GET_MODEL:
-            self._get_model(rid, head)
+            self._get_model(rid, peer, head)
         elif head.kind in (Kind.STATUS, Kind.HEARTBEAT):
             if head.kind == Kind.STATUS:
                 self._send(rid, json_message(Kind.STATE, self._state(peer.pid), round=self.round,
@@ -354,10 +387,12 @@ class Server:
     def _hello(self, rid: bytes, head_frame, head, body, now: float) -> None:
         try:
             obj = parse_json(body)
-            pid = obj["id"]
-            if not isinstance(pid, str) or not 1 <= len(pid) <= MAX_ID or not pid.isprintable():
-                raise ProtocolError(f"id must be 1..{MAX_ID} printable characters")
-        except (ProtocolError, KeyError, TypeError) as e:
+            pid, secret = obj["id"], obj.get("secret")
+            for name, v in (("id", pid), ("secret", secret)):
+                if not (v is None and name == "secret") and (
+                        not isinstance(v, str) or not 1 <= len(v) <= MAX_ID or not v.isprintable()):
+                    raise ProtocolError(f"{name} must be 1..{MAX_ID} printable characters")
+        except (ProtocolError, KeyError, TypeError, AttributeError) as e:
             self._reject(rid, "malformed", f"HELLO: {e}", record=False, seq=head.seq)
             return
         key = ""
@@ -377,69 +412,55 @@ class Server:
             if why:
                 self._reject(rid, why, f"{address!r} is not admitted by the ledger", pid, seq=head.seq)
                 return
-        if rid not in self.peers and len(self.peers) >= self.cfg.max_peers:
-            self._drop_idle(now)
-            if len(self.peers) >= self.cfg.max_peers:
-                self._reject(rid, "busy", f"{self.cfg.max_peers} participants connected", record=False, seq=head.seq)
-                return
-        prev = self.peers.get(rid)
-        if prev is not None and prev.pid != pid:  # a connection speaks for one participant at a time
-            self.uploads.pop(prev.pid, None)
-            self.reserved.pop(prev.pid, None)
-            self.by_pid.pop(prev.pid, None)
-        old = self.by_pid.get(pid)
-        last_seq, tokens, refill = -1, self.cfg.rate, now
-        if old is not None and old != rid and old in self.peers:  # reconnected: the new connection takes over
-            gone = self.peers.pop(old)
-            last_seq, tokens, refill = gone.last_seq, gone.tokens, gone.last_refill
-        if prev is not None:  # a HELLO does not refill the rate limit
-            last_seq, tokens, refill = max(last_seq, prev.last_seq), prev.tokens, prev.last_refill
-        if head.seq <= last_seq:
-            self._reject(rid, "replayed", f"seq {head.seq} <= {last_seq}", pid, record=False, seq=head.seq)
+        peer, why, detail, dropped = self.peers.hello(rid, pid, key, secret, head.seq, address, now,
+                                                      self.uploads.__contains__)
+        if peer is None:
+            self._reject(rid, why, detail, pid, record=why != "busy", seq=head.seq)
             return
-        self.peers[rid] = Peer(rid, pid, key, tokens, refill, now, head.seq, address)
-        self.by_pid[pid] = rid
-        self._reserve(pid)
-        log.info("hello from %s", pid, extra={"event": "hello", "participant": pid})
+        if dropped is not None:  # this connection spoke for another id: that upload is given up
+            self._abandon(dropped)
+        suppressed = self._throttle.allow("hello", now)
+        if suppressed is not None:
+            log.info("hello from %s%s", pid, f" ({suppressed} more not logged)" if suppressed else "",
+                     extra={"event": "hello", "participant": pid})
         self._send(rid, json_message(Kind.STATE, self._state(pid), round=self.round, session=self.session))
 
-    def _reserve(self, pid: str) -> None:
-        """A receive buffer for pid's raw update, its pages touched now, not while the update streams in.
-
-        (First-touch page faults cost up to ~10 us per 4 KiB page on some VMs: far more
-        than copying the bytes.) At most max_peers buffers exist at once.
-        """
-        if pid in self.reserved or pid in self.accepted or pid in self.uploads or self._buffers() >= self.cfg.max_peers:
-            return
-        buf = self.pool.pop() if self.pool else np.empty(self.d, dtype=np.float32)
-        buf.view(np.uint8)[::4096] = 0  # one write per page faults it in
-        self.reserved[pid] = buf
-
     def _address_of(self, pid: str) -> str:
-        rid = self.by_pid.get(pid)
-        peer = self.peers.get(rid) if rid is not None else None
+        peer = self.peers.of(pid)
         return peer.address if peer is not None and peer.address else pid
 
-    def _buffers(self) -> int:
-        """Receive buffers held for this round: reserved, uploading and accepted (at most max_peers)."""
-        return len(self.reserved) + len(self.uploads) + len(self.accepted)
+    def _abandon(self, pid: str) -> None:
+        """Give up pid's upload in progress: its bytes leave the budget, a raw buffer goes back to the pool."""
+        up = self.uploads.pop(pid, None)
+        if up is not None:
+            self._free(up)
+            self.abandoned.add(pid)
 
-    def _drop_idle(self, now: float) -> None:
-        for rid, p in list(self.peers.items()):
-            if now - p.last_seen > 5 * self.cfg.heartbeat and p.pid not in self.uploads:
-                del self.peers[rid]
-                if self.by_pid.get(p.pid) == rid:
-                    del self.by_pid[p.pid]
+    def _free(self, up: Upload) -> None:
+        self.buffers.release(up.buf.nbytes)
+        if up.codec == Codec.RAW:
+            self.buffers.recycle([up.buf.view(np.float32)])
 
-    def _get_model(self, rid: bytes, head) -> None:
+    def _sweep(self, now: float) -> None:
+        """Once a second: uploads that received nothing for upload_timeout are abandoned."""
+        if now - self._swept < 1.0:
+            return
+        self._swept = now
+        for pid, up in list(self.uploads.items()):
+            if now - up.last_chunk > self.cfg.upload_timeout:
+                log.info("upload of %s abandoned: nothing received for %.0f s", pid, now - up.last_chunk,
+                         extra={"event": "abandoned", "participant": pid, "round": self.round})
+                self._abandon(pid)
+
+    def _get_model(self, rid: bytes, peer: Peer, head) -> None:
         if head.round != self.round:
             self._reject(rid, "round", f"the model of round {self.round} is served, not {head.round}",
-                         self.peers[rid].pid, head.round, record=False, seq=head.seq)
+                         peer.pid, head.round, record=False, seq=head.seq)
             return
         step = self.cfg.chunk_bytes
         if head.offset % step or head.offset >= self.model_bytes:
             self._reject(rid, "malformed", "GET_MODEL offset must be a chunk boundary inside the model",
-                         self.peers[rid].pid, record=False, seq=head.seq)
+                         peer.pid, record=False, seq=head.seq)
             return
         view = memoryview(self.model).cast("B")  # all peers share this buffer: no per-peer copy
         count = max(1, min(int(head.aux), self.cfg.credits))
@@ -459,6 +480,10 @@ class Server:
             self._reject(rid, "session", "the server restarted: resume from 'held'", pid, head.round,
                          record=False, seq=head.seq)
             return
+        if self.phase == "finished":
+            self._reject(rid, "finished", "the server ran its last round; fetch the final model", pid,
+                         head.round, record=False, seq=head.seq)
+            return
         if self.phase != "upload":
             self._reject(rid, "phase", "commit your update on chain; uploads open after the commit phase", pid,
                          head.round, record=False, seq=head.seq)
@@ -469,7 +494,7 @@ class Server:
             return
         if head.codec == Codec.RAW:
             if head.dtype != Dtype.FLOAT32 or head.total != self.model_bytes:
-                self.uploads.pop(pid, None)
+                self._abandon(pid)
                 self._reject(rid, "size", f"a raw update is {self.model_bytes} float32 bytes, got {head.total} "
                              f"bytes of {head.dtype.name}", pid, head.round, seq=head.seq)
                 return
@@ -482,15 +507,18 @@ class Server:
             if head.offset != 0:
                 self._reject(rid, "order", "an upload starts at offset 0", pid, head.round, record=False, seq=head.seq)
                 return
-            if up is None and pid not in self.reserved and self._buffers() >= self.cfg.max_peers:
-                self._reject(rid, "busy", f"{self.cfg.max_peers} updates held this round", pid, head.round,
-                             seq=head.seq)
+            if up is not None:  # restarted with another codec or size: the old one is given up
+                self._free(self.uploads.pop(pid))
+            need = self.model_bytes if head.codec == Codec.RAW else head.total
+            if not self.buffers.room(need):
+                self._reject(rid, "busy", f"receive memory full: {self.buffers.held} of {self.buffers.budget} bytes "
+                             f"held by {len(self.uploads)} uploads and {len(self.accepted)} accepted updates; "
+                             "retry later", pid, head.round, seq=head.seq)
                 return
             if head.codec == Codec.RAW:
-                held = self.reserved.pop(pid, None)
-                buf = (held if held is not None else np.empty(self.d, dtype=np.float32)).view(np.uint8)
+                buf = self.buffers.take_raw().view(np.uint8)
             else:
-                buf = np.empty(head.total, dtype=np.uint8)
+                buf = self.buffers.take_bytes(head.total)
             up = self.uploads[pid] = Upload(head.codec, buf, head.total)
             if self.gate is not None:
                 up.sha256 = hashlib.sha256()
@@ -513,6 +541,7 @@ class Server:
             up.sha256.update(body)
             self.gate.cost.hash_seconds += time.monotonic() - t0
         up.received += head.length
+        up.last_chunk = time.monotonic()
         self.bytes_in += head.length
         self._send(rid, message(Kind.CREDIT, b"", aux=1, offset=up.received, total=up.total, round=self.round,
                                 session=self.session))
@@ -523,7 +552,7 @@ class Server:
             sig = bytes.fromhex(parse_json(body)["signature"])
         except (ProtocolError, KeyError, TypeError, ValueError):
             return "signature"
-        return self.gate.check(peer.address, up.sha256.digest(), sig)
+        return self.gate.check(peer.address, up.sha256.digest(), sig, session=self.session)
 
     def _commit(self, rid: bytes, peer: Peer, head, body=b"") -> None:
         pid = peer.pid
@@ -535,29 +564,41 @@ class Server:
             self._reject(rid, "duplicate", "an update of this participant is already in the round", pid,
                          head.round, seq=head.seq)
             return
+        if self.phase == "finished":
+            self._reject(rid, "finished", "the server ran its last round; fetch the final model", pid,
+                         head.round, record=False, seq=head.seq)
+            return
         up = self.uploads.get(pid)
         if up is None or up.received != up.total or head.session != self.session:
             self._reject(rid, "incomplete", f"holding {self._held(pid)} of {up.total if up else '?'} bytes", pid,
                          head.round, record=False, seq=head.seq)
             return
         del self.uploads[pid]
+        why, detail = None, ""
         if self.gate is not None:
             why = self._ledger_check(peer, body, up)
-            if why:
-                self._reject(rid, why, "the ledger does not vouch for this update", pid, head.round, seq=head.seq)
-                return
-        try:
-            update = self._decode(up)
-        except Exception as e:  # noqa: BLE001 - whatever a hostile payload makes a codec raise
-            self._reject(rid, "payload", f"{type(e).__name__}: {e}"[:300], pid, head.round, seq=head.seq)
+            detail = "the ledger does not vouch for this update"
+        update = None
+        if why is None:
+            try:
+                update = self._decode(up)
+            except Exception as e:  # noqa: BLE001 - whatever a hostile payload makes a codec raise
+                why, detail = "payload", f"{type(e).__name__}: {e}"[:300]
+        if why is None and (not up.finite if up.codec == Codec.RAW else _core.nonfinite_rows([update])[0]):
+            why, detail = "nonfinite", "the update holds NaN or Inf"
+        if why is not None:
+            self._free(up)
+            self._reject(rid, why, detail, pid, head.round, seq=head.seq)
             return
-        if not up.finite if up.codec == Codec.RAW else _core.nonfinite_rows([update])[0]:
-            self._reject(rid, "nonfinite", "the update holds NaN or Inf", pid, head.round, seq=head.seq)
-            return
+        if up.codec != Codec.RAW:  # the payload's bytes are spent; the decoded update is held instead
+            self.buffers.release(up.buf.nbytes)
+            self.buffers.held += self.model_bytes
         self.accepted[pid] = update
         if self.store:
             self.store.save_update(self.round, list(self.accepted), update)
-        log.info("accepted %s", pid, extra={"event": "accepted", "participant": pid, "round": self.round})
+        if self._throttle.allow("accepted", time.monotonic()) is not None:
+            log.info("accepted %s (%d this round)", pid, len(self.accepted),
+                     extra={"event": "accepted", "participant": pid, "round": self.round})
         self._send(rid, json_message(Kind.ACCEPTED, {"round": self.round, "id": pid}, round=self.round,
                                      session=self.session))
 
@@ -606,12 +647,16 @@ class Server:
                     log.error("round %d: closing the commit window failed: %s", self.round, e,
                               extra={"event": "ledger_error", "round": self.round})
             return
+        now = time.monotonic()
+        self._sweep(now)
         n = len(self.accepted)
-        if n == self._failed_at:  # the pipeline failed on exactly these updates: wait for more
-            return
-        late = time.monotonic() - self.round_started >= self.cfg.deadline
-        if n >= self.cfg.quorum or (late and n >= self.cfg.min_updates):
+        late = now - self.round_started >= self.cfg.deadline
+        if n != self._failed_at and (n >= self.cfg.quorum or (late and n >= self.cfg.min_updates)):
             self._close_round(reason="quorum" if n >= self.cfg.quorum else "deadline")
+        elif late:  # too few updates, or the pipeline failed on exactly these: no new model this round
+            why = (f"the pipeline failed on the {n} accepted updates" if n == self._failed_at and n else
+                   f"{n} accepted updates at the deadline, {self.cfg.min_updates} needed")
+            self._close_without_model(why)
 
     def _close_round(self, reason: str) -> None:
         from .. import aggregate
@@ -639,9 +684,11 @@ class Server:
         # is written into one of them (its pages are faulted in already). Never into the old
         # model's buffer: MODEL frames still queued keep referencing it.
         agg = np.asarray(agg, dtype=np.float32)
-        self._recycle(rows)
+        self.buffers.release(self.model_bytes * len(rows))
+        self.buffers.recycle(rows)
         del rows
-        new_model = self._spare(agg)
+        self.accepted = {}
+        new_model = self.buffers.spare(agg, self.model)
         with np.errstate(over="ignore", invalid="ignore"):  # checked right below
             if self.cfg.server_lr == 1.0:
                 np.add(self.model, agg, out=new_model)
@@ -652,21 +699,16 @@ class Server:
         if _core.nonfinite_rows([new_model])[0]:  # e.g. finite but huge updates overflowing the sum
             failed = "the aggregate is not finite: the model is kept (set clip_norm)"
             log.error("round %d: %s", self.round, failed, extra={"event": "aggregate_failed", "round": self.round})
-            self._recycle([new_model])
+            self.buffers.recycle([new_model])
         else:
             self.model = new_model
         excluded = [ids[i] for i in info.excluded]
         if info.selected is not None:
             chosen = {int(i) for i in info.selected}
             excluded += [ids[i] for i in range(len(ids)) if i not in chosen]
-        record = {
-            "round": self.round, "closed_by": reason, "accepted": ids, "rejected": self.rejected,
-            "excluded_by_rule": sorted(set(excluded)), "rule": self.cfg.rule, "f": self.cfg.f,
-            "seconds": time.monotonic() - self.round_started, "aggregate_seconds": t_agg,
-            "bytes_in": self.bytes_in, "abandoned_uploads": sorted(self.uploads),
-            "privacy": None if info.privacy is None else info.privacy.as_dict(),
-            "rejected_counts": dict(self.rejected_counts), "failed": failed,
-        }
+        record = self._record(reason, ids, failed)
+        record.update({"excluded_by_rule": sorted(set(excluded)), "aggregate_seconds": t_agg,
+                       "privacy": None if info.privacy is None else info.privacy.as_dict()})
         if self.gate is not None:
             scores = _scores(info, len(ids))
             if failed is None:
@@ -679,8 +721,35 @@ class Server:
             record["ledger"] = {"seconds": self.gate.cost.seconds, "hash_seconds": self.gate.cost.hash_seconds,
                                 "gas": dict(self.gate.cost.gas), "call_seconds": dict(self.gate.cost.call_seconds),
                                 "calls": self.gate.cost.calls, "addresses": addresses, "scores": scores}
-        log.info("round %d closed (%s): %d accepted, %d rejected, excluded by the rule: %s", self.round, reason,
-                 len(ids), len(self.rejected), record["excluded_by_rule"],
+        self._next_round(record)
+
+    def _close_without_model(self, why: str) -> None:
+        """The deadline passed and no model can be made: the round closes, the model stays, and says why.
+
+        Updates accepted in it are dropped (each participant learns it from ROUND's and STATE's
+        "previous": model_updated false) and the next round starts from the same model.
+        """
+        ids = list(self.accepted)
+        self.buffers.release(self.model_bytes * len(ids))
+        self.buffers.recycle(list(self.accepted.values()))
+        self.accepted = {}
+        log.warning("round %d closed without a new model: %s", self.round, why,
+                    extra={"event": "round_failed", "round": self.round})
+        self._next_round(self._record("deadline", ids, f"{why}: no new model"))
+
+    def _record(self, reason: str, ids: List[str], failed: Optional[str]) -> Dict[str, Any]:
+        return {"round": self.round, "closed_by": reason, "accepted": ids, "rejected": self.rejected,
+                "excluded_by_rule": [], "rule": self.cfg.rule, "f": self.cfg.f,
+                "seconds": time.monotonic() - self.round_started, "aggregate_seconds": 0.0,
+                "bytes_in": self.bytes_in, "abandoned_uploads": sorted(self.abandoned | set(self.uploads)),
+                "privacy": None, "rejected_counts": dict(self.rejected_counts), "failed": failed,
+                "model_updated": failed is None}
+
+    def _next_round(self, record: Dict[str, Any]) -> None:
+        """Report the closed round, reset the round's state and tell every connection."""
+        log.info("round %d closed (%s): %d accepted, %d refusals, excluded by the rule: %s%s", self.round,
+                 record["closed_by"], len(record["accepted"]), sum(self.rejected_counts.values()),
+                 record["excluded_by_rule"], "" if record["model_updated"] else "; no new model",
                  extra={"event": "round_closed", "round": self.round})
         self.history.append(record)
         try:
@@ -690,38 +759,23 @@ class Server:
                 self.on_round(record)
         except Exception as e:  # noqa: BLE001 - a metrics sink must not stop the rounds
             log.error("round %d: reporting failed: %s", self.round, e, extra={"event": "report_failed"})
+        self.previous = {"round": self.round, "model_updated": record["model_updated"],
+                         "closed_by": record["closed_by"], "accepted": len(record["accepted"])}
         self.round += 1
         self._failed_at = -1
-        # Unfinished uploads' buffers go back to the pool too; all are handed out again at the
-        # participants' next HELLO or first chunk.
-        self._recycle([u.buf.view(np.float32) for u in self.uploads.values() if u.codec == Codec.RAW])
-        self.accepted, self.uploads, self.rejected, self.rejected_counts = {}, {}, [], {}
-        for pid in list(self.by_pid):
-            self._reserve(pid)
+        for pid in list(self.uploads):  # unfinished uploads are over: their buffers go back to the pool
+            self._free(self.uploads.pop(pid))
+        self.rejected, self.rejected_counts, self.abandoned = [], {}, set()
         self.bytes_in = 0
         if self.store:
             self.store.save_round(self.round, self.model)
         self.round_started = time.monotonic()
         if self.cfg.rounds is None or len(self.history) < self.cfg.rounds:  # no chain round that never runs
             self._start_ledger_round()
-        note = json_message(Kind.ROUND, {"round": self.round}, round=self.round, session=self.session)
-        for rid in list(self.peers):
-            self._send(rid, note)
-
-    def _recycle(self, arrays) -> None:
-        """Receive buffers (float32 of d, owned by this server) back into the pool, each once."""
-        for arr in arrays:
-            if (arr.size == self.d and arr.dtype == np.float32 and arr.base is not None and arr.flags.writeable
-                    and len(self.pool) < self.cfg.max_peers
-                    and not any(np.may_share_memory(arr, b) for b in self.pool)):
-                self.pool.append(arr)
-
-    def _spare(self, avoid: np.ndarray) -> np.ndarray:
-        """A float32 buffer of d for the next model: from the pool unless it overlaps `avoid`."""
-        for i in range(len(self.pool) - 1, -1, -1):
-            if not np.may_share_memory(self.pool[i], avoid) and not np.may_share_memory(self.pool[i], self.model):
-                return self.pool.pop(i)
-        return np.empty(self.d, dtype=np.float32)
+        note = json_message(Kind.ROUND, {"round": self.round, "previous": self.previous}, round=self.round,
+                            session=self.session)
+        for peer in self.peers:
+            self._send(peer.routing_id, note)
 
 
 def _scores(info, n: int) -> List[int]:

@@ -1,0 +1,109 @@
+"""Receive memory: an upload's buffer is taken when its first chunk arrives, never at HELLO,
+and the bytes held for a round (uploads in progress, accepted updates, spare buffers) stay
+under one budget in bytes, whatever the number of connections.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+import numpy as np
+
+from .protocol import Codec
+
+
+def default_budget() -> int:
+    """Half of the machine's physical memory (the server's default receive budget)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):  # not POSIX: 8 GiB
+        return 8 << 30
+
+
+@dataclass
+class Upload:
+    """An update streaming in. Only the connection that speaks for its participant (peers.py) adds to it."""
+
+    codec: Codec
+    buf: Any  # numpy uint8 view of the destination
+    total: int
+    received: int = 0
+    finite: bool = True
+    sha256: Any = None  # with a ledger: the running hash of the bytes received, chunk by chunk
+    started: float = field(default_factory=time.monotonic)
+    last_chunk: float = field(default_factory=time.monotonic)
+
+
+class ReceiveBuffers:
+    """Float32 buffers of d for raw uploads and a byte budget over everything a round holds.
+
+    Spent raw buffers go back to a pool (their pages are faulted in already, so the next
+    upload does not fault them in while it streams); the pool only holds what the budget
+    leaves free.
+    """
+
+    def __init__(self, d: int, budget: int):
+        self.d, self.model_bytes = d, 4 * d
+        self.budget = int(budget)
+        self.held = 0  # bytes of uploads in progress and accepted updates
+        self.pool: List[np.ndarray] = []
+        self._pooled: set = set()  # data pointers of the pooled buffers: each enters once
+
+    def room(self, nbytes: int) -> bool:
+        return self.held + nbytes <= self.budget
+
+    def take_raw(self) -> np.ndarray:
+        """A faulted-in float32 buffer of d (counted as held)."""
+        self.held += self.model_bytes
+        if self.pool:
+            buf = self.pool.pop()
+            self._pooled.discard(_ptr(buf))
+            return buf
+        buf = np.empty(self.d, dtype=np.float32)
+        buf.view(np.uint8)[::4096] = 0  # one write per page: no first-touch faults while the update streams in
+        self._trim()
+        return buf
+
+    def take_bytes(self, nbytes: int) -> np.ndarray:
+        self.held += nbytes
+        self._trim()
+        return np.empty(nbytes, dtype=np.uint8)
+
+    def release(self, nbytes: int) -> None:
+        """An upload or accepted update of nbytes is gone (its buffer may be recycled separately)."""
+        self.held = max(0, self.held - nbytes)
+        self._trim()
+
+    def recycle(self, arrays) -> None:
+        """Float32 buffers of d owned by the server back into the pool, each once, within the budget."""
+        for arr in arrays:
+            if (arr.size == self.d and arr.dtype == np.float32 and arr.base is not None and arr.flags.writeable
+                    and arr.flags.c_contiguous and _ptr(arr) not in self._pooled
+                    and self.held + (len(self.pool) + 1) * self.model_bytes <= self.budget):
+                self.pool.append(arr)
+                self._pooled.add(_ptr(arr))
+
+    def spare(self, *avoid: np.ndarray) -> np.ndarray:
+        """A float32 buffer of d for the next model: from the pool unless it is one of `avoid`."""
+        bad = {_ptr(a) for a in avoid}
+        for i in range(len(self.pool) - 1, -1, -1):
+            if _ptr(self.pool[i]) not in bad:
+                buf = self.pool.pop(i)
+                self._pooled.discard(_ptr(buf))
+                return buf
+        return np.empty(self.d, dtype=np.float32)
+
+    def _trim(self) -> None:
+        while self.pool and self.held + len(self.pool) * self.model_bytes > self.budget:
+            self._pooled.discard(_ptr(self.pool.pop()))
+
+    def stats(self) -> Dict[str, Any]:
+        return {"held_bytes": self.held, "pooled_bytes": len(self.pool) * self.model_bytes, "budget": self.budget}
+
+
+def _ptr(arr: np.ndarray) -> int:
+    return arr.__array_interface__["data"][0]
+
