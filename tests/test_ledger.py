@@ -149,12 +149,13 @@ def test_round_record_and_audit(chain):
 def test_signatures_bind_round_and_update():
     pub, sec = crypto.keypair()
     h = crypto.update_hash(np.arange(5, dtype=np.float32))
-    sig = crypto.sign(sec, 7, h)
-    assert crypto.verify(pub, 7, h, sig)
-    assert not crypto.verify(pub, 8, h, sig)  # replayed into another round
-    assert not crypto.verify(pub, 7, crypto.update_hash(np.zeros(5, np.float32)), sig)
-    assert not crypto.verify(crypto.keypair()[0], 7, h, sig)
-    assert not crypto.verify(pub, 7, h, b"\x00" * 10)
+    sig = crypto.sign(sec, 7, h, session=5)
+    assert crypto.verify(pub, 7, h, sig, session=5)
+    assert not crypto.verify(pub, 8, h, sig, session=5)  # replayed into another round
+    assert not crypto.verify(pub, 7, h, sig, session=6)  # replayed into another server session
+    assert not crypto.verify(pub, 7, crypto.update_hash(np.zeros(5, np.float32)), sig, session=5)
+    assert not crypto.verify(crypto.keypair()[0], 7, h, sig, session=5)
+    assert not crypto.verify(pub, 7, h, b"\x00" * 10, session=5)
     a, b = "0x" + "11" * 20, "0x" + "22" * 20
     assert crypto.commitment(1, a, h) != crypto.commitment(2, a, h) != crypto.commitment(1, b, h)
     with pytest.raises(ValueError):
@@ -266,10 +267,29 @@ def test_gate_sees_when_every_admitted_participant_has_committed():
         ledger.LedgerGate(chain, poll_seconds=0)
     gate.start_round(0)
     assert not gate.all_committed()
-    pa.commit(0, np.ones(4, np.float32))
+    pa.commit(0, np.ones(4, np.float32), session=1)
     assert not gate.all_committed()
-    pb.commit(0, np.zeros(4, np.float32))
+    pb.commit(0, np.zeros(4, np.float32), session=1)
     assert gate.all_committed()
+
+
+def test_a_signed_upload_of_one_server_session_is_refused_by_another():
+    """Two server sessions on one registry both start at round 0: the signature binds the session,
+    so an upload signed for the first is refused by the second (it was accepted before)."""
+    w3 = ledger.embedded()
+    owner, agg, a = w3.eth.accounts[:3]
+    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
+    pa = ledger.LedgerParticipant(chain, a)
+    pa.register(2 * ETH)
+    x = np.arange(6, dtype=np.float32)
+    gate = ledger.LedgerGate(chain, commit_seconds=60)
+    gate.start_round(0)
+    sig = pa.commit(0, x, session=111)
+    gate.close_commits()
+    digest = crypto.update_hash(x)
+    assert gate.check(a, digest, sig, session=111) is None
+    assert gate.check(a, digest, sig, session=222) == "signature"
+    assert gate.check(a, digest, pa.sign(0, x, session=222), session=222) is None
 
 
 def test_a_compressed_update_is_hashed_as_the_bytes_that_travel():

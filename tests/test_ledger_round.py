@@ -69,7 +69,7 @@ def test_ledger_validated_rounds(w3):  # noqa: F811
                     c.wait_round(last, 30)
                 rnd = c.status()["round"]
                 u = honest_update(i)
-                sig = lp.commit(rnd, u)
+                sig = lp.commit(rnd, u, session=c.state["session"])
                 results[(name, rnd)] = c.submit(u, rnd, signature=sig)
                 last = rnd
 
@@ -80,16 +80,16 @@ def test_ledger_validated_rounds(w3):  # noqa: F811
                 rnd = c.status()["round"]
                 u = honest_update(99)
                 if name == "badsig":
-                    lp.commit(rnd, u)
-                    sig = crypto.sign(crypto.keypair()[1], rnd, crypto.update_hash(u))  # not its registered key
+                    lp.commit(rnd, u, session=c.state["session"])
+                    sig = crypto.sign(crypto.keypair()[1], rnd, crypto.update_hash(u), session=c.state["session"])  # not its registered key
                 elif name == "mismatch":
-                    sig = lp.commit(rnd, honest_update(98))  # commits to another update
-                    sig = lp.sign(rnd, u)
+                    sig = lp.commit(rnd, honest_update(98), session=c.state["session"])  # commits to another update
+                    sig = lp.sign(rnd, u, session=c.state["session"])
                 elif name == "late":
                     c.wait_phase("upload")  # the commit window is closed now
-                    sig = lp.commit(rnd, u)
+                    sig = lp.commit(rnd, u, session=c.state["session"])
                 else:
-                    sig = lp.sign(rnd, u)
+                    sig = lp.sign(rnd, u, session=c.state["session"])
                 results[(name, rnd)] = c.submit(u, rnd, signature=sig)
         except TransportError as e:
             results[(name, 0)] = e.reason
@@ -104,10 +104,10 @@ def test_ledger_validated_rounds(w3):  # noqa: F811
         lp = people["replayer"]
         with Client(ep, lp.account, timeout=30) as c:
             u = honest_update(7)
-            sig0 = lp.commit(0, u)
+            sig0 = lp.commit(0, u, session=c.state["session"])
             results[("replayer", 0)] = c.submit(u, 0, signature=sig0)
             c.wait_round(0, 30)
-            lp.commit(1, u)  # commits honestly for round 1 ...
+            lp.commit(1, u, session=c.state["session"])  # commits honestly for round 1 ...
             try:
                 c.submit(u, 1, signature=sig0)  # ... but replays round 0's signed upload
             except TransportError as e:
@@ -174,7 +174,7 @@ def test_admission_both_curve_and_ledger_with_stake_weights(tmp_path):
         with Client(server.endpoint, server_key=spub, public_key=pub, secret_key=sec, address=lp.account,
                     timeout=20) as c:
             u = np.full(10, value, np.float32)
-            results[name] = c.submit(u, 0, signature=lp.commit(0, u))
+            results[name] = c.submit(u, 0, signature=lp.commit(0, u, session=c.state["session"]))
 
     ts = [threading.Thread(target=go, args=("a", pa, 1.0)), threading.Thread(target=go, args=("b", pb, 5.0))]
     [t.start() for t in ts]

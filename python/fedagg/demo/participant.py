@@ -105,7 +105,7 @@ def main(argv=None) -> int:
             t1 = time.monotonic()
             sig = None
             if signer is not None:
-                sig = _commit(signer, rnd, update, pid)
+                sig = _commit(signer, rnd, update, pid, c.state["session"])
                 if sig is None:  # not on chain: the server would refuse it; wait for the next round
                     last = rnd
                     continue
@@ -137,16 +137,16 @@ def _exit_when_stdin_closes() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _commit(signer, rnd: int, update, pid: str, tries: int = 3):
+def _commit(signer, rnd: int, update, pid: str, session: int, tries: int = 3):
     """Commit on chain, retrying transient failures (a busy node); None if it cannot."""
     from ..ledger import LedgerError
 
     for attempt in range(tries):
         try:
-            return signer.commit(rnd, update)
+            return signer.commit(rnd, update, session=session)
         except LedgerError as e:  # the contract said no
             if "already committed" in str(e):  # an earlier try got through; its answer was lost
-                return signer.sign(rnd, update)
+                return signer.sign(rnd, update, session=session)
             print(f"{pid}: round {rnd}: commit refused: {e}", file=sys.stderr)
             return None
         except OSError as e:  # the node was busy or reset the connection (requests' errors are OSErrors)

@@ -45,7 +45,7 @@ def run(n: int = 16, d: int = 25_000_000, *, rpc: Optional[str] = None, commit_s
         with Client(server.endpoint, people[i].account, timeout=600) as c:
             ready.wait()
             t0 = time.perf_counter()
-            sig = people[i].commit(0, x)
+            sig = people[i].commit(0, x, session=c.state["session"])
             commit_time[i] = time.perf_counter() - t0
             c.submit(x, 0, signature=sig)
 

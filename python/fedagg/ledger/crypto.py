@@ -2,10 +2,12 @@
 
     update_hash = SHA-256(update bytes)
     commitment  = keccak256(round as uint256 | participant address (20 bytes) | update_hash)
-    signature   = Ed25519 over b"fedagg-update" | round as uint256 | update_hash
+    signature   = Ed25519 over b"fedagg-update" | session as uint64 | round as uint256 | update_hash
 
 The commitment goes on chain before the upload; the signature travels with the
-update, made by the key the participant registered.
+update, made by the key the participant registered. `session` is the server's session id
+(STATE's header): a signed upload of one server session is refused by any other, even
+where round numbers repeat (a second server on the same registry starts again at round 0).
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def commitment(round_id: int, address: str, digest: bytes) -> bytes:
     return keccak(int(round_id).to_bytes(32, "big") + _address(address) + digest)
 
 
-def _message(round_id: int, digest: bytes) -> bytes:
-    return DOMAIN + int(round_id).to_bytes(32, "big") + digest
+def _message(round_id: int, digest: bytes, session: int) -> bytes:
+    return DOMAIN + int(session).to_bytes(8, "big") + int(round_id).to_bytes(32, "big") + digest
 
 
 def keypair() -> Tuple[bytes, bytes]:
@@ -58,18 +60,18 @@ def keypair() -> Tuple[bytes, bytes]:
     return bytes(sk.verify_key), bytes(sk)
 
 
-def sign(secret: bytes, round_id: int, digest: bytes) -> bytes:
+def sign(secret: bytes, round_id: int, digest: bytes, *, session: int) -> bytes:
     from nacl.signing import SigningKey
 
-    return SigningKey(secret).sign(_message(round_id, digest)).signature
+    return SigningKey(secret).sign(_message(round_id, digest, session)).signature
 
 
-def verify(public: bytes, round_id: int, digest: bytes, signature: bytes) -> bool:
+def verify(public: bytes, round_id: int, digest: bytes, signature: bytes, *, session: int) -> bool:
     from nacl.exceptions import BadSignatureError
     from nacl.signing import VerifyKey
 
     try:
-        VerifyKey(public).verify(_message(round_id, digest), signature)
+        VerifyKey(public).verify(_message(round_id, digest, session), signature)
         return True
     except (BadSignatureError, ValueError, TypeError):
         return False

@@ -106,16 +106,18 @@ class LedgerGate:
             return self.chain.commitments(self.round, list(self.snapshot))
         self.commitments = self._timed(run, "close_commits")
 
-    def check(self, address: str, digest: bytes, signature: bytes) -> Optional[str]:
-        """None if the update with this SHA-256 and signature is admissible, else the reason."""
+    def check(self, address: str, digest: bytes, signature: bytes, *, session: int) -> Optional[str]:
+        """None if the update with this SHA-256 and signature is admissible, else the reason.
+
+        `session`: the server's session id, which the signature must cover."""
         address = _checksum(address)
         why = self.admit(address)
         if why:
             return why
         key = self.snapshot[address].signing_key
-        if not crypto.verify(key, self.round, digest, signature):
+        if not crypto.verify(key, self.round, digest, signature, session=session):
             for old in range(max(0, self.round - REPLAY_LOOKBACK), self.round):
-                if crypto.verify(key, old, digest, signature):
+                if crypto.verify(key, old, digest, signature, session=session):
                     return "replayed"
             return "signature"
         if self.commitments is None:
@@ -157,14 +159,16 @@ class LedgerParticipant:
     def register(self, stake: int) -> None:
         self.chain.register(self.account, self.public, stake)
 
-    def commit(self, rnd: int, update: Any) -> bytes:
-        """Commit the update's hash for round `rnd`; returns the signature to send with it."""
+    def commit(self, rnd: int, update: Any, *, session: int) -> bytes:
+        """Commit the update's hash for round `rnd`; returns the signature to send with it.
+
+        `session`: the server's session id (``Client.state["session"]``), bound into the signature."""
         digest = crypto.update_hash(update)
         self.chain.commit(self.account, rnd, crypto.commitment(rnd, self.account, digest))
-        return crypto.sign(self.secret, rnd, digest)
+        return crypto.sign(self.secret, rnd, digest, session=session)
 
-    def sign(self, rnd: int, update: Any) -> bytes:
-        return crypto.sign(self.secret, rnd, crypto.update_hash(update))
+    def sign(self, rnd: int, update: Any, *, session: int) -> bytes:
+        return crypto.sign(self.secret, rnd, crypto.update_hash(update), session=session)
 
 
 def _checksum(address: str) -> str:
