@@ -1,0 +1,814 @@
+"""Conformance test of the fedagg wire protocol, written from docs/protocol.md alone.
+
+The participant below uses only the standard library, numpy and pyzmq: it does not import
+fedagg (the server under test runs as a subprocess, ``python -m fedagg serve``). Every
+wait is bounded by a timeout and every loop by a count.
+"""
+
+import json
+import math
+import os
+import selectors
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+# ----------------------------------------------------------------------------------------
+# Wire format (docs/protocol.md, "Header")
+
+HEADER = struct.Struct("<4sBBBBIIQQQQIIQ")
+FIELDS = ("magic", "version", "kind", "dtype", "codec", "length", "aux", "round", "seq",
+          "offset", "total", "checksum", "reserved", "session")
+assert HEADER.size == 64
+
+HELLO, GET_MODEL, CHUNK, COMMIT, HEARTBEAT, STATUS = 1, 2, 3, 4, 5, 6
+STATE, MODEL, CREDIT, ACCEPTED, REJECTED, ROUND = 10, 11, 12, 13, 14, 15
+KIND_NAMES = {1: "HELLO", 2: "GET_MODEL", 3: "CHUNK", 4: "COMMIT", 5: "HEARTBEAT",
+              6: "STATUS", 10: "STATE", 11: "MODEL", 12: "CREDIT", 13: "ACCEPTED",
+              14: "REJECTED", 15: "ROUND"}
+
+CHUNK_MIB = "0.00390625"  # 4 KiB, the smallest chunk_bytes the document allows
+CHUNK_BYTES = 4096
+CREDITS = 3
+D = 6001  # 24004 bytes: 5 full chunks and a short one, two credit windows
+MODEL_BYTES = 4 * D
+RECV_TIMEOUT = 10.0
+
+
+# ----------------------------------------------------------------------------------------
+# CRC32C (Castagnoli, reflected polynomial 0x82F63B78), table-driven, pure Python
+
+def _crc_table():
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return tuple(table)
+
+
+_CRC_TABLE = _crc_table()
+
+
+def crc32c(data):
+    c = 0xFFFFFFFF
+    table = _CRC_TABLE
+    for b in bytes(data):
+        c = table[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------------------
+# A participant
+
+class Msg:
+    def __init__(self, header, payload):
+        self.h = header
+        self.payload = payload
+
+    @property
+    def kind(self):
+        return self.h["kind"]
+
+    def json(self):
+        return json.loads(self.payload.decode("utf-8"))
+
+    def __repr__(self):
+        body = self.payload[:200] if self.kind not in (MODEL,) else b"<model bytes>"
+        return f"<{KIND_NAMES.get(self.kind, self.kind)} {self.h} {body!r}>"
+
+
+_OPEN_SOCKETS = []  # closed by the ctx fixture
+
+
+class Peer:
+    """One DEALER connection speaking the protocol."""
+
+    def __init__(self, ctx, endpoint, pid=None, secret=None, seq=None):
+        self.sock = ctx.socket(zmq.DEALER)
+        _OPEN_SOCKETS.append(self.sock)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.pid = pid
+        self.secret = secret
+        # "Start from a clock ... and add 1 per message."
+        self.seq = time.time_ns() if seq is None else seq
+        self.backlog = []  # received messages not consumed yet
+        self.rounds = []  # every ROUND message received
+        self.session = None
+        self.state = None
+
+    def close(self):
+        self.sock.close(0)
+
+    def next_seq(self):
+        self.seq += 1
+        return self.seq
+
+    def send(self, kind, payload=b"", *, round=0, offset=0, total=0, aux=0, dtype=0,
+             codec=0, session=0, seq=None, checksum=None, extra_frames=()):
+        if seq is None:
+            seq = self.next_seq()
+        payload = bytes(payload)
+        crc = crc32c(payload) if checksum is None else checksum
+        header = HEADER.pack(b"FAGW", 1, kind, dtype, codec, len(payload), aux, round, seq,
+                             offset, total, crc, 0, session)
+        self.sock.send_multipart([header, payload, *extra_frames])
+        return seq
+
+    def _recv_one(self, timeout):
+        if not self.sock.poll(max(0, int(timeout * 1000))):
+            return None
+        frames = self.sock.recv_multipart()
+        assert len(frames) == 2, f"server message of {len(frames)} frames"
+        assert len(frames[0]) == 64
+        h = dict(zip(FIELDS, HEADER.unpack(frames[0])))
+        payload = frames[1]
+        assert h["magic"] == b"FAGW"
+        assert h["version"] == 1
+        assert h["kind"] in KIND_NAMES and h["kind"] >= 10, h
+        assert h["length"] == len(payload), h
+        assert h["checksum"] == crc32c(payload), h
+        assert h["reserved"] == 0
+        if h["kind"] != REJECTED:
+            assert h["seq"] == 0, f"server message other than REJECTED with seq != 0: {h}"
+        m = Msg(h, payload)
+        if m.kind == ROUND:
+            self.rounds.append(m)
+        return m
+
+    def recv(self, match, timeout=RECV_TIMEOUT):
+        """The first message (kind or kinds or predicate) that matches; others wait in
+        the backlog."""
+        if isinstance(match, int):
+            kinds = (match,)
+            match = lambda m: m.kind in kinds  # noqa: E731
+        elif isinstance(match, tuple):
+            kinds = match
+            match = lambda m: m.kind in kinds  # noqa: E731
+        for i, m in enumerate(self.backlog):
+            if match(m):
+                return self.backlog.pop(i)
+        deadline = time.monotonic() + timeout
+        for _ in range(100000):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            m = self._recv_one(left)
+            if m is None:
+                break
+            if match(m):
+                return m
+            self.backlog.append(m)
+        raise AssertionError(f"no matching message within {timeout} s; "
+                             f"backlog: {self.backlog[-5:]}")
+
+    def drain(self, timeout=0.3):
+        """Receive whatever arrives within timeout into the backlog."""
+        deadline = time.monotonic() + timeout
+        for _ in range(100000):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            m = self._recv_one(left)
+            if m is None:
+                return
+            self.backlog.append(m)
+
+    def hello(self, expect_state=True):
+        body = {"id": self.pid}
+        if self.secret is not None:
+            body["secret"] = self.secret
+        seq = self.send(HELLO, json.dumps(body).encode())
+        m = self.recv((STATE, REJECTED))
+        if expect_state:
+            assert m.kind == STATE, m
+            self.session = m.h["session"]
+            self.state = m.json()
+        return seq, m
+
+    def status(self):
+        self.send(STATUS)
+        m = self.recv((STATE, REJECTED))
+        assert m.kind == STATE, m
+        self.session = m.h["session"]
+        self.state = m.json()
+        return m
+
+
+def is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_state(m, *, d=D, rule="mean", f=0, server_lr=1.0, credits=CREDITS):
+    """STATE's fields and types as the document's STATE table gives them."""
+    assert m.kind == STATE
+    st = m.json()
+    assert isinstance(st, dict)
+    for key in ("round", "session", "phase", "d", "dtype", "model_bytes", "chunk_bytes",
+                "credits", "held", "accepted", "rule", "f", "server_lr", "previous"):
+        assert key in st, f"STATE lacks {key!r}: {st}"
+    assert is_int(st["round"]) and st["round"] == m.h["round"]
+    assert is_int(st["session"]) and st["session"] == m.h["session"]
+    assert 0 < m.h["session"] < 2 ** 63  # "a 63-bit random number"
+    assert st["phase"] in ("upload", "commit", "finished")
+    assert is_int(st["d"]) and st["d"] == d
+    assert st["dtype"] == "float32"
+    assert is_int(st["model_bytes"]) and st["model_bytes"] == 4 * d
+    assert is_int(st["chunk_bytes"]) and st["chunk_bytes"] == CHUNK_BYTES
+    assert st["chunk_bytes"] % 4 == 0 and 4096 <= st["chunk_bytes"] <= 4 * 2 ** 20
+    assert is_int(st["credits"]) and st["credits"] == credits
+    assert is_int(st["held"]) and st["held"] >= 0
+    assert isinstance(st["accepted"], bool)
+    assert isinstance(st["rule"], str) and st["rule"] == rule
+    assert is_int(st["f"]) and st["f"] == f
+    assert isinstance(st["server_lr"], (int, float)) and not isinstance(st["server_lr"], bool)
+    assert st["server_lr"] == pytest.approx(server_lr)
+    prev = st["previous"]
+    if prev is not None:
+        check_previous(prev)
+    return st
+
+
+def check_previous(prev):
+    assert isinstance(prev, dict)
+    assert is_int(prev["round"])
+    assert isinstance(prev["model_updated"], bool)
+    assert prev["closed_by"] in ("quorum", "deadline")
+    assert is_int(prev["accepted"])
+
+
+def check_rejected(m, reason, seq):
+    """A REJECTED with this reason; its header seq is the refused message's seq."""
+    assert m.kind == REJECTED, m
+    body = m.json()
+    assert body["reason"] == reason, body
+    assert isinstance(body["detail"], str)
+    assert is_int(body["held"]) and body["held"] >= 0
+    assert is_int(body["seq"])
+    assert m.h["seq"] == seq, (m.h, seq)
+    assert body["seq"] == m.h["seq"]
+    return body
+
+
+def download(peer, rnd, aux, *, model_bytes=MODEL_BYTES, chunk_bytes=CHUNK_BYTES,
+             credits=CREDITS):
+    """The model of round rnd through GET_MODEL windows of aux chunks."""
+    buf = bytearray(model_bytes)
+    offset = 0
+    for _ in range(model_bytes // chunk_bytes + 2):
+        if offset >= model_bytes:
+            break
+        peer.send(GET_MODEL, round=rnd, offset=offset, aux=aux)
+        left = math.ceil((model_bytes - offset) / chunk_bytes)
+        n = min(max(aux, 1), credits, left)  # "min(max(aux, 1), credits)", fewer at the end
+        wanted = {offset + i * chunk_bytes for i in range(n)}
+        for _ in range(n):
+            m = peer.recv((MODEL, REJECTED))
+            assert m.kind == MODEL, m
+            h = m.h
+            assert h["round"] == rnd and h["session"] == peer.session
+            assert h["dtype"] == 1 and h["total"] == model_bytes
+            assert h["offset"] in wanted, (h["offset"], sorted(wanted))
+            wanted.discard(h["offset"])
+            size = min(chunk_bytes, model_bytes - h["offset"])
+            assert len(m.payload) == size, (len(m.payload), size)
+            buf[h["offset"]:h["offset"] + size] = m.payload
+        offset += n * chunk_bytes
+    else:
+        raise AssertionError("download did not end")
+    # No further MODEL message (each GET_MODEL got exactly its window).
+    peer.drain(0.3)
+    extra = [m for m in peer.backlog if m.kind == MODEL]
+    assert not extra, f"{len(extra)} MODEL messages beyond the asked window"
+    return np.frombuffer(bytes(buf), dtype="<f4").copy()
+
+
+def upload(peer, data, rnd, *, dtype=1, codec=0, total=None, start=0, stop=None,
+           credits=CREDITS, chunk_bytes=CHUNK_BYTES):
+    """Send data[start:stop] in CHUNKs within the credit window.
+
+    Returns ("held", bytes held) when every chunk is credited, or ("rejected", message,
+    refused chunk's seq) at the first REJECTED.
+    """
+    data = bytes(data)
+    total = len(data) if total is None else total
+    stop = len(data) if stop is None else stop
+    offset = start
+    inflight = []  # (seq, end offset) of unanswered chunks, in sending order
+    held = start
+    for _ in range(4 * (len(data) // chunk_bytes + 2)):
+        while len(inflight) < credits and offset < stop:
+            piece = data[offset:min(offset + chunk_bytes, stop)]
+            seq = peer.send(CHUNK, piece, round=rnd, session=peer.session, offset=offset,
+                            total=total, dtype=dtype, codec=codec)
+            inflight.append((seq, offset + len(piece)))
+            offset += len(piece)
+        assert len(inflight) <= credits
+        if not inflight:
+            return ("held", held)
+        m = peer.recv((CREDIT, REJECTED))
+        seq, end = inflight.pop(0)
+        if m.kind == REJECTED:
+            return ("rejected", m, seq)
+        h = m.h
+        assert h["aux"] == 1, h
+        assert h["round"] == rnd and h["session"] == peer.session
+        assert h["total"] == total, h
+        assert h["offset"] == end, (h, end)  # bytes held after this chunk
+        held = h["offset"]
+    raise AssertionError("upload did not end")
+
+
+def commit(peer, rnd, total):
+    seq = peer.send(COMMIT, round=rnd, session=peer.session, total=total)
+    return seq, peer.recv((ACCEPTED, REJECTED))
+
+
+def full_upload(peer, data, rnd, **kw):
+    res = upload(peer, data, rnd, **kw)
+    assert res[0] == "held" and res[1] == len(data), res
+    _, m = commit(peer, rnd, len(data))
+    assert m.kind == ACCEPTED, m
+    body = m.json()
+    assert body == {"round": rnd, "id": peer.pid}, body
+    assert m.h["round"] == rnd and m.h["session"] == peer.session
+    return m
+
+
+def raw(update):
+    return np.ascontiguousarray(update, dtype="<f4").tobytes()
+
+
+# ----------------------------------------------------------------------------------------
+# The server under test
+
+class Server:
+    def __init__(self, proc, endpoint, info, stderr_path):
+        self.proc = proc
+        self.endpoint = endpoint
+        self.info = info
+        self.stderr_path = stderr_path
+        self.lines = []
+
+    def stderr(self):
+        try:
+            with open(self.stderr_path, "rb") as f:
+                return f.read()[-4000:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read_line(proc, timeout):
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    buf = b""
+    deadline = time.monotonic() + timeout
+    try:
+        for _ in range(10000):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None, buf
+            if not sel.select(left):
+                return None, buf
+            piece = os.read(proc.stdout.fileno(), 1)
+            if not piece:
+                return None, buf
+            buf += piece
+            if piece == b"\n":
+                return buf, b""
+        return None, buf
+    finally:
+        sel.close()
+
+
+@pytest.fixture
+def ctx():
+    c = zmq.Context()
+    try:
+        yield c
+    finally:
+        for _ in range(len(_OPEN_SOCKETS)):
+            _OPEN_SOCKETS.pop().close(0)
+        c.destroy(linger=0)
+
+
+@pytest.fixture
+def serve(tmp_path):
+    procs = []
+
+    def start(*args, d=D, model=None):
+        src = ["--d", str(d)]
+        if model is not None:
+            path = tmp_path / f"model{len(procs)}.npy"
+            np.save(path, np.asarray(model, dtype=np.float32))
+            src = ["--model", str(path)]
+        for attempt in range(3):
+            endpoint = f"tcp://127.0.0.1:{_free_port()}"
+            err_path = tmp_path / f"server{len(procs)}.stderr"
+            err = open(err_path, "wb")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedagg", "serve", "--bind", endpoint, *src,
+                 "--chunk-mib", CHUNK_MIB, "--credits", str(CREDITS), *args],
+                stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
+            err.close()
+            procs.append(proc)
+            line, _ = _read_line(proc, 30.0)
+            if line is not None:
+                info = json.loads(line)
+                assert "listening" in info, info
+                server = Server(proc, endpoint, info, err_path)
+
+                def pump():
+                    for _ in range(100000):
+                        out = proc.stdout.readline()
+                        if not out:
+                            return
+                        server.lines.append(out)
+
+                threading.Thread(target=pump, daemon=True).start()
+                return server
+            proc.kill()
+            proc.wait(5)
+            msg = err_path.read_text(errors="replace")[-3000:]
+            if attempt == 2:
+                raise AssertionError(f"server did not start: {msg}")
+        raise AssertionError("unreachable")
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def initial_model(seed=0, d=D):
+    return np.random.default_rng(seed).standard_normal(d).astype(np.float32)
+
+
+def wait_round(peer, after, timeout=RECV_TIMEOUT):
+    """The ROUND that starts the round after `after`."""
+    m = peer.recv(lambda m: m.kind == ROUND and m.h["round"] > after, timeout)
+    body = m.json()
+    assert is_int(body["round"]) and body["round"] == m.h["round"] == after + 1, body
+    assert m.h["session"] == peer.session
+    check_previous(body["previous"])
+    return body
+
+
+# ----------------------------------------------------------------------------------------
+# Tests
+
+def test_crc32c_check_values():
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(b"") == 0
+
+
+def test_full_round(serve, ctx):
+    """HELLO -> STATE, GET_MODEL windows, CHUNKs within the credits, COMMIT -> ACCEPTED,
+    ROUND with a new model equal to model + server_lr * mean(updates)."""
+    lr = 0.5
+    model0 = initial_model(1)
+    srv = serve("--quorum", "3", "--deadline", "60", "--server-lr", str(lr), "--rule", "mean",
+                model=model0)
+    peers = [Peer(ctx, srv.endpoint, f"peer-{i}", f"secret-{i}-{os.urandom(8).hex()}")
+             for i in range(3)]
+    states = []
+    for p in peers:
+        _, m = p.hello()
+        st = check_state(m, server_lr=lr)
+        assert st["phase"] == "upload"
+        assert st["held"] == 0 and st["accepted"] is False
+        states.append(st)
+    rnd = states[0]["round"]
+    assert {st["round"] for st in states} == {rnd}
+    assert len({p.session for p in peers}) == 1
+
+    # aux = 0 counts as 1; aux = 2; aux above credits gives credits.
+    for p, aux in zip(peers, (0, 2, 1000)):
+        got = download(p, rnd, aux)
+        assert np.array_equal(got, model0), f"aux={aux}: downloaded model differs"
+
+    rng = np.random.default_rng(2)
+    updates = [(0.1 * rng.standard_normal(D)).astype(np.float32) for _ in peers]
+    for i, (p, u) in enumerate(zip(peers, updates)):
+        full_upload(p, raw(u), rnd)
+        if i < 2:  # quorum not reached yet: still the same round, accepted
+            st = check_state(p.status(), server_lr=lr)
+            assert st["round"] == rnd and st["accepted"] is True
+            # `held` after acceptance is not asserted: the document does not say whether
+            # an accepted update still counts as "held" (this server answers 0).
+
+    for p in peers:
+        body = wait_round(p, rnd)
+        assert body["previous"] == {"round": rnd, "model_updated": True,
+                                    "closed_by": "quorum", "accepted": 3}, body
+
+    st = check_state(peers[1].status(), server_lr=lr)
+    assert st["round"] == rnd + 1 and st["held"] == 0 and st["accepted"] is False
+    assert st["previous"]["model_updated"] is True
+
+    new = download(peers[0], rnd + 1, 2)
+    expected = model0.astype(np.float64) + lr * np.mean(
+        np.stack([u.astype(np.float64) for u in updates]), axis=0)
+    np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6)
+
+    # GET_MODEL for the previous round: refused `round`.
+    seq = peers[2].send(GET_MODEL, round=rnd, offset=0, aux=1)
+    check_rejected(peers[2].recv((MODEL, REJECTED)), "round", seq)
+    for p in peers:
+        p.close()
+
+
+def _upload_refusal(peer, data, rnd, reason, **kw):
+    """Upload data and COMMIT, expecting `reason` at a chunk or at COMMIT (the document
+    does not say at which point `size` or `nonfinite` is detected)."""
+    total = kw.pop("total", len(data))
+    res = upload(peer, data, rnd, total=total, **kw)
+    if res[0] == "rejected":
+        _, m, seq = res
+        return "chunk", check_rejected(m, reason, seq)
+    seq, m = commit(peer, rnd, total)
+    return "commit", check_rejected(m, reason, seq)
+
+
+def test_refusals(serve, ctx):
+    srv = serve("--quorum", "100", "--deadline", "60")
+    ep = srv.endpoint
+
+    # unknown: a message before HELLO
+    u = Peer(ctx, ep)
+    seq = u.send(STATUS)
+    check_rejected(u.recv((STATE, REJECTED)), "unknown", seq)
+
+    a = Peer(ctx, ep, "ref-a", "secret-a")
+    _, m = a.hello()
+    st = check_state(m)
+    rnd = st["round"]
+
+    # replayed: a seq equal to, then below, the last one
+    last = a.seq
+    seq = a.send(STATUS, seq=last)
+    check_rejected(a.recv((STATE, REJECTED)), "replayed", last)
+    seq = a.send(STATUS, seq=last - 10)
+    check_rejected(a.recv((STATE, REJECTED)), "replayed", last - 10)
+    a.status()  # a larger seq is taken again
+
+    rng = np.random.default_rng(3)
+    data = raw(rng.standard_normal(D).astype(np.float32))
+
+    # order: first chunk not at 0; then a gap after a held chunk
+    c = Peer(ctx, ep, "ref-c", "secret-c")
+    c.hello()
+    seq = c.send(CHUNK, data[CHUNK_BYTES:2 * CHUNK_BYTES], round=rnd, session=c.session,
+                 offset=CHUNK_BYTES, total=MODEL_BYTES, dtype=1)
+    assert check_rejected(c.recv((CREDIT, REJECTED)), "order", seq)["held"] == 0
+
+    b = Peer(ctx, ep, "ref-b", "secret-b")
+    b.hello()
+    assert upload(b, data, rnd, stop=CHUNK_BYTES) == ("held", CHUNK_BYTES)
+    seq = b.send(CHUNK, data[2 * CHUNK_BYTES:3 * CHUNK_BYTES], round=rnd, session=b.session,
+                 offset=2 * CHUNK_BYTES, total=MODEL_BYTES, dtype=1)
+    assert check_rejected(b.recv((CREDIT, REJECTED)), "order", seq)["held"] == CHUNK_BYTES
+
+    # checksum: a corrupt chunk is not held; resent intact it is
+    piece = data[CHUNK_BYTES:2 * CHUNK_BYTES]
+    seq = b.send(CHUNK, piece, round=rnd, session=b.session, offset=CHUNK_BYTES,
+                 total=MODEL_BYTES, dtype=1, checksum=crc32c(piece) ^ 0x1)
+    assert check_rejected(b.recv((CREDIT, REJECTED)), "checksum", seq)["held"] == CHUNK_BYTES
+    assert upload(b, data, rnd, start=CHUNK_BYTES, stop=2 * CHUNK_BYTES) == \
+        ("held", 2 * CHUNK_BYTES)
+
+    # incomplete: COMMIT before every byte is held
+    seq, m = commit(b, rnd, MODEL_BYTES)
+    assert check_rejected(m, "incomplete", seq)["held"] == 2 * CHUNK_BYTES
+
+    # session: a chunk carrying another session id
+    seq = b.send(CHUNK, data[2 * CHUNK_BYTES:3 * CHUNK_BYTES], round=rnd,
+                 session=b.session ^ 1, offset=2 * CHUNK_BYTES, total=MODEL_BYTES, dtype=1)
+    assert check_rejected(b.recv((CREDIT, REJECTED)), "session", seq)["held"] == 2 * CHUNK_BYTES
+
+    # GET_MODEL off a chunk boundary, or past the end: malformed
+    for off in (4, MODEL_BYTES + CHUNK_BYTES):
+        seq = b.send(GET_MODEL, round=rnd, offset=off, aux=1)
+        check_rejected(b.recv((MODEL, REJECTED)), "malformed", seq)
+
+    # duplicate: a second update of an accepted participant in the same round
+    du = Peer(ctx, ep, "ref-dup", "secret-d")
+    du.hello()
+    full_upload(du, data, rnd)
+    res = upload(du, data, rnd, stop=CHUNK_BYTES)
+    assert res[0] == "rejected", res
+    check_rejected(res[1], "duplicate", res[2])
+
+    # future: a chunk for the next round
+    fu = Peer(ctx, ep, "ref-future", "secret-f")
+    fu.hello()
+    seq = fu.send(CHUNK, data[:CHUNK_BYTES], round=rnd + 1, session=fu.session, offset=0,
+                  total=MODEL_BYTES, dtype=1)
+    check_rejected(fu.recv((CREDIT, REJECTED)), "future", seq)
+
+    # size: a raw update 4 bytes short
+    sz = Peer(ctx, ep, "ref-size", "secret-s")
+    sz.hello()
+    _upload_refusal(sz, data[:-4], rnd, "size")
+
+    # nonfinite: NaN in the third chunk; +Inf in the last one
+    for name, index, value in (("ref-nan", 2 * 1024 + 5, np.nan), ("ref-inf", D - 1, np.inf)):
+        nf = Peer(ctx, ep, name, "secret-n")
+        nf.hello()
+        bad = np.frombuffer(data, dtype="<f4").copy()
+        bad[index] = value
+        _upload_refusal(nf, raw(bad), rnd, "nonfinite")
+
+    # malformed: a 3-frame message. The document says REJECTED's seq is the refused
+    # message's, "0 if it could not be parsed": whether a 3-frame message counts as parsed
+    # is not said, so both are accepted here.
+    g = Peer(ctx, ep, "ref-g", "secret-g")
+    g.hello()
+    seq = g.send(STATUS, extra_frames=(b"extra",))
+    m = g.recv((STATE, REJECTED))
+    assert m.kind == REJECTED, m
+    assert m.json()["reason"] == "malformed"
+    assert m.h["seq"] in (0, seq) and m.json()["seq"] == m.h["seq"]
+    # ... and a 1-frame message
+    g.sock.send_multipart([HEADER.pack(b"FAGW", 1, STATUS, 0, 0, 0, 0, 0, g.next_seq(), 0, 0,
+                                       0, 0, 0)])
+    m = g.recv((STATE, REJECTED))
+    assert m.kind == REJECTED and m.json()["reason"] == "malformed", m
+
+    # No refusal changed what the server holds for b; the round is still the same.
+    st = check_state(b.status())
+    assert st["round"] == rnd and st["held"] == 2 * CHUNK_BYTES and st["accepted"] is False
+    for p in (u, a, b, c, fu, sz, g):
+        p.close()
+
+
+def test_reconnection(serve, ctx):
+    model0 = initial_model(4)
+    srv = serve("--quorum", "1", "--deadline", "60", model=model0)
+    secret = "reconnect-" + os.urandom(8).hex()
+    a = Peer(ctx, srv.endpoint, "rc", secret)
+    _, m = a.hello()
+    rnd = check_state(m)["round"]
+    update = (0.25 * np.random.default_rng(5).standard_normal(D)).astype(np.float32)
+    data = raw(update)
+    sent = 3 * CHUNK_BYTES
+    assert upload(a, data, rnd, stop=sent) == ("held", sent)
+
+    # A new connection with the same id and secret takes the entry over.
+    b = Peer(ctx, srv.endpoint, "rc", secret, seq=a.seq)
+    _, m = b.hello()
+    st = check_state(m)
+    assert st["round"] == rnd and st["held"] == sent and st["accepted"] is False
+
+    # Claims of the id without the right secret, while its upload is in progress.
+    c = Peer(ctx, srv.endpoint, "rc", "another-secret")
+    seq, m = c.hello(expect_state=False)
+    check_rejected(m, "claimed", seq)
+    e = Peer(ctx, srv.endpoint, "rc", None)
+    seq, m = e.hello(expect_state=False)
+    check_rejected(m, "claimed", seq)
+
+    # Finish from the new connection, from `held`.
+    assert upload(b, data, rnd, start=st["held"]) == ("held", MODEL_BYTES)
+    _, m = commit(b, rnd, MODEL_BYTES)
+    assert m.kind == ACCEPTED and m.json() == {"round": rnd, "id": "rc"}, m
+    body = wait_round(b, rnd)
+    assert body["previous"] == {"round": rnd, "model_updated": True, "closed_by": "quorum",
+                                "accepted": 1}
+    new = download(b, rnd + 1, 3)
+    np.testing.assert_allclose(new, model0.astype(np.float64) + update, rtol=1e-6, atol=1e-6)
+    for p in (a, b, c, e):
+        p.close()
+
+
+def topk_blob(d, indices, values, pad=0):
+    """A codec-1 payload built from the document's "Compressed updates" section."""
+    indices = np.ascontiguousarray(indices, dtype="<u4")
+    values = np.ascontiguousarray(values, dtype="<f4")
+    k = len(indices)
+    meta = {"codec": "topk", "d": d, "dtype": "float32", "params": {"k": k},
+            "buffers": [{"name": "indices", "dtype": "uint32", "count": k},
+                        {"name": "values", "dtype": "float32", "count": k}]}
+    js = json.dumps(meta).replace('"codec": ', '"codec": ' + " " * pad, 1).encode("utf-8")
+    frames = [b"FAGP" + struct.pack("<HI", 1, len(js)) + js, indices.tobytes(),
+              values.tobytes()]
+    return (struct.pack("<I", len(frames)) + b"".join(struct.pack("<Q", len(f)) for f in frames)
+            + b"".join(frames))
+
+
+def test_compressed_topk(serve, ctx):
+    lr = 2.0
+    model0 = initial_model(6)
+    srv = serve("--quorum", "1", "--deadline", "60", "--server-lr", str(lr), model=model0)
+    p = Peer(ctx, srv.endpoint, "zip", "secret-zip")
+    _, m = p.hello()
+    rnd = check_state(m, server_lr=lr)["round"]
+    rng = np.random.default_rng(7)
+    k = 1501
+    indices = np.sort(rng.choice(D, size=k, replace=False)).astype(np.uint32)
+    values = rng.standard_normal(k).astype(np.float32)
+    # JSON whitespace chosen so that the blob's size is not a multiple of 4: its last chunk
+    # then is not either ("chunk payloads need not be multiples of 4").
+    for pad in range(4):
+        blob = topk_blob(D, indices, values, pad=pad)
+        if len(blob) % 4:
+            break
+    assert len(blob) > 2 * CHUNK_BYTES and len(blob) % 4 != 0
+    res = upload(p, blob, rnd, dtype=0, codec=1)
+    assert res == ("held", len(blob)), res
+    _, m = commit(p, rnd, len(blob))
+    assert m.kind == ACCEPTED, m
+    body = wait_round(p, rnd)
+    assert body["previous"]["model_updated"] is True
+    decoded = np.zeros(D, dtype=np.float64)
+    decoded[indices] = values
+    new = download(p, rnd + 1, 1000)
+    np.testing.assert_allclose(new, model0.astype(np.float64) + lr * decoded,
+                               rtol=1e-6, atol=1e-6)
+    p.close()
+
+
+def test_deadline_without_new_model(serve, ctx):
+    deadline = 4.0
+    model0 = initial_model(8)
+    srv = serve("--quorum", "3", "--min-updates", "2", "--deadline", str(deadline),
+                model=model0)
+    p = Peer(ctx, srv.endpoint, "lonely", "secret-l")
+    t0 = time.monotonic()
+    _, m = p.hello()
+    rnd = check_state(m)["round"]
+    full_upload(p, raw(np.ones(D, dtype=np.float32)), rnd)
+    body = wait_round(p, rnd, timeout=deadline + 10)
+    assert time.monotonic() - t0 < deadline + 10
+    assert body["previous"] == {"round": rnd, "model_updated": False,
+                                "closed_by": "deadline", "accepted": 1}, body
+    st = check_state(p.status())
+    assert st["round"] == rnd + 1 and st["previous"] == body["previous"]
+    assert st["held"] == 0 and st["accepted"] is False
+    new = download(p, rnd + 1, 3)
+    assert np.array_equal(new, model0)
+    p.close()
+
+
+def test_linger_serves_final_model(serve, ctx):
+    model0 = initial_model(9)
+    srv = serve("--quorum", "1", "--deadline", "60", "--rounds", "1", "--linger", "30",
+                model=model0)
+    p = Peer(ctx, srv.endpoint, "last", "secret-last")
+    _, m = p.hello()
+    rnd = check_state(m)["round"]
+    update = (0.5 * np.random.default_rng(10).standard_normal(D)).astype(np.float32)
+    full_upload(p, raw(update), rnd)
+
+    # The document does not say whether a ROUND follows the last round: poll STATUS.
+    st = None
+    for _ in range(50):
+        st = check_state(p.status())
+        if st["phase"] == "finished":
+            break
+        time.sleep(0.1)
+    assert st["phase"] == "finished", st
+    assert st["previous"] is not None and st["previous"]["model_updated"] is True
+    assert st["previous"]["round"] == rnd
+    final_round = st["round"]
+
+    expected = model0.astype(np.float64) + update
+    got = download(p, final_round, 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+    seq = p.send(CHUNK, raw(update)[:CHUNK_BYTES], round=final_round, session=p.session,
+                 offset=0, total=MODEL_BYTES, dtype=1)
+    check_rejected(p.recv((CREDIT, REJECTED)), "finished", seq)
+
+    # A participant arriving after the end can still say HELLO and fetch the final model.
+    q = Peer(ctx, srv.endpoint, "latecomer", "secret-late")
+    _, m = q.hello()
+    st = check_state(m)
+    assert st["phase"] == "finished"
+    np.testing.assert_allclose(download(q, st["round"], 0), expected, rtol=1e-6, atol=1e-6)
+    p.close()
+    q.close()
