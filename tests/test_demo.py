@@ -15,6 +15,7 @@ pytest.importorskip("zmq")
 
 from fedagg import demo  # noqa: E402
 from fedagg.demo import task  # noqa: E402
+from fedagg.demo.report import View  # noqa: E402
 
 
 def test_attacks_match_their_definitions():
@@ -54,20 +55,39 @@ def test_data_split_and_model_are_the_same_in_every_process():
     (dict(participants=0), "participants"), (dict(byzantine=10), "byzantine"), (dict(attack="x"), "attack"),
     (dict(rule="x"), "rule"), (dict(codec="x"), "codec"), (dict(rounds=0), "rounds"), (dict(f=-1), "f must"),
     (dict(dp_noise=-1.0), "dp_noise"), (dict(dp_noise=0.01), "accountant"), (dict(attack="none"), "need an attack"), (dict(epochs=0), "epochs"),
+    (dict(rule="mean", f=2), "the mean takes no f"),
 ])
 def test_options_are_checked(change, message):
     with pytest.raises(ValueError, match=message):
         demo.Options(**change).check()
 
 
+class Recording(View):
+    """A demo View that keeps its lines instead of printing them."""
+
+    def __init__(self):
+        super().__init__(quiet=True)  # no progress bar
+        self.lines = []
+
+    def _print(self, text):
+        self.lines.append(text)
+
+
 def test_default_demo_end_to_end(tmp_path):
     """The README's demo: the robust rule keeps its accuracy under attack, the mean collapses; every
-    round of the robust run leaves out exactly the Byzantine participants; the ledger admitted all."""
-    from fedagg.demo.report import View
-
+    round of the robust run leaves out exactly the Byzantine participants; the ledger admitted all.
+    Before round 0 it says what is starting: chain node, contract, server, participants, training."""
     png = tmp_path / "demo.png"
     opts = demo.Options(plot=str(png))
-    robust, mean = demo.run(opts, View(quiet=True))
+    view = Recording()
+    robust, mean = demo.run(opts, view)
+    text = "\n".join(view.lines)
+    first_round = text.index("\n    0 ")
+    for step in ("starting the chain node", "deploying the registry contract", "registry contract at 0x",
+                 "starting the aggregation server (multi_krum, f = 3)", "starting 10 participant processes",
+                 "all 10 participants registered", "training: round 0 starts"):
+        assert -1 < text.find(step) < first_round, step
+    assert text.count("chain s   ") == 1  # the legend, once
     byz = {f"p{i}*" for i in demo.byzantine_indices(opts)}
     assert len(byz) == opts.byzantine
     assert [r.round for r in robust.rows] == list(range(opts.rounds))
@@ -90,9 +110,51 @@ def test_cli_demo_without_ledger_runs_and_prints_rounds(tmp_path):
     lines = [ln for ln in out.stdout.splitlines() if ln.strip()[:1].isdigit()]
     assert [int(ln.split()[0]) for ln in lines] == [0, 1], out.stdout
     assert "median (f=1): final accuracy" in out.stdout and png.exists()
+    # piped, not a terminal: it still says what it is starting, before round 0
+    before = out.stdout[:out.stdout.index(lines[0])]
+    for step in ("starting the aggregation server (median, f = 1)", "starting 5 participant processes",
+                 "training: round 0 starts"):
+        assert step in before, out.stdout
+    assert "chain s   the server's time in chain calls" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "fedagg", "demo", "--attack", "none"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "need an attack" in bad.stderr
+
+
+def _rows(rounds):
+    from fedagg.demo import RoundRow
+
+    return [RoundRow(round=r, accuracy=0.5 + r / 100, excluded=["p1*"] if r else [], refused={}, epsilon=None,
+                     bytes_in=2048, seconds=1.5, ledger_seconds=2.5) for r in rounds]
+
+
+def test_view_says_what_starts_and_explains_its_columns(capsys):
+    view = View()  # pytest's captured stdout is no terminal: plain lines
+    for run in ("multi_krum (f=3)", "mean (f=0)"):
+        view.start_run(run, 2)
+        view.step("starting the chain node")
+        for row in _rows(range(2)):
+            view.row(row)
+        view.end_run()
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].endswith("] starting the chain node") and out[3] == View.HEADER  # the header after the steps
+    assert out[4].split()[:2] == ["0", "50.0%"]
+    legend = [i for i, line in enumerate(out) if line.startswith("  chain s ")]
+    assert len(legend) == 1 and legend[0] < out.index("mean (f=0)")  # once, under the first table
+    text = " ".join(" ".join(out).split())
+    for column in ("round", "accuracy", "excluded", "refused", "eps", "KiB in", "s", "chain s"):
+        assert f" {column} " in text
+    assert "can exceed s" in text
+
+
+def test_plot_numbers_rounds_as_the_table():
+    from fedagg.demo import RunResult
+    from fedagg.demo.report import figure
+
+    runs = [RunResult("multi_krum", 3, rows=_rows(range(15))), RunResult("mean", 0, rows=_rows(range(15)))]
+    fig = figure(runs, demo.Options())
+    for line in fig.axes[0].get_lines():
+        assert list(line.get_xdata()) == list(range(15))  # the table's 0-14, not 1-15
 
 
 def _children() -> list:

@@ -349,7 +349,7 @@ def test_clip_norm_before_rule(rule, n, d):
 
 @pytest.mark.parametrize("rule", WEIGHTED_RULES)
 def test_weighted_rules_with_clip_and_weights(rule):
-    n, d, f = 12, 33, 2
+    n, d, f = 12, 33, 0 if rule == "mean" else 2  # the mean takes no f
     rng = np.random.default_rng(3)
     X = updates(51, n, d)
     X[:3] *= 20.0
@@ -370,5 +370,9 @@ def test_rules_registry():
 def test_rule_accepted_at_its_limit(rule, f):
     n = min_n(rule, f)
     X = updates(f, n, 3)
+    if rule == "mean" and f:  # the mean takes no f: refused, not ignored
+        with pytest.raises(ValueError, match="'mean' does not use f"):
+            fedagg.aggregate(X, rule, f)
+        return
     out = fedagg.aggregate(X, rule, f, **rule_kwargs(rule))
     assert_close(out, ref.aggregate(X, rule, f, **rule_kwargs(rule)), X)

@@ -140,26 +140,28 @@ def test_unexpected_parameter():
 # ------------------------------------------------------------------ weights
 @pytest.mark.parametrize("rule", WEIGHTED_RULES)
 def test_weights_wrong_length(rule):
+    f = 0 if rule == "mean" else 1  # the mean takes no f
     with pytest.raises(ValueError, match=r"one entry per update \(9\)"):
-        fedagg.aggregate(X, rule, 1, weights=np.ones(8))
+        fedagg.aggregate(X, rule, f, weights=np.ones(8))
     with pytest.raises(ValueError, match=r"one entry per update"):
-        fedagg.aggregate(X, rule, 1, weights=np.ones((9, 1)))
+        fedagg.aggregate(X, rule, f, weights=np.ones((9, 1)))
 
 
 @pytest.mark.parametrize("rule", WEIGHTED_RULES)
 def test_weights_negative_nan_inf_zero_sum(rule):
+    f = 0 if rule == "mean" else 1  # the mean takes no f
     w = np.ones(9)
     w[3] = -1.0
     with pytest.raises(ValueError, match="weights must be non-negative"):
-        fedagg.aggregate(X, rule, 1, weights=w)
+        fedagg.aggregate(X, rule, f, weights=w)
     w[3] = np.nan
     with pytest.raises(ValueError, match="weights must be finite"):
-        fedagg.aggregate(X, rule, 1, weights=w)
+        fedagg.aggregate(X, rule, f, weights=w)
     w[3] = np.inf
     with pytest.raises(ValueError, match="weights must be finite"):
-        fedagg.aggregate(X, rule, 1, weights=w)
+        fedagg.aggregate(X, rule, f, weights=w)
     with pytest.raises(ValueError, match="weights must have a positive sum"):
-        fedagg.aggregate(X, rule, 1, weights=np.zeros(9))
+        fedagg.aggregate(X, rule, f, weights=np.zeros(9))
 
 
 def test_weights_not_numbers():

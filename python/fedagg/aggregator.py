@@ -15,7 +15,7 @@ from typing import Any, List, Optional
 import numpy as np
 
 from ._arrays import Batch, _device_key, as_vector, convert
-from .rules import RULES, AggregationInfo, _check_float, _check_policy, _params, _run
+from .rules import RULES, AggregationInfo, _check_f_used, _check_float, _check_policy, _params, _run
 
 
 class Aggregator:
@@ -46,6 +46,7 @@ class Aggregator:
         self.dp = dp  # fedagg.privacy.CentralDP: clip at its C, noise every result()
         self._clip_norm = None if clip_norm is None else _check_float(clip_norm, "clip_norm")
         self._p = _params(rule, f, None, None, None, params)
+        _check_f_used(rule, self._p["f"], nnm)  # the mean refuses an f it would ignore
         self._spec = RULES[rule]
         self._center = self._p.get("center")  # checked against d when the first update arrives
         self._last_result: Optional[np.ndarray] = None

@@ -11,12 +11,15 @@ lazily. ``fedagg bench`` (:mod:`fedagg.cli`) prints the results.
 >>> from fedagg import benchmark
 >>> res = benchmark.run(n=7, d=1000, f=1, rules=["median"], repeat=1,
 ...                     compare=False, bandwidth_gb=0)
->>> [(r["rule"], r["impl"]) for r in res["results"]]
-[('median', 'fedagg')]
+>>> [(r["rule"], r["impl"], r["f"]) for r in res["results"]]
+[('median', 'fedagg', 1)]
+>>> benchmark.default_f("bulyan", 16), benchmark.default_f("krum", 16), benchmark.default_f("mean", 16)
+(3, 4, 0)
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import os
@@ -32,9 +35,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 import fedagg
+from fedagg.rules import RULES
 
-__all__ = ["CASES", "Case", "Inputs", "check", "estimate_seconds", "make_updates", "measure_bandwidth",
-           "memory_estimate", "optional", "machine_info", "read_pass", "run", "time_call"]
+__all__ = ["CASES", "Case", "Inputs", "check", "default_f", "estimate_seconds", "f_used", "make_updates",
+           "measure_bandwidth", "memory_estimate", "optional", "machine_info", "read_pass", "run", "time_call"]
 
 RTOL, ATOL = 1e-4, 1e-4  # float32 outputs of O(1) data, summed in different orders
 LOOSE = 1e-3  # iterative rules stopped differently (fedagg: tol on the objective)
@@ -71,6 +75,26 @@ class Inputs:
         self.T = torch.from_numpy(X) if torch is not None else None  # shares X's memory
         self.results = [([X[i]], 1) for i in range(self.n)]  # Flower: (layers, num_examples)
         self.ctx: Dict[str, Any] = {}  # per rule: fedagg's AggregationInfo
+
+    def with_f(self, f: int) -> "Inputs":
+        """The same updates (shared, not copied) and ctx, with another f."""
+        other = copy.copy(self)
+        other.f = f
+        return other
+
+
+def f_used(rule: str, f: int) -> int:
+    """The f `rule` is called with: `f`, or 0 for a rule that takes none (the mean refuses f > 0)."""
+    return f if RULES[rule].uses_f else 0
+
+
+def default_f(rule: str, n: int, max_f: int = 4) -> int:
+    """The largest f <= max_f that `rule` allows with n updates (0 for the mean, which takes none;
+    0 where even f = 0 needs more updates: the rule's row then says what it needs)."""
+    spec = RULES[rule]
+    if not spec.uses_f:
+        return 0
+    return next((f for f in range(max_f, -1, -1) if n >= spec.min_n(f)), 0)
 
 
 _OPTIONAL: Dict[str, Tuple[Any, str]] = {}
@@ -251,7 +275,7 @@ class Case:
 
 
 def _fedagg(rule):
-    return lambda u, _: fedagg.aggregate(u.X, rule, u.f)
+    return lambda u, _: fedagg.aggregate(u.X, rule, f_used(rule, u.f))
 
 
 def _flwr_bulyan(u, A):
@@ -401,17 +425,23 @@ def machine_info() -> Dict[str, Any]:
 # ------------------------------------------------------------------ the run
 
 
-def run(n: int = 64, d: int = 10_000_000, f: int = 4, seed: int = 0, rules: Optional[List[str]] = None,
-        repeat: int = 3, compare: bool = True, max_seconds: Optional[float] = 60.0,
-        bandwidth_gb: float = 1.0, threads: Optional[int] = None,
-        progress: Optional[Callable[[int, int, str], None]] = None, probe_d: int = 65_536) -> Dict[str, Any]:
+def run(n: int = 64, d: int = 10_000_000, f: Optional[int] = None, seed: int = 0,
+        rules: Optional[List[str]] = None, repeat: int = 3, compare: bool = True,
+        max_seconds: Optional[float] = 60.0, bandwidth_gb: float = 1.0, threads: Optional[int] = None,
+        progress: Optional[Callable[[int, int, str], None]] = None, probe_d: int = 65_536,
+        max_f: int = 4) -> Dict[str, Any]:
     """Benchmark `rules` (default: all of fedagg.RULES); returns a JSON-ready dict.
 
+    `f`: the Byzantine updates every rule tolerates, used as given (a rule that
+    cannot run with it says why on its row); None (default): per rule, the
+    largest f <= `max_f` it allows with n updates (:func:`default_f`). The mean
+    takes no f. The last max(f) updates of the data are shifted (attackers).
     With `max_seconds`, each alternative is first run on the first `probe_d`
     columns; one whose time scaled to d exceeds the budget is skipped.
     `progress(done, total, label)` is called before each step.
     """
-    for name, value, low in (("n", n, 1), ("d", d, 1), ("f", f, 0), ("repeat", repeat, 1)):
+    for name, value, low in (("n", n, 1), ("d", d, 1), ("f", 0 if f is None else f, 0), ("repeat", repeat, 1),
+                             ("max_f", max_f, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     rules = list(fedagg.RULES) if rules is None else list(rules)
@@ -432,6 +462,8 @@ def run(n: int = 64, d: int = 10_000_000, f: int = 4, seed: int = 0, rules: Opti
         mods[name], notes[name] = optional(name)
     cases = [c for c in cases if c.requires is None or mods[c.requires] is not None]
     cases.sort(key=lambda c: (rules.index(c.rule), c.impl != "fedagg"))
+    f_by_rule = {r: f_used(r, f) if f is not None else default_f(r, n, max_f) for r in rules}
+    byzantine = f if f is not None else max(f_by_rule.values(), default=0)
 
     total, step = len(cases) + 2, 0
 
@@ -443,29 +475,32 @@ def run(n: int = 64, d: int = 10_000_000, f: int = 4, seed: int = 0, rules: Opti
 
     tick("copy bandwidth")
     bw = measure_bandwidth(bandwidth_gb, repeat) if bandwidth_gb > 0 else None
-    X = make_updates(n, d, f, seed)
-    u = Inputs(X, f, torch)
+    X = make_updates(n, d, min(byzantine, n), seed)
+    inputs = Inputs(X, byzantine, torch)
     tick("read pass")
-    rp = read_pass(X, u.T, repeat)
-    probe = None
+    rp = read_pass(X, inputs.T, repeat)
+    probe_all = None
     if max_seconds and d > probe_d:
-        probe = Inputs(np.ascontiguousarray(X[:, :probe_d]), f, torch)
-        probe.ctx = u.ctx
+        probe_all = Inputs(np.ascontiguousarray(X[:, :probe_d]), byzantine, torch)
+        probe_all.ctx = inputs.ctx
 
     results, refs = [], {}
     for case in cases:
         tick(f"{case.rule} / {case.impl}")
         if case.impl != "fedagg" and case.rule not in refs:
             continue  # fedagg refused these parameters (reported on its row)
-        rec = {"rule": case.rule, "impl": case.impl, "seconds": None, "times": [], "gbps": None,
-               "x_read": None, "speedup": None, "agrees": None, "same_definition": case.same_definition,
-               "skipped": False, "note": case.note}
+        rf = f_by_rule[case.rule]
+        u = inputs.with_f(rf)
+        probe = probe_all.with_f(rf) if probe_all is not None else None
+        rec = {"rule": case.rule, "f": rf if RULES[case.rule].uses_f else None, "impl": case.impl,
+               "seconds": None, "times": [], "gbps": None, "x_read": None, "speedup": None, "agrees": None,
+               "same_definition": case.same_definition, "skipped": False, "note": case.note}
         results.append(rec)
         mod = mods.get(case.requires)
         fn = lambda: case.fn(u, mod)  # noqa: E731
         try:
             if case.impl == "fedagg":
-                out, info = fedagg.aggregate(X, case.rule, f, return_info=True)  # the warm-up
+                out, info = fedagg.aggregate(X, case.rule, rf, return_info=True)  # the warm-up
                 refs[case.rule], u.ctx[case.rule] = _as_array(out), info
                 _, sec, times, extra = time_call(fn, repeat, warmup=False)
             else:
@@ -491,7 +526,8 @@ def run(n: int = 64, d: int = 10_000_000, f: int = 4, seed: int = 0, rules: Opti
     tick("done")
     return {
         "machine": machine_info(),
-        "n": n, "d": d, "f": f, "seed": seed, "repeat": repeat, "max_seconds": max_seconds,
+        "n": n, "d": d, "f": f, "max_f": max_f, "f_by_rule": f_by_rule, "byzantine": byzantine,
+        "seed": seed, "repeat": repeat, "max_seconds": max_seconds,
         "input_bytes": X.nbytes, "input_gb": X.nbytes / 1e9,
         "read_pass": rp, "bandwidth": bw,
         "optional": {k: {"available": mods[k] is not None, "note": notes[k]} for k in mods},

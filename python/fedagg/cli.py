@@ -20,7 +20,9 @@ try:  # optional: pip install fedagg[cli]
 except ImportError:  # pragma: no cover - exercised where rich is missing
     rich = None
 
-COLUMNS = ["rule", "impl", "time", "GB/s", "x read pass", "fedagg speed-up", "agrees", "note"]
+COLUMNS = ["rule", "f", "impl", "time", "GB/s", "x read pass", "fedagg speed-up", "agrees", "note"]
+SECTION_COLUMNS = ["case", "impl", "time", "GB/s", "fedagg speed-up", "agrees", "note"]
+DEFAULT_MAX_F = 4  # fedagg bench without --f: per rule, the largest f up to this that n allows
 
 
 def _int_at_least(low: int):
@@ -47,26 +49,57 @@ def _float_at_least(low: float, strict: bool):
     return parse
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it says it already (or there is none to say)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" not in text and action.option_strings and action.default not in (None, False, [])
+                and action.default is not argparse.SUPPRESS and not action.required):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose subcommands (fedagg serve, fedagg keys generate, ...) share the help formatter."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedagg", description="Fast, robust aggregation: tools.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("info", help="print the compiled and usable backends").set_defaults(func=_info)
+    p = _Parser(prog="fedagg", description="Fast, robust aggregation for federated learning: benchmark the "
+                                           "rules, run an aggregation server and participants, audit rounds on "
+                                           "chain, or watch a federated training under attack (fedagg demo).",
+                epilog="fedagg COMMAND --help describes a command and its options.")
+    p.add_argument("--version", action="version", version=f"fedagg {fedagg.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.add_parser("info", help="print the compiled and usable backends",
+                   description="Print fedagg's version and, as JSON, the compiled and usable backends "
+                               "(CPU instruction set, threads, CUDA devices).").set_defaults(func=_info)
 
     b = sub.add_parser("bench", help="time every rule against NumPy, torch, Flower and ByzFL",
                        description="Time fedagg's rules and the alternatives on the same n x d float32 "
-                                   "updates; each timing is a warm-up then the median of --repeat calls.")
+                                   "updates; each timing is a warm-up then the median of --repeat calls. "
+                                   "GB/s is the input's bytes over the time; compare it with the copy "
+                                   "bandwidth measured once at the start (--bandwidth-gb).")
     b.add_argument("--n", type=_int_at_least(1), default=64, help="updates (default 64)")
     b.add_argument("--d", type=_int_at_least(1), default=10_000_000, help="coordinates (default 10,000,000)")
-    b.add_argument("--f", type=_int_at_least(0), default=4, help="Byzantine updates to tolerate (default 4)")
+    b.add_argument("--f", type=_int_at_least(0), default=None,
+                   help=f"Byzantine updates each rule tolerates (default: per rule, the largest f <= "
+                        f"{DEFAULT_MAX_F} the rule allows at --n; the mean takes none). An explicit --f "
+                        "is used as given: a rule that cannot run with it says why")
     b.add_argument("--rules", nargs="+", choices=list(fedagg.RULES), metavar="RULE",
                    help=f"rules to run (default: all of {', '.join(fedagg.RULES)})")
     b.add_argument("--repeat", type=_int_at_least(1), default=3, help="timed calls per case (default 3)")
     b.add_argument("--seed", type=_int_at_least(0), default=0, help="data seed (default 0)")
     b.add_argument("--threads", type=_int_at_least(0), default=None,
                    help="threads for fedagg and torch (0: all cores; default: as configured)")
-    b.add_argument("--json", metavar="PATH", default=None, help="write all results as JSON ('-': stdout)")
+    b.add_argument("--json", metavar="PATH", default=None,
+                   help="write all results as JSON ('-': stdout; default: none)")
     b.add_argument("--no-compare", dest="compare", action="store_false",
-                   help="time fedagg only (no NumPy/torch/Flower/ByzFL)")
+                   help="time fedagg only (default: also NumPy, torch, Flower, ByzFL where installed)")
     b.add_argument("--max-seconds", type=_float_at_least(0, True), default=60.0,
                    help="skip an alternative estimated to take longer per call (default 60)")
     b.add_argument("--bandwidth-gb", type=_float_at_least(0, False), default=1.0,
@@ -97,13 +130,22 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `fedagg`: what it can do
+        parser.print_help()
+        return 0
     try:
         return args.func(args) or 0
+    except KeyboardInterrupt:
+        parser.exit(130, f"fedagg {args.command}: interrupted\n")
     except ImportError as e:
         parser.exit(2, f"fedagg {args.command}: {e.name or e} is missing (pip install 'fedagg[server]' for "
                        "serve/join/keys, 'fedagg[ledger]' for audit, 'fedagg[privacy]' for accounting, 'fedagg[demo]' "
                        "and torch for demo)\n")
     except (ValueError, TypeError, OSError, RuntimeError) as e:
+        parser.exit(2, f"fedagg {args.command}: error: {e}\n")
+    except Exception as e:  # pyzmq's errors (a bad endpoint) are user errors too, and not OSErrors
+        if not type(e).__module__.startswith("zmq"):
+            raise
         parser.exit(2, f"fedagg {args.command}: error: {e}\n")
 
 
@@ -145,27 +187,29 @@ def _bench(args) -> int:
         raise SystemExit("fedagg bench: --topk-ratio must be in (0, 1]")
     res: Dict[str, Any] = {}
     if "rules" in args.sections:
-        res = _bench_rules(args, benchmark, con, err, report)
+        res = _bench_rules(args, benchmark, con, err, report)  # the copy bandwidth is in its header
+    else:  # measured once, printed once: the GB/s of every table compare against it
+        _print(err, "measuring the copy bandwidth", sys.stderr)
+        res["bandwidth"] = (benchmark.measure_bandwidth(args.bandwidth_gb, args.repeat)
+                            if args.bandwidth_gb > 0 else None)
+        _print(con, bandwidth_line(res["bandwidth"]), report)
     if "compression" in args.sections:
         from .compress import bench as cbench
 
         res["compression"] = cbench.run(d=args.d, ratio=args.topk_ratio, n=min(args.n, 16),
                                         repeat=args.repeat, seed=args.seed)
-        for line in cbench.lines(res["compression"]):
-            _print(con, line, report)
+        print_section(con, cbench.lines(res["compression"])[0], res["compression"]["rows"], report)
     if "privacy" in args.sections:
         from .privacy import bench as pbench
 
         res["privacy"] = pbench.run(d=args.d, repeat=args.repeat)
-        for line in pbench.lines(res["privacy"]):
-            _print(con, line, report)
+        print_section(con, pbench.lines(res["privacy"])[0], res["privacy"]["rows"], report)
     if "transport" in args.sections:
         from .transport import bench as tbench
 
         res["transport"] = tbench.run(mb=args.transport_mb, n=args.transport_n, d=args.transport_d,
                                       rule="mean", repeat=args.repeat)
-        for line in tbench.lines(res["transport"]):
-            _print(con, line, report)
+        print_section(con, tbench.lines(res["transport"])[0], res["transport"]["rows"], report)
     if args.json == "-":
         json.dump(res, sys.stdout, indent=2, default=_jsonable)
         sys.stdout.write("\n")
@@ -184,9 +228,9 @@ def _bench_rules(args, benchmark, con, err, report) -> Dict[str, Any]:
     if avail is not None and mem["peak_bytes"] > avail:
         _print(err, f"warning: only {_gb(avail)} of memory is available", sys.stderr)
 
-    kwargs = dict(n=args.n, d=args.d, f=args.f, seed=args.seed, rules=args.rules, repeat=args.repeat,
-                  compare=args.compare, max_seconds=args.max_seconds, bandwidth_gb=args.bandwidth_gb,
-                  threads=args.threads)
+    kwargs = dict(n=args.n, d=args.d, f=args.f, max_f=DEFAULT_MAX_F, seed=args.seed, rules=args.rules,
+                  repeat=args.repeat, compare=args.compare, max_seconds=args.max_seconds,
+                  bandwidth_gb=args.bandwidth_gb, threads=args.threads)
     if rich:
         with Progress(TextColumn("{task.description:<32}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=err, transient=True) as bar:
@@ -200,18 +244,40 @@ def _bench_rules(args, benchmark, con, err, report) -> Dict[str, Any]:
     for line in header(res):
         _print(con, line, report)
     rows, notes = table_rows(res)
-    if rich:
-        t = Table(*COLUMNS)
+    print_table(con, COLUMNS, rows, report)
+    for i, note in enumerate(notes, 1):
+        _print(con, f"[{i}] {note}", report)
+    return res
+
+
+def print_table(con, columns: List[str], rows: List[List[str]], stream) -> None:
+    """One table: rich's when rich is installed, else plain aligned text. The last column wraps."""
+    if con is not None:
+        t = Table(*columns)
         for col in t.columns[:-1]:
             col.no_wrap = True
         for row in rows:
             t.add_row(*row)
         con.print(t)
     else:
-        _print(con, plain_table(rows), report)
-    for i, note in enumerate(notes, 1):
-        _print(con, f"[{i}] {note}", report)
-    return res
+        _print(con, plain_table(rows, columns), stream)
+
+
+def print_section(con, title: str, section_rows: List[Dict[str, Any]], stream) -> None:
+    """A compression, privacy or transport section: its title, then a table like the rules'."""
+    _print(con, "", stream)
+    _print(con, title, stream)
+    print_table(con, SECTION_COLUMNS, section_cells(section_rows), stream)
+
+
+def section_cells(section_rows: List[Dict[str, Any]]) -> List[List[str]]:
+    """The cells of a section's rows ({case, impl, seconds, gbps, speedup, agrees, note})."""
+    out = []
+    for r in section_rows:
+        speed = "" if r["impl"].startswith("fedagg") or r.get("speedup") is None else f"{r['speedup']:.1f}x"
+        out.append([r["case"], r["impl"], fmt_time(r["seconds"]), "-" if r["gbps"] is None else f"{r['gbps']:.2f}",
+                    speed, {True: "yes", False: "NO", None: "-"}[r["agrees"]], r["note"]])
+    return out
 
 
 def _jsonable(x: Any) -> Any:
@@ -231,19 +297,30 @@ def _mem_available() -> Optional[int]:
     return None
 
 
+def bandwidth_line(bw: Optional[Dict[str, Any]]) -> str:
+    if not bw:
+        return "copy bandwidth: not measured (--bandwidth-gb 0)"
+    return (f"copy bandwidth: {bw['gbps']:.2f} GB/s (np.copyto of {_gb(bw['bytes'] / 2)}, bytes read + written "
+            "per second): the memory speed every GB/s column below compares against")
+
+
 def header(res: Dict[str, Any]) -> List[str]:
     m = res["machine"]
+    if res.get("f") is not None:
+        f_text = f"f = {res['f']} for every rule but the mean, which takes none"
+    else:
+        f_text = f"f = per rule, the largest <= {res.get('max_f', DEFAULT_MAX_F)} it allows at n (column f)"
+    byz = res.get("byzantine")
     lines = [
         f"machine: {m['cpu']}, {m['cores']} cores, fedagg isa {m['isa']}, threads {m['threads']}"
         + (f" (torch {m['torch_threads']})" if "torch_threads" in m else ""),
-        f"n = {res['n']}, d = {res['d']:,}, f = {res['f']}, input {res['input_gb']:.3g} GB, "
-        f"repeat {res['repeat']} (median)",
+        f"n = {res['n']}, d = {res['d']:,}, {f_text}, input {res['input_gb']:.3g} GB, "
+        f"repeat {res['repeat']} (median)" + (f"; the last {byz} updates are shifted (attackers)" if byz else ""),
         f"read pass: {fmt_time(res['read_pass']['seconds'])} ({res['read_pass']['gbps']:.2f} GB/s; "
-        + ", ".join(f"{k} {fmt_time(v)}" for k, v in res["read_pass"].items() if k in ("numpy", "torch")) + ")",
+        + ", ".join(f"{k} {fmt_time(v)}" for k, v in res["read_pass"].items() if k in ("numpy", "torch"))
+        + "): the unit of column 'x read pass'",
+        bandwidth_line(res["bandwidth"]),
     ]
-    bw = res["bandwidth"]
-    lines.append(f"copy bandwidth: {bw['gbps']:.2f} GB/s (read + write of {_gb(bw['bytes'] / 2)})"
-                 if bw else "copy bandwidth: not measured")
     for name, o in res.get("optional", {}).items():
         if o["note"]:
             lines.append(f"{name}: {o['note']}")
@@ -262,14 +339,15 @@ def table_rows(res: Dict[str, Any]):
     """(rows of strings, notes): each row's last cell refers to a note by number."""
     rows, notes = [], []
     for r in res["results"]:
+        f = "-" if r.get("f") is None else str(r["f"])
         if r["seconds"] is None:
-            row = [r["rule"], r["impl"], "-", "-", "-", "-", "skipped" if r["skipped"] else "-"]
+            row = [r["rule"], f, r["impl"], "-", "-", "-", "-", "skipped" if r["skipped"] else "-"]
         else:
             speed = "" if r["impl"] == "fedagg" else f"{r['speedup']:.1f}x"
             agrees = {True: "yes", False: "NO", None: "-"}[r["agrees"]]
             if r["agrees"] is False and not r["same_definition"]:
                 agrees = "no (def.)"
-            row = [r["rule"], r["impl"], fmt_time(r["seconds"]), f"{r['gbps']:.2f}", f"{r['x_read']:.1f}",
+            row = [r["rule"], f, r["impl"], fmt_time(r["seconds"]), f"{r['gbps']:.2f}", f"{r['x_read']:.1f}",
                    speed, agrees]
         if r["note"] and r["note"] not in notes:
             notes.append(r["note"])
@@ -277,10 +355,11 @@ def table_rows(res: Dict[str, Any]):
     return rows, notes
 
 
-def plain_table(rows: List[List[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(COLUMNS, *rows)]
+def plain_table(rows: List[List[str]], columns: Optional[List[str]] = None) -> str:
+    columns = COLUMNS if columns is None else columns
+    widths = [max(len(str(x)) for x in col) for col in zip(columns, *rows)]
     fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(COLUMNS), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+    return "\n".join([fmt(columns), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,23 @@ list of ``n`` arrays; NumPy or CPU torch) and returns the aggregate in the
 caller's type, or ``(aggregate, AggregationInfo)`` with ``return_info=True``.
 ``f`` is always the number of Byzantine updates the rule must tolerate.
 
+What each rule does with ``f`` (``RULES[rule].uses_f``):
+
+====================  ============  ==================================================
+rule                  f is a        what f does
+====================  ============  ==================================================
+mean                  (not used)    f > 0 is refused (ValueError), except with
+                                    ``nnm=True``, where the mixing uses it
+median                precondition  checked: n > 2f; the output does not depend on f
+trimmed_mean          parameter     f values cut per side (or ``beta``); n > 2f
+krum                  parameter     scores over n - f - 2 neighbours; n > 2f + 2
+multi_krum            parameter     Krum scores; ``m`` defaults to n - f; n > 2f + 2
+bulyan                parameter     selects n - 2f, averages n - 4f; n >= 4f + 3
+geometric_median      precondition  checked: n > 2f; the output does not depend on f
+centered_clipping     precondition  checked: n > 2f; the output does not depend on f
+(any rule) nnm=True   parameter     each update -> mean of its n - f nearest; n > 2f
+====================  ============  ==================================================
+
 Common options of every rule:
 
 ``nonfinite``
@@ -239,18 +256,28 @@ class _Rule:
     min_n: Any  # f -> smallest n, for the precondition message
     condition: str
     distance_based: bool
+    #: what the rule does with f: "parameter" (it changes the output), "precondition" (only the
+    #: n vs f check), or "" (nothing: f > 0 is refused unless nnm=True uses it)
+    uses_f: str = "parameter"
 
 
 RULES: Dict[str, _Rule] = {
-    "mean": _Rule(_k_mean, True, lambda f: 1, "n >= 1", False),
-    "median": _Rule(_k_median, False, lambda f: 2 * f + 1, "n > 2f", False),
-    "trimmed_mean": _Rule(_k_trimmed_mean, False, lambda f: 2 * f + 1, "n > 2f", False),
-    "krum": _Rule(_k_krum, False, lambda f: 2 * f + 3, "n > 2f + 2", True),
-    "multi_krum": _Rule(_k_multi_krum, True, lambda f: 2 * f + 3, "n > 2f + 2", True),
-    "bulyan": _Rule(_k_bulyan, False, lambda f: 4 * f + 3, "n >= 4f + 3", True),
-    "geometric_median": _Rule(_k_geometric_median, True, lambda f: 2 * f + 1, "n > 2f", True),
-    "centered_clipping": _Rule(_k_centered_clipping, True, lambda f: 2 * f + 1, "n > 2f", True),
+    "mean": _Rule(_k_mean, True, lambda f: 1, "n >= 1", False, ""),
+    "median": _Rule(_k_median, False, lambda f: 2 * f + 1, "n > 2f", False, "precondition"),
+    "trimmed_mean": _Rule(_k_trimmed_mean, False, lambda f: 2 * f + 1, "n > 2f", False, "parameter"),
+    "krum": _Rule(_k_krum, False, lambda f: 2 * f + 3, "n > 2f + 2", True, "parameter"),
+    "multi_krum": _Rule(_k_multi_krum, True, lambda f: 2 * f + 3, "n > 2f + 2", True, "parameter"),
+    "bulyan": _Rule(_k_bulyan, False, lambda f: 4 * f + 3, "n >= 4f + 3", True, "parameter"),
+    "geometric_median": _Rule(_k_geometric_median, True, lambda f: 2 * f + 1, "n > 2f", True, "precondition"),
+    "centered_clipping": _Rule(_k_centered_clipping, True, lambda f: 2 * f + 1, "n > 2f", True, "precondition"),
 }
+
+
+def _check_f_used(rule: str, f: int, nnm: bool) -> None:
+    """Refuse an f that nothing would use (the mean without nnm), rather than ignore it."""
+    if f and not nnm and not RULES[rule].uses_f:
+        raise ValueError(f"rule {rule!r} does not use f (got f = {f}): it tolerates no Byzantine update; "
+                         "pass f=0, or nnm=True to mix each update with its n - f nearest in front of it")
 
 _DEFAULTS = {
     "m": None,
@@ -416,6 +443,11 @@ def aggregate(updates: Any, rule: str = "mean", f: int = 0, *, weights: Any = No
               dp: Any = None, return_info: bool = False, **params):
     """Aggregate `updates` with `rule` (one of ``fedagg.RULES``).
 
+    ``f``: the Byzantine updates to tolerate. A parameter of trimmed_mean, krum,
+    multi_krum, bulyan and of ``nnm=True``; only the checked precondition of
+    median, geometric_median and centered_clipping; refused (f > 0 raises
+    ValueError) by the mean unless ``nnm=True`` (see the module's table).
+
     >>> import numpy as np, fedagg
     >>> x = np.array([[1.0, 2.0], [2.0, 4.0], [3.0, 600.0]], dtype=np.float32)
     >>> fedagg.aggregate(x, rule="median")
@@ -430,6 +462,7 @@ def aggregate(updates: Any, rule: str = "mean", f: int = 0, *, weights: Any = No
         raise TypeError("nnm must be True or False")
     batch = as_batch(updates)
     p = _params(rule, f, weights, None, batch.d, params)
+    _check_f_used(rule, p["f"], nnm)
     w = None if weights is None else as_weights(weights, batch.n)
     if clip_norm is not None:
         clip_norm = _check_float(clip_norm, "clip_norm")
@@ -454,6 +487,9 @@ def mean(updates, *, weights=None, **options):
     """Weighted mean, FedAvg (McMahan et al. 2017): ``sum_i w_i x_i / sum_i w_i``.
 
     Accumulated in float64. Not robust: one update can move it arbitrarily.
+    Takes no ``f``: ``aggregate(x, "mean", f)`` refuses f > 0 (ValueError) unless
+    ``nnm=True``, where f is the mixing's (each update becomes the mean of its
+    n - f nearest before the mean).
     """
     return aggregate(updates, "mean", 0, weights=weights, **options)
 
@@ -463,6 +499,8 @@ def median(updates, f: int = 0, **options):
 
     For each coordinate the middle value of the n updates; for even n the mean of
     the two middle values. Tolerates f < n/2 (checked: n > 2f).
+    ``f`` is only that precondition: the output does not depend on it (with
+    ``nnm=True`` the mixing uses it).
     """
     return aggregate(updates, "median", f, **options)
 
@@ -474,6 +512,7 @@ def trimmed_mean(updates, f: int = 0, *, beta: Optional[float] = None, **options
     average the other ``n - 2f``. Give either ``f`` (a count per side) or
     ``beta`` (a fraction per side: ``floor(beta * n)`` values are cut from each
     end, the paper's beta-trimmed mean). Needs n > 2f.
+    ``f`` is a parameter: the number of values cut per side.
     """
     return aggregate(updates, "trimmed_mean", f, beta=beta, **options)
 
@@ -484,6 +523,7 @@ def krum(updates, f: int, **options):
     score(i) = sum of the squared distances from update i to its n - f - 2
     closest other updates; returns the update with the lowest score (lowest
     index on ties). Needs n > 2f + 2. ``info.scores`` has every score.
+    ``f`` is a parameter: it sets the number of neighbours scored.
     """
     return aggregate(updates, "krum", f, **options)
 
@@ -494,6 +534,7 @@ def multi_krum(updates, f: int, m: Optional[int] = None, *, weights=None, **opti
     Scores as in :func:`krum`, computed once on all n updates; the m lowest
     (stable order) are averaged, weighted by ``weights`` if given. ``m``
     defaults to n - f. Needs n > 2f + 2.
+    ``f`` is a parameter: the neighbours scored and the default m.
     """
     return aggregate(updates, "multi_krum", f, m=m, weights=weights, **options)
 
@@ -506,6 +547,8 @@ def bulyan(updates, f: int, **options):
        remaining neighbours (at least 0) and removes the best one.
     2. Per coordinate: of the theta selected values, the mean of the
        beta = theta - 2f values closest to their median (ties keep the smaller value).
+
+    ``f`` is a parameter of both stages.
     """
     return aggregate(updates, "bulyan", f, **options)
 
@@ -523,6 +566,9 @@ def geometric_median(updates, f: int = 0, *, weights=None, nu: float = 1e-6,
     float32 rounding (relative ~1e-7), so an update within ~1e-3 * spread of
     the estimate gets a slightly perturbed weight; the objective, flat there,
     matches a float64 Weiszfeld to ~1e-7.
+
+    ``f`` is only a precondition, checked (n > 2f): the output does not depend
+    on it (with ``nnm=True`` the mixing uses it).
     """
     return aggregate(updates, "geometric_median", f, weights=weights, nu=nu,
                      maxiter=maxiter, tol=tol, **options)
@@ -535,6 +581,9 @@ def centered_clipping(updates, f: int = 0, *, tau: float = 100.0, iterations: in
     Starting at v = ``center`` (the previous aggregate; zeros if None), repeat
     ``iterations`` times: v <- v + sum_i a_i (x_i - v) min(1, tau / ||x_i - v||)
     with a = normalized weights (1/n by default).
+
+    ``f`` is only a precondition, checked (n > 2f): the output does not depend
+    on it; ``tau`` sets the robustness (with ``nnm=True`` the mixing uses f).
     """
     return aggregate(updates, "centered_clipping", f, tau=tau, iterations=iterations,
                      center=center, weights=weights, **options)

@@ -39,7 +39,7 @@ def run(opts: Options, view=None) -> List[RunResult]:
         view.start_run(f"{rule} (f={rf}): {opts.participants} participants, Byzantine ({opts.attack}): {bad}; "
                        f"admission: {'ledger' if opts.ledger else 'federated'}; codec: {opts.codec}", opts.rounds)
         try:
-            results.append(run_one(opts, rule, rf, view.row))
+            results.append(run_one(opts, rule, rf, view.row, on_step=view.step))
         finally:
             view.end_run()
     path: Optional[str] = plot(results, opts, opts.plot) if opts.plot else None

@@ -51,6 +51,8 @@ class Options:
             raise ValueError("rounds must be in [1, 1000]")
         if self.f is not None and self.f < 0:
             raise ValueError("f must be >= 0")
+        if self.rule == "mean" and self.f:
+            raise ValueError("f: the mean takes no f (it tolerates no Byzantine update); choose a robust rule")
         if self.dp_noise < 0 or not self.dp_clip > 0:
             raise ValueError("dp_noise must be >= 0 and dp_clip > 0")
         if self.dp_noise > 0:

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -91,11 +91,14 @@ def _start_node(procs: _Processes, accounts: int, timeout: float = 60.0) -> str:
 
 
 def run_one(opts: Options, rule: str, f: int, on_row: Callable[[RoundRow], None], *,
-            round_timeout: float = 90.0) -> RunResult:
-    """Run `opts.rounds` rounds with `rule`; calls on_row after each round."""
+            round_timeout: float = 90.0, on_step: Optional[Callable[[str], None]] = None) -> RunResult:
+    """Run `opts.rounds` rounds with `rule`; calls on_row after each round, and on_step(text) as each
+    part starts (chain node, contract, server, participants, training)."""
     from .. import privacy
     from ..transport import Server, ServerConfig
 
+    step = on_step or (lambda text: None)
+    step("loading scikit-learn's digits and the model")
     data = task.load(opts.participants, opts.seed)
     Xt, yt = data.X[data.test], data.y[data.test]
     eval_net = task.model(opts.seed)
@@ -114,10 +117,13 @@ def run_one(opts: Options, rule: str, f: int, on_row: Callable[[RoundRow], None]
             if opts.ledger:
                 from ..ledger import EvmLedger, LedgerGate, compiled, connect
 
+                step("starting the chain node (the embedded py-evm chain, served on loopback)")
                 url = _start_node(procs, opts.participants + 2)
+                step(f"chain node at {url}; compiling and deploying the registry contract")
                 w3 = connect(url)
                 owner, agg, *accounts = w3.eth.accounts
                 chain = EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
+                step(f"registry contract at {chain.address}")
                 gate = LedgerGate(chain, commit_seconds=opts.commit_seconds)
                 abi_file = Path(tmp) / "registry-abi.json"
                 abi_file.write_text(json.dumps(compiled()[0]))
@@ -131,7 +137,10 @@ def run_one(opts: Options, rule: str, f: int, on_row: Callable[[RoundRow], None]
                                deadline=opts.commit_seconds + 20.0, rounds=opts.rounds, ledger=gate, dp=dp)
             rows: "queue.Queue[Any]" = queue.Queue()
             # The model as the round left it (the server moves on while the row is built).
+            step(f"starting the aggregation server ({rule}, f = {f})")
             server = Server(initial, cfg, on_round=lambda rec: rows.put((rec, server.model.copy())))
+            step(f"aggregation server at {server.endpoint}; starting {opts.participants} participant processes "
+                 "(each loads torch and its shard)")
             worker = threading.Thread(target=server.serve, name="fedagg-demo-server", daemon=True)
             coalition = Path(tmp) / "coalition.npz"  # what colluding attackers share (ALIE uses it)
             np.savez(coalition, **{f"{k}{j}": (data.X if k == "X" else data.y)[data.shards[i]]
@@ -155,7 +164,11 @@ def run_one(opts: Options, rule: str, f: int, on_row: Callable[[RoundRow], None]
                     labels[f"p{i}"] = label
                 procs.start(f"p{i}", args)
             if gate is not None:  # round 0's snapshot must see every registration
-                _wait_registered(gate.chain, opts.participants, procs, timeout=120.0)
+                step(f"waiting for the {opts.participants} participants to register and stake on chain")
+                _wait_registered(gate.chain, opts.participants, procs, timeout=120.0, on_step=step)
+            step(f"training: round 0 starts (each participant trains {opts.epochs} epochs on its shard, "
+                 + ("commits its update's hash on chain and uploads it signed)" if gate is not None else
+                    "uploads its update)"))
             worker.start()
             for _ in range(opts.rounds):
                 try:
@@ -182,9 +195,18 @@ def run_one(opts: Options, rule: str, f: int, on_row: Callable[[RoundRow], None]
     return result
 
 
-def _wait_registered(chain, n: int, procs: _Processes, timeout: float) -> None:
+def _wait_registered(chain, n: int, procs: _Processes, timeout: float,
+                     on_step: Callable[[str], None] = lambda text: None) -> None:
     end = time.monotonic() + timeout
-    while len(chain.registered()) < n:
+    shown, shown_at = 0, time.monotonic()
+    while True:
+        got = len(chain.registered())
+        if got >= n:
+            on_step(f"all {n} participants registered")
+            return
+        if got != shown and time.monotonic() - shown_at >= 5.0:  # a line every 5 s at most
+            shown, shown_at = got, time.monotonic()
+            on_step(f"{got} of {n} participants registered")
         if time.monotonic() > end:
             raise DemoError(f"only {len(chain.registered())} of {n} participants registered in {timeout:.0f} s:\n"
                             f"{procs.tails()}")

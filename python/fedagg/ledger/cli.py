@@ -15,7 +15,7 @@ def add_commands(sub, int_at_least) -> None:
                                    "published model's hash and each named participant's inclusion proof.")
     a.add_argument("--rpc", required=True, help="JSON-RPC URL of the chain (e.g. http://127.0.0.1:8545)")
     a.add_argument("--contract", required=True, help="address of the fedagg registry contract")
-    a.add_argument("--round", type=int_at_least(0), required=True, dest="round_id")
+    a.add_argument("--round", type=int_at_least(0), required=True, dest="round_id", help="the round to verify")
     a.add_argument("--model", type=Path, required=True, help="the published model (.npy, float32)")
     a.add_argument("--participant", action="append", default=[], help="an address whose inclusion to prove")
     a.set_defaults(func=_audit)

@@ -1,10 +1,11 @@
 """Privacy section of ``fedagg bench``: Gaussian noise for a d-vector against
 NumPy's and torch's generators, and the discrete Gaussian's throughput, same run.
+(``fedagg bench`` measures the copy bandwidth, what GB/s compares against, once for all sections.)
 
 >>> from fedagg.privacy import bench
 >>> r = bench.run(d=100_000, repeat=1)
 >>> sorted({row["case"] for row in r["rows"]})
-['Gaussian noise (float32)', 'copy bandwidth', 'discrete Gaussian (int64)', 'epsilon, one PLD round']
+['Gaussian noise (float32)', 'discrete Gaussian (int64)', 'epsilon, one PLD round']
 """
 
 from __future__ import annotations
@@ -53,9 +54,6 @@ def run(d: int = 10_000_000, repeat: int = 5, sigma2: float = 1.0e6) -> Dict[str
     else:
         add("epsilon, one PLD round", "fedagg (dp-accounting)",
             median_time(lambda: accounting.epsilon(1.1, 0.01, 1000, 1e-5), 1), None, "z = 1.1, q = 0.01, 1000 rounds")
-    src = np.ones(d, dtype=np.float32)
-    add("copy bandwidth", "np.copyto", median_time(lambda: np.copyto(out, src), repeat), 2 * nbytes,
-        "read + write: the noise writes d floats")
     add_speedups(rows)
     return {"d": d, "repeat": repeat, "rows": rows}
 

@@ -11,61 +11,108 @@ from pathlib import Path
 
 import numpy as np
 
+DEFAULT_LINGER = 30.0  # seconds the final model stays served after --rounds, unless --linger says otherwise
+
 
 def add_commands(sub, int_at_least, float_at_least) -> None:
+    from .. import RULES
+    from .participant import BEHAVIOURS
+
     s = sub.add_parser("serve", help="run an aggregation server over ZeroMQ",
                        description="Run rounds: publish the model, collect updates, aggregate at a quorum "
                                    "or deadline. Plain mode only on loopback/ipc unless --insecure; "
-                                   "elsewhere CURVE keys are required.")
-    s.add_argument("--bind", default="tcp://127.0.0.1:5555", help="endpoint (default tcp://127.0.0.1:5555)")
+                                   "elsewhere CURVE keys are required. Prints one JSON line when listening "
+                                   "and one per closed round on stdout; logs on stderr. SIGINT or SIGTERM "
+                                   "stops it (SIGTERM: exit status 0).")
+    s.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                   help="endpoint to listen on: tcp://HOST:PORT (port 0: any free one; IPv6 as tcp://[::1]:PORT) "
+                        "or ipc://PATH (default tcp://127.0.0.1:5555)")
     m = s.add_mutually_exclusive_group(required=True)
-    m.add_argument("--d", type=int_at_least(1), help="start from a zero model of d parameters")
-    m.add_argument("--model", type=Path, help="start from this .npy float32 vector")
-    s.add_argument("--rule", default="mean", help="aggregation rule (default mean)")
-    s.add_argument("--f", type=int_at_least(0), default=0, help="Byzantine updates to tolerate")
-    s.add_argument("--quorum", type=int_at_least(1), default=1, help="close a round at this many updates")
+    m.add_argument("--d", type=int_at_least(1), help="start from a zero model of d parameters (this or --model)")
+    m.add_argument("--model", type=Path, help="start from this .npy float32 vector (this or --d)")
+    s.add_argument("--rule", default="mean", choices=list(RULES), metavar="RULE",
+                   help=f"aggregation rule, one of {', '.join(RULES)} (default mean)")
+    s.add_argument("--f", type=int_at_least(0), default=0,
+                   help="Byzantine updates the rule tolerates (default 0; the mean takes none)")
+    s.add_argument("--quorum", type=int_at_least(1), default=1,
+                   help="close a round at this many accepted updates (default 1)")
     s.add_argument("--deadline", type=float_at_least(0, True), default=60.0,
                    help="... or this many seconds after it started (default 60)")
-    s.add_argument("--min-updates", type=int_at_least(1), default=1, help="updates a deadline close needs")
-    s.add_argument("--rounds", type=int_at_least(1), default=None, help="stop after this many rounds")
+    s.add_argument("--min-updates", type=int_at_least(1), default=1,
+                   help="updates a deadline close needs to make a new model (default 1)")
+    s.add_argument("--rounds", type=int_at_least(1), default=None,
+                   help="stop after this many rounds (default: run until stopped)")
+    s.add_argument("--linger", type=float_at_least(0, False), default=None, metavar="SECONDS",
+                   help="after the last of --rounds, keep serving the final model (STATUS, GET_MODEL) this "
+                        "many seconds so that participants can fetch it; 'inf' until SIGINT/SIGTERM "
+                        f"(default: {DEFAULT_LINGER:g} with --rounds)")
     s.add_argument("--server-lr", type=float, default=1.0, help="model += server_lr * aggregate (default 1)")
-    s.add_argument("--clip-norm", type=float_at_least(0, True), default=None, help="clip updates to this L2 norm")
+    s.add_argument("--clip-norm", type=float_at_least(0, True), default=None,
+                   help="clip updates to this L2 norm (default: no clipping)")
     s.add_argument("--state-dir", type=Path, default=None,
-                   help="persist rounds and accepted updates here; a restarted server resumes from it")
-    s.add_argument("--chunk-mib", type=float_at_least(0, True), default=4.0, help="chunk size in MiB (<= 4)")
-    s.add_argument("--credits", type=int_at_least(1), default=8, help="chunks in flight per participant")
+                   help="persist rounds and accepted updates here; a restarted server resumes from it "
+                        "(default: in memory only)")
+    s.add_argument("--chunk-mib", type=float_at_least(0, True), default=4.0,
+                   help="chunk size in MiB, at most 4 (default 4)")
+    s.add_argument("--credits", type=int_at_least(1), default=8,
+                   help="chunks in flight per participant (default 8)")
     s.add_argument("--io-threads", type=int_at_least(1), default=None,
                    help="libzmq I/O threads (default: one per 4 cores, 1 to 4)")
-    s.add_argument("--curve-secret", type=Path, default=None, help="the server's .key_secret file (CURVE on)")
-    s.add_argument("--allow", type=Path, default=None, help="directory of participants' public .key files")
-    s.add_argument("--insecure", action="store_true", help="plain mode on a non-local endpoint")
-    s.add_argument("--log-json", action="store_true", help="structured logs (one JSON object per line) on stderr")
+    s.add_argument("--curve-secret", type=Path, default=None,
+                   help="the server's .key_secret file: CURVE on (default: plain)")
+    s.add_argument("--allow", type=Path, default=None,
+                   help="directory of the participants' public .key files, which --curve-secret needs "
+                        "(default: none)")
+    s.add_argument("--insecure", action="store_true",
+                   help="plain mode on a non-loopback endpoint: unauthenticated and unencrypted, anyone "
+                        "who reaches the port can submit updates under any id (default: refused)")
+    s.add_argument("--log-json", action="store_true",
+                   help="structured logs (one JSON object per line) on stderr (default: text)")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="live view of the round (default: when stderr is a terminal)")
     s.set_defaults(func=_serve)
 
-    j = sub.add_parser("join", help="take part in rounds with a synthetic participant (tests, demos, load)")
-    j.add_argument("--connect", default="tcp://127.0.0.1:5555", help="server endpoint")
-    j.add_argument("--id", default=None, help="participant id (with CURVE: its public key)")
-    j.add_argument("--behaviour", default="honest",
-                   choices=["honest", "signflip", "noise", "nan", "wrongsize", "die"])
-    j.add_argument("--rounds", type=int_at_least(1), default=1)
-    j.add_argument("--task-seed", type=int_at_least(0), default=0, help="seed of the shared target")
-    j.add_argument("--seed", type=int_at_least(0), default=0)
-    j.add_argument("--timeout", type=float_at_least(0, True), default=30.0)
-    j.add_argument("--chunk-delay", type=float_at_least(0, False), default=0.0, help="seconds between chunks")
-    j.add_argument("--server-key", type=Path, default=None, help="the server's public .key file (CURVE on)")
-    j.add_argument("--keys", type=Path, default=None, help="this participant's .key_secret file")
+    j = sub.add_parser("join", help="take part in rounds with a synthetic participant (tests, demos, load)",
+                       description="A synthetic participant: each round it fetches the model and uploads an "
+                                   "update that pulls the model toward a target shared by every participant of "
+                                   "the same --task-seed (honest), or misbehaves (--behaviour). Prints one line "
+                                   "per round; exit status 0 when every upload was accepted, 1 otherwise.")
+    j.add_argument("--connect", default="tcp://127.0.0.1:5555",
+                   help="the server's endpoint (default tcp://127.0.0.1:5555)")
+    j.add_argument("--id", default=None, help="participant id, required without CURVE keys (with them the "
+                                              "public key is the id; default: none)")
+    j.add_argument("--behaviour", default="honest", choices=list(BEHAVIOURS),
+                   help="honest: target - model + small noise; signflip: -10 x the honest update; noise: "
+                        "N(0, 100^2); nan: an update holding NaN; wrongsize: d + 1 coordinates; die: streams "
+                        "half its update, then exits without a word (default honest)")
+    j.add_argument("--rounds", type=int_at_least(1), default=1, help="rounds to take part in (default 1)")
+    j.add_argument("--task-seed", type=int_at_least(0), default=0,
+                   help="seed of the shared target: the same for all honest participants (default 0)")
+    j.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="seed of this participant's own noise (default 0)")
+    j.add_argument("--timeout", type=float_at_least(0, True), default=30.0,
+                   help="seconds to wait for the server at each step (default 30)")
+    j.add_argument("--chunk-delay", type=float_at_least(0, False), default=0.0,
+                   help="seconds between chunks, to simulate a slow link (default 0)")
+    j.add_argument("--server-key", type=Path, default=None,
+                   help="the server's public .key file: CURVE on (default: plain)")
+    j.add_argument("--keys", type=Path, default=None,
+                   help="this participant's .key_secret file, which --server-key needs (default: none)")
     j.set_defaults(func=_join)
 
-    k = sub.add_parser("keys", help="CurveZMQ key pairs: generate, list")
-    ks = k.add_subparsers(dest="keys_command", required=True)
-    g = ks.add_parser("generate", help="write NAME.key (public) and NAME.key_secret into DIR")
-    g.add_argument("dir", type=Path)
-    g.add_argument("name")
+    k = sub.add_parser("keys", help="CurveZMQ key pairs: generate, list",
+                       description="CurveZMQ key pairs for fedagg serve --curve-secret/--allow and fedagg join "
+                                   "--server-key/--keys.")
+    ks = k.add_subparsers(dest="keys_command", required=True, metavar="{generate,list}")
+    g = ks.add_parser("generate", help="write NAME.key (public) and NAME.key_secret into DIR",
+                      description="Write a CurveZMQ key pair: DIR/NAME.key (public: give it to the other "
+                                  "side) and DIR/NAME.key_secret (mode 600: keep it).")
+    g.add_argument("dir", type=Path, help="directory to write into (created if missing)")
+    g.add_argument("name", help="file name of the pair, without extension")
     g.set_defaults(func=_keys_generate)
-    ls = ks.add_parser("list", help="the public keys in DIR")
-    ls.add_argument("dir", type=Path)
+    ls = ks.add_parser("list", help="the public keys in DIR",
+                       description="Print NAME<TAB>KEY for every public .key file in DIR.")
+    ls.add_argument("dir", type=Path, help="directory of .key files")
     ls.set_defaults(func=_keys_list)
 
 
@@ -77,21 +124,36 @@ def _load_public(path: Path) -> bytes:
 
 
 def _serve(args) -> int:
-    from .server import Server, ServerConfig
+    import signal
 
+    import zmq
+
+    from .server import Server, ServerConfig, is_local
+
+    if args.f and args.rule == "mean":
+        raise ValueError("--f: the mean takes no f (it tolerates no Byzantine update); choose a robust --rule")
+    warned = args.insecure and args.curve_secret is None and not is_local(args.bind)
+    if warned:
+        print(f"fedagg serve: warning: --insecure on {args.bind}, which is not a loopback endpoint: plain mode is "
+              "unauthenticated and unencrypted; anyone who can reach this port can submit updates under any "
+              "participant id and read the model. Use CURVE keys (fedagg keys generate; --curve-secret, --allow).",
+              file=sys.stderr, flush=True)
     handler = logging.StreamHandler(sys.stderr)
     if args.log_json:
         from .observe import JsonFormatter
 
         handler.setFormatter(JsonFormatter())
+    elif warned:  # the server's own log line would say it a second time
+        handler.addFilter(lambda record: getattr(record, "event", None) != "insecure")
     logging.getLogger("fedagg").addHandler(handler)
     logging.getLogger("fedagg").setLevel(logging.INFO)
     model = np.zeros(args.d, dtype=np.float32) if args.d else np.load(args.model, allow_pickle=False)
+    linger = args.linger if args.linger is not None else DEFAULT_LINGER if args.rounds is not None else 0.0
     cfg = ServerConfig(bind=args.bind, rule=args.rule, f=args.f, quorum=args.quorum, deadline=args.deadline,
                        min_updates=args.min_updates, rounds=args.rounds, server_lr=args.server_lr,
                        clip_norm=args.clip_norm, state_dir=str(args.state_dir) if args.state_dir else None,
                        chunk_bytes=int(args.chunk_mib * (1 << 20)) // 4 * 4, credits=args.credits,
-                       insecure=args.insecure, io_threads=args.io_threads)
+                       insecure=args.insecure, io_threads=args.io_threads, linger=linger)
     if args.curve_secret is not None:
         from zmq.auth import load_certificate
 
@@ -107,13 +169,20 @@ def _serve(args) -> int:
         from .observe import ProgressView
 
         progress = ProgressView()
-    server = Server(model, cfg, progress=progress,
-                    on_round=lambda rec: print(json.dumps({"round_closed": rec}, default=str), flush=True))
+    try:
+        server = Server(model, cfg, progress=progress,
+                        on_round=lambda rec: print(json.dumps({"round_closed": rec}, default=str), flush=True))
+    except zmq.ZMQError as e:  # the server names a failed bind itself; anything else from libzmq, here
+        raise ValueError(f"cannot bind {args.bind}: {e}") from None
     print(json.dumps({"listening": server.endpoint, "round": server.round, "d": server.d}), flush=True)
+    # SIGTERM (systemd, docker stop, kill) stops the server like the end of its rounds: exit status 0.
+    previous = signal.signal(signal.SIGTERM, lambda *_: server.stop())
     try:
         server.serve()
     except KeyboardInterrupt:
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -1,0 +1,133 @@
+"""`fedagg serve` from the shell: bind errors, the --insecure warning, SIGTERM, --linger after --rounds."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("zmq")
+
+import fedagg  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fedagg_proc(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fedagg", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "160"})
+
+
+def listening(p: subprocess.Popen) -> str:
+    """The endpoint of the server's first stdout line ({"listening": ...})."""
+    line = p.stdout.readline()
+    assert line, p.stderr.read()
+    return json.loads(line)["listening"]
+
+
+def finish(p: subprocess.Popen, timeout: float = 30):
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    return p.returncode, out, err
+
+
+def test_bind_to_a_port_in_use_is_one_error_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        endpoint = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        rc, out, err = finish(fedagg_proc("serve", "--d", 8, "--bind", endpoint))
+    assert rc == 2 and out == ""
+    assert err.startswith(f"fedagg serve: error: cannot bind {endpoint}"), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_malformed_endpoint_is_one_error_line():
+    rc, out, err = finish(fedagg_proc("serve", "--d", 8, "--bind", "tcp://127.0.0.1:port"))
+    assert rc == 2 and "tcp://127.0.0.1:port" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_insecure_on_a_public_endpoint_warns_once():
+    rc, out, err = finish(fedagg_proc("serve", "--d", 8, "--bind", "tcp://0.0.0.0:0", "--insecure", "--rounds", 1,
+                                      "--deadline", 0.2, "--linger", 0))
+    assert rc == 0, err
+    first = err.splitlines()[0]
+    assert first.startswith("fedagg serve: warning: --insecure on tcp://0.0.0.0:0"), err
+    assert "anyone who can reach this port can submit updates under any participant id" in first
+    assert err.count("anyone who can reach") == 1, err  # not once more from the server's log
+    # loopback needs no warning
+    rc, out, err = finish(fedagg_proc("serve", "--d", 8, "--bind", "tcp://127.0.0.1:0", "--insecure", "--rounds", 1,
+                                      "--deadline", 0.2, "--linger", 0))
+    assert rc == 0 and "warning" not in err, err
+
+
+def test_sigterm_stops_the_server_cleanly():
+    p = fedagg_proc("serve", "--d", 8, "--bind", "tcp://127.0.0.1:0")
+    listening(p)
+    p.send_signal(signal.SIGTERM)
+    rc, out, err = finish(p)
+    assert rc == 0 and "Traceback" not in err, (rc, err)
+
+
+def test_the_final_model_is_served_after_the_last_round():
+    """--rounds 1: the round closes, and the final model stays available (default --linger 30) until SIGTERM."""
+    p = fedagg_proc("serve", "--d", 1000, "--bind", "tcp://127.0.0.1:0", "--rounds", 1, "--quorum", 1)
+    try:
+        endpoint = listening(p)
+        joined = subprocess.run([sys.executable, "-m", "fedagg", "join", "--connect", endpoint, "--id", "alice"],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert joined.returncode == 0, joined.stderr
+        closed = json.loads(p.stdout.readline())["round_closed"]
+        assert closed["round"] == 0 and closed["accepted"] == ["alice"]
+        time.sleep(1.0)  # the server has moved past its last round
+        assert p.poll() is None, "the server exited right after its last round"
+        with fedagg.Client(endpoint, "late-reader", timeout=10) as c:
+            rnd, model = c.model()
+        assert rnd == 1 and model.shape == (1000,) and np.abs(model).sum() > 0  # the updated model
+        p.send_signal(signal.SIGTERM)
+        rc, _, err = finish(p)
+        assert rc == 0, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def test_linger_zero_exits_after_the_last_round():
+    rc, out, err = finish(fedagg_proc("serve", "--d", 8, "--bind", "tcp://127.0.0.1:0", "--rounds", 1,
+                                      "--deadline", 0.2, "--linger", 0), timeout=20)
+    assert rc == 0, err
+    assert [json.loads(line).get("round_closed", {}).get("round") for line in out.splitlines()][1:] == [0]
+
+
+def test_linger_reaches_the_server_config(monkeypatch):
+    from fedagg import cli
+    from fedagg.transport import server
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_server(model, cfg, **kw):
+        seen.append(cfg.linger)
+        raise Stop
+
+    monkeypatch.setattr(server, "Server", fake_server)
+    for argv, linger in ((["--rounds", "2"], 30.0), (["--rounds", "2", "--linger", "0"], 0.0),
+                         (["--rounds", "2", "--linger", "inf"], float("inf")), ([], 0.0), (["--linger", "5"], 5.0)):
+        with pytest.raises(Stop):
+            cli.main(["serve", "--d", "4", "--bind", "tcp://127.0.0.1:0", *argv])
+        assert seen[-1] == linger, argv
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--d", "4", "--linger", "-1"])
