@@ -11,6 +11,7 @@ directly with reply ``Message``s built as Flower delivers them.
 """
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -33,7 +34,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"'click\.", category=DeprecationWarning)
     if not os.environ.get("FEDAGG_REQUIRE_FLOWER"):  # CI sets it: there, no Flower is a failure
         pytest.importorskip("flwr")
-    from flwr.app import Array, ArrayRecord, Metadata, Message, MetricRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Metadata, Message, MetricRecord, RecordDict
     from flwr.serverapp.strategy import (
         Bulyan,
         DifferentialPrivacyServerSideFixedClipping,
@@ -237,6 +238,8 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="needs at least 7 replies"):
         ff.FedaggStrategy("bulyan", 1, min_train_nodes=5)
     assert ff.FedaggStrategy("krum", 2).min_train_nodes == 7
+    with pytest.raises(ValueError, match="does not use f"):  # at construction, not at the first round
+        ff.FedaggStrategy("mean", 2)
     with pytest.raises(ValueError, match="does not take per-update weights"):
         ff.FedaggStrategy("median", weighted=True)
     with pytest.raises(ValueError, match="clip_norm must be a finite number > 0"):
@@ -268,6 +271,52 @@ def test_validation_errors():
     wrong_d = compress.TopK(k=2).encode(np.ones(7, np.float32), compress.TopK(k=2).state(7))
     with pytest.raises(ValueError, match="decodes to 7 values, the model has 15"):
         strategy("mean", 0, g).aggregate_train(1, ok + [reply(99, ff.payload_to_arrays(wrong_d))])
+
+
+class _Grid:
+    """Just what FedAvg.configure_train asks of a Grid: the connected node ids, over time."""
+
+    def __init__(self, *counts):
+        self.counts = list(counts)
+
+    def get_node_ids(self):
+        n = self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]
+        return list(range(1, n + 1))
+
+
+def test_the_rules_minimum_of_nodes_is_logged_and_enforced(caplog, monkeypatch):
+    # multi_krum with f = 2 needs n > 2f + 2: 7 nodes. With 6, Flower would wait for ever.
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        s = ff.FedaggStrategy("multi_krum", 2, rule_params={"m": 6})
+    assert s.min_nodes == fedagg.RULES["multi_krum"].min_n(2) == 7
+    assert (s.min_train_nodes, s.min_available_nodes) == (7, 7)
+    text = [r.getMessage() for r in caplog.records if r.name == "flwr"]
+    assert any("multi_krum with f = 2 needs at least 7 replies per round (n > 2f + 2)" in t
+               and "waits until 7 nodes are connected" in t for t in text), text
+
+    for kw in ({"min_train_nodes": 6}, {"min_available_nodes": 6}):  # below the rule's minimum: refused
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=rf"multi_krum with f = 2 needs at least 7 replies.*{name} = 6 is below"):
+            ff.FedaggStrategy("multi_krum", 2, **kw)
+    assert ff.FedaggStrategy("bulyan", 1, min_available_nodes=9).min_available_nodes == 9
+    assert ff.FedaggStrategy("median", 2, fraction_train=0.0, min_available_nodes=1).min_available_nodes == 1
+    assert ff.FedaggStrategy("mean", 0, min_train_nodes=1).min_nodes == 1  # the mean takes one reply
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_task_id", "_run_id", "_node_id"):  # what a ServerApp process has set when it builds Messages
+        monkeypatch.setattr(TaskIdentity, key, 1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        s.summary()
+        # 6 nodes connected when round 1 is configured, a 7th joins while Flower waits
+        messages = list(s.configure_train(1, record(model(0)), ConfigRecord(), _Grid(6, 6, 7)))
+    assert len(messages) == 7
+    text = [r.getMessage() for r in caplog.records if r.name == "flwr"]
+    assert any("needs n > 2f + 2: at least 7 replies per round; waits for 7 connected nodes" in t for t in text)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("round 1: 6 nodes connected; multi_krum with f = 2 needs at least 7" in t
+               and "waits until 7 nodes are connected" in t for t in warned), warned
 
 
 def test_invalid_drop_and_nonfinite_exclude_are_reported():
@@ -587,19 +636,20 @@ def _wait_http(port, proc, log, timeout=30.0):
     raise RuntimeError(f"flower-superlink did not listen on {port} in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def flower_run(tmp_path_factory):
-    """One real Flower deployment run on loopback; returns the ServerApp's output folder."""
-    root = tmp_path_factory.mktemp("flower")
-    out, home, logs = root / "out", root / "flwr-home", root / "logs"
-    for p in (out, home, logs):
+def run_flower_app(root, app, n_nodes, done, run_config=None, timeout=RUN_TIMEOUT):
+    """Deploy Flower on 127.0.0.1 and `flwr run` the Flower App in folder `app`.
+
+    One ``flower-superlink --disable-runtime-dependency-installation`` (it runs the
+    installed fedagg, it does not fetch the app's dependencies), `n_nodes`
+    ``flower-supernode`` processes with ``partition-id=i num-partitions=n_nodes``,
+    and ``flwr run <app> loopback --stream`` with FLWR_HOME in `root` (logs in
+    `root`/logs). Fails the test unless the path `done` exists afterwards; every
+    process started here, and everything they started, is stopped. Returns
+    ``{"seconds": ..., "log": flwr run's output}``.
+    """
+    home, logs = root / "flwr-home", root / "logs"
+    for p in (home, logs):
         p.mkdir()
-    app = root / "app"
-    (app / "fedaggflowertest").mkdir(parents=True)
-    (app / "pyproject.toml").write_text(PYPROJECT.replace("{out}", str(out)))
-    for name, text in (("__init__", ""), ("common", COMMON), ("client_app", CLIENT_APP),
-                       ("server_app", SERVER_APP)):
-        (app / "fedaggflowertest" / f"{name}.py").write_text(textwrap.dedent(text))
     link = _free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
@@ -626,26 +676,43 @@ def flower_run(tmp_path_factory):
     try:
         procs.append(spawn(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
                             "--disable-runtime-dependency-installation"], "superlink"))
-        for i in range(N_NODES):
+        for i in range(n_nodes):
             procs.append(spawn(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
                                 "--host", "127.0.0.1", "--port", str(_free_port()),
-                                "--node-config", f"partition-id={i} num-partitions={N_NODES}"], f"node{i}"))
+                                "--node-config", f"partition-id={i} num-partitions={n_nodes}"], f"node{i}"))
         _wait_http(link, procs[0], logs / "superlink.log")
+        cmd = [os.path.join(bindir, "flwr"), "run", str(app), "loopback", "--stream"]
+        for key, value in (run_config or {}).items():
+            cmd += ["--run-config", f"{key}={json.dumps(value)}"]  # JSON strings and numbers are TOML values
         try:
-            run = subprocess.run([os.path.join(bindir, "flwr"), "run", str(app), "loopback", "--stream"],
-                                 env=env, cwd=root, stdin=subprocess.DEVNULL, capture_output=True,
-                                 timeout=RUN_TIMEOUT)
+            run = subprocess.run(cmd, env=env, cwd=root, stdin=subprocess.DEVNULL, capture_output=True,
+                                 timeout=timeout)
         except subprocess.TimeoutExpired as e:
             text = (e.stdout or b"").decode(errors="replace")
-            pytest.fail(f"`flwr run` did not finish in {RUN_TIMEOUT} s:\n{text[-6000:]}\n{tails()}")
+            pytest.fail(f"`flwr run` did not finish in {timeout} s:\n{text[-6000:]}\n{tails()}")
         text = run.stdout.decode(errors="replace") + run.stderr.decode(errors="replace")
-        if not (out / "done").exists():
+        if not done.exists():
             pytest.fail(f"the Flower run did not finish (flwr run exited {run.returncode}):\n{text[-6000:]}\n{tails()}")
     finally:
         _stop(procs)
         if adopted:
             _subreaper(False)
-    return {"out": out, "seconds": time.monotonic() - t0, "log": text}
+    return {"seconds": time.monotonic() - t0, "log": text}
+
+
+@pytest.fixture(scope="module")
+def flower_run(tmp_path_factory):
+    """One real Flower deployment run on loopback; returns the ServerApp's output folder."""
+    root = tmp_path_factory.mktemp("flower")
+    out = root / "out"
+    out.mkdir()
+    app = root / "app"
+    (app / "fedaggflowertest").mkdir(parents=True)
+    (app / "pyproject.toml").write_text(PYPROJECT.replace("{out}", str(out)))
+    for name, text in (("__init__", ""), ("common", COMMON), ("client_app", CLIENT_APP),
+                       ("server_app", SERVER_APP)):
+        (app / "fedaggflowertest" / f"{name}.py").write_text(textwrap.dedent(text))
+    return {"out": out, **run_flower_app(root, app, N_NODES, done=out / "done")}
 
 
 def _load(path):

@@ -421,6 +421,7 @@ def test_rule_precondition_names_the_round():
     (dict(rule="mean", dp="yes"), TypeError, "CentralDP"),
     (dict(rule="mean", expected_clients=0), ValueError, "expected_clients"),
     (dict(rule="krum", f=-1), ValueError, "f must be >= 0"),
+    (dict(rule="mean", f=2), ValueError, "does not use f"),
 ])
 def test_constructor_validation(kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -2,7 +2,11 @@
 
 >>> from fedagg.integrations.flower import FedaggStrategy          # doctest: +SKIP
 >>> strategy = FedaggStrategy("multi_krum", f=1, rule_params={"m": 3}, fraction_evaluate=0.0)
+>>> strategy.min_nodes            # Multi-Krum needs n > 2f + 2: Flower waits for 5 nodes (logged)
+5
 >>> result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=10)   # in a ServerApp
+
+A complete app (ServerApp, ClientApp, how to run it): examples/flower.
 
 ``FedaggStrategy`` subclasses Flower's ``FedAvg``: node sampling, configs,
 evaluation and metric aggregation are Flower's; ``aggregate_train`` is
@@ -68,7 +72,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .. import compress
 from ..compress import Payload, PayloadError
-from ..rules import RULES, AggregationInfo, _check_float, _params
+from ..rules import RULES, AggregationInfo, _check_f_used, _check_float, _params
 from ..rules import aggregate as _aggregate
 
 __all__ = [
@@ -337,7 +341,11 @@ class FedaggStrategy(FedAvg):
     non_float: ``"raise"`` (default) refuses a global model with non-float
     arrays; ``"keep"`` carries them through from the global model.
     min_train_nodes, min_available_nodes: default to the rule's smallest n
-    for f (e.g. 2f + 3 for Krum); smaller values are refused.
+    for f (``fedagg.RULES[rule].min_n(f)``, e.g. 2f + 3 for Krum, at least
+    Flower's default 2); smaller values raise ValueError. Flower waits until
+    that many nodes are connected before a round starts: the constructor logs
+    the minimum (``min_nodes``), and ``configure_train`` warns while fewer
+    nodes are connected.
     Other keyword arguments go to Flower's ``FedAvg``.
     """
 
@@ -378,18 +386,30 @@ class FedaggStrategy(FedAvg):
             clip_norm = _check_float(clip_norm, "clip_norm")
         if not isinstance(nnm, bool):
             raise TypeError("nnm must be True or False")
+        _check_f_used(rule, self.f, nnm)  # the mean refuses an f it would ignore
         self.clip_norm, self.nnm, self.nonfinite, self.dp = clip_norm, nnm, nonfinite, dp
         self.invalid, self.non_float = invalid, non_float
-        need = max(2, _min_n(rule, self.f))
+        #: the fewest replies a round can be aggregated from: fedagg.RULES[rule].min_n(f)
+        self.min_nodes = need = _min_n(rule, self.f)
         if min_train_nodes is None:
-            min_train_nodes = need
+            min_train_nodes = max(2, need)  # Flower's FedAvg defaults to 2
         if min_available_nodes is None:
-            min_available_nodes = max(need, min_train_nodes)
-        if fedavg_kwargs.get("fraction_train", 1.0) != 0.0 and min_train_nodes < need:
-            raise ValueError(f"{rule} with f = {f} needs at least {need} replies per round; "
-                             f"min_train_nodes = {min_train_nodes} would let a round start with fewer")
+            min_available_nodes = max(2, need, min_train_nodes)
+        if fedavg_kwargs.get("fraction_train", 1.0) != 0.0:
+            for name, value in (("min_train_nodes", min_train_nodes), ("min_available_nodes", min_available_nodes)):
+                if value < need:
+                    raise ValueError(
+                        f"{rule} with f = {self.f} needs at least {need} replies per round "
+                        f"({RULES[rule].condition}); {name} = {value} is below that: a round must not start "
+                        f"with fewer nodes (leave it unset for {max(2, need)}, or lower f)")
         super().__init__(min_train_nodes=min_train_nodes, min_available_nodes=min_available_nodes,
                          **fedavg_kwargs)
+        if self.fraction_train != 0.0:
+            log(INFO, "fedagg: %s with f = %d needs at least %d %s per round (%s): each round waits "
+                "until %d nodes are connected (min_train_nodes = %d, min_available_nodes = %d)",
+                rule, self.f, need, "reply" if need == 1 else "replies", RULES[rule].condition,
+                self._nodes_to_wait_for(), self.min_train_nodes,
+                self.min_available_nodes)
         self.global_arrays: Optional[ArrayRecord] = None
         self.layout: Optional[Layout] = None
         self._global_vec: Optional[np.ndarray] = None
@@ -397,16 +417,33 @@ class FedaggStrategy(FedAvg):
         self.last_report: Optional[RoundReport] = None
 
     # ------------------------------------------------------------ Flower hooks
+    def _nodes_to_wait_for(self) -> int:
+        """How many connected nodes Flower's FedAvg waits for before it samples a training round."""
+        return max(self.min_available_nodes, self.min_train_nodes)
+
     def summary(self) -> None:
         log(INFO, "\t├──> fedagg: rule %s, f = %d, on %s%s%s%s", self.rule, self.f, self.aggregate_on,
             ", weighted" if self.weighted else "", f", clip_norm {self.clip_norm}" if self.clip_norm else "",
             ", central DP" if self.dp is not None else "")
+        log(INFO, "\t│\t└──needs %s: at least %d replies per round; waits for %d connected nodes",
+            RULES[self.rule].condition, self.min_nodes, self._nodes_to_wait_for())
         super().summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
                         ) -> Iterable[Message]:
         """Remember the global model (the reference for the replies), then Flower's FedAvg."""
         self.set_global_arrays(arrays)
+        if self.fraction_train != 0.0:
+            wait_for = self._nodes_to_wait_for()
+            try:
+                connected = len(list(grid.get_node_ids()))
+            except Exception:  # pragma: no cover - a Grid that cannot list its nodes: Flower's FedAvg will say
+                connected = wait_for
+            if connected < wait_for:
+                log(WARNING, "fedagg: round %d: %d nodes connected; %s with f = %d needs at least %d replies "
+                    "per round, so the round waits until %d nodes are connected (min_train_nodes = %d, "
+                    "min_available_nodes = %d)", server_round, connected, self.rule, self.f, self.min_nodes,
+                    wait_for, self.min_train_nodes, self.min_available_nodes)
         return super().configure_train(server_round, arrays, config, grid)
 
     def set_global_arrays(self, arrays: ArrayRecord) -> None:
@@ -455,7 +492,7 @@ class FedaggStrategy(FedAvg):
         n = len(ok)
         if report.failures:
             log(INFO, "fedagg: %d replies carried errors", report.failures)
-        need = max(1, _min_n(self.rule, self.f))
+        need = max(1, self.min_nodes)
         if n < need:
             text = (f"round {server_round}: {n} usable replies, {self.rule} with f = {self.f} needs "
                     f"at least {need}")

@@ -17,7 +17,11 @@ controller (``nvflare.app_common.workflows.fedavg.FedAvg(aggregator=...)``) or a
 ``simulator_run``), call ``job.set_app_packages(["fedagg"])`` so that fedagg (a
 compiled package that must be installed on the server) is imported, not copied
 into the job's ``custom`` folder; give ``dp`` as a dict of ``CentralDP``
-arguments there, since the job config is JSON.
+arguments there, since the job config is JSON. A complete job (``FedJob`` with
+``FedAvg(model=<dict>, persistor_id="", aggregator=FedaggAggregator(...))``,
+a NumPy client script through ``ScriptRunner(..., framework="numpy")``,
+``simulator_run(workspace, n_clients=...)``, and where the saved model lands)
+is in examples/nvflare.
 
 What happens to a client's model (``accept_model``):
 
@@ -80,7 +84,7 @@ from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from .. import _core
-from ..rules import RULES, _check_float, _check_int, _check_policy, _params, aggregate
+from ..rules import RULES, _check_f_used, _check_float, _check_int, _check_policy, _params, aggregate
 
 __all__ = ["FedaggAggregator", "num_steps_weight"]
 
@@ -219,6 +223,7 @@ class FedaggAggregator(ModelAggregator):
         if "center" in self._rule_params:
             raise ValueError("centered_clipping's center is the previous round's result here; do not pass it")
         _params(rule, f, None, None, None, self._rule_params)  # rule, f and the rule's parameters
+        _check_f_used(rule, f, nnm)  # the mean refuses an f it would ignore
         if weighted is not None and not isinstance(weighted, bool):
             raise TypeError("weighted must be True, False or None")
         if weighted and not RULES[rule].weights:

@@ -1,0 +1,1 @@
+"""fedagg + Flower: a robust Flower App in NumPy (see ../README.md)."""
