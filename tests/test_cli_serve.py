@@ -121,7 +121,10 @@ def test_linger_reaches_the_server_config(monkeypatch):
 
     def fake_server(model, cfg, **kw):
         seen.append(cfg.linger)
+        limits.append((cfg.max_peers, cfg.receive_memory, cfg.upload_timeout))
         raise Stop
+
+    limits = []
 
     monkeypatch.setattr(server, "Server", fake_server)
     for argv, linger in ((["--rounds", "2"], 30.0), (["--rounds", "2", "--linger", "0"], 0.0),
@@ -131,3 +134,8 @@ def test_linger_reaches_the_server_config(monkeypatch):
         assert seen[-1] == linger, argv
     with pytest.raises(SystemExit):
         cli.main(["serve", "--d", "4", "--linger", "-1"])
+    assert limits[-1] == (4096, None, 30.0)  # the defaults
+    with pytest.raises(Stop):
+        cli.main(["serve", "--d", "4", "--bind", "tcp://127.0.0.1:0", "--max-peers", "50", "--receive-memory-gb",
+                  "1.5", "--upload-timeout", "5"])
+    assert limits[-1] == (50, 1_500_000_000, 5.0)

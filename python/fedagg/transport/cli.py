@@ -56,6 +56,15 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
                    help="chunk size in MiB, at most 4 (default 4)")
     s.add_argument("--credits", type=int_at_least(1), default=8,
                    help="chunks in flight per participant (default 8)")
+    s.add_argument("--max-peers", type=int_at_least(1), default=4096,
+                   help="connections tracked at once; when full, the least recently seen idle one makes room "
+                        "(default 4096)")
+    s.add_argument("--receive-memory-gb", type=float_at_least(0, True), default=None,
+                   help="bytes of updates a round may hold (uploads in progress and accepted), in GB; an upload "
+                        "beyond it is refused 'busy' (default: half the physical memory)")
+    s.add_argument("--upload-timeout", type=float_at_least(0, True), default=30.0,
+                   help="seconds an upload may receive nothing before it is abandoned and its memory freed "
+                        "(default 30)")
     s.add_argument("--io-threads", type=int_at_least(1), default=None,
                    help="libzmq I/O threads (default: one per 4 cores, 1 to 4)")
     s.add_argument("--curve-secret", type=Path, default=None,
@@ -153,7 +162,9 @@ def _serve(args) -> int:
                        min_updates=args.min_updates, rounds=args.rounds, server_lr=args.server_lr,
                        clip_norm=args.clip_norm, state_dir=str(args.state_dir) if args.state_dir else None,
                        chunk_bytes=int(args.chunk_mib * (1 << 20)) // 4 * 4, credits=args.credits,
-                       insecure=args.insecure, io_threads=args.io_threads, linger=linger)
+                       insecure=args.insecure, io_threads=args.io_threads, linger=linger, max_peers=args.max_peers,
+                       receive_memory=None if args.receive_memory_gb is None else int(args.receive_memory_gb * 1e9),
+                       upload_timeout=args.upload_timeout)
     if args.curve_secret is not None:
         from zmq.auth import load_certificate
 
