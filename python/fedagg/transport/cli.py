@@ -185,9 +185,10 @@ def _serve(args) -> int:
                         on_round=lambda rec: print(json.dumps({"round_closed": rec}, default=str), flush=True))
     except zmq.ZMQError as e:  # the server names a failed bind itself; anything else from libzmq, here
         raise ValueError(f"cannot bind {args.bind}: {e}") from None
-    print(json.dumps({"listening": server.endpoint, "round": server.round, "d": server.d}), flush=True)
     # SIGTERM (systemd, docker stop, kill) stops the server like the end of its rounds: exit status 0.
+    # Installed before the "listening" line, so a SIGTERM sent as soon as it is read is handled.
     previous = signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    print(json.dumps({"listening": server.endpoint, "round": server.round, "d": server.d}), flush=True)
     try:
         server.serve()
     except KeyboardInterrupt:
