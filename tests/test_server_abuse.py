@@ -276,3 +276,211 @@ def test_ipv6_binds_and_bind_failures_are_clear_errors(running, caplog):
     with pytest.raises(ValueError, match="cannot bind tcp://192.0.2.1"):
         Server(np.zeros(4, np.float32), ServerConfig(bind="tcp://192.0.2.1:5555", insecure=True))
     assert any(getattr(rec, "event", "") == "insecure" and "anyone" in rec.getMessage() for rec in caplog.records)
+
+
+# ---------------------------------------------------------------- found by an attacker's review
+def _chunk(s, data, session, offset, total, seq, codec=0, dtype=Dtype.FLOAT32):
+    s.send_multipart(message(Kind.CHUNK, data, round=0, offset=offset, total=total, seq=seq, dtype=dtype,
+                             codec=codec, session=session))
+    return _reply(s)
+
+
+def test_a_refused_takeover_changes_nothing_and_orphans_no_upload(running):
+    """A HELLO with the right secret but a stale seq is refused `replayed` and must leave the owner's
+    entry in place; even with no entry, an upload is continued only with its secret."""
+    d = 2048
+    r = running(d=d, quorum=2, chunk_bytes=4096)
+    victim, again, thief = _peer(r.endpoint), _peer(r.endpoint), _peer(r.endpoint)
+    try:
+        _, st = _hello(victim, "alice", seq=100, secret="s")
+        assert _chunk(victim, np.ones(1024, np.float32), st["session"], 0, 4 * d, seq=110)[0].kind == Kind.CREDIT
+        head, body = _hello(again, "alice", seq=105, secret="s")
+        assert head.kind == Kind.REJECTED and body["reason"] == "replayed"
+        assert r.server.peers.of("alice").routing_id == r.server.peers.get(
+            next(p.routing_id for p in r.server.peers if p.pid == "alice")).routing_id
+        victim.send_multipart(message(Kind.STATUS, b"", seq=111))
+        assert _reply(victim)[0].kind == Kind.STATE  # still alice's connection
+        r.server.peers.remove(r.server.peers.of("alice"))  # the entry gone (evicted): the upload still is hers
+        head, body = _hello(thief, "alice", seq=1, secret="mallory")
+        assert head.kind == Kind.REJECTED and body["reason"] == "claimed"
+        head, st2 = _hello(again, "alice", seq=200, secret="s")
+        assert head.kind == Kind.STATE and st2["held"] == 4096
+    finally:
+        for s in (victim, again, thief):
+            s.close(0)
+
+
+def test_compressed_uploads_are_charged_a_decoded_update():
+    """A compressed upload becomes a d-sized update at COMMIT, so it is charged that much from its
+    first chunk: tiny payloads cannot push the accepted updates past the budget."""
+    from fedagg import compress
+    from fedagg.transport.protocol import Codec, pack_frames
+
+    d = 1 << 16
+    server = Server(np.zeros(d, np.float32), ServerConfig(bind="tcp://127.0.0.1:0", quorum=8,
+                                                          receive_memory=2 * 4 * d))
+    import threading
+
+    t = threading.Thread(target=server.serve, daemon=True)
+    t.start()
+    try:
+        replies, socks = [], []
+        for k in range(4):  # four uploads started (each a few bytes on the wire) before any COMMIT
+            p = compress.TopK(k=1, error_feedback=False).encode(np.eye(1, d, k, dtype=np.float32)[0])
+            blob = pack_frames(p.to_frames())
+            s = _peer(server.endpoint)
+            socks.append((s, blob))
+            _, st = _hello(s, f"c{k}", seq=1)
+            head, body = _chunk(s, np.frombuffer(blob, np.uint8), st["session"], 0, len(blob), 2, codec=Codec.FAGP,
+                                dtype=Dtype.NONE)
+            replies.append(head.kind if head.kind != Kind.REJECTED else body["reason"])
+        for s, blob in socks:
+            s.send_multipart(message(Kind.COMMIT, b"", round=0, total=len(blob), seq=3, session=st["session"]))
+            head, body = _reply(s)
+            replies.append(head.kind if head.kind != Kind.REJECTED else body["reason"])
+            s.close(0)
+        assert replies == [Kind.CREDIT, Kind.CREDIT, "busy", "busy", Kind.ACCEPTED, Kind.ACCEPTED, "incomplete",
+                           "incomplete"]
+        assert server.buffers.held <= server.buffers.budget
+    finally:
+        server.stop()
+        t.join(10)
+
+
+def test_empty_chunks_are_refused_and_a_table_of_uploads_still_makes_room(running):
+    r = running(d=1024, quorum=9, max_peers=3, chunk_bytes=4096)
+    socks = [_peer(r.endpoint) for _ in range(3)]
+    try:
+        _, st = _hello(socks[0], "e", seq=1)
+        head, body = _chunk(socks[0], b"", st["session"], 0, 4096, 2)
+        assert head.kind == Kind.REJECTED and body["reason"] == "malformed" and "e" not in r.server.uploads
+        for k, s in enumerate(socks):  # every entry uploading, half done
+            _, st = _hello(s, f"u{k}", seq=10)
+            assert _chunk(s, np.ones(512, np.float32), st["session"], 0, 4096, 11)[0].kind == Kind.CREDIT
+        with Client(r.endpoint, "newcomer", timeout=10) as c:  # the least recently seen upload makes room
+            c.submit(np.ones(1024, np.float32), 0)
+        assert "u0" not in r.server.uploads and {"u1", "u2"} <= set(r.server.uploads)
+    finally:
+        for s in socks:
+            s.close(0)
+
+
+def test_a_connection_with_its_own_routing_id_is_refused(running):
+    """Routing ids a peer chooses could be reused by another connection to speak for its entry."""
+    r = running(d=64, quorum=1)
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.ROUTING_ID, b"conn-7")
+    s.connect(r.endpoint)
+    try:
+        head, body = _hello(s, "alice", seq=1)
+        assert head.kind == Kind.REJECTED and body["reason"] == "identity" and "ROUTING_ID" in body["detail"]
+    finally:
+        s.close(0)
+
+
+class _Gate:
+    """A stand-in LedgerGate: admits known addresses, weighs by stake, records what it is given."""
+
+    poll_seconds, commit_seconds, stake_weighted, commitments = 0.05, 0.0, True, {}
+    stakes = {"0xa": 1.0, "0xwhale": 1000.0, "0xb": 1.0}
+
+    def __init__(self, fail_checks=0):
+        class Cost:
+            hash_seconds = seconds = 0.0
+            gas, call_seconds, calls = {}, {}, 0
+
+        self.cost, self.recorded, self.fail_checks = Cost(), None, fail_checks
+
+    def start_round(self, rnd): pass
+    def all_committed(self): return True
+    def close_commits(self): pass
+    def admit(self, address): return None if address in self.stakes else "unregistered"
+
+    def check(self, address, digest, sig, *, session):
+        if self.fail_checks:
+            self.fail_checks -= 1
+            raise RuntimeError("eth_call: connection reset")
+        return None
+
+    def weights(self, addresses): return np.array([self.stakes[a] for a in addresses])
+    def record(self, model, addresses, scores): self.recorded = list(addresses)
+
+
+def test_ledger_addresses_are_fixed_at_commit_and_a_chain_failure_keeps_the_upload(running):
+    gate = _Gate(fail_checks=1)
+    r = running(d=64, quorum=2, rounds=1, ledger=gate)
+    a, b = _peer(r.endpoint), _peer(r.endpoint)
+    try:
+        wait_for(lambda: r.server.phase == "upload", 10, "upload phase")
+        _, st = _hello(a, "0xa", seq=1)
+        assert _chunk(a, np.full(64, 1.0, np.float32), st["session"], 0, 256, 2)[0].kind == Kind.CREDIT
+        a.send_multipart(message(Kind.COMMIT, b'{"signature": "00"}', round=0, total=256, seq=3,
+                                 session=st["session"]))
+        head, body = _reply(a)
+        assert body["reason"] == "internal" and r.server.uploads["0xa"].received == 256  # kept: retry
+        a.send_multipart(message(Kind.COMMIT, b'{"signature": "00"}', round=0, total=256, seq=4,
+                                 session=st["session"]))
+        assert _reply(a)[0].kind == Kind.ACCEPTED
+        head, _ = _hello(a, "0xwhale", seq=5)  # another admitted address, after acceptance
+        _, st = _hello(b, "0xb", seq=1)
+        _chunk(b, np.full(64, 100.0, np.float32), st["session"], 0, 256, 2)
+        b.send_multipart(message(Kind.COMMIT, b'{"signature": "00"}', round=0, total=256, seq=3,
+                                 session=st["session"]))
+        assert _reply(b)[0].kind == Kind.ACCEPTED
+        r.thread.join(10)
+    finally:
+        a.close(0)
+        b.close(0)
+    assert gate.recorded == ["0xa", "0xb"]
+    np.testing.assert_allclose(r.server.model, np.full(64, 50.5, np.float32))  # stakes 1:1, not the whale's
+    assert r.server.buffers.held == 0
+
+
+def test_the_client_backs_off_when_busy_and_restarts_an_upload_of_another_codec(running):
+    from fedagg import compress
+
+    d = 4096
+    r = running(d=d, quorum=2, chunk_bytes=4096, receive_memory=4 * d, upload_timeout=2.0)
+    squatter = _peer(r.endpoint)
+    try:
+        _, st = _hello(squatter, "squatter", seq=1)  # holds the whole budget until it times out (2 s)
+        assert _chunk(squatter, np.ones(1024, np.float32), st["session"], 0, 4 * d, 2)[0].kind == Kind.CREDIT
+        with Client(r.endpoint, "patient", timeout=10) as c:
+            assert c.submit(np.ones(d, np.float32), 0)["id"] == "patient"  # busy, backs off, gets in
+        assert r.server.rejected_counts.get("busy", 0) >= 1
+    finally:
+        squatter.close(0)
+    r = running(d=d, quorum=2, chunk_bytes=4096)
+    with Client(r.endpoint, "switch", timeout=10) as c:
+        c._send(message(Kind.CHUNK, np.ones(1024, np.float32), round=0, offset=0, total=4 * d, seq=c._next(),
+                        dtype=Dtype.FLOAT32, session=c.state["session"]))  # a raw upload begun ...
+        wait_for(lambda: "switch" in r.server.uploads, 10, "the raw upload held")
+        p = compress.TopK(k=10, error_feedback=False).encode(np.arange(d, dtype=np.float32))
+        assert c.submit(p, 0)["id"] == "switch"  # ... then a compressed one: it starts at 0
+
+
+def test_participant_ids_are_not_markup_in_the_live_view(running):
+    """An id like "[/x]" is printable, so it is admitted; the rich view must show it, not parse it."""
+    import io
+
+    pytest.importorskip("rich")
+    from rich.console import Console
+
+    from fedagg.transport.observe import ProgressView
+
+    r = running(d=64, quorum=5)
+    s = _peer(r.endpoint)
+    try:
+        _, st = _hello(s, "[/x]", seq=1)
+        _chunk(s, np.ones(16, np.float32), st["session"], 0, 256, 2)
+        s.send_multipart(message(Kind.CHUNK, np.ones(16, np.float32), round=9, offset=0, total=256, seq=3,
+                                 dtype=Dtype.FLOAT32, session=st["session"]))  # another round: refused, listed
+        assert _reply(s)[1]["reason"] == "future"
+    finally:
+        s.close(0)
+    out = io.StringIO()
+    view = ProgressView(console=Console(file=out, force_terminal=True, width=150))
+    view.update(r.server)
+    view.close()
+    assert "[/x]: future" in out.getvalue()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -30,6 +30,8 @@ class Upload:
     codec: Codec
     buf: Any  # numpy uint8 view of the destination
     total: int
+    charge: int  # bytes of the budget it holds (a compressed one: at least what its decoded update will)
+    secret: Optional[bytes] = None  # the HELLO secret digest of the connection that started it (peers.py)
     received: int = 0
     finite: bool = True
     sha256: Any = None  # with a ledger: the running hash of the bytes received, chunk by chunk
@@ -67,8 +69,9 @@ class ReceiveBuffers:
         self._trim()
         return buf
 
-    def take_bytes(self, nbytes: int) -> np.ndarray:
-        self.held += nbytes
+    def take_bytes(self, nbytes: int, charge: int) -> np.ndarray:
+        """A byte buffer for a compressed upload, holding `charge` (>= nbytes) bytes of the budget."""
+        self.held += charge
         self._trim()
         return np.empty(nbytes, dtype=np.uint8)
 

@@ -76,6 +76,7 @@ class Client:
         # Presented with every HELLO: a reconnection (ZeroMQ reconnects with a new identity) takes
         # over this participant's entry and upload; another connection claiming the id cannot.
         self.secret = os.urandom(16).hex()
+        self._upload: Optional[Tuple[int, int, int]] = None  # (round, codec, total) of the upload the server holds
         self.state: Dict[str, Any] = {}
         try:
             self.hello()
@@ -251,7 +252,7 @@ class Client:
             blob, codec, dtype = arr.view(np.uint8), Codec.RAW, Dtype.FLOAT32
         total = blob.size
         rnd = self.status()["round"] if round is None else int(round)
-        attempts = 0
+        attempts, backoff = 0, 0.5
         while True:
             attempts += 1
             if attempts > 20:
@@ -267,8 +268,14 @@ class Client:
                 if attempts > 1:  # our COMMIT got through; its answer was lost
                     return {"round": rnd, "id": self.id}
                 raise TransportError("duplicate", "already accepted this round")
+            if (rnd, int(codec), total) != self._upload:  # what the server holds is another upload
+                st = dict(st, held=0)
+            self._upload = (rnd, int(codec), total)
             try:
                 return self._stream(blob, total, rnd, codec, dtype, st, chunk_delay, signature)
+            except _Busy:  # the server's receive memory is full: back off, then try again
+                backoff = min(2 * backoff, 8.0)
+                time.sleep(backoff)
             except _Resume:
                 continue
 
@@ -304,6 +311,8 @@ class Client:
                 r = parse_json(body)
                 if 0 < head.seq < first_seq:
                     continue
+                if r.get("reason") == "busy":
+                    raise _Busy()
                 if r.get("reason") in _RESUMABLE or r.get("reason") in ("checksum", "phase"):
                     raise _Resume()
                 raise TransportError(r.get("reason", "rejected"), r.get("detail", ""))
@@ -315,3 +324,7 @@ class _Unknown(Exception):
 
 class _Resume(Exception):
     """Resynchronize with the server's STATE and continue the upload."""
+
+
+class _Busy(_Resume):
+    """The server cannot take the upload now: wait, then resynchronize."""

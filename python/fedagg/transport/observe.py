@@ -50,7 +50,9 @@ class ProgressView:
                   f"{now - server.round_started:,.1f} s", str(len(server.rejected)))
         if server.rejected:
             last = server.rejected[-3:]
-            t.caption = "last refusals: " + "; ".join(f"{r['id']}: {r['reason']}" for r in last)
+            from rich.markup import escape  # ids are the participants' words, never markup
+
+            t.caption = "last refusals: " + "; ".join(f"{escape(str(r['id']))}: {escape(r['reason'])}" for r in last)
         self.live.update(t)
 
     def close(self) -> None:

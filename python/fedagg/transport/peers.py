@@ -2,16 +2,19 @@
 
 A participant entry costs a few hundred bytes and no receive buffer (buffers are taken when an
 upload starts, transport/buffers.py), so the table can be large; when it is full, the entry
-seen least recently that has no upload in progress makes room. A flood of HELLOs therefore
-only cycles idle entries: it never locks out a participant that is uploading, and a
-participant whose idle entry was evicted is told ``unknown`` and says HELLO again.
+seen least recently that has no upload in progress makes room (when every entry is uploading,
+the least recently seen one, whose upload is given up). A flood of HELLOs therefore only cycles
+idle entries, and a participant whose idle entry was evicted is told ``unknown`` and says HELLO
+again.
 
 Ids are claims. With CURVE the id is the authenticated key, so a new connection presenting the
 key is the participant itself (a reconnection) and takes its entry over. In plain mode anyone
 can claim any id; what the table guarantees there:
 - an upload belongs to the connection that started it: another connection can continue it only
   by presenting the secret the first one sent in its HELLO (``{"secret": ...}``; fedagg's Client
-  sends a random one), so a reconnecting participant resumes and an impostor does not;
+  sends a random one), so a reconnecting participant resumes and an impostor does not (the
+  secret is kept with the upload, so this holds even after the entry itself was dropped);
+- a refused HELLO changes nothing;
 - a claim without the secret never inherits the entry's message counter (seq), so it cannot
   make the participant's next messages look replayed; it only replaces an entry with nothing
   in progress.
@@ -23,7 +26,7 @@ import hashlib
 import hmac
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 
 @dataclass
@@ -77,50 +80,59 @@ class PeerTable:
         return True
 
     def hello(self, rid: bytes, pid: str, key: str, secret: Optional[str], seq: int, address: Optional[str],
-              now: float, uploading: Callable[[str], bool]) -> Tuple[Optional[Peer], str, str, Optional[str]]:
-        """Admit a HELLO: (peer, "", "", dropped_pid) or (None, reason, detail, None).
+              now: float, upload: Callable[[str], Tuple[bool, Optional[bytes]]]
+              ) -> Tuple[Optional[Peer], str, str, List[str]]:
+        """Admit a HELLO: (peer, "", "", abandon) or (None, reason, detail, []); a refusal changes nothing.
 
-        `uploading(pid)` says whether pid has an upload in progress (such entries are never
-        evicted or replaced without the secret). dropped_pid: a participant id whose upload
-        the caller must abandon (this connection used to speak for it).
+        `upload(pid)` is (whether pid has an upload in progress, the secret digest of the HELLO
+        that started it). `abandon`: participant ids whose uploads the caller must give up (the
+        id this connection spoke for before, an entry evicted to make room).
         """
         digest = hashlib.sha256(secret.encode()).digest() if secret else None
+
+        def matches(d: Optional[bytes]) -> bool:
+            return d is not None and digest is not None and hmac.compare_digest(d, digest)
+
         prev = self._by_rid.get(rid)  # this connection's entry (it may have spoken for another id)
         owner = self._by_pid.get(pid)  # the entry that speaks for pid now
+        uploading, upload_secret = upload(pid)
+        # CURVE: the id is the authenticated key, so the connection is the participant itself
+        same = owner is not None and owner is not prev and (bool(key) or matches(owner.secret))
+        mine = prev is not None and prev is owner  # this connection already speaks for pid
+        if uploading and not (mine or key or same or matches(upload_secret)):
+            return None, "claimed", (f"{pid!r} has an upload in progress on another connection; present that "
+                                     "connection's HELLO secret to resume it"), []
         last_seq, tokens, refill = -1, self.rate, now
-        dropped = None
-        if owner is not None and owner is not prev:
-            same = bool(key) and owner.key == key  # CURVE: the same authenticated key
-            if not same and owner.secret is not None and digest is not None:
-                same = hmac.compare_digest(owner.secret, digest)
-            if same:  # the participant reconnected: its entry, counter and upload move here
-                last_seq, tokens, refill = owner.last_seq, owner.tokens, owner.last_refill
-                digest = owner.secret if digest is None else digest
-            elif uploading(pid):
-                return None, "claimed", (f"{pid!r} has an upload in progress on another connection; "
-                                         "present that connection's HELLO secret to resume it"), None
-            self.remove(owner)  # an entry with nothing in progress: the new claim replaces it
+        if same:  # the participant reconnected: its counter and rate limit come along
+            last_seq, tokens, refill = owner.last_seq, owner.tokens, owner.last_refill
+            digest = owner.secret if digest is None else digest
+        if prev is not None:
+            last_seq, tokens, refill = max(last_seq, prev.last_seq), prev.tokens, prev.last_refill
+            if prev.pid == pid and digest is None:
+                digest = prev.secret
+        if seq <= last_seq:
+            return None, "replayed", f"seq {seq} <= {last_seq}", []
+        abandon: List[str] = []
+        if owner is not None and owner is not prev:  # moved here, or replaced by a fresh claim
+            self.remove(owner)
         if prev is not None:
             if prev.pid != pid:  # a connection speaks for one participant at a time
-                dropped = prev.pid
-            last_seq, tokens, refill = max(last_seq, prev.last_seq), prev.tokens, prev.last_refill
-            if prev.pid == pid and prev.secret is not None:
-                digest = prev.secret if digest is None else digest
-        if seq <= last_seq:
-            return None, "replayed", f"seq {seq} <= {last_seq}", None
-        if prev is not None:
+                abandon.append(prev.pid)
             self.remove(prev)
-        elif len(self._by_rid) >= self.max_peers and not self._evict_one(uploading):
-            return None, "busy", f"{self.max_peers} connections hold uploads in progress", None
+        elif len(self._by_rid) >= self.max_peers:
+            abandon += self._evict_one(lambda p: upload(p)[0])
         peer = Peer(rid, pid, key, digest, tokens, refill, now, seq, address)
         self._by_rid[rid] = peer
         self._by_pid[pid] = peer
-        return peer, "", "", dropped
+        return peer, "", "", abandon
 
-    def _evict_one(self, uploading: Callable[[str], bool]) -> bool:
-        """Drop the least recently seen entry with no upload in progress; False if there is none."""
-        for rid, p in self._by_rid.items():
+    def _evict_one(self, uploading: Callable[[str], bool]) -> List[str]:
+        """Make room: drop the least recently seen entry with no upload in progress, or, when every
+        entry is uploading, the least recently seen one (returned: its upload must be given up)."""
+        for p in self._by_rid.values():
             if not uploading(p.pid):
                 self.remove(p)
-                return True
-        return False
+                return []
+        p = next(iter(self._by_rid.values()))
+        self.remove(p)
+        return [p.pid]

@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -37,7 +38,8 @@ from .state import RoundStore
 log = logging.getLogger("fedagg.server")
 
 MAX_ID = 128  # characters of a participant id, and of a HELLO secret
-MAX_REJECTED_LISTED = 1000  # refusals listed per round (all are counted by reason)
+MAX_REJECTED_LISTED = 1000  # refusals (and abandoned uploads) listed per round; all are counted
+MAX_HISTORY = 1000  # round records kept in memory (all go to metrics.jsonl with a state_dir)
 
 
 def _host(endpoint: str) -> str:
@@ -171,9 +173,11 @@ class Server:
             raise ValueError(f"receive_memory of {budget} bytes cannot hold one update of {self.model_bytes} bytes")
         self.buffers = ReceiveBuffers(self.d, budget)
         self.accepted: Dict[str, np.ndarray] = dict(accepted)
+        self.accepted_address: Dict[str, str] = {}  # ledger: the address each was admitted under (else its id)
         self.buffers.held += self.model_bytes * len(self.accepted)
         self.uploads: Dict[str, Upload] = {}
-        self.abandoned: set = set()  # uploads given up this round (timed out, or their connection switched id)
+        self.abandoned: Dict[str, None] = {}  # uploads given up this round (the first MAX_REJECTED_LISTED ids)
+        self.abandoned_count = 0
         self.peers = PeerTable(config.max_peers, config.rate)
         self.rejected: List[Dict[str, Any]] = []
         self.rejected_counts: Dict[str, int] = {}
@@ -183,7 +187,8 @@ class Server:
         self.gate = config.ledger
         self.phase = "upload"  # with a ledger each round starts with a commit phase
         self._commit_poll = 0.0  # when to next ask the chain whether everyone has committed
-        self.history: List[Dict[str, Any]] = []
+        self.history: "deque[Dict[str, Any]]" = deque(maxlen=MAX_HISTORY)  # the latest rounds' records
+        self.rounds_done = 0
         self.previous: Optional[Dict[str, Any]] = None  # how the last round closed (STATE, ROUND)
         self._throttle = LogThrottle()
         self._swept = 0.0
@@ -216,7 +221,9 @@ class Server:
         # ignores its credits is not read further (libzmq stops reading its connection): at most
         # (credits + 16) chunks of memory per peer, not thousands.
         s.setsockopt(zmq.RCVHWM, self.cfg.credits + 16)
-        s.setsockopt(zmq.SNDHWM, 1024)
+        # Replies queued per peer: a model window and control messages. A peer that stops reading
+        # cannot make the server keep more (MODEL frames reference whole models of past rounds).
+        s.setsockopt(zmq.SNDHWM, self.cfg.credits + 16)
         s.setsockopt(zmq.ROUTER_MANDATORY, 0)
         s.setsockopt(zmq.LINGER, 0)
         ivl = int(self.cfg.heartbeat * 1000)
@@ -259,7 +266,10 @@ class Server:
         try:
             self.sock.send_multipart([rid, *frames], copy=False, flags=self.zmq.NOBLOCK)
         except self.zmq.Again:  # the peer's queue is full: it will ask again (STATUS)
-            log.warning("send queue full, reply dropped", extra={"event": "send_dropped"})
+            suppressed = self._throttle.allow("send_dropped", time.monotonic())
+            if suppressed is not None:
+                log.warning("send queue full, reply dropped%s", f" ({suppressed} more not logged)" if suppressed else "",
+                            extra={"event": "send_dropped"})
 
     def _state(self, pid: Optional[str]) -> Dict[str, Any]:
         return {"round": self.round, "session": self.session, "d": self.d, "dtype": "float32", "phase": self.phase,
@@ -290,7 +300,7 @@ class Server:
 
     # ---------------------------------------------------------------- the loop
     def serve(self) -> List[Dict[str, Any]]:
-        """Run rounds; returns the per-round metrics."""
+        """Run rounds; returns the per-round metrics (the latest MAX_HISTORY rounds)."""
         zmq = self.zmq
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
@@ -300,7 +310,7 @@ class Server:
         linger_until = None
         try:
             while not self._stop:
-                if target is not None and len(self.history) >= target:
+                if target is not None and self.rounds_done >= target:
                     # the last round is closed: keep serving its model (STATUS, GET_MODEL) a while
                     if linger_until is None:
                         linger_until = time.monotonic() + self.cfg.linger
@@ -323,10 +333,14 @@ class Server:
                     self._shown = time.monotonic()
                     self.progress.update(self)
         finally:
-            if self.progress is not None:
-                self.progress.close()
-            self.close()
-        return self.history
+            try:
+                if self.progress is not None:
+                    self.progress.close()
+            finally:
+                # a second for the last replies (the final ROUND, MODEL chunks asked for) to leave
+                self.sock.setsockopt(zmq.LINGER, 1000)
+                self.close()
+        return list(self.history)
 
     def _handle(self, frames) -> None:
         """One message; nothing a participant sends may stop the loop."""
@@ -345,6 +359,8 @@ class Server:
         rid = frames[0].bytes
         now = time.monotonic()
         peer = self.peers.get(rid)
+        if peer is not None and peer.key and frames[1].get("User-Id") != peer.key:
+            peer = None  # a routing id reused by another connection: it is not that participant
         if peer is not None and not self.peers.charge(peer, now):  # over its rate: dropped
             self.rejected_counts["rate"] = self.rejected_counts.get("rate", 0) + 1
             suppressed = self._throttle.allow("rate_limited", now)
@@ -412,32 +428,38 @@ class Server:
             if why:
                 self._reject(rid, why, f"{address!r} is not admitted by the ledger", pid, seq=head.seq)
                 return
-        peer, why, detail, dropped = self.peers.hello(rid, pid, key, secret, head.seq, address, now,
-                                                      self.uploads.__contains__)
-        if peer is None:
-            self._reject(rid, why, detail, pid, record=why != "busy", seq=head.seq)
+        if len(rid) != 5 or rid[0] != 0:  # libzmq's own routing ids: 5 bytes, the first 0 (never user-set)
+            self._reject(rid, "identity", "the connection set its own ZMQ_ROUTING_ID: leave it to libzmq",
+                         record=False, seq=head.seq)
             return
-        if dropped is not None:  # this connection spoke for another id: that upload is given up
-            self._abandon(dropped)
+        peer, why, detail, abandon = self.peers.hello(rid, pid, key, secret, head.seq, address, now,
+                                                      self._upload_owner)
+        if peer is None:
+            self._reject(rid, why, detail, pid, seq=head.seq)
+            return
+        for gone in abandon:  # this connection spoke for another id, or an entry made room
+            self._abandon(gone)
         suppressed = self._throttle.allow("hello", now)
         if suppressed is not None:
             log.info("hello from %s%s", pid, f" ({suppressed} more not logged)" if suppressed else "",
                      extra={"event": "hello", "participant": pid})
         self._send(rid, json_message(Kind.STATE, self._state(pid), round=self.round, session=self.session))
 
-    def _address_of(self, pid: str) -> str:
-        peer = self.peers.of(pid)
-        return peer.address if peer is not None and peer.address else pid
+    def _upload_owner(self, pid: str):
+        up = self.uploads.get(pid)
+        return (False, None) if up is None else (True, up.secret)
 
     def _abandon(self, pid: str) -> None:
         """Give up pid's upload in progress: its bytes leave the budget, a raw buffer goes back to the pool."""
         up = self.uploads.pop(pid, None)
         if up is not None:
             self._free(up)
-            self.abandoned.add(pid)
+            self.abandoned_count += 1
+            if len(self.abandoned) < MAX_REJECTED_LISTED:
+                self.abandoned[pid] = None
 
     def _free(self, up: Upload) -> None:
-        self.buffers.release(up.buf.nbytes)
+        self.buffers.release(up.charge)
         if up.codec == Codec.RAW:
             self.buffers.recycle([up.buf.view(np.float32)])
 
@@ -492,6 +514,9 @@ class Server:
             self._reject(rid, "duplicate", "an update of this participant is already in the round", pid,
                          head.round, seq=head.seq)
             return
+        if head.length == 0 or head.total == 0:
+            self._reject(rid, "malformed", "a chunk carries at least one byte", pid, head.round, seq=head.seq)
+            return
         if head.codec == Codec.RAW:
             if head.dtype != Dtype.FLOAT32 or head.total != self.model_bytes:
                 self._abandon(pid)
@@ -502,6 +527,9 @@ class Server:
             self._reject(rid, "size", f"compressed update of {head.total} bytes exceeds the raw size", pid,
                          head.round, seq=head.seq)
             return
+        if head.codec == Codec.RAW and head.length % 4:
+            self._reject(rid, "malformed", "raw chunks hold whole float32 values", pid, head.round, seq=head.seq)
+            return
         up = self.uploads.get(pid)
         if up is None or up.codec != head.codec or up.total != head.total:
             if head.offset != 0:
@@ -509,7 +537,8 @@ class Server:
                 return
             if up is not None:  # restarted with another codec or size: the old one is given up
                 self._free(self.uploads.pop(pid))
-            need = self.model_bytes if head.codec == Codec.RAW else head.total
+            # a compressed upload holds at least a decoded update's worth: it becomes one at COMMIT
+            need = self.model_bytes if head.codec == Codec.RAW else max(head.total, self.model_bytes)
             if not self.buffers.room(need):
                 self._reject(rid, "busy", f"receive memory full: {self.buffers.held} of {self.buffers.budget} bytes "
                              f"held by {len(self.uploads)} uploads and {len(self.accepted)} accepted updates; "
@@ -518,13 +547,10 @@ class Server:
             if head.codec == Codec.RAW:
                 buf = self.buffers.take_raw().view(np.uint8)
             else:
-                buf = self.buffers.take_bytes(head.total)
-            up = self.uploads[pid] = Upload(head.codec, buf, head.total)
+                buf = self.buffers.take_bytes(head.total, need)
+            up = self.uploads[pid] = Upload(head.codec, buf, head.total, need, peer.secret)
             if self.gate is not None:
                 up.sha256 = hashlib.sha256()
-        if up.codec == Codec.RAW and head.length % 4:
-            self._reject(rid, "malformed", "raw chunks hold whole float32 values", pid, head.round, seq=head.seq)
-            return
         if head.offset != up.received:
             self._reject(rid, "order", f"expected offset {up.received}, got {head.offset}", pid, head.round,
                          record=False, seq=head.seq)
@@ -532,6 +558,8 @@ class Server:
         raw = up.codec == Codec.RAW
         crc, finite = _core.copy_crc32c(up.buf[up.received:up.received + head.length], body, raw)
         if crc != head.checksum:
+            if up.received == 0:  # nothing held yet: no buffer is kept for it either
+                self._free(self.uploads.pop(pid))
             self._reject(rid, "checksum", f"chunk at offset {head.offset} is corrupt", pid, head.round,
                          record=False, seq=head.seq)  # not counted as received: the client resends it
             return
@@ -569,14 +597,18 @@ class Server:
                          head.round, record=False, seq=head.seq)
             return
         up = self.uploads.get(pid)
-        if up is None or up.received != up.total or head.session != self.session:
+        if up is None or up.received != up.total or head.session != self.session or head.total != up.total:
             self._reject(rid, "incomplete", f"holding {self._held(pid)} of {up.total if up else '?'} bytes", pid,
                          head.round, record=False, seq=head.seq)
             return
         del self.uploads[pid]
         why, detail = None, ""
         if self.gate is not None:
-            why = self._ledger_check(peer, body, up)
+            try:
+                why = self._ledger_check(peer, body, up)
+            except BaseException:  # the chain failed: the upload stays, COMMIT can be sent again
+                self.uploads[pid] = up
+                raise
             detail = "the ledger does not vouch for this update"
         update = None
         if why is None:
@@ -591,11 +623,19 @@ class Server:
             self._reject(rid, why, detail, pid, head.round, seq=head.seq)
             return
         if up.codec != Codec.RAW:  # the payload's bytes are spent; the decoded update is held instead
-            self.buffers.release(up.buf.nbytes)
+            self.buffers.release(up.charge)
             self.buffers.held += self.model_bytes
         self.accepted[pid] = update
+        self.accepted_address[pid] = peer.address or pid  # the address it was admitted under, now
         if self.store:
-            self.store.save_update(self.round, list(self.accepted), update)
+            try:
+                self.store.save_update(self.round, list(self.accepted), update)
+            except Exception:  # not on disk: not accepted
+                del self.accepted[pid], self.accepted_address[pid]
+                self.buffers.release(self.model_bytes)
+                if up.codec == Codec.RAW:
+                    self.buffers.recycle([update])
+                raise
         if self._throttle.allow("accepted", time.monotonic()) is not None:
             log.info("accepted %s (%d this round)", pid, len(self.accepted),
                      extra={"event": "accepted", "participant": pid, "round": self.round})
@@ -669,10 +709,10 @@ class Server:
             kw["dp"] = self.cfg.dp
         elif self.cfg.clip_norm is not None:
             kw["clip_norm"] = self.cfg.clip_norm
-        addresses = [self._address_of(i) for i in ids]
-        if self.gate is not None and self.gate.stake_weighted:
-            kw["weights"] = self.gate.weights(addresses)
+        addresses = [self.accepted_address.get(i, i) for i in ids]
         try:
+            if self.gate is not None and self.gate.stake_weighted:
+                kw["weights"] = self.gate.weights(addresses)
             agg, info = aggregate(rows, self.cfg.rule, self.cfg.f, return_info=True, **kw)
         except Exception as e:  # noqa: BLE001 - keep serving; the round stays open for more updates
             log.error("round %d: the pipeline failed on %d updates: %s", self.round, len(ids), e,
@@ -687,7 +727,7 @@ class Server:
         self.buffers.release(self.model_bytes * len(rows))
         self.buffers.recycle(rows)
         del rows
-        self.accepted = {}
+        self.accepted, self.accepted_address = {}, {}
         new_model = self.buffers.spare(agg, self.model)
         with np.errstate(over="ignore", invalid="ignore"):  # checked right below
             if self.cfg.server_lr == 1.0:
@@ -732,7 +772,7 @@ class Server:
         ids = list(self.accepted)
         self.buffers.release(self.model_bytes * len(ids))
         self.buffers.recycle(list(self.accepted.values()))
-        self.accepted = {}
+        self.accepted, self.accepted_address = {}, {}
         log.warning("round %d closed without a new model: %s", self.round, why,
                     extra={"event": "round_failed", "round": self.round})
         self._next_round(self._record("deadline", ids, f"{why}: no new model"))
@@ -741,7 +781,8 @@ class Server:
         return {"round": self.round, "closed_by": reason, "accepted": ids, "rejected": self.rejected,
                 "excluded_by_rule": [], "rule": self.cfg.rule, "f": self.cfg.f,
                 "seconds": time.monotonic() - self.round_started, "aggregate_seconds": 0.0,
-                "bytes_in": self.bytes_in, "abandoned_uploads": sorted(self.abandoned | set(self.uploads)),
+                "bytes_in": self.bytes_in, "abandoned_count": self.abandoned_count + len(self.uploads),
+                "abandoned_uploads": sorted(set(self.abandoned) | set(list(self.uploads)[:MAX_REJECTED_LISTED])),
                 "privacy": None, "rejected_counts": dict(self.rejected_counts), "failed": failed,
                 "model_updated": failed is None}
 
@@ -752,6 +793,7 @@ class Server:
                  record["excluded_by_rule"], "" if record["model_updated"] else "; no new model",
                  extra={"event": "round_closed", "round": self.round})
         self.history.append(record)
+        self.rounds_done += 1
         try:
             if self.store:
                 self.store.append_metrics(record)
@@ -765,12 +807,12 @@ class Server:
         self._failed_at = -1
         for pid in list(self.uploads):  # unfinished uploads are over: their buffers go back to the pool
             self._free(self.uploads.pop(pid))
-        self.rejected, self.rejected_counts, self.abandoned = [], {}, set()
+        self.rejected, self.rejected_counts, self.abandoned, self.abandoned_count = [], {}, {}, 0
         self.bytes_in = 0
         if self.store:
             self.store.save_round(self.round, self.model)
         self.round_started = time.monotonic()
-        if self.cfg.rounds is None or len(self.history) < self.cfg.rounds:  # no chain round that never runs
+        if self.cfg.rounds is None or self.rounds_done < self.cfg.rounds:  # no chain round that never runs
             self._start_ledger_round()
         note = json_message(Kind.ROUND, {"round": self.round, "previous": self.previous}, round=self.round,
                             session=self.session)
