@@ -1,0 +1,62 @@
+"""Accepted updates per second through `fedagg serve`: N participant threads, small updates, rounds at quorum N.
+
+    python bench/many_participants.py [--n 50] [--d 100000] [--rounds 8]
+
+Each participant fetches the model, submits its update and waits for the next round
+(Client.wait_round), so the rate includes the notice of each new round. One process for the
+server, one for the participants; loopback only; every wait bounded.
+"""
+
+import argparse
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+from fedagg.transport import Client
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--d", type=int, default=100_000, help="float32 values per update (default 100,000: 400 KB)")
+    ap.add_argument("--rounds", type=int, default=8)
+    a = ap.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ep = f"tcp://127.0.0.1:{port}"
+    srv = subprocess.Popen([sys.executable, "-m", "fedagg", "serve", "--bind", ep, "--d", str(a.d), "--quorum",
+                            str(a.n), "--rounds", str(a.rounds + 1), "--deadline", "120", "--linger", "5"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        srv.stdout.readline()  # listening
+        done = {}
+
+        def participant(i: int) -> None:
+            x = np.full(a.d, 0.01, np.float32)
+            with Client(ep, f"p{i}", timeout=60) as c:
+                for k in range(a.rounds + 1):  # round 0 warms up; rounds 1.. are timed
+                    rnd, _ = c.model()
+                    c.submit(x, rnd)
+                    c.wait_round(rnd, 60)
+                    if i == 0:
+                        done[k] = time.monotonic()
+
+        ts = [threading.Thread(target=participant, args=(i,)) for i in range(a.n)]
+        [t.start() for t in ts]
+        [t.join(600) for t in ts]
+        seconds = done[a.rounds] - done[0]
+        print(f"{a.n} participants x {4 * a.d / 1e3:.0f} KB: {a.n * a.rounds / seconds:.0f} accepted updates/s "
+              f"over {a.rounds} rounds ({seconds / a.rounds * 1e3:.0f} ms a round)")
+    finally:
+        srv.kill()
+        srv.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
