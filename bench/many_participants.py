@@ -4,10 +4,12 @@
 
 Each participant fetches the model, submits its update and waits for the next round
 (Client.wait_round), so the rate includes the notice of each new round. One process for the
-server, one for the participants; loopback only; every wait bounded.
+server, one for the participants; loopback only; every wait bounded. Also prints the server
+process's CPU time per accepted update (user + system, from /proc; Linux).
 """
 
 import argparse
+import os
 import socket
 import subprocess
 import sys
@@ -17,6 +19,12 @@ import time
 import numpy as np
 
 from fedagg.transport import Client
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def main() -> int:
@@ -34,7 +42,7 @@ def main() -> int:
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         srv.stdout.readline()  # listening
-        done = {}
+        done, cpu = {}, {}
 
         def participant(i: int) -> None:
             x = np.full(a.d, 0.01, np.float32)
@@ -45,13 +53,16 @@ def main() -> int:
                     c.wait_round(rnd, 60)
                     if i == 0:
                         done[k] = time.monotonic()
+                        cpu[k] = cpu_seconds(srv.pid)
 
         ts = [threading.Thread(target=participant, args=(i,)) for i in range(a.n)]
         [t.start() for t in ts]
         [t.join(600) for t in ts]
         seconds = done[a.rounds] - done[0]
+        per_update = (cpu[a.rounds] - cpu[0]) / (a.n * a.rounds)
         print(f"{a.n} participants x {4 * a.d / 1e3:.0f} KB: {a.n * a.rounds / seconds:.0f} accepted updates/s "
-              f"over {a.rounds} rounds ({seconds / a.rounds * 1e3:.0f} ms a round)")
+              f"over {a.rounds} rounds ({seconds / a.rounds * 1e3:.0f} ms a round); server CPU "
+              f"{per_update * 1e3:.2f} ms per accepted update")
     finally:
         srv.kill()
         srv.wait()

@@ -484,3 +484,16 @@ def test_participant_ids_are_not_markup_in_the_live_view(running):
     view.update(r.server)
     view.close()
     assert "[/x]: future" in out.getvalue()
+
+
+def test_a_participants_round_costs_seven_messages(running):
+    """Per round the Client sends STATUS, GET_MODEL, CHUNK, COMMIT (and receives STATE, MODEL,
+    CREDIT, ACCEPTED, ROUND): no STATUS round trip before its upload or while it waits for ROUND."""
+    r = running(d=256, quorum=1, rounds=4, linger=5.0)
+    with Client(r.endpoint, "lean", timeout=10) as c:
+        for k in range(4):
+            rnd, model = c.model()
+            c.submit(np.ones(256, np.float32), rnd)
+            assert c.wait_round(rnd, 10) == rnd + 1
+    for rec in list(r.server.history)[1:]:  # round 0 also has the HELLO
+        assert rec["messages"] == {"STATUS": 1, "GET_MODEL": 1, "CHUNK": 1, "COMMIT": 1}, rec["messages"]

@@ -117,6 +117,8 @@ class Client:
             except ProtocolError:
                 continue  # not from a fedagg server: ignore
             if head.kind == Kind.ROUND:
+                if head.round > self.state.get("round", 0):  # a new round: nothing of ours is in it yet
+                    self.state.update(accepted=False, held=0)
                 self.state["round"] = max(self.state.get("round", 0), head.round)
                 self.state["fresh_round"] = head.round
                 try:
@@ -217,10 +219,10 @@ class Client:
         while time.monotonic() < deadline:
             if self.state.get("round", -1) > after:
                 return self.state["round"]
-            if self.status()["round"] > after:
-                return self.state["round"]
-            # returns as soon as the ROUND notice is in; STATUS again after 1 s in case it was lost
+            # the ROUND notice wakes us as soon as it is in; STATUS each second in case it was lost
             self._recv(min(deadline, time.monotonic() + 1.0), until_round=after)
+            if self.state.get("round", -1) <= after and self.status()["round"] > after:
+                return self.state["round"]
         raise TransportError("timeout", f"round {after} did not end in time")
 
     # ---------------------------------------------------------------- submitting
@@ -257,7 +259,9 @@ class Client:
             attempts += 1
             if attempts > 20:
                 raise TransportError("gave up", "too many resumptions")
-            st = self.status()
+            # The first attempt goes by what the last STATE and ROUND said (no round trip): if the
+            # server holds something else (bytes, another phase or session), its first refusal says so.
+            st = dict(self.state) if attempts == 1 and "session" in self.state else self.status()
             if st.get("phase") == "finished":
                 raise TransportError("finished", "the server ran its last round; it takes no more updates")
             if st.get("phase", "upload") != "upload":

@@ -29,7 +29,7 @@ import enum
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from .. import _core, _json
 
@@ -91,11 +91,13 @@ class Header:
                            self.aux, self.round, self.seq, self.offset, self.total, self.checksum, 0, self.session)
 
 
-def message(kind: Kind, payload: Any = b"", **fields) -> List[Any]:
-    """[header, payload] with length and checksum filled in (the payload is not copied)."""
+def message(kind: Kind, payload: Any = b"", checksum: Optional[int] = None, **fields) -> List[Any]:
+    """[header, payload] with length and checksum filled in (the payload is not copied).
+
+    `checksum`: the payload's CRC32C when the caller has it already (a model chunk sent many times)."""
     view = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
     n = view.nbytes if isinstance(view, memoryview) else len(view)
-    h = Header(kind, length=n, checksum=_core.crc32c(view), **fields)
+    h = Header(kind, length=n, checksum=_core.crc32c(view) if checksum is None else checksum, **fields)
     return [h.pack(), view]
 
 

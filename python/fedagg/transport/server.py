@@ -181,6 +181,7 @@ class Server:
         self.peers = PeerTable(config.max_peers, config.rate)
         self.rejected: List[Dict[str, Any]] = []
         self.rejected_counts: Dict[str, int] = {}
+        self.messages: Dict[str, int] = {}  # well-formed messages received this round, by kind
         self.round_started = time.monotonic()
         self.bytes_in = 0
         self._failed_at = -1
@@ -190,6 +191,7 @@ class Server:
         self.history: "deque[Dict[str, Any]]" = deque(maxlen=MAX_HISTORY)  # the latest rounds' records
         self.rounds_done = 0
         self.previous: Optional[Dict[str, Any]] = None  # how the last round closed (STATE, ROUND)
+        self._model_crcs: tuple = (None, {})  # (model, {offset: CRC32C of its chunk}): computed once per model
         self._throttle = LogThrottle()
         self._swept = 0.0
         self._stop = False
@@ -376,6 +378,7 @@ class Server:
         except ProtocolError as e:
             self._reject(rid, "malformed", str(e), peer.pid if peer else None, record=peer is not None)
             return
+        self.messages[head.kind.name] = self.messages.get(head.kind.name, 0) + 1
         if head.kind == Kind.HELLO:
             self._hello(rid, frames[1], head, body, now)
             return
@@ -485,11 +488,17 @@ class Server:
                          peer.pid, record=False, seq=head.seq)
             return
         view = memoryview(self.model).cast("B")  # all peers share this buffer: no per-peer copy
+        if self._model_crcs[0] is not self.model:  # a new model: its chunks' checksums, once each
+            self._model_crcs = (self.model, {})
+        crcs = self._model_crcs[1]
         count = max(1, min(int(head.aux), self.cfg.credits))
         for off in range(head.offset, min(self.model_bytes, head.offset + count * step), step):
             part = view[off:off + step]
-            self._send(rid, message(Kind.MODEL, part, round=self.round, offset=off, total=self.model_bytes,
-                                    dtype=Dtype.FLOAT32, session=self.session))
+            crc = crcs.get(off)
+            if crc is None:
+                crc = crcs[off] = _core.crc32c(part)
+            self._send(rid, message(Kind.MODEL, part, checksum=crc, round=self.round, offset=off,
+                                    total=self.model_bytes, dtype=Dtype.FLOAT32, session=self.session))
 
     def _chunk(self, rid: bytes, peer: Peer, head, body) -> None:
         pid = peer.pid
@@ -783,7 +792,8 @@ class Server:
                 "seconds": time.monotonic() - self.round_started, "aggregate_seconds": 0.0,
                 "bytes_in": self.bytes_in, "abandoned_count": self.abandoned_count + len(self.uploads),
                 "abandoned_uploads": sorted(set(self.abandoned) | set(list(self.uploads)[:MAX_REJECTED_LISTED])),
-                "privacy": None, "rejected_counts": dict(self.rejected_counts), "failed": failed,
+                "privacy": None, "rejected_counts": dict(self.rejected_counts), "messages": dict(self.messages),
+                "failed": failed,
                 "model_updated": failed is None}
 
     def _next_round(self, record: Dict[str, Any]) -> None:
@@ -808,6 +818,7 @@ class Server:
         for pid in list(self.uploads):  # unfinished uploads are over: their buffers go back to the pool
             self._free(self.uploads.pop(pid))
         self.rejected, self.rejected_counts, self.abandoned, self.abandoned_count = [], {}, {}, 0
+        self.messages = {}
         self.bytes_in = 0
         if self.store:
             self.store.save_round(self.round, self.model)
