@@ -109,6 +109,24 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
                    help="this participant's .key_secret file, which --server-key needs (default: none)")
     j.set_defaults(func=_join)
 
+    ld = sub.add_parser("load", help="drive many participant identities from one process (load tests)",
+                        description="A load generator: N participant identities, each with its own connection, "
+                                    "upload seeded N(0, 1) updates of d float32 values for --rounds rounds "
+                                    "(fedagg.transport.load). Prints one JSON report: ids accepted per round, "
+                                    "refusals by reason, seconds, bytes sent.")
+    ld.add_argument("--connect", default="tcp://127.0.0.1:5555",
+                    help="the server's endpoint (default tcp://127.0.0.1:5555)")
+    ld.add_argument("--n", type=int_at_least(1), default=100, help="identities (default 100)")
+    ld.add_argument("--d", type=int_at_least(1), required=True, help="float32 values per update (the model's d)")
+    ld.add_argument("--rounds", type=int_at_least(1), default=1, help="rounds each identity takes part in "
+                                                                      "(default 1)")
+    ld.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the updates (default 0)")
+    ld.add_argument("--prefix", default="load", help="ids are PREFIX-INDEX (default load)")
+    ld.add_argument("--start", type=int_at_least(0), default=0, help="first INDEX (default 0)")
+    ld.add_argument("--timeout", type=float_at_least(0, True), default=120.0,
+                    help="seconds without progress before giving up (default 120)")
+    ld.set_defaults(func=_load)
+
     k = sub.add_parser("keys", help="CurveZMQ key pairs: generate, list",
                        description="CurveZMQ key pairs for fedagg serve --curve-secret/--allow and fedagg join "
                                    "--server-key/--keys.")
@@ -195,6 +213,17 @@ def _serve(args) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _load(args) -> int:
+    from dataclasses import asdict
+
+    from .load import Load
+
+    report = Load(args.connect, args.n, args.d, seed=args.seed, rounds=args.rounds, prefix=args.prefix,
+                  start=args.start, timeout=args.timeout).run()
+    print(json.dumps(asdict(report)))
     return 0
 
 
