@@ -23,7 +23,8 @@ import numpy as np
 
 from ..compress.payload import Payload
 from .malloc import keep_freed_memory
-from .protocol import Codec, Dtype, Kind, ProtocolError, json_message, message, pack_frames, parse, parse_json
+from .protocol import (Codec, Dtype, Kind, ProtocolError, endpoint_host, json_message, message, pack_frames, parse,
+                       parse_json)
 
 
 # Refusals a resumed upload recovers from ("unknown": the server restarted and forgot us).
@@ -58,7 +59,7 @@ class Client:
         self.address = address  # the ledger address, when the server admits by ledger and CURVE both
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
-        if ":" in endpoint.split("://", 1)[-1].rsplit(":", 1)[0]:  # an IPv6 address
+        if ":" in endpoint_host(endpoint):  # an IPv6 address: libzmq connects IPv4 only unless told
             self.sock.setsockopt(zmq.IPV6, 1)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))  # a full queue is a timeout, not a hang

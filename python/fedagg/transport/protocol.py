@@ -91,6 +91,11 @@ class Header:
                            self.aux, self.round, self.seq, self.offset, self.total, self.checksum, 0, self.session)
 
 
+def endpoint_host(endpoint: str) -> str:
+    """The host of a ZeroMQ endpoint: "tcp://[::1]:5555" -> "::1" (a ":" in it means IPv6)."""
+    return endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+
+
 def message(kind: Kind, payload: Any = b"", checksum: Optional[int] = None, **fields) -> List[Any]:
     """[header, payload] with length and checksum filled in (the payload is not copied).
 

@@ -31,8 +31,8 @@ from .buffers import ReceiveBuffers, Upload, default_budget
 from .malloc import keep_freed_memory
 from .observe import LogThrottle
 from .peers import Peer, PeerTable
-from .protocol import (DEFAULT_CHUNK, HEADER, Codec, Dtype, Kind, ProtocolError, json_message, message, parse,
-                       parse_json, unpack_frames)
+from .protocol import (DEFAULT_CHUNK, HEADER, Codec, Dtype, Kind, ProtocolError, endpoint_host, json_message,
+                       message, parse, parse_json, unpack_frames)
 from .state import RoundStore
 
 log = logging.getLogger("fedagg.server")
@@ -42,17 +42,13 @@ MAX_REJECTED_LISTED = 1000  # refusals (and abandoned uploads) listed per round;
 MAX_HISTORY = 1000  # round records kept in memory (all go to metrics.jsonl with a state_dir)
 
 
-def _host(endpoint: str) -> str:
-    return endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-
-
 def is_local(endpoint: str) -> bool:
     """Loopback TCP or ipc/inproc: the only places plain (unauthenticated) mode is allowed by default."""
     if endpoint.startswith(("ipc://", "inproc://")):
         return True
     if not endpoint.startswith("tcp://"):
         return False
-    host = _host(endpoint)
+    host = endpoint_host(endpoint)
     if host == "localhost":
         return True
     try:
@@ -214,7 +210,7 @@ class Server:
     def _socket(self):
         zmq = self.zmq
         s = self.ctx.socket(zmq.ROUTER)
-        if ":" in _host(self.cfg.bind):  # an IPv6 address: libzmq binds IPv4 only unless told
+        if ":" in endpoint_host(self.cfg.bind):  # an IPv6 address: libzmq binds IPv4 only unless told
             s.setsockopt(zmq.IPV6, 1)
         s.setsockopt(zmq.MAXMSGSIZE, self.cfg.chunk_bytes + HEADER.size)
         s.setsockopt(zmq.RCVBUF, 2 * self.cfg.chunk_bytes)  # kernel socket buffers of two chunks
@@ -733,10 +729,8 @@ class Server:
         # is written into one of them (its pages are faulted in already). Never into the old
         # model's buffer: MODEL frames still queued keep referencing it.
         agg = np.asarray(agg, dtype=np.float32)
-        self.buffers.release(self.model_bytes * len(rows))
-        self.buffers.recycle(rows)
         del rows
-        self.accepted, self.accepted_address = {}, {}
+        self._drop_accepted()
         new_model = self.buffers.spare(agg, self.model)
         with np.errstate(over="ignore", invalid="ignore"):  # checked right below
             if self.cfg.server_lr == 1.0:
@@ -779,12 +773,16 @@ class Server:
         "previous": model_updated false) and the next round starts from the same model.
         """
         ids = list(self.accepted)
-        self.buffers.release(self.model_bytes * len(ids))
-        self.buffers.recycle(list(self.accepted.values()))
-        self.accepted, self.accepted_address = {}, {}
+        self._drop_accepted()
         log.warning("round %d closed without a new model: %s", self.round, why,
                     extra={"event": "round_failed", "round": self.round})
         self._next_round(self._record("deadline", ids, f"{why}: no new model"))
+
+    def _drop_accepted(self) -> None:
+        """The round's accepted updates are spent: their bytes leave the budget, their buffers go to the pool."""
+        self.buffers.release(self.model_bytes * len(self.accepted))
+        self.buffers.recycle(list(self.accepted.values()))
+        self.accepted, self.accepted_address = {}, {}
 
     def _record(self, reason: str, ids: List[str], failed: Optional[str]) -> Dict[str, Any]:
         return {"round": self.round, "closed_by": reason, "accepted": ids, "rejected": self.rejected,
