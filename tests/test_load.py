@@ -35,10 +35,16 @@ def test_one_process_drives_many_participants_through_rounds():
                                                                       for r in (0, 1)}
     assert report.refused == {} and report.bytes_sent == 2 * n * 4 * d
     want = np.zeros(d, np.float32)
-    for rec in server.history:  # the server's own mean, in its acceptance order, recomputed from the seeds
+    for rec in server.history:  # the server's fold of the mean, in its acceptance order, recomputed from the seeds
         order = [int(pid.split("-")[1]) for pid in rec["accepted"]]
-        agg = fedagg.aggregate(np.stack([seeded_update(seed, i, rec["round"], d) for i in order]), "mean")
+        acc = np.zeros(d)
+        for i in order:
+            acc += 1.0 * seeded_update(seed, i, rec["round"], d).astype(np.float64)
+        agg = (acc / n).astype(np.float32)
         np.testing.assert_allclose(agg, seeded_mean(seed, order, rec["round"], d), rtol=1e-6, atol=1e-7)
+        # the engine's mean of the same updates, summed in another order, agrees to a float32 ulp
+        engine = fedagg.aggregate(np.stack([seeded_update(seed, i, rec["round"], d) for i in sorted(order)]), "mean")
+        np.testing.assert_array_max_ulp(agg, engine, maxulp=1)
         want = want + agg
     np.testing.assert_array_equal(server.model, want)
 

@@ -1,6 +1,7 @@
 """Receive memory: an upload's buffer is taken when its first chunk arrives, never at HELLO,
 and the bytes held for a round (uploads in progress, accepted updates, spare buffers) stay
-under one budget in bytes, whatever the number of connections.
+under one budget in bytes, whatever the number of connections. Raw buffers live on the
+server's device (device.py): host arrays, or CUDA tensors of a GPU server.
 """
 
 from __future__ import annotations
@@ -44,28 +45,32 @@ class ReceiveBuffers:
 
     Spent raw buffers go back to a pool (their pages are faulted in already, so the next
     upload does not fault them in while it streams); the pool only holds what the budget
-    leaves free.
+    leaves free, and only buffers it handed out (each once).
     """
 
-    def __init__(self, d: int, budget: int):
+    def __init__(self, d: int, budget: int, device: Any = None):
+        from .device import HostDevice
+
         self.d, self.model_bytes = d, 4 * d
         self.budget = int(budget)
+        self.device = device if device is not None else HostDevice(d)
         self.held = 0  # bytes of uploads in progress and accepted updates
-        self.pool: List[np.ndarray] = []
+        self.pool: List[Any] = []
         self._pooled: set = set()  # data pointers of the pooled buffers: each enters once
+        self._owned: set = set()  # data pointers of the raw buffers this pool allocated
 
     def room(self, nbytes: int) -> bool:
         return self.held + nbytes <= self.budget
 
-    def take_raw(self) -> np.ndarray:
-        """A faulted-in float32 buffer of d (counted as held)."""
+    def take_raw(self) -> Any:
+        """A float32 buffer of d on the device, faulted in (counted as held)."""
         self.held += self.model_bytes
         if self.pool:
             buf = self.pool.pop()
             self._pooled.discard(_ptr(buf))
             return buf
-        buf = np.empty(self.d, dtype=np.float32)
-        buf.view(np.uint8)[::4096] = 0  # one write per page: no first-touch faults while the update streams in
+        buf = self.device.alloc()
+        self._owned.add(_ptr(buf))
         self._trim()
         return buf
 
@@ -81,32 +86,42 @@ class ReceiveBuffers:
         self._trim()
 
     def recycle(self, arrays) -> None:
-        """Float32 buffers of d owned by the server back into the pool, each once, within the budget."""
+        """Raw buffers this pool handed out back into it, each once, within the budget (others are ignored)."""
         for arr in arrays:
-            if (arr.size == self.d and arr.dtype == np.float32 and arr.base is not None and arr.flags.writeable
-                    and arr.flags.c_contiguous and _ptr(arr) not in self._pooled
-                    and self.held + (len(self.pool) + 1) * self.model_bytes <= self.budget):
+            key = _ptr(arr)
+            if key not in self._owned or key in self._pooled:
+                continue
+            if self.held + (len(self.pool) + 1) * self.model_bytes <= self.budget:
                 self.pool.append(arr)
-                self._pooled.add(_ptr(arr))
+                self._pooled.add(key)
+            else:  # freed: its address may come back as another array's, which this pool does not own
+                self._owned.discard(key)
 
     def spare(self, *avoid: np.ndarray) -> np.ndarray:
-        """A float32 buffer of d for the next model: from the pool unless it is one of `avoid`."""
+        """A host float32 buffer of d for the next model: from the pool (host device) unless one of `avoid`."""
         bad = {_ptr(a) for a in avoid}
-        for i in range(len(self.pool) - 1, -1, -1):
-            if _ptr(self.pool[i]) not in bad:
-                buf = self.pool.pop(i)
-                self._pooled.discard(_ptr(buf))
-                return buf
+        if isinstance(self.pool[-1] if self.pool else None, np.ndarray):
+            for i in range(len(self.pool) - 1, -1, -1):
+                if _ptr(self.pool[i]) not in bad:
+                    buf = self.pool.pop(i)
+                    self._pooled.discard(_ptr(buf))
+                    self._owned.discard(_ptr(buf))  # a model now, never an upload again
+                    return buf
         return np.empty(self.d, dtype=np.float32)
 
     def _trim(self) -> None:
         while self.pool and self.held + len(self.pool) * self.model_bytes > self.budget:
-            self._pooled.discard(_ptr(self.pool.pop()))
+            key = _ptr(self.pool.pop())
+            self._pooled.discard(key)
+            self._owned.discard(key)
 
     def stats(self) -> Dict[str, Any]:
         return {"held_bytes": self.held, "pooled_bytes": len(self.pool) * self.model_bytes, "budget": self.budget}
 
 
-def _ptr(arr: np.ndarray) -> int:
-    return arr.__array_interface__["data"][0]
+def _ptr(arr: Any) -> int:
+    """The address of an array's data: NumPy (and stand-ins), or a torch tensor's."""
+    if isinstance(arr, np.ndarray):
+        return arr.__array_interface__["data"][0]
+    return int(arr.data_ptr())
 

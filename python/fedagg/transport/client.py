@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -74,6 +75,7 @@ class Client:
             self.sock.curve_secretkey = secret_key
         self.sock.connect(endpoint)
         self.seq = time.time_ns()  # strictly increasing across restarts of this participant
+        self._busy_repeats = 0  # `busy` refusals in a row: the pause grows with them
         # Presented with every HELLO: a reconnection (ZeroMQ reconnects with a new identity) takes
         # over this participant's entry and upload; another connection claiming the id cannot.
         self.secret = os.urandom(16).hex()
@@ -256,6 +258,7 @@ class Client:
         total = blob.size
         rnd = self.status()["round"] if round is None else int(round)
         attempts, backoff = 0, 0.5
+        busy_until = time.monotonic() + 20 * self.timeout  # refusals `busy` are waited out this long at most
         while True:
             attempts += 1
             if attempts > 20:
@@ -277,10 +280,18 @@ class Client:
                 st = dict(st, held=0)
             self._upload = (rnd, int(codec), total)
             try:
-                return self._stream(blob, total, rnd, codec, dtype, st, chunk_delay, signature)
-            except _Busy:  # the server's receive memory is full: back off, then try again
+                accepted = self._stream(blob, total, rnd, codec, dtype, st, chunk_delay, signature)
+                self._busy_repeats = 0
+                return accepted
+            except _Busy as busy:  # the server is full: wait what it asked (jittered, growing), then try again
+                attempts -= 1  # a wait, not a failed attempt: bounded by busy_until instead
+                pause = busy.retry_after if busy.retry_after is not None else backoff
+                pause = min(pause * (1 + busy.repeats / 4), 10.0) * random.uniform(0.5, 1.5)
+                if time.monotonic() + pause > busy_until:
+                    raise TransportError("busy", f"the server stayed busy for {20 * self.timeout:.0f} s") from None
+                self._busy_repeats += 1
                 backoff = min(2 * backoff, 8.0)
-                time.sleep(backoff)
+                time.sleep(pause)
             except _Resume:
                 continue
 
@@ -317,7 +328,9 @@ class Client:
                 if 0 < head.seq < first_seq:
                     continue
                 if r.get("reason") == "busy":
-                    raise _Busy()
+                    ra = r.get("retry_after")
+                    ok = isinstance(ra, (int, float)) and not isinstance(ra, bool) and 0 < ra <= 60
+                    raise _Busy(float(ra) if ok else None, self._busy_repeats)
                 if r.get("reason") in _RESUMABLE or r.get("reason") in ("checksum", "phase"):
                     raise _Resume()
                 raise TransportError(r.get("reason", "rejected"), r.get("detail", ""))
@@ -332,4 +345,8 @@ class _Resume(Exception):
 
 
 class _Busy(_Resume):
-    """The server cannot take the upload now: wait, then resynchronize."""
+    """The server cannot take the upload now: wait (about retry_after seconds), then resynchronize."""
+
+    def __init__(self, retry_after: Optional[float], repeats: int):
+        super().__init__()
+        self.retry_after, self.repeats = retry_after, repeats

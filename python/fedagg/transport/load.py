@@ -7,13 +7,17 @@ recomputes the exact expected result from (seed, index, round) without holding e
 
     report = Load("tcp://127.0.0.1:5555", n=240, d=25_000_000, seed=7).run()
 
-or ``fedagg load --connect ... --n 240 --d 25000000``. Every wait is bounded by ``timeout``.
+or ``fedagg load --connect ... --n 240 --d 25000000``. ``concurrency`` bounds the identities
+uploading at once (the others wait their turn, holding no update in memory), and a ``busy``
+refusal is waited out for its ``retry_after``. Every wait is bounded by ``timeout``.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -57,6 +61,8 @@ class _Identity:
         self.chunk, self.credits = 1 << 20, 1
         self.blob: Optional[np.ndarray] = None
         self.done_rounds, self.retry_at = 0, 0.0
+        self.queued = False
+        self.pending_state: Optional[dict] = None
 
     def send(self, frames) -> None:
         self.sock.send_multipart(frames, copy=False)
@@ -70,11 +76,14 @@ class Load:
     """Drive `n` identities ("{prefix}-{index}") through `rounds` rounds each; see the module doc."""
 
     def __init__(self, endpoint: str, n: int, d: int, *, seed: int = 0, rounds: int = 1, prefix: str = "load",
-                 start: int = 0, timeout: float = 120.0):
+                 start: int = 0, timeout: float = 120.0, concurrency: Optional[int] = None):
         if n < 1 or d < 1 or rounds < 1 or timeout <= 0:
             raise ValueError("n, d and rounds must be >= 1, timeout positive")
+        if concurrency is not None and concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
         self.endpoint, self.n, self.d, self.seed, self.rounds = endpoint, n, d, seed, rounds
         self.prefix, self.start, self.timeout = prefix, start, timeout
+        self.concurrency = n if concurrency is None else concurrency
 
     def run(self) -> LoadReport:
         import zmq
@@ -82,6 +91,8 @@ class Load:
         ctx = zmq.Context()
         report = self._report = LoadReport()
         self._sent = 0
+        self._active: set = set()  # identities holding an upload slot (concurrency)
+        self._queue: "deque[_Identity]" = deque()
         people = [_Identity(ctx, self.endpoint, self.start + k, f"{self.prefix}-{self.start + k}")
                   for k in range(self.n)]
         by_sock = {p.sock: p for p in people}
@@ -128,6 +139,14 @@ class Load:
             if st.get("accepted"):  # our COMMIT got through before a resynchronisation
                 self._finish(p, accepted=True)
                 return
+        if p not in self._active:
+            if len(self._active) >= self.concurrency:  # wait for a slot, holding no update
+                p.state, p.pending_state = "queued", st
+                if not p.queued:
+                    p.queued = True
+                    self._queue.append(p)
+                return
+            self._active.add(p)
         if p.blob is None:
             p.blob = seeded_update(self.seed, p.index, p.round, self.d).view(np.uint8)
         p.off = min(st.get("held", 0), p.blob.size) if st is not None else 0
@@ -152,6 +171,16 @@ class Load:
             self._report.rounds.setdefault(p.round, []).append(p.pid)
         p.state, p.blob = "wait", None
         p.done_rounds += 1
+        self._release(p)
+
+    def _release(self, p: _Identity) -> None:
+        """p's upload slot is free: the next queued identity starts."""
+        self._active.discard(p)
+        while self._queue and len(self._active) < self.concurrency:
+            q = self._queue.popleft()
+            q.queued = False
+            if q.state == "queued":
+                self._begin(q, q.pending_state)
 
     def _resync(self, p: _Identity, hello: bool = False) -> None:
         p.state = "resync"
@@ -166,6 +195,7 @@ class Load:
             p.session = head.session  # from the header: JSON numbers above 2^53 are not safe everywhere
             if st.get("phase") == "finished":
                 p.done_rounds, p.state = self.rounds, "wait"
+                self._release(p)
                 return True
             if st.get("phase", "upload") != "upload":
                 raise RuntimeError("the load generator drives federated rounds; this server has a ledger phase")
@@ -185,6 +215,7 @@ class Load:
                 self._begin(p, None)
             else:
                 p.state = "wait"
+                self._release(p)
             return True
         if head.kind == Kind.CREDIT and p.state == "upload":
             p.inflight = max(0, p.inflight - 1)
@@ -197,8 +228,10 @@ class Load:
                                                                                     "resync"):
             reason = parse_json(body).get("reason", "?")
             self._report.refused[reason] = self._report.refused.get(reason, 0) + 1
-            if reason == "busy":  # the server's memory is full: ask again in a while
-                p.state, p.retry_at = "backoff", time.monotonic() + 0.5
+            if reason == "busy":  # the server is full: ask again after the pause it asked for (jittered)
+                ra = parse_json(body).get("retry_after")
+                pause = float(ra) if isinstance(ra, (int, float)) and 0 < ra <= 60 else 0.5
+                p.state, p.retry_at = "backoff", time.monotonic() + pause * random.uniform(0.5, 1.5)
             elif reason in ("order", "checksum", "session", "incomplete", "unknown"):
                 self._resync(p, hello=reason == "unknown")
             else:  # a final refusal: this identity sits the round out

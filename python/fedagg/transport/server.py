@@ -9,7 +9,10 @@ noise) aggregates and the model moves by the aggregate; with fewer (or when the
 pipeline fails on what arrived) the round closes without a new model and says
 so. Then the next round starts. Every refusal is counted with its reason (and
 logged, a few lines per kind and interval); the loop never stops for a bad
-message. Who is connected lives in peers.py, receive memory in buffers.py.
+message. The rooms: who is connected (peers.py), receive memory (buffers.py),
+where updates live and are computed on, host or GPU (device.py), a round's
+accepted updates and its aggregate (rounds.py), and what survives a crash
+(durable.py: a commit thread acknowledges an update only once it is on disk).
 See docs/protocol.md for the messages.
 """
 
@@ -28,12 +31,14 @@ import numpy as np
 
 from .. import _core
 from .buffers import ReceiveBuffers, Upload, default_budget
+from .device import check_name, fits, open_device
+from .durable import GroupCommit, RoundStore
 from .malloc import keep_freed_memory
 from .observe import LogThrottle
 from .peers import Peer, PeerTable
 from .protocol import (DEFAULT_CHUNK, HEADER, Codec, Dtype, Kind, ProtocolError, endpoint_host, json_message,
                        message, parse, parse_json, unpack_frames)
-from .state import RoundStore
+from .rounds import Job, collector_for, is_foldable
 
 log = logging.getLogger("fedagg.server")
 
@@ -75,7 +80,9 @@ class ServerConfig:
     chunk_bytes: int = DEFAULT_CHUNK
     credits: int = 8  # chunks a participant may have in flight
     max_peers: int = 4096  # connections tracked at once (a few hundred bytes each; idle ones make room)
-    receive_memory: Optional[int] = None  # bytes of updates held in a round (None: half the physical memory)
+    receive_memory: Optional[int] = None  # bytes of updates held in a round (None: half the RAM, or 90% of the GPU's free memory)
+    max_inflight: int = 64  # uploads streaming (or being made durable) at once; more are told `busy` with a retry_after
+    device: str = "cpu"  # where updates are received into and aggregated: "cpu", "cuda" or "cuda:N"
     upload_timeout: float = 30.0  # an upload that receives nothing this long is abandoned, its buffer freed
     linger: float = 0.0  # after the last round: keep serving the final model this long (inf: until stopped)
     rate: float = 5000.0  # messages per second per connection (token bucket, burst = rate)
@@ -94,7 +101,8 @@ class ServerConfig:
             raise ValueError("chunk_bytes must be a multiple of 4 in [4 KiB, 4 MiB]")
         if self.io_threads is None:
             self.io_threads = max(1, min(4, (os.cpu_count() or 1) // 4))
-        for name in ("quorum", "min_updates", "credits", "max_peers", "io_threads"):
+        check_name(self.device)
+        for name in ("quorum", "min_updates", "credits", "max_peers", "io_threads", "max_inflight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if not self.deadline > 0 or not self.rate > 0 or not self.upload_timeout > 0:
@@ -153,24 +161,36 @@ class Server:
         self.session = int.from_bytes(os.urandom(8), "little") >> 1
         restored = self.store.load() if self.store else None
         if restored is not None:
-            self.round, model, accepted = restored
-            log.info("recovered round %d with %d accepted updates from %s", self.round, len(accepted),
-                     config.state_dir, extra={"event": "recovered", "round": self.round})
+            self.round, model, saved = restored
         else:
-            self.round, accepted = 0, []
+            self.round, saved = 0, None
             model = np.ascontiguousarray(model, dtype=np.float32).reshape(-1)
             if model.size == 0:
                 raise ValueError("the model has no parameters")
         self.model = np.array(model, dtype=np.float32, copy=True)
         self.d = self.model.size
         self.model_bytes = self.d * 4
-        budget = default_budget() if config.receive_memory is None else config.receive_memory
-        if budget < self.model_bytes:
-            raise ValueError(f"receive_memory of {budget} bytes cannot hold one update of {self.model_bytes} bytes")
-        self.buffers = ReceiveBuffers(self.d, budget)
-        self.accepted: Dict[str, np.ndarray] = dict(accepted)
-        self.accepted_address: Dict[str, str] = {}  # ledger: the address each was admitted under (else its id)
-        self.buffers.held += self.model_bytes * len(self.accepted)
+        self.device = open_device(config.device, self.d, config.chunk_bytes)
+        budget = self._budget()
+        self.buffers = ReceiveBuffers(self.d, budget, self.device)
+        self.collector = collector_for(config.rule, config.rule_params, self.device, self._clip_norm)
+        self.accepted: Dict[str, None] = {}  # ids acknowledged this round, in the collector's order
+        self.committing: Dict[str, Job] = {}  # COMMITs in the commit thread, not acknowledged yet
+        if saved is not None:
+            kind = "fold" if not self.collector.keeps_updates else "held"
+            if saved["kind"] != kind:
+                raise ValueError(f"{config.state_dir} holds round {self.round}'s updates for another rule "
+                                 f"({saved['kind']}, this server {kind}s them): restart with the same rule")
+            self.collector.restore(saved)
+            self.accepted = {e["id"]: None for e in self.collector.entries}
+            if self.collector.keeps_updates:
+                self.buffers.held += self.model_bytes * self.collector.count
+        if restored is not None:
+            log.info("recovered round %d with %d accepted updates from %s", self.round, len(self.accepted),
+                     config.state_dir, extra={"event": "recovered", "round": self.round})
+        self.committer = GroupCommit(self._apply, self._flush)
+        self._upload_seconds = 1.0  # running mean of an upload's duration (for busy's retry_after)
+        self._last_byte = 0.0  # when the round's last chunk arrived
         self.uploads: Dict[str, Upload] = {}
         self.abandoned: Dict[str, None] = {}  # uploads given up this round (the first MAX_REJECTED_LISTED ids)
         self.abandoned_count = 0
@@ -204,7 +224,37 @@ class Server:
             if self.auth is not None:
                 self.auth.stop()
             self.ctx.term()
+            self.committer.close()
             raise
+
+    def _budget(self) -> int:
+        """Bytes of updates a round may hold; refuses (ValueError) a configuration whose round cannot fit."""
+        cfg, one = self.cfg, self.model_bytes
+        free = self.device.free_bytes()  # a GPU's free memory (None: host)
+        if cfg.receive_memory is not None:
+            budget = cfg.receive_memory
+        else:
+            budget = default_budget() if free is None else int(0.9 * free) - 2 * self.d * 8
+        if budget < one:
+            raise ValueError(f"receive memory of {budget} bytes cannot hold one update of {one} bytes")
+        have = free if free is not None else 2 * default_budget()
+        where = f"on {self.device.name}" if free is not None else "in host memory"
+        fixed = 2 * one + (8 * self.d if not self.collector_keeps() else 0)  # model, new model, float64 sum
+        if cfg.receive_memory is not None:
+            fits(f"receive memory {budget} bytes and the round's own buffers (model, next model"
+                 f"{', float64 sum' if fixed > 2 * one else ''}) {where}", budget + fixed, have)
+        if self.collector_keeps():  # the round must be able to hold the updates it closes on
+            fits(f"rule {cfg.rule} holds every update of a round until it closes: quorum {cfg.quorum} x {one} "
+                 f"bytes in the receive memory (lower quorum, raise --receive-memory-gb, or use rule mean, "
+                 f"which folds each update and holds only the uploads in flight)", cfg.quorum * one, budget)
+        return budget
+
+    def collector_keeps(self) -> bool:
+        return not is_foldable(self.cfg.rule, self.cfg.rule_params)
+
+    def _clip_norm(self) -> Optional[float]:
+        """The clipping norm of the current round (DP's, which adaptive clipping moves between rounds)."""
+        return self.cfg.dp.clip_norm if self.cfg.dp is not None else self.cfg.clip_norm
 
     # ---------------------------------------------------------------- sockets
     def _socket(self):
@@ -255,6 +305,8 @@ class Server:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+        self.committer.close()
+        self.device.close()
 
     def stop(self) -> None:
         self._stop = True
@@ -276,7 +328,7 @@ class Server:
                 "rule": self.cfg.rule, "f": self.cfg.f, "server_lr": self.cfg.server_lr, "previous": self.previous}
 
     def _reject(self, rid: bytes, reason: str, detail: str = "", pid: Optional[str] = None, rnd: Optional[int] = None,
-                record: bool = True, seq: int = 0) -> None:
+                record: bool = True, seq: int = 0, retry_after: Optional[float] = None) -> None:
         """Refuse one message; the reply names the refused message's seq (0 if it could not be parsed).
 
         Every refusal is counted by reason; `record=False` keeps routine ones (a resumable
@@ -290,8 +342,10 @@ class Server:
         self.rejected_counts[reason] = self.rejected_counts.get(reason, 0) + 1
         if record and len(self.rejected) < MAX_REJECTED_LISTED:
             self.rejected.append({"id": pid, "reason": reason, "detail": detail, "round": rnd})
-        self._send(rid, json_message(Kind.REJECTED, {"reason": reason, "detail": detail, "held": self._held(pid),
-                                                     "seq": seq}, round=self.round, seq=seq, session=self.session))
+        body = {"reason": reason, "detail": detail, "held": self._held(pid), "seq": seq}
+        if retry_after is not None:
+            body["retry_after"] = retry_after
+        self._send(rid, json_message(Kind.REJECTED, body, round=self.round, seq=seq, session=self.session))
 
     def _held(self, pid: Optional[str]) -> int:
         return self.uploads[pid].received if pid in self.uploads else 0
@@ -302,6 +356,7 @@ class Server:
         zmq = self.zmq
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.committer.fileno(), zmq.POLLIN)  # the commit thread finished a group
         target = None if self.cfg.rounds is None else self.cfg.rounds
         self.round_started = time.monotonic()  # the deadline and commit phase count from here, not __init__
         self._start_ledger_round()
@@ -325,6 +380,8 @@ class Server:
                         except zmq.Again:
                             break
                         self._handle(frames)
+                if self.committing:
+                    self._acknowledge(self.committer.completed())
                 if linger_until is None:
                     self._maybe_close()
                 if self.progress is not None and time.monotonic() - self._shown > 0.25:
@@ -460,7 +517,7 @@ class Server:
     def _free(self, up: Upload) -> None:
         self.buffers.release(up.charge)
         if up.codec == Codec.RAW:
-            self.buffers.recycle([up.buf.view(np.float32)])
+            self.buffers.recycle([up.buf])
 
     def _sweep(self, now: float) -> None:
         """Once a second: uploads that received nothing for upload_timeout are abandoned."""
@@ -519,6 +576,9 @@ class Server:
             self._reject(rid, "duplicate", "an update of this participant is already in the round", pid,
                          head.round, seq=head.seq)
             return
+        if pid in self.committing:
+            self._busy(rid, pid, head, "your update is being made durable: ask again (STATUS) in a moment")
+            return
         if head.length == 0 or head.total == 0:
             self._reject(rid, "malformed", "a chunk carries at least one byte", pid, head.round, seq=head.seq)
             return
@@ -544,13 +604,16 @@ class Server:
                 self._free(self.uploads.pop(pid))
             # a compressed upload holds at least a decoded update's worth: it becomes one at COMMIT
             need = self.model_bytes if head.codec == Codec.RAW else max(head.total, self.model_bytes)
+            inflight = len(self.uploads) + len(self.committing)
+            if inflight >= self.cfg.max_inflight:
+                self._busy(rid, pid, head, f"{inflight} uploads in flight, max_inflight {self.cfg.max_inflight}")
+                return
             if not self.buffers.room(need):
-                self._reject(rid, "busy", f"receive memory full: {self.buffers.held} of {self.buffers.budget} bytes "
-                             f"held by {len(self.uploads)} uploads and {len(self.accepted)} accepted updates; "
-                             "retry later", pid, head.round, seq=head.seq)
+                self._busy(rid, pid, head, f"receive memory full: {self.buffers.held} of {self.buffers.budget} bytes "
+                           f"held by {len(self.uploads)} uploads and {len(self.accepted)} accepted updates")
                 return
             if head.codec == Codec.RAW:
-                buf = self.buffers.take_raw().view(np.uint8)
+                buf = self.buffers.take_raw()
             else:
                 buf = self.buffers.take_bytes(head.total, need)
             up = self.uploads[pid] = Upload(head.codec, buf, head.total, need, peer.secret)
@@ -561,7 +624,10 @@ class Server:
                          record=False, seq=head.seq)
             return
         raw = up.codec == Codec.RAW
-        crc, finite = _core.copy_crc32c(up.buf[up.received:up.received + head.length], body, raw)
+        if raw:  # into the update's buffer on the server's device
+            crc, finite = self.device.write(up.buf, up.received, body, True)
+        else:
+            crc, finite = _core.copy_crc32c(up.buf[up.received:up.received + head.length], body, False)
         if crc != head.checksum:
             if up.received == 0:  # nothing held yet: no buffer is kept for it either
                 self._free(self.uploads.pop(pid))
@@ -574,7 +640,7 @@ class Server:
             up.sha256.update(body)
             self.gate.cost.hash_seconds += time.monotonic() - t0
         up.received += head.length
-        up.last_chunk = time.monotonic()
+        up.last_chunk = self._last_byte = time.monotonic()
         self.bytes_in += head.length
         self._send(rid, message(Kind.CREDIT, b"", aux=1, offset=up.received, total=up.total, round=self.round,
                                 session=self.session))
@@ -597,6 +663,9 @@ class Server:
             self._reject(rid, "duplicate", "an update of this participant is already in the round", pid,
                          head.round, seq=head.seq)
             return
+        if pid in self.committing:
+            self._busy(rid, pid, head, "your update is being made durable: ask again (STATUS) in a moment")
+            return
         if self.phase == "finished":
             self._reject(rid, "finished", "the server ran its last round; fetch the final model", pid,
                          head.round, record=False, seq=head.seq)
@@ -615,47 +684,78 @@ class Server:
                 self.uploads[pid] = up
                 raise
             detail = "the ledger does not vouch for this update"
-        update = None
-        if why is None:
-            try:
-                update = self._decode(up)
-            except Exception as e:  # noqa: BLE001 - whatever a hostile payload makes a codec raise
-                why, detail = "payload", f"{type(e).__name__}: {e}"[:300]
-        if why is None and (not up.finite if up.codec == Codec.RAW else _core.nonfinite_rows([update])[0]):
+        if why is None and up.codec == Codec.RAW and not up.finite:
             why, detail = "nonfinite", "the update holds NaN or Inf"
         if why is not None:
             self._free(up)
             self._reject(rid, why, detail, pid, head.round, seq=head.seq)
             return
-        if up.codec != Codec.RAW:  # the payload's bytes are spent; the decoded update is held instead
-            self.buffers.release(up.charge)
-            self.buffers.held += self.model_bytes
-        self.accepted[pid] = update
-        self.accepted_address[pid] = peer.address or pid  # the address it was admitted under, now
-        if self.store:
-            try:
-                self.store.save_update(self.round, list(self.accepted), update)
-            except Exception:  # not on disk: not accepted
-                del self.accepted[pid], self.accepted_address[pid]
-                self.buffers.release(self.model_bytes)
-                if up.codec == Codec.RAW:
-                    self.buffers.recycle([update])
-                raise
-        if self._throttle.allow("accepted", time.monotonic()) is not None:
-            log.info("accepted %s (%d this round)", pid, len(self.accepted),
-                     extra={"event": "accepted", "participant": pid, "round": self.round})
-        self._send(rid, json_message(Kind.ACCEPTED, {"round": self.round, "id": pid}, round=self.round,
-                                     session=self.session))
+        weight = 1.0
+        if self.gate is not None and self.gate.stake_weighted:
+            weight = float(self.gate.weights([peer.address])[0])
+        # Decoding, the fold (or keeping the update) and the disk happen in the commit thread;
+        # ACCEPTED goes out when it hands the job back (_acknowledge).
+        job = Job(pid, rid, peer.address or pid, weight, up, seq=head.seq, started=up.started)
+        self.committing[pid] = job
+        self.committer.submit(job)
 
-    def _decode(self, up: Upload) -> np.ndarray:
+    def _busy(self, rid: bytes, pid: str, head, detail: str) -> None:
+        """Refuse for now: retry_after (seconds) is about half an upload's recent duration, 0.05 to 10 s."""
+        self._reject(rid, "busy", detail, pid, head.round, seq=head.seq,
+                     retry_after=round(min(10.0, max(0.05, self._upload_seconds / 2)), 3))
+
+    # ---------------------------------------------------------------- the commit thread's side
+    def _apply(self, job: Job) -> None:
+        """In the commit thread: the update as dense float32 on the device, into the round's collector."""
+        up = job.upload
         if up.codec == Codec.RAW:
-            return up.buf.view(np.float32)
+            job.update = up.buf
+        else:
+            try:
+                job.update = self._decode(up)
+            except Exception as e:  # noqa: BLE001 - whatever a hostile payload makes a codec raise
+                job.error = ("payload", f"{type(e).__name__}: {e}"[:300])
+                raise
+            if not self.device.finite(job.update):
+                job.error = ("nonfinite", "the update holds NaN or Inf")
+                raise ValueError(job.error[1])
+        self.collector.add(job)
+
+    def _flush(self, group: List[Job]) -> None:
+        """In the commit thread, once per group: the round's accepted updates to disk."""
+        if self.store is not None:
+            self.collector.persist(self.store, self.round, group)
+
+    def _acknowledge(self, jobs: List[Job]) -> None:
+        """Jobs the commit thread is done with: ACCEPTED (durable now), or the refusal it found."""
+        now = time.monotonic()
+        for job in jobs:
+            self.committing.pop(job.pid, None)
+            up = job.upload
+            if job.error is not None:
+                self._free(up)
+                self._reject(job.rid, job.error[0], job.error[1], job.pid, self.round, seq=job.seq)
+                continue
+            if job.spent:  # folded into the sum: its buffer and bytes are free now
+                self._free(up)
+            elif up.codec != Codec.RAW:  # the payload's bytes are spent; the decoded update is held instead
+                self.buffers.release(up.charge)
+                self.buffers.held += self.model_bytes
+            self.accepted[job.pid] = None
+            self._upload_seconds += 0.1 * (now - job.started - self._upload_seconds)
+            if self._throttle.allow("accepted", now) is not None:
+                log.info("accepted %s (%d this round)", job.pid, len(self.accepted),
+                         extra={"event": "accepted", "participant": job.pid, "round": self.round})
+            self._send(job.rid, json_message(Kind.ACCEPTED, {"round": self.round, "id": job.pid}, round=self.round,
+                                             session=self.session))
+
+    def _decode(self, up: Upload):
         from ..compress import Payload, decode
 
         p = Payload.from_frames(unpack_frames(memoryview(up.buf)))
         if p.d != self.d:
             raise ValueError(f"compressed update has d = {p.d}, the model has {self.d}")
-        return decode(p)
+        return decode(p, like=self.device.like)
 
     # ---------------------------------------------------------------- closing a round
     def _start_ledger_round(self) -> None:
@@ -696,6 +796,9 @@ class Server:
         self._sweep(now)
         n = len(self.accepted)
         late = now - self.round_started >= self.cfg.deadline
+        if self.committing and (late or n >= self.cfg.quorum):  # COMMITs in the commit thread belong to the round
+            self._acknowledge(self.committer.drain())
+            n = len(self.accepted)
         if n != self._failed_at and (n >= self.cfg.quorum or (late and n >= self.cfg.min_updates)):
             self._close_round(reason="quorum" if n >= self.cfg.quorum else "deadline")
         elif late:  # too few updates, or the pipeline failed on exactly these: no new model this round
@@ -704,45 +807,37 @@ class Server:
             self._close_without_model(why)
 
     def _close_round(self, reason: str) -> None:
-        from .. import aggregate
-
         t0 = time.monotonic()
-        ids = list(self.accepted)
-        rows = [self.accepted[i] for i in ids]
-        kw = dict(self.cfg.rule_params)
-        if self.cfg.dp is not None:
-            kw["dp"] = self.cfg.dp
-        elif self.cfg.clip_norm is not None:
-            kw["clip_norm"] = self.cfg.clip_norm
-        addresses = [self.accepted_address.get(i, i) for i in ids]
+        entries = self.collector.entries
+        ids = [e["id"] for e in entries]
+        addresses = [e["address"] for e in entries]
+        weights = None
+        if self.gate is not None and self.gate.stake_weighted:
+            weights = np.array([e["weight"] for e in entries], dtype=np.float64)
         try:
-            if self.gate is not None and self.gate.stake_weighted:
-                kw["weights"] = self.gate.weights(addresses)
-            agg, info = aggregate(rows, self.cfg.rule, self.cfg.f, return_info=True, **kw)
+            agg, info = self.collector.aggregate(self.cfg, weights)
         except Exception as e:  # noqa: BLE001 - keep serving; the round stays open for more updates
             log.error("round %d: the pipeline failed on %d updates: %s", self.round, len(ids), e,
                       extra={"event": "aggregate_failed", "round": self.round})
             self._failed_at = len(ids)
             return
-        t_agg = time.monotonic() - t0
         # The updates are spent: their receive buffers go back to the pool, and the new model
-        # is written into one of them (its pages are faulted in already). Never into the old
-        # model's buffer: MODEL frames still queued keep referencing it.
-        agg = np.asarray(agg, dtype=np.float32)
-        del rows
+        # is written into one of them on a CPU server (its pages are faulted in already). Never
+        # into the old model's buffer: MODEL frames still queued keep referencing it. The
+        # aggregate comes back from the server's device once, straight into that buffer.
         self._drop_accepted()
         new_model = self.buffers.spare(agg, self.model)
+        self.device.to_host(agg, new_model)
+        del agg
+        t_agg = time.monotonic() - t0
         with np.errstate(over="ignore", invalid="ignore"):  # checked right below
-            if self.cfg.server_lr == 1.0:
-                np.add(self.model, agg, out=new_model)
-            else:
-                np.multiply(agg, np.float32(self.cfg.server_lr), out=new_model)
-                np.add(self.model, new_model, out=new_model)
+            if self.cfg.server_lr != 1.0:
+                new_model *= np.float32(self.cfg.server_lr)
+            new_model += self.model
         failed = None
         if _core.nonfinite_rows([new_model])[0]:  # e.g. finite but huge updates overflowing the sum
             failed = "the aggregate is not finite: the model is kept (set clip_norm)"
             log.error("round %d: %s", self.round, failed, extra={"event": "aggregate_failed", "round": self.round})
-            self.buffers.recycle([new_model])
         else:
             self.model = new_model
         excluded = [ids[i] for i in info.excluded]
@@ -751,6 +846,7 @@ class Server:
             excluded += [ids[i] for i in range(len(ids)) if i not in chosen]
         record = self._record(reason, ids, failed)
         record.update({"excluded_by_rule": sorted(set(excluded)), "aggregate_seconds": t_agg,
+                       "last_byte_to_model_seconds": time.monotonic() - self._last_byte if self._last_byte else None,
                        "privacy": None if info.privacy is None else info.privacy.as_dict()})
         if self.gate is not None:
             scores = _scores(info, len(ids))
@@ -772,7 +868,7 @@ class Server:
         Updates accepted in it are dropped (each participant learns it from ROUND's and STATE's
         "previous": model_updated false) and the next round starts from the same model.
         """
-        ids = list(self.accepted)
+        ids = [e["id"] for e in self.collector.entries]
         self._drop_accepted()
         log.warning("round %d closed without a new model: %s", self.round, why,
                     extra={"event": "round_failed", "round": self.round})
@@ -780,9 +876,11 @@ class Server:
 
     def _drop_accepted(self) -> None:
         """The round's accepted updates are spent: their bytes leave the budget, their buffers go to the pool."""
-        self.buffers.release(self.model_bytes * len(self.accepted))
-        self.buffers.recycle(list(self.accepted.values()))
-        self.accepted, self.accepted_address = {}, {}
+        if self.collector.keeps_updates:
+            self.buffers.release(self.model_bytes * self.collector.count)
+            self.buffers.recycle(self.collector.rows)
+        self.collector.reset()
+        self.accepted = {}
 
     def _record(self, reason: str, ids: List[str], failed: Optional[str]) -> Dict[str, Any]:
         return {"round": self.round, "closed_by": reason, "accepted": ids, "rejected": self.rejected,
@@ -791,7 +889,7 @@ class Server:
                 "bytes_in": self.bytes_in, "abandoned_count": self.abandoned_count + len(self.uploads),
                 "abandoned_uploads": sorted(set(self.abandoned) | set(list(self.uploads)[:MAX_REJECTED_LISTED])),
                 "privacy": None, "rejected_counts": dict(self.rejected_counts), "messages": dict(self.messages),
-                "failed": failed,
+                "failed": failed, "device": self.device.name, "last_byte_to_model_seconds": None,
                 "model_updated": failed is None}
 
     def _next_round(self, record: Dict[str, Any]) -> None:
@@ -818,6 +916,7 @@ class Server:
         self.rejected, self.rejected_counts, self.abandoned, self.abandoned_count = [], {}, {}, 0
         self.messages = {}
         self.bytes_in = 0
+        self._last_byte = 0.0
         if self.store:
             self.store.save_round(self.round, self.model)
         self.round_started = time.monotonic()

@@ -1,0 +1,248 @@
+"""What the server must not lose, on disk, and the thread that makes accepted updates durable.
+
+Layout of ``state_dir``:
+
+    server.json          {"round": r, "d": d}   (rewritten atomically each round)
+    model.npy            the global model of round r
+    round-<r>/           what round r accepted so far, in one of two forms:
+        accepted.json      held updates (robust rules): [{"id", "address", "weight"}, ...] in
+                           acceptance order, and u<k>.npy, the k-th update
+        fold.json          the mean's fold: {"gen": g, "accepted": [...], "weight_sum", "clipped"}
+                           and fold-<g % 2>.npy, the float64 running sum it describes
+    metrics.jsonl        one JSON record per finished round
+
+Files are written to a temporary name, fsynced, then renamed; the fold alternates between two
+files and its JSON names the complete one: a crash leaves the old or the new state, never a torn
+one. ACCEPTED is sent only after the update is in such a state (``GroupCommit``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+log = logging.getLogger("fedagg.server")
+
+
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _atomic_write(path: Path, write, sync_dir: bool = True) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    if sync_dir:
+        _fsync_dir(path.parent)
+
+
+def _save_npy(fh, arr: np.ndarray) -> None:
+    np.save(fh, arr, allow_pickle=False)
+
+
+class RoundStore:
+    """Persists what the server must not lose; loads it back after a restart."""
+
+    def __init__(self, directory: os.PathLike):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _rdir(self, rnd: int) -> Path:
+        return self.dir / f"round-{rnd}"
+
+    # ---------------------------------------------------------------- round and model
+    def save_round(self, rnd: int, model: np.ndarray) -> None:
+        _atomic_write(self.dir / "model.npy", lambda fh: _save_npy(fh, model))
+        meta = {"round": rnd, "d": int(model.size)}
+        _atomic_write(self.dir / "server.json", lambda fh: fh.write(json.dumps(meta).encode()))
+        for old in self.dir.glob("round-*"):
+            if old.is_dir() and old.name != f"round-{rnd}":
+                shutil.rmtree(old, ignore_errors=True)
+        self._rdir(rnd).mkdir(exist_ok=True)
+
+    def load(self) -> Optional[Tuple[int, np.ndarray, Optional[Dict[str, Any]]]]:
+        """(round, model, accepted) saved before, or None for a fresh directory.
+
+        accepted: None, {"kind": "held", "entries": [...], "updates": [arrays]} or
+        {"kind": "fold", "entries": [...], "acc": float64 array, "weight_sum", "clipped", "gen"}.
+        """
+        meta_path = self.dir / "server.json"
+        if not meta_path.exists():
+            return None
+        meta = json.loads(meta_path.read_text())
+        rnd, d = int(meta["round"]), int(meta["d"])
+        model = np.load(self.dir / "model.npy", allow_pickle=False)
+        if model.dtype != np.float32 or model.ndim != 1 or model.size != d:
+            raise ValueError(f"{self.dir}: model.npy does not match server.json")
+        rdir = self._rdir(rnd)
+        if (rdir / "fold.json").exists():
+            fold = json.loads((rdir / "fold.json").read_text())
+            acc = np.load(rdir / f"fold-{int(fold['gen']) % 2}.npy", allow_pickle=False)
+            if acc.dtype != np.float64 or acc.shape != (d,):
+                raise ValueError(f"{rdir}: the fold's sum does not match the model")
+            return rnd, model, {"kind": "fold", "entries": fold["accepted"], "acc": acc, "gen": int(fold["gen"]),
+                                "weight_sum": float(fold["weight_sum"]), "clipped": int(fold["clipped"])}
+        if (rdir / "accepted.json").exists():
+            entries = json.loads((rdir / "accepted.json").read_text())
+            updates = [np.load(rdir / f"u{k}.npy", allow_pickle=False) for k in range(len(entries))]
+            if any(u.dtype != np.float32 or u.shape != (d,) for u in updates):
+                raise ValueError(f"{rdir}: an accepted update does not match the model")
+            return rnd, model, {"kind": "held", "entries": entries, "updates": updates}
+        return rnd, model, None
+
+    # ---------------------------------------------------------------- accepted updates
+    def save_held(self, rnd: int, entries: List[Dict[str, Any]], new: List[Tuple[int, np.ndarray]]) -> None:
+        """The newly accepted updates (index, host array), then the list of all: one directory sync."""
+        rdir = self._rdir(rnd)
+        rdir.mkdir(exist_ok=True)
+        for k, update in new:
+            _atomic_write(rdir / f"u{k}.npy", lambda fh, u=update: _save_npy(fh, u), sync_dir=False)
+        _atomic_write(rdir / "accepted.json", lambda fh: fh.write(json.dumps(entries).encode()))
+
+    def save_fold(self, rnd: int, gen: int, acc: np.ndarray, meta: Dict[str, Any]) -> None:
+        """Generation `gen` of the fold: the sum into the file the previous generation does not use."""
+        rdir = self._rdir(rnd)
+        rdir.mkdir(exist_ok=True)
+        _atomic_write(rdir / f"fold-{gen % 2}.npy", lambda fh: _save_npy(fh, acc), sync_dir=False)
+        _atomic_write(rdir / "fold.json", lambda fh: fh.write(json.dumps(dict(meta, gen=gen)).encode()))
+
+    def append_metrics(self, record: Any) -> None:
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record, default=str) + "\n")
+
+
+class StorageError(RuntimeError):
+    """The state directory could not be written: accepted updates cannot be kept."""
+
+
+class GroupCommit:
+    """One thread applies accepted updates to the round and makes them durable, a group at a time.
+
+    ``apply(job)`` runs for each job in submission order (a failure marks that job only);
+    ``flush(jobs)`` then runs once for the jobs applied since the last flush (one fsync of the
+    round state for the whole group). Finished jobs come back through ``completed()``; the
+    event loop polls ``fileno()`` to learn that some are ready. A failing flush is fatal
+    (``StorageError`` from ``completed()``): the jobs it held were applied in memory but are
+    not durable, so none of them may be acknowledged, and the server must stop.
+    """
+
+    def __init__(self, apply: Callable[[Any], None], flush: Callable[[List[Any]], None]):
+        self._apply, self._flush = apply, flush
+        self._jobs: "deque[Any]" = deque()
+        self._done: "deque[Any]" = deque()
+        self._cv = threading.Condition()
+        self._pending = 0  # submitted and not yet handed back by completed()
+        self._working = False
+        self._failed: Optional[BaseException] = None
+        self._stop = False
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._thread = threading.Thread(target=self._run, name="fedagg-commit", daemon=True)
+        self._thread.start()
+
+    def fileno(self) -> int:
+        return self._r
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, job: Any) -> None:
+        with self._cv:
+            if self._failed is not None:
+                raise StorageError(str(self._failed))
+            self._jobs.append(job)
+            self._pending += 1
+            self._cv.notify()
+
+    def completed(self) -> List[Any]:
+        """Jobs finished since the last call (job.error set on those that failed)."""
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._cv:
+            if self._failed is not None:
+                raise StorageError(str(self._failed))
+            out = list(self._done)
+            self._done.clear()
+            self._pending -= len(out)
+        return out
+
+    def drain(self, timeout: float = 600.0) -> List[Any]:
+        """Wait until every submitted job is finished (or failed); returns them."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: (not self._jobs and not self._working) or self._failed is not None,
+                                     timeout):
+                raise StorageError(f"accepted updates were not made durable within {timeout} s")
+        return self.completed()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=60)
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._jobs or self._stop)
+                if self._stop and not self._jobs:
+                    return
+                group = list(self._jobs)
+                self._jobs.clear()
+                self._working = True
+            applied = []
+            for job in group:
+                try:
+                    self._apply(job)
+                    applied.append(job)
+                except Exception as e:  # noqa: BLE001 - this job is refused; the others go on
+                    if getattr(job, "error", None) is None:
+                        job.error = ("internal", f"{type(e).__name__}: {e}"[:300])
+                        log.exception("applying the update of %s failed", getattr(job, "pid", "?"),
+                                      extra={"event": "internal_error"})
+            try:
+                if applied:
+                    self._flush(applied)
+            except BaseException as e:  # noqa: BLE001 - not durable: nothing of the group may be acknowledged
+                log.critical("writing the round state failed: %s", e, extra={"event": "storage_error"})
+                with self._cv:
+                    self._failed = e
+                    self._working = False
+                    self._cv.notify_all()
+                self._wake()
+                return
+            with self._cv:
+                self._done.extend(group)
+                self._working = False
+                self._cv.notify_all()
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._w, b"x")
+        except (BlockingIOError, OSError):  # the pipe is full: the loop has a wake-up pending already
+            pass

@@ -1,0 +1,163 @@
+"""A round's accepted updates, and how they become its aggregate.
+
+Two forms, chosen by the rule (``collector_for``):
+
+- ``MeanFold``: rule ``mean`` (weighted, clipped, or with ``CentralDP``; not ``nnm``). Each
+  accepted update is folded into a float64 sum on the server's device as it is accepted,
+  ``acc += (w * s) * x`` with w its weight and s its clipping factor, and its buffer is free
+  at once: the round holds (uploads in flight + 2) x d, whatever n is. At the close the
+  aggregate is ``acc / sum(w)`` (then DP noise). The float64 sum depends on the order the
+  updates were accepted in, by about one float64 rounding per update: the float32 aggregate
+  can differ from an order-sorted computation in its last bit.
+- ``HeldUpdates``: every other rule needs all n updates at the close: one n x d buffer on the
+  server's device.
+
+Both run in the server's commit thread (durable.GroupCommit): ``add`` for each accepted
+update, ``persist`` once per group; the event loop reads them only once that thread is idle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..rules import AggregationInfo
+
+
+@dataclass
+class Job:
+    """An update whose COMMIT passed the event loop's checks, on its way to being accepted."""
+
+    pid: str
+    rid: bytes
+    address: str
+    weight: float
+    upload: Any  # buffers.Upload: its buffer and budget charge
+    update: Any = None  # the dense float32 update (the raw buffer itself, or the decoded payload)
+    error: Optional[Tuple[str, str]] = None  # (reason, detail) if it was refused in the commit thread
+    spent: bool = False  # folded: its buffer can go back to the pool
+    seq: int = 0  # the COMMIT's seq (a refusal names it)
+    started: float = 0.0  # when the upload's first chunk arrived
+
+
+def is_foldable(rule: str, rule_params: Dict[str, Any]) -> bool:
+    return rule == "mean" and not rule_params.get("nnm", False)
+
+
+def collector_for(rule: str, rule_params: Dict[str, Any], device, clip_norm) -> Any:
+    """MeanFold for the mean family, HeldUpdates for the rest. clip_norm: a function giving C or None."""
+    return MeanFold(device, clip_norm) if is_foldable(rule, rule_params) else HeldUpdates(device)
+
+
+def _entry(job: Job) -> Dict[str, Any]:
+    return {"id": job.pid, "address": job.address, "weight": job.weight}
+
+
+class MeanFold:
+    """The mean's running float64 sum on the server's device (see the module doc)."""
+
+    keeps_updates = False
+
+    def __init__(self, device, clip_norm):
+        self.device, self.clip_norm = device, clip_norm
+        self.reset()
+
+    def reset(self) -> None:
+        self.acc = None
+        self.entries: List[Dict[str, Any]] = []
+        self.weight_sum, self.clipped, self.gen = 0.0, 0, 0
+
+    @property
+    def count(self) -> int:
+        return len(self.entries)
+
+    def add(self, job: Job) -> None:
+        x = job.update
+        self.device.ready(x)
+        if self.acc is None:
+            self.acc = self.device.accumulator()
+        s = 1.0
+        C = self.clip_norm()
+        if C is not None:
+            norm = math.sqrt(self.device.sqnorm(x))
+            s = min(1.0, C / max(norm, np.finfo(np.float64).tiny))
+            if not math.isfinite(s):
+                raise ValueError("the update's norm is not finite")
+        self.device.fold(self.acc, x, job.weight * s)
+        self.clipped += s < 1.0
+        self.weight_sum += job.weight
+        self.entries.append(_entry(job))
+        job.spent = True
+
+    def persist(self, store, rnd: int, group: List[Job]) -> None:
+        self.gen += 1
+        store.save_fold(rnd, self.gen, self.device.to_host(self.acc),
+                        {"accepted": self.entries, "weight_sum": self.weight_sum, "clipped": self.clipped})
+
+    def restore(self, saved: Dict[str, Any]) -> None:
+        self.acc = self.device.from_host(np.ascontiguousarray(saved["acc"]))
+        self.entries = list(saved["entries"])
+        self.weight_sum, self.clipped, self.gen = saved["weight_sum"], saved["clipped"], saved["gen"]
+
+    def aggregate(self, cfg, weights: Optional[np.ndarray]) -> Tuple[Any, AggregationInfo]:
+        """The round's mean (and DP release). `weights` is unused: each update's weight was folded in."""
+        n = len(self.entries)
+        w = np.array([e["weight"] for e in self.entries], dtype=np.float64)
+        if not self.weight_sum > 0:
+            raise ValueError("the accepted updates' weights sum to 0")
+        out = self.device.mean(self.acc, self.weight_sum)
+        privacy = None
+        if cfg.dp is not None:
+            cfg.dp.check_weights("mean", w)
+            out, privacy = cfg.dp.release(out, rule="mean", participants=n, unclipped=n - self.clipped,
+                                          weight_sum=self.weight_sum)
+        return out, AggregationInfo(rule="mean", n=n, f=0, weights=w / self.weight_sum, clipped=self.clipped,
+                                    privacy=privacy)
+
+
+@dataclass
+class HeldUpdates:
+    """Every accepted update kept (on the server's device) until the close."""
+
+    device: Any
+    keeps_updates = True
+    rows: List[Any] = field(default_factory=list)
+    entries: List[Dict[str, Any]] = field(default_factory=list)
+    saved: int = 0  # updates already on disk
+
+    def reset(self) -> None:
+        self.rows, self.entries, self.saved = [], [], 0
+
+    @property
+    def count(self) -> int:
+        return len(self.entries)
+
+    def add(self, job: Job) -> None:
+        self.device.ready(job.update)
+        self.rows.append(job.update)
+        self.entries.append(_entry(job))
+
+    def persist(self, store, rnd: int, group: List[Job]) -> None:
+        new = [(k, self.device.to_host(self.rows[k])) for k in range(self.saved, len(self.rows))]
+        store.save_held(rnd, self.entries, new)
+        self.saved = len(self.rows)
+
+    def restore(self, saved: Dict[str, Any]) -> None:
+        self.rows = [self.device.from_host(u) for u in saved["updates"]]
+        self.entries = list(saved["entries"])
+        self.saved = len(self.rows)
+
+    def aggregate(self, cfg, weights: Optional[np.ndarray]) -> Tuple[Any, AggregationInfo]:
+        from .. import aggregate
+
+        kw = dict(cfg.rule_params)
+        if cfg.dp is not None:
+            kw["dp"] = cfg.dp
+        elif cfg.clip_norm is not None:
+            kw["clip_norm"] = cfg.clip_norm
+        if weights is not None:
+            kw["weights"] = weights
+        return aggregate(self.rows, cfg.rule, cfg.f, return_info=True, **kw)
