@@ -80,3 +80,12 @@ def rule_kwargs(rule: str) -> dict:
 def run_rule(X, rule, f=0, weights=None, **kw):
     """fedagg.aggregate with return_info=True."""
     return fedagg.aggregate(X, rule=rule, f=f, weights=weights, return_info=True, **kw)
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (a server about to bind it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

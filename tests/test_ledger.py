@@ -7,7 +7,6 @@ skip, unless FEDAGG_REQUIRE_HARDHAT=1 (set by CI) makes that a failure.
 
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -21,16 +20,13 @@ pytest.importorskip("nacl")
 from fedagg import ledger  # noqa: E402
 from fedagg.ledger import LedgerError, crypto, merkle  # noqa: E402
 from fedagg.ledger.audit import model_hash  # noqa: E402
+from helpers import free_port  # noqa: E402
 
 HARDHAT_DIR = Path(__file__).parent / "hardhat"
 HARDHAT = HARDHAT_DIR / "node_modules" / ".bin" / "hardhat"
 ETH = 10**18
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ Servers bind to 127.0.0.1 on a free port; every wait is bounded.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,19 +16,15 @@ import pytest
 
 zmq = pytest.importorskip("zmq")
 
-import fedagg  # noqa: E402
 from fedagg import _core, compress  # noqa: E402
 from fedagg.transport import Client, Server, ServerConfig, TransportError  # noqa: E402
 from fedagg.transport import participant  # noqa: E402
 from fedagg.transport.protocol import (Codec, Dtype, Header, Kind, ProtocolError, json_message,  # noqa: E402
                                        message, pack_frames, parse, parse_json, unpack_frames)
 from fedagg.transport.server import is_local  # noqa: E402
+from helpers import free_port  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Running:

@@ -357,7 +357,8 @@ def _apply_clip(batch: Batch, clip_norm: float, fold: bool):
     norms = np.sqrt(batch.ops.sqnorms(batch.rows))
     if not _finite(norms):
         raise _NonFinite
-    scale = np.minimum(1.0, clip_norm / np.maximum(norms, np.finfo(np.float64).tiny))
+    with np.errstate(over="ignore"):  # a zero update: C / tiny overflows to inf, and min(1, inf) = 1
+        scale = np.minimum(1.0, clip_norm / np.maximum(norms, np.finfo(np.float64).tiny))
     clipped = int(np.count_nonzero(scale < 1.0))
     if fold:
         return batch, scale, clipped

@@ -54,10 +54,20 @@ class ReceiveBuffers:
         self.d, self.model_bytes = d, 4 * d
         self.budget = int(budget)
         self.device = device if device is not None else HostDevice(d)
-        self.held = 0  # bytes of uploads in progress and accepted updates
+        self._held = 0  # bytes of uploads in progress and accepted updates
+        self.peak = 0  # the most ever held (what the round's memory came to)
         self.pool: List[Any] = []
         self._pooled: set = set()  # data pointers of the pooled buffers: each enters once
         self._owned: set = set()  # data pointers of the raw buffers this pool allocated
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    @held.setter
+    def held(self, nbytes: int) -> None:
+        self._held = nbytes
+        self.peak = max(self.peak, nbytes)
 
     def room(self, nbytes: int) -> bool:
         return self.held + nbytes <= self.budget
@@ -116,7 +126,8 @@ class ReceiveBuffers:
             self._owned.discard(key)
 
     def stats(self) -> Dict[str, Any]:
-        return {"held_bytes": self.held, "pooled_bytes": len(self.pool) * self.model_bytes, "budget": self.budget}
+        return {"held_bytes": self.held, "peak_bytes": self.peak, "pooled_bytes": len(self.pool) * self.model_bytes,
+                "budget": self.budget}
 
 
 def _ptr(arr: Any) -> int:

@@ -61,7 +61,14 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
                         "(default 4096)")
     s.add_argument("--receive-memory-gb", type=float_at_least(0, True), default=None,
                    help="bytes of updates a round may hold (uploads in progress and accepted), in GB; an upload "
-                        "beyond it is refused 'busy' (default: half the physical memory)")
+                        "beyond it is refused 'busy' (default: half the physical memory; with --device cuda, "
+                        "90%% of the GPU's free memory)")
+    s.add_argument("--max-inflight", type=int_at_least(1), default=64,
+                   help="uploads streaming or being made durable at once; more are refused 'busy' with a "
+                        "retry_after (default 64). With rule mean a round holds about (this + 2) x the model")
+    s.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="where updates are received into and aggregated: cpu, cuda or cuda:N (default cpu; "
+                        "cuda needs torch with CUDA and fedagg built with its CUDA backend)")
     s.add_argument("--upload-timeout", type=float_at_least(0, True), default=30.0,
                    help="seconds an upload may receive nothing before it is abandoned and its memory freed "
                         "(default 30)")
@@ -125,6 +132,9 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
     ld.add_argument("--start", type=int_at_least(0), default=0, help="first INDEX (default 0)")
     ld.add_argument("--timeout", type=float_at_least(0, True), default=120.0,
                     help="seconds without progress before giving up (default 120)")
+    ld.add_argument("--concurrency", type=int_at_least(1), default=None,
+                    help="identities uploading at once; the others wait their turn holding no update "
+                         "(default: all N)")
     ld.set_defaults(func=_load)
 
     k = sub.add_parser("keys", help="CurveZMQ key pairs: generate, list",
@@ -182,6 +192,7 @@ def _serve(args) -> int:
                        chunk_bytes=int(args.chunk_mib * (1 << 20)) // 4 * 4, credits=args.credits,
                        insecure=args.insecure, io_threads=args.io_threads, linger=linger, max_peers=args.max_peers,
                        receive_memory=None if args.receive_memory_gb is None else int(args.receive_memory_gb * 1e9),
+                       max_inflight=args.max_inflight, device=args.device,
                        upload_timeout=args.upload_timeout)
     if args.curve_secret is not None:
         from zmq.auth import load_certificate
@@ -206,7 +217,8 @@ def _serve(args) -> int:
     # SIGTERM (systemd, docker stop, kill) stops the server like the end of its rounds: exit status 0.
     # Installed before the "listening" line, so a SIGTERM sent as soon as it is read is handled.
     previous = signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    print(json.dumps({"listening": server.endpoint, "round": server.round, "d": server.d}), flush=True)
+    print(json.dumps({"listening": server.endpoint, "round": server.round, "d": server.d,
+                      "device": server.device.name}), flush=True)
     try:
         server.serve()
     except KeyboardInterrupt:
@@ -222,7 +234,7 @@ def _load(args) -> int:
     from .load import Load
 
     report = Load(args.connect, args.n, args.d, seed=args.seed, rounds=args.rounds, prefix=args.prefix,
-                  start=args.start, timeout=args.timeout).run()
+                  start=args.start, timeout=args.timeout, concurrency=args.concurrency).run()
     print(json.dumps(asdict(report)))
     return 0
 
