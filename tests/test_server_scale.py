@@ -10,6 +10,7 @@
 """
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -250,6 +251,42 @@ def test_sigkill_at_random_points_gives_the_uninterrupted_model_bitwise(tmp_path
         # no accepted update lost, none counted twice, and the same sum in the same order
         assert len(rec) == 1 and rec[0]["accepted"] == [f"p{i}" for i in range(n)], (kills, rec)
         np.testing.assert_array_equal(got, want, err_msg=f"kills at {kills}")
+
+
+def _peak_rss(pid: int) -> int:
+    """Peak resident memory of a live process, in bytes (VmHWM)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak RSS from /proc (Linux)")
+def test_a_round_of_240_participants_x_25M_floats_with_a_state_dir_stays_under_3GB(tmp_path):
+    """24 GB of updates through `fedagg serve` (rule mean, state_dir) on a machine with 24 GiB:
+    the server folds each update as it is accepted and holds only the uploads in flight."""
+    n, d, seed, inflight = 240, 25_000_000, 21, 8
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    state = tmp_path / "state"
+    srv = _spawn(SERVE[:5] + ["--rounds", "1", "--linger", "30", "--bind", ep, "--d", str(d), "--quorum", str(n),
+                               "--state-dir", str(state), "--max-inflight", str(inflight), "--deadline", "1500"])
+    try:
+        report = Load(ep, n, d, seed=seed, concurrency=inflight, timeout=300).run()
+        peak = _peak_rss(srv.pid)  # lingering: the round is over, the process is still there
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        out, err = srv.communicate(timeout=60)
+    assert srv.returncode == 0, err
+    assert sorted(report.rounds[0]) == sorted(f"load-{i}" for i in range(n))
+    assert peak < 3e9, f"peak RSS {peak / 1e9:.2f} GB"
+    rec = json.loads((state / "metrics.jsonl").read_text().splitlines()[0])
+    assert len(rec["accepted"]) == n and rec["model_updated"]
+    model = np.load(state / "model.npy")
+    # The float64 mean recomputed from the seeds (one update in memory at a time), in index
+    # order: the server summed in acceptance order, so its float32 result may differ by one ulp.
+    want = seeded_mean(seed, list(range(n)), 0, d).astype(np.float32)
+    np.testing.assert_array_max_ulp(model, want, maxulp=1)
 
 
 def test_restart_with_another_rule_is_refused(tmp_path):

@@ -104,15 +104,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip an alternative estimated to take longer per call (default 60)")
     b.add_argument("--bandwidth-gb", type=_float_at_least(0, False), default=1.0,
                    help="size of the arrays of the copy-bandwidth test (default 1; 0 skips it)")
-    b.add_argument("--sections", nargs="+", choices=["rules", "compression", "privacy", "transport"],
+    b.add_argument("--sections", nargs="+", choices=["rules", "compression", "privacy", "transport", "server"],
                    default=["rules", "compression", "privacy"],
-                   help="what to benchmark (default: rules compression privacy; transport needs pyzmq)")
+                   help="what to benchmark (default: rules compression privacy; transport and server need pyzmq)")
     b.add_argument("--transport-mb", type=_float_at_least(0, True), default=400.0,
                    help="transport section: size of the single update in MB (default 400)")
     b.add_argument("--transport-n", type=_int_at_least(1), default=16,
-                   help="transport section: participants in the round (default 16; d from --transport-d)")
+                   help="transport and server sections: participants in the round (default 16; d from "
+                        "--transport-d)")
     b.add_argument("--transport-d", type=_int_at_least(1), default=25_000_000,
-                   help="transport section: parameters per participant in the round (default 25,000,000)")
+                   help="transport and server sections: parameters per participant in the round "
+                        "(default 25,000,000)")
     b.add_argument("--topk-ratio", type=_float_at_least(0, True), default=0.01,
                    help="compression section: k / d of the top-k codec (default 0.01)")
     b.set_defaults(func=_bench)
@@ -210,6 +212,11 @@ def _bench(args) -> int:
         res["transport"] = tbench.run(mb=args.transport_mb, n=args.transport_n, d=args.transport_d,
                                       rule="mean", repeat=args.repeat)
         print_section(con, tbench.lines(res["transport"])[0], res["transport"]["rows"], report)
+    if "server" in args.sections:
+        from .transport import bench as tbench
+
+        res["server"] = tbench.run_server(n=args.transport_n, d=args.transport_d, seed=args.seed)
+        print_section(con, tbench.server_lines(res["server"])[0], res["server"]["rows"], report)
     if args.json == "-":
         json.dump(res, sys.stdout, indent=2, default=_jsonable)
         sys.stdout.write("\n")

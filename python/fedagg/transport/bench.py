@@ -20,7 +20,7 @@ import socket
 import statistics
 import threading
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -213,3 +213,99 @@ def lines(res: Dict[str, Any]) -> List[str]:
 
     return table(f"transport: loopback, one update of {res['mb']:g} MB; a round of {res['n']} x {res['d']:,} "
                  f"float32 ({res['rule']})", res["rows"])
+
+
+# ---------------------------------------------------------------- the server section
+def _server_round(n: int, d: int, rule: str, device: str, state_dir: Optional[str], seed: int,
+                  timeout: float = 600.0) -> Dict[str, Any]:
+    """One round of n seeded updates from a `fedagg load` process into an in-process Server."""
+    import subprocess
+    import sys
+    import threading
+
+    from .server import Server, ServerConfig
+
+    f = 0 if rule == "mean" else max(1, (n - 3) // 4)
+    srv = Server(np.zeros(d, np.float32), ServerConfig(
+        bind="tcp://127.0.0.1:0", rule=rule, f=f, quorum=n, min_updates=n, rounds=1, linger=2.0, deadline=timeout,
+        device=device, state_dir=state_dir, max_inflight=max(n, 1)))
+    t = threading.Thread(target=srv.serve, daemon=True)
+    t.start()
+    load = subprocess.run([sys.executable, "-m", "fedagg", "load", "--connect", srv.endpoint, "--n", str(n),
+                           "--d", str(d), "--seed", str(seed), "--pregenerate", "--timeout", str(timeout)],
+                          capture_output=True, text=True, timeout=timeout + 60)
+    t.join(timeout)
+    if load.returncode != 0 or not srv.history:
+        srv.stop()
+        t.join(10)
+        raise RuntimeError(f"server benchmark round ({rule} on {device}) failed: {load.stderr[-500:]}")
+    rec = srv.history[0]
+    return {"rule": rule, "device": device, "state_dir": state_dir is not None, "accepted": len(rec["accepted"]),
+            "receive_seconds": rec["receive_seconds"], "close_seconds": rec["last_byte_to_model_seconds"],
+            "aggregate_seconds": rec["aggregate_seconds"], "model": srv.model, "order": rec["accepted"]}
+
+
+def run_server(n: int = 16, d: int = 25_000_000, rules=("mean", "median", "trimmed_mean", "krum"),
+               seed: int = 0) -> Dict[str, Any]:
+    """`fedagg bench --sections server`: receive time, last byte -> new model, state_dir overhead."""
+    import tempfile
+
+    from .. import _gpu
+    from .load import seeded_mean
+
+    devices = ["cpu"]
+    try:
+        import torch
+
+        if torch.cuda.is_available() and _gpu.compiled():
+            devices.append("cuda")
+    except ImportError:
+        pass
+    total = n * d * 4
+    rows: List[Dict[str, Any]] = []
+    raw: List[Dict[str, Any]] = []
+    cpu_models: Dict[str, np.ndarray] = {}
+    want = None
+    for device in devices:
+        for rule in rules:
+            r = _server_round(n, d, rule, device, None, seed)
+            agrees, note = None, ""
+            if rule == "mean":
+                if want is None:
+                    want = seeded_mean(seed, list(range(n)), 0, d).astype(np.float32)
+                ulps = np.abs(r["model"].view(np.int32).astype(np.int64) - want.view(np.int32).astype(np.int64))
+                agrees = bool(ulps.max() <= 1)
+                note = "vs the float64 mean of the seeds (1 ulp); "
+            if device == "cpu":
+                cpu_models[rule] = r["model"]
+            elif rule in cpu_models:
+                same = bool(np.array_equal(r["model"], cpu_models[rule]))
+                agrees = same if rule in ("mean", "median", "trimmed_mean") else agrees
+                note += f"{'bitwise' if same else 'not bitwise'} the CPU server's model; "
+            share = r["close_seconds"] / r["receive_seconds"]
+            rows.append({"case": f"{rule} on {device}", "impl": "receive (first -> last byte)",
+                         "seconds": r["receive_seconds"], "gbps": total / r["receive_seconds"] / 1e9,
+                         "agrees": agrees, "note": note + f"{n} x {d:,} float32 from a `fedagg load` process"})
+            rows.append({"case": f"{rule} on {device}", "impl": "last byte -> new model", "seconds": r["close_seconds"],
+                         "gbps": None, "agrees": None,
+                         "note": f"{100 * share:.1f}% of the receive time (aggregate {r['aggregate_seconds']:.3f} s)"})
+            raw.append({k: v for k, v in r.items() if k not in ("model", "order")})
+        with tempfile.TemporaryDirectory(prefix="fedagg-bench-state-") as tmp:
+            plain = _server_round(n, d, "mean", device, None, seed)
+            durable = _server_round(n, d, "mean", device, tmp, seed)
+        t_plain = plain["receive_seconds"] + plain["close_seconds"]
+        t_durable = durable["receive_seconds"] + durable["close_seconds"]
+        rows.append({"case": f"mean on {device}", "impl": "with a state_dir", "seconds": t_durable,
+                     "gbps": total / t_durable / 1e9, "agrees": bool(np.array_equal(durable["model"], plain["model"]))
+                     if durable["order"] == plain["order"] else None,
+                     "note": f"{t_durable / t_plain:.2f}x the round without one ({t_plain:.2f} s, first byte -> "
+                             "new model; goal <= 1.2x)"})
+        raw += [{k: v for k, v in x.items() if k not in ("model", "order")} for x in (plain, durable)]
+    return {"n": n, "d": d, "devices": devices, "rows": rows, "raw": raw}
+
+
+def server_lines(res: Dict[str, Any]) -> List[str]:
+    from .._benchutil import table
+
+    return table(f"server: a round of {res['n']} x {res['d']:,} float32 over loopback, on "
+                 f"{' and '.join(res['devices'])}", res["rows"])

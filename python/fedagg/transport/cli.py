@@ -135,6 +135,9 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
     ld.add_argument("--concurrency", type=int_at_least(1), default=None,
                     help="identities uploading at once; the others wait their turn holding no update "
                          "(default: all N)")
+    ld.add_argument("--pregenerate", action="store_true",
+                    help="make round 0's updates before connecting (N x d in memory), so that sending is not "
+                         "paced by generating them (benchmarks)")
     ld.set_defaults(func=_load)
 
     k = sub.add_parser("keys", help="CurveZMQ key pairs: generate, list",
@@ -234,7 +237,8 @@ def _load(args) -> int:
     from .load import Load
 
     report = Load(args.connect, args.n, args.d, seed=args.seed, rounds=args.rounds, prefix=args.prefix,
-                  start=args.start, timeout=args.timeout, concurrency=args.concurrency).run()
+                  start=args.start, timeout=args.timeout, concurrency=args.concurrency,
+                  pregenerate=args.pregenerate).run()
     print(json.dumps(asdict(report)))
     return 0
 

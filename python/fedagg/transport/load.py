@@ -76,7 +76,8 @@ class Load:
     """Drive `n` identities ("{prefix}-{index}") through `rounds` rounds each; see the module doc."""
 
     def __init__(self, endpoint: str, n: int, d: int, *, seed: int = 0, rounds: int = 1, prefix: str = "load",
-                 start: int = 0, timeout: float = 120.0, concurrency: Optional[int] = None):
+                 start: int = 0, timeout: float = 120.0, concurrency: Optional[int] = None,
+                 pregenerate: bool = False):
         if n < 1 or d < 1 or rounds < 1 or timeout <= 0:
             raise ValueError("n, d and rounds must be >= 1, timeout positive")
         if concurrency is not None and concurrency < 1:
@@ -84,6 +85,7 @@ class Load:
         self.endpoint, self.n, self.d, self.seed, self.rounds = endpoint, n, d, seed, rounds
         self.prefix, self.start, self.timeout = prefix, start, timeout
         self.concurrency = n if concurrency is None else concurrency
+        self.pregenerate = pregenerate  # round 0's updates made before the first HELLO (benchmarks: n x d in memory)
 
     def run(self) -> LoadReport:
         import zmq
@@ -95,6 +97,9 @@ class Load:
         self._queue: "deque[_Identity]" = deque()
         people = [_Identity(ctx, self.endpoint, self.start + k, f"{self.prefix}-{self.start + k}")
                   for k in range(self.n)]
+        if self.pregenerate:
+            for p in people:
+                p.blob = seeded_update(self.seed, p.index, 0, self.d).view(np.uint8)
         by_sock = {p.sock: p for p in people}
         poller = zmq.Poller()
         for p in people:

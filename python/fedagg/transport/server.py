@@ -190,7 +190,7 @@ class Server:
                      config.state_dir, extra={"event": "recovered", "round": self.round})
         self.committer = GroupCommit(self._apply, self._flush)
         self._upload_seconds = 1.0  # running mean of an upload's duration (for busy's retry_after)
-        self._last_byte = 0.0  # when the round's last chunk arrived
+        self._first_byte = self._last_byte = 0.0  # when the round's first and last chunks arrived
         self.uploads: Dict[str, Upload] = {}
         self.abandoned: Dict[str, None] = {}  # uploads given up this round (the first MAX_REJECTED_LISTED ids)
         self.abandoned_count = 0
@@ -641,6 +641,8 @@ class Server:
             self.gate.cost.hash_seconds += time.monotonic() - t0
         up.received += head.length
         up.last_chunk = self._last_byte = time.monotonic()
+        if not self._first_byte:
+            self._first_byte = self._last_byte
         self.bytes_in += head.length
         self._send(rid, message(Kind.CREDIT, b"", aux=1, offset=up.received, total=up.total, round=self.round,
                                 session=self.session))
@@ -847,6 +849,7 @@ class Server:
         record = self._record(reason, ids, failed)
         record.update({"excluded_by_rule": sorted(set(excluded)), "aggregate_seconds": t_agg,
                        "last_byte_to_model_seconds": time.monotonic() - self._last_byte if self._last_byte else None,
+                       "receive_seconds": self._last_byte - self._first_byte if self._last_byte else None,
                        "privacy": None if info.privacy is None else info.privacy.as_dict()})
         if self.gate is not None:
             scores = _scores(info, len(ids))
@@ -889,7 +892,7 @@ class Server:
                 "bytes_in": self.bytes_in, "abandoned_count": self.abandoned_count + len(self.uploads),
                 "abandoned_uploads": sorted(set(self.abandoned) | set(list(self.uploads)[:MAX_REJECTED_LISTED])),
                 "privacy": None, "rejected_counts": dict(self.rejected_counts), "messages": dict(self.messages),
-                "failed": failed, "device": self.device.name, "last_byte_to_model_seconds": None,
+                "failed": failed, "device": self.device.name, "last_byte_to_model_seconds": None, "receive_seconds": None,
                 "model_updated": failed is None}
 
     def _next_round(self, record: Dict[str, Any]) -> None:
@@ -916,7 +919,7 @@ class Server:
         self.rejected, self.rejected_counts, self.abandoned, self.abandoned_count = [], {}, {}, 0
         self.messages = {}
         self.bytes_in = 0
-        self._last_byte = 0.0
+        self._first_byte = self._last_byte = 0.0
         if self.store:
             self.store.save_round(self.round, self.model)
         self.round_started = time.monotonic()
