@@ -285,3 +285,44 @@ def test_torch_integration_round_on_gpu_matches_cpu():
         return glob.cpu().numpy()
 
     np.testing.assert_allclose(run("cuda"), run("cpu"), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the server on the GPU
+@pytest.mark.parametrize("rule,f", [("mean", 0), ("median", 1), ("trimmed_mean", 1), ("krum", 1),
+                                    ("multi_krum", 1), ("geometric_median", 0)])
+def test_server_on_the_gpu_matches_the_cpu_server(rule, f):
+    """A loopback round with device="cuda" (pinned staging, copy stream, rules on the GPU) against
+    the same round on a CPU server: bitwise for the mean's fold and the coordinate-wise rules."""
+    pytest.importorskip("zmq")
+    from test_server_scale import _one_round
+
+    ups = np.random.default_rng(8).standard_normal((7, 300_001)).astype(np.float32)
+    ups[2] *= 40
+    gpu = _one_round("cuda", rule, f, ups)
+    cpu = _one_round("cpu", rule, f, ups)
+    assert gpu.history[0]["device"].startswith("cuda") and gpu.history[0]["model_updated"]
+    assert gpu.history[0]["accepted"] == cpu.history[0]["accepted"]
+    if rule in ("mean", "median", "trimmed_mean"):
+        np.testing.assert_array_equal(gpu.model, cpu.model)
+    else:
+        np.testing.assert_allclose(gpu.model, cpu.model, rtol=1e-5, atol=1e-6)
+        assert gpu.history[0]["excluded_by_rule"] == cpu.history[0]["excluded_by_rule"]
+
+
+def test_server_on_the_gpu_folds_compressed_and_clipped_updates():
+    pytest.importorskip("zmq")
+    from fedagg import compress
+    from test_server_scale import _one_round, fold_reference, start, stop
+
+    ups = np.random.default_rng(9).standard_normal((5, 100_000)).astype(np.float32)
+    clipped = _one_round("cuda", "mean", 0, ups, clip_norm=50.0).model
+    np.testing.assert_allclose(clipped, fold_reference(list(ups), clip=50.0), rtol=1e-6, atol=1e-7)
+    ps = [compress.Uniform(8, bucket=64).encode(x, seed=i) for i, x in enumerate(ups)]
+    server, t = start(100_000, quorum=5, rounds=1, linger=3, device="cuda", chunk_bytes=16384)
+    try:
+        for i, p in enumerate(ps):
+            with fedagg.Client(server.endpoint, f"p{i}", timeout=10) as c:
+                c.submit(p, 0)
+    finally:
+        stop(server, t)
+    np.testing.assert_allclose(server.model, fold_reference([compress.decode(p) for p in ps]), rtol=1e-6, atol=1e-7)

@@ -131,30 +131,37 @@ class StorageError(RuntimeError):
 
 
 class GroupCommit:
-    """One thread applies accepted updates to the round and makes them durable, a group at a time.
+    """Two threads make accepted updates part of the round and durable, in groups.
 
-    ``apply(job)`` runs for each job in submission order (a failure marks that job only);
-    ``flush(jobs)`` then runs once for the jobs applied since the last flush (one fsync of the
-    round state for the whole group). Finished jobs come back through ``completed()``; the
-    event loop polls ``fileno()`` to learn that some are ready. A failing flush is fatal
-    (``StorageError`` from ``completed()``): the jobs it held were applied in memory but are
-    not durable, so none of them may be acknowledged, and the server must stop.
+    The applier runs ``apply(job)`` for each job in submission order (a failure marks that job
+    only). Whenever the writer is free, the applier takes ``snapshot(jobs)`` of everything
+    applied since the last one (a copy of the round's state: the mean's sum, or the new updates)
+    and the writer writes it (one fsync for the whole group) while the applier goes on with the
+    next jobs. ``snapshot`` may return None (no state directory): the jobs are done at once.
+    Finished jobs come back through ``completed()``; the event loop polls ``fileno()``. A failing
+    snapshot or write is fatal (``StorageError`` from ``completed()``): the jobs it held were
+    applied in memory but are not durable, so none of them may be acknowledged, and the server
+    must stop.
     """
 
-    def __init__(self, apply: Callable[[Any], None], flush: Callable[[List[Any]], None]):
-        self._apply, self._flush = apply, flush
+    def __init__(self, apply: Callable[[Any], None], snapshot: Callable[[List[Any]], Optional[Callable[[], None]]]):
+        self._apply, self._snapshot = apply, snapshot
         self._jobs: "deque[Any]" = deque()
         self._done: "deque[Any]" = deque()
+        self._unsaved: List[Any] = []  # applied, in no snapshot yet
+        self._to_write: Optional[Tuple[Callable[[], None], List[Any]]] = None
         self._cv = threading.Condition()
         self._pending = 0  # submitted and not yet handed back by completed()
-        self._working = False
+        self._applying = self._writing = False
         self._failed: Optional[BaseException] = None
         self._stop = False
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
-        self._thread = threading.Thread(target=self._run, name="fedagg-commit", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._applier, name="fedagg-apply", daemon=True),
+                         threading.Thread(target=self._writer, name="fedagg-write", daemon=True)]
+        for t in self._threads:
+            t.start()
 
     def fileno(self) -> int:
         return self._r
@@ -169,7 +176,7 @@ class GroupCommit:
                 raise StorageError(str(self._failed))
             self._jobs.append(job)
             self._pending += 1
-            self._cv.notify()
+            self._cv.notify_all()
 
     def completed(self) -> List[Any]:
         """Jobs finished since the last call (job.error set on those that failed)."""
@@ -186,58 +193,101 @@ class GroupCommit:
             self._pending -= len(out)
         return out
 
+    def _idle(self) -> bool:
+        return not (self._jobs or self._applying or self._unsaved or self._writing)
+
     def drain(self, timeout: float = 600.0) -> List[Any]:
         """Wait until every submitted job is finished (or failed); returns them."""
         with self._cv:
-            if not self._cv.wait_for(lambda: (not self._jobs and not self._working) or self._failed is not None,
-                                     timeout):
+            if not self._cv.wait_for(lambda: self._idle() or self._failed is not None, timeout):
                 raise StorageError(f"accepted updates were not made durable within {timeout} s")
         return self.completed()
 
     def close(self) -> None:
         with self._cv:
             self._stop = True
-            self._cv.notify()
-        self._thread.join(timeout=60)
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join(timeout=60)
         for fd in (self._r, self._w):
             try:
                 os.close(fd)
             except OSError:
                 pass
 
-    def _run(self) -> None:
+    def _fail(self, e: BaseException) -> None:
+        log.critical("writing the round state failed: %s", e, extra={"event": "storage_error"})
+        with self._cv:
+            self._failed = e
+            self._cv.notify_all()
+        self._wake()
+
+    def _applier(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._jobs or self._stop)
-                if self._stop and not self._jobs:
+                self._cv.wait_for(lambda: self._jobs or self._stop or self._failed is not None
+                                  or (self._unsaved and not self._writing))
+                if self._failed is not None or (self._stop and not self._jobs):
                     return
                 group = list(self._jobs)
                 self._jobs.clear()
-                self._working = True
-            applied = []
+                self._applying = True
+            applied, failed = [], []
             for job in group:
                 try:
                     self._apply(job)
                     applied.append(job)
                 except Exception as e:  # noqa: BLE001 - this job is refused; the others go on
+                    failed.append(job)
                     if getattr(job, "error", None) is None:
                         job.error = ("internal", f"{type(e).__name__}: {e}"[:300])
                         log.exception("applying the update of %s failed", getattr(job, "pid", "?"),
                                       extra={"event": "internal_error"})
-            try:
-                if applied:
-                    self._flush(applied)
-            except BaseException as e:  # noqa: BLE001 - not durable: nothing of the group may be acknowledged
-                log.critical("writing the round state failed: %s", e, extra={"event": "storage_error"})
-                with self._cv:
-                    self._failed = e
-                    self._working = False
+            with self._cv:
+                self._unsaved += applied
+                self._done.extend(failed)
+                if self._writing or not self._unsaved:
+                    self._applying = False
                     self._cv.notify_all()
+                    group = []
+                else:  # the writer is free: a snapshot of everything applied so far
+                    group, self._unsaved, self._writing = self._unsaved, [], True
+            if failed:
                 self._wake()
+            if not group:
+                continue
+            try:
+                write = self._snapshot(group)
+            except BaseException as e:  # noqa: BLE001 - not durable: fatal
+                self._fail(e)
+                return
+            with self._cv:
+                self._applying = False
+                if write is None:  # nothing to write: done now
+                    self._done.extend(group)
+                    self._writing = False
+                else:
+                    self._to_write = (write, group)
+                self._cv.notify_all()
+            if write is None:
+                self._wake()
+
+    def _writer(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._to_write is not None or self._stop or self._failed is not None)
+                if self._to_write is None:
+                    return
+                write, group = self._to_write
+                self._to_write = None
+            try:
+                write()
+            except BaseException as e:  # noqa: BLE001 - not durable: nothing of the group may be acknowledged
+                self._fail(e)
                 return
             with self._cv:
                 self._done.extend(group)
-                self._working = False
+                self._writing = False
                 self._cv.notify_all()
             self._wake()
 

@@ -12,8 +12,9 @@ Two forms, chosen by the rule (``collector_for``):
 - ``HeldUpdates``: every other rule needs all n updates at the close: one n x d buffer on the
   server's device.
 
-Both run in the server's commit thread (durable.GroupCommit): ``add`` for each accepted
-update, ``persist`` once per group; the event loop reads them only once that thread is idle.
+Both run in the server's applier thread (durable.GroupCommit): ``add`` for each accepted
+update, ``snapshot`` once per group (its write then runs in the writer thread); the event loop
+reads them only once those threads are idle.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Job:
     weight: float
     upload: Any  # buffers.Upload: its buffer and budget charge
     update: Any = None  # the dense float32 update (the raw buffer itself, or the decoded payload)
-    error: Optional[Tuple[str, str]] = None  # (reason, detail) if it was refused in the commit thread
+    error: Optional[Tuple[str, str]] = None  # (reason, detail) if it was refused in the applier thread
     spent: bool = False  # folded: its buffer can go back to the pool
     seq: int = 0  # the COMMIT's seq (a refusal names it)
     started: float = 0.0  # when the upload's first chunk arrived
@@ -92,10 +93,15 @@ class MeanFold:
         self.entries.append(_entry(job))
         job.spent = True
 
-    def persist(self, store, rnd: int, group: List[Job]) -> None:
+    def snapshot(self, store, rnd: int):
+        """A copy of the fold as it stands, and how to write it (run by the writer thread)."""
         self.gen += 1
-        store.save_fold(rnd, self.gen, self.device.to_host(self.acc),
-                        {"accepted": self.entries, "weight_sum": self.weight_sum, "clipped": self.clipped})
+        acc = self.device.to_host(self.acc)
+        if acc is self.acc:  # host memory: the applier goes on folding into it meanwhile
+            acc = acc.copy()
+        gen, meta = self.gen, {"accepted": list(self.entries), "weight_sum": self.weight_sum,
+                               "clipped": self.clipped}
+        return lambda: store.save_fold(rnd, gen, acc, meta)
 
     def restore(self, saved: Dict[str, Any]) -> None:
         self.acc = self.device.from_host(np.ascontiguousarray(saved["acc"]))
@@ -140,10 +146,12 @@ class HeldUpdates:
         self.rows.append(job.update)
         self.entries.append(_entry(job))
 
-    def persist(self, store, rnd: int, group: List[Job]) -> None:
+    def snapshot(self, store, rnd: int):
+        """The updates accepted since the last snapshot (they do not change), and how to write them."""
         new = [(k, self.device.to_host(self.rows[k])) for k in range(self.saved, len(self.rows))]
-        store.save_held(rnd, self.entries, new)
+        entries = list(self.entries)
         self.saved = len(self.rows)
+        return lambda: store.save_held(rnd, entries, new)
 
     def restore(self, saved: Dict[str, Any]) -> None:
         self.rows = [self.device.from_host(u) for u in saved["updates"]]

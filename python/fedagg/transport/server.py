@@ -12,7 +12,7 @@ logged, a few lines per kind and interval); the loop never stops for a bad
 message. The rooms: who is connected (peers.py), receive memory (buffers.py),
 where updates live and are computed on, host or GPU (device.py), a round's
 accepted updates and its aggregate (rounds.py), and what survives a crash
-(durable.py: a commit thread acknowledges an update only once it is on disk).
+(durable.py: commit threads acknowledge an update only once it is on disk).
 See docs/protocol.md for the messages.
 """
 
@@ -175,7 +175,7 @@ class Server:
         self.buffers = ReceiveBuffers(self.d, budget, self.device)
         self.collector = collector_for(config.rule, config.rule_params, self.device, self._clip_norm)
         self.accepted: Dict[str, None] = {}  # ids acknowledged this round, in the collector's order
-        self.committing: Dict[str, Job] = {}  # COMMITs in the commit thread, not acknowledged yet
+        self.committing: Dict[str, Job] = {}  # COMMITs in the commit threads, not acknowledged yet
         if saved is not None:
             kind = "fold" if not self.collector.keeps_updates else "held"
             if saved["kind"] != kind:
@@ -188,7 +188,7 @@ class Server:
         if restored is not None:
             log.info("recovered round %d with %d accepted updates from %s", self.round, len(self.accepted),
                      config.state_dir, extra={"event": "recovered", "round": self.round})
-        self.committer = GroupCommit(self._apply, self._flush)
+        self.committer = GroupCommit(self._apply, self._snapshot)
         self._upload_seconds = 1.0  # running mean of an upload's duration (for busy's retry_after)
         self._first_byte = self._last_byte = 0.0  # when the round's first and last chunks arrived
         self.uploads: Dict[str, Upload] = {}
@@ -356,7 +356,7 @@ class Server:
         zmq = self.zmq
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.committer.fileno(), zmq.POLLIN)  # the commit thread finished a group
+        poller.register(self.committer.fileno(), zmq.POLLIN)  # the commit threads finished a group
         target = None if self.cfg.rounds is None else self.cfg.rounds
         self.round_started = time.monotonic()  # the deadline and commit phase count from here, not __init__
         self._start_ledger_round()
@@ -695,7 +695,7 @@ class Server:
         weight = 1.0
         if self.gate is not None and self.gate.stake_weighted:
             weight = float(self.gate.weights([peer.address])[0])
-        # Decoding, the fold (or keeping the update) and the disk happen in the commit thread;
+        # Decoding, the fold (or keeping the update) and the disk happen in the commit threads;
         # ACCEPTED goes out when it hands the job back (_acknowledge).
         job = Job(pid, rid, peer.address or pid, weight, up, seq=head.seq, started=up.started)
         self.committing[pid] = job
@@ -706,9 +706,9 @@ class Server:
         self._reject(rid, "busy", detail, pid, head.round, seq=head.seq,
                      retry_after=round(min(10.0, max(0.05, self._upload_seconds / 2)), 3))
 
-    # ---------------------------------------------------------------- the commit thread's side
+    # ---------------------------------------------------------------- the commit threads' side
     def _apply(self, job: Job) -> None:
-        """In the commit thread: the update as dense float32 on the device, into the round's collector."""
+        """In the applier thread: the update as dense float32 on the device, into the round's collector."""
         up = job.upload
         if up.codec == Codec.RAW:
             job.update = up.buf
@@ -723,13 +723,12 @@ class Server:
                 raise ValueError(job.error[1])
         self.collector.add(job)
 
-    def _flush(self, group: List[Job]) -> None:
-        """In the commit thread, once per group: the round's accepted updates to disk."""
-        if self.store is not None:
-            self.collector.persist(self.store, self.round, group)
+    def _snapshot(self, group: List[Job]):
+        """In the applier thread, once per group: what the writer thread puts on disk (None: no state_dir)."""
+        return None if self.store is None else self.collector.snapshot(self.store, self.round)
 
     def _acknowledge(self, jobs: List[Job]) -> None:
-        """Jobs the commit thread is done with: ACCEPTED (durable now), or the refusal it found."""
+        """Jobs the commit threads are done with: ACCEPTED (durable now), or the refusal it found."""
         now = time.monotonic()
         for job in jobs:
             self.committing.pop(job.pid, None)
@@ -798,7 +797,7 @@ class Server:
         self._sweep(now)
         n = len(self.accepted)
         late = now - self.round_started >= self.cfg.deadline
-        if self.committing and (late or n >= self.cfg.quorum):  # COMMITs in the commit thread belong to the round
+        if self.committing and (late or n >= self.cfg.quorum):  # COMMITs in the commit threads belong to the round
             self._acknowledge(self.committer.drain())
             n = len(self.accepted)
         if n != self._failed_at and (n >= self.cfg.quorum or (late and n >= self.cfg.min_updates)):
