@@ -162,6 +162,47 @@ def test_accepted_is_sent_only_once_the_update_is_durable(tmp_path, monkeypatch)
         stop(server, t)
 
 
+def test_the_update_completing_the_quorum_is_acknowledged_once_the_close_is_on_disk(tmp_path, monkeypatch):
+    """Its group is not written on its own: the new model (server.json's next round) makes it durable."""
+    d = 20_000
+    gate = threading.Event()
+    real_round, real_fold, folds = RoundStore.save_round, RoundStore.save_fold, []
+
+    def slow_round(self, rnd, model):
+        if rnd == 1:
+            assert gate.wait(20)
+        return real_round(self, rnd, model)
+
+    def fold(self, rnd, gen, acc, meta):
+        folds.append([e["id"] for e in meta["accepted"]])
+        return real_fold(self, rnd, gen, acc, meta)
+
+    monkeypatch.setattr(RoundStore, "save_round", slow_round)
+    monkeypatch.setattr(RoundStore, "save_fold", fold)
+    server, t = start(d, quorum=2, rounds=1, linger=2, state_dir=str(tmp_path / "s"))
+    try:
+        with Client(server.endpoint, "a", timeout=20) as a:
+            a.submit(np.ones(d, np.float32), 0)  # below the quorum: its own snapshot first
+        result = {}
+
+        def second():
+            with Client(server.endpoint, "b", timeout=20) as b:
+                result["r"] = b.submit(np.ones(d, np.float32), 0)
+
+        th = threading.Thread(target=second)
+        th.start()
+        time.sleep(1.0)
+        assert "r" not in result and server.rounds_done == 1  # closed, not yet on disk: no ACCEPTED
+        gate.set()
+        th.join(20)
+        assert result["r"] == {"round": 0, "id": "b"}
+    finally:
+        gate.set()
+        stop(server, t)
+    assert folds == [["a"]]  # b's group was never written as a snapshot
+    assert json.loads((tmp_path / "s" / "server.json").read_text())["round"] == 1
+
+
 def test_a_failing_disk_stops_the_server_without_acknowledging(tmp_path, monkeypatch):
     d = 10_000
 

@@ -86,6 +86,7 @@ class RoundStore:
             return None
         meta = json.loads(meta_path.read_text())
         rnd, d = int(meta["round"]), int(meta["d"])
+        self._forget_metrics_from(rnd)
         model = np.load(self.dir / "model.npy", allow_pickle=False)
         if model.dtype != np.float32 or model.ndim != 1 or model.size != d:
             raise ValueError(f"{self.dir}: model.npy does not match server.json")
@@ -120,6 +121,16 @@ class RoundStore:
         rdir.mkdir(exist_ok=True)
         _atomic_write(rdir / f"fold-{gen % 2}.npy", lambda fh: _save_npy(fh, acc), sync_dir=False)
         _atomic_write(rdir / "fold.json", lambda fh: fh.write(json.dumps(dict(meta, gen=gen)).encode()))
+
+    def _forget_metrics_from(self, rnd: int) -> None:
+        """Records of round `rnd` and later: written by a server killed before that round's close was."""
+        path = self.dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        keep = [line for line in lines if line.strip() and json.loads(line).get("round", -1) < rnd]
+        if len(keep) != len(lines):
+            _atomic_write(path, lambda fh: fh.write("".join(line + "\n" for line in keep).encode()))
 
     def append_metrics(self, record: Any) -> None:
         with open(self.dir / "metrics.jsonl", "a") as fh:

@@ -41,6 +41,7 @@ class Job:
     error: Optional[Tuple[str, str]] = None  # (reason, detail) if it was refused in the applier thread
     spent: bool = False  # folded: its buffer can go back to the pool
     seq: int = 0  # the COMMIT's seq (a refusal names it)
+    deferred: bool = False  # it completed the quorum: durable (and acknowledged) with the round's close
     started: float = 0.0  # when the upload's first chunk arrived
 
 

@@ -191,6 +191,7 @@ class Server:
         self.committer = GroupCommit(self._apply, self._snapshot)
         self._upload_seconds = 1.0  # running mean of an upload's duration (for busy's retry_after)
         self._first_byte = self._last_byte = 0.0  # when the round's first and last chunks arrived
+        self._deferred: List[tuple] = []  # (routing id, id) accepted, durable once the round's close is written
         self.uploads: Dict[str, Upload] = {}
         self.abandoned: Dict[str, None] = {}  # uploads given up this round (the first MAX_REJECTED_LISTED ids)
         self.abandoned_count = 0
@@ -724,8 +725,31 @@ class Server:
         self.collector.add(job)
 
     def _snapshot(self, group: List[Job]):
-        """In the applier thread, once per group: what the writer thread puts on disk (None: no state_dir)."""
-        return None if self.store is None else self.collector.snapshot(self.store, self.round)
+        """In the applier thread, once per group: what the writer thread puts on disk (None: nothing).
+
+        A group that brings the round to its quorum is not written: the round closes on it, and
+        the new model written then (server.json's next round) is what makes it durable; its
+        ACCEPTEDs wait for that write (``deferred``). Should the round not close after all, the
+        server writes the snapshot itself before acknowledging (``_persist_deferred``).
+        """
+        if self.store is None:
+            return None
+        if self.collector.count >= self.cfg.quorum:
+            for job in group:
+                job.deferred = True
+            return None
+        return self.collector.snapshot(self.store, self.round)
+
+    def _persist_deferred(self) -> None:
+        """The round stays open with deferred updates: write its state now, then acknowledge them."""
+        if self._deferred:
+            self.collector.snapshot(self.store, self.round)()
+            self._ack_deferred(self.round)
+
+    def _ack_deferred(self, rnd: int) -> None:
+        for rid, pid in self._deferred:
+            self._send(rid, json_message(Kind.ACCEPTED, {"round": rnd, "id": pid}, round=rnd, session=self.session))
+        self._deferred = []
 
     def _acknowledge(self, jobs: List[Job]) -> None:
         """Jobs the commit threads are done with: ACCEPTED (durable now), or the refusal it found."""
@@ -744,6 +768,9 @@ class Server:
                 self.buffers.held += self.model_bytes
             self.accepted[job.pid] = None
             self._upload_seconds += 0.1 * (now - job.started - self._upload_seconds)
+            if job.deferred:  # durable with the round's close: ACCEPTED then (_ack_deferred)
+                self._deferred.append((job.rid, job.pid))
+                continue
             if self._throttle.allow("accepted", now) is not None:
                 log.info("accepted %s (%d this round)", job.pid, len(self.accepted),
                          extra={"event": "accepted", "participant": job.pid, "round": self.round})
@@ -821,6 +848,7 @@ class Server:
             log.error("round %d: the pipeline failed on %d updates: %s", self.round, len(ids), e,
                       extra={"event": "aggregate_failed", "round": self.round})
             self._failed_at = len(ids)
+            self._persist_deferred()
             return
         # The updates are spent: their receive buffers go back to the pool, and the new model
         # is written into one of them on a CPU server (its pages are faulted in already). Never
@@ -921,6 +949,7 @@ class Server:
         self._first_byte = self._last_byte = 0.0
         if self.store:
             self.store.save_round(self.round, self.model)
+        self._ack_deferred(self.round - 1)  # the closed round's last updates are durable now
         self.round_started = time.monotonic()
         if self.cfg.rounds is None or self.rounds_done < self.cfg.rounds:  # no chain round that never runs
             self._start_ledger_round()
