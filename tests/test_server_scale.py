@@ -173,9 +173,9 @@ def test_the_update_completing_the_quorum_is_acknowledged_once_the_close_is_on_d
             assert gate.wait(20)
         return real_round(self, rnd, model)
 
-    def fold(self, rnd, gen, acc, meta):
+    def fold(self, rnd, gen, acc, meta, cancelled=None):
         folds.append([e["id"] for e in meta["accepted"]])
-        return real_fold(self, rnd, gen, acc, meta)
+        return real_fold(self, rnd, gen, acc, meta, cancelled)
 
     monkeypatch.setattr(RoundStore, "save_round", slow_round)
     monkeypatch.setattr(RoundStore, "save_fold", fold)
@@ -201,6 +201,60 @@ def test_the_update_completing_the_quorum_is_acknowledged_once_the_close_is_on_d
         stop(server, t)
     assert folds == [["a"]]  # b's group was never written as a snapshot
     assert json.loads((tmp_path / "s" / "server.json").read_text())["round"] == 1
+
+
+class _Job:
+    def __init__(self, k):
+        self.pid, self.error, self.deferred = f"j{k}", None, False
+
+
+def test_group_commit_groups_jobs_and_settle_gives_up_the_write_in_progress():
+    from fedagg.transport.durable import Cancelled, GroupCommit
+
+    applied, written, writing = [], [], threading.Event()
+
+    def snapshot(group):
+        def write(cancelled):
+            writing.set()
+            for _ in range(2000):  # a slow disk: 20 s unless given up
+                if cancelled():
+                    raise Cancelled()
+                time.sleep(0.01)
+            written.append([j.pid for j in group])
+        return write
+
+    gc = GroupCommit(applied.append, snapshot)
+    try:
+        jobs = [_Job(k) for k in range(5)]
+        gc.submit(jobs[0])
+        assert writing.wait(5)  # j0's write is in progress...
+        for j in jobs[1:]:
+            gc.submit(j)  # ...the others are applied meanwhile, waiting for the next snapshot
+        t0 = time.monotonic()
+        done = gc.settle(timeout=10)
+        assert time.monotonic() - t0 < 2  # the write was given up, not waited out
+        assert sorted(j.pid for j in done) == [j.pid for j in jobs] and all(j.deferred for j in done)
+        assert [j.pid for j in applied] == [j.pid for j in jobs] and written == []
+        assert gc.pending == 0
+    finally:
+        gc.close()
+
+
+def test_a_given_up_fold_write_leaves_the_previous_generation_whole(tmp_path):
+    from fedagg.transport.durable import Cancelled
+
+    store = RoundStore(tmp_path)
+    store.save_round(0, np.zeros(1000, np.float32))
+    meta = {"accepted": [{"id": "a", "address": "a", "weight": 1.0}], "weight_sum": 1.0, "clipped": 0}
+    store.save_fold(0, 1, np.full(1000, 1.0), meta)
+    with pytest.raises(Cancelled):
+        store.save_fold(0, 2, np.full(1000, 2.0), dict(meta, weight_sum=2.0), cancelled=lambda: True)
+    assert sorted(p.name for p in (tmp_path / "round-0").iterdir()) == ["fold-1.npy", "fold.json"]
+    rnd, model, saved = store.load()
+    assert saved["gen"] == 1 and saved["weight_sum"] == 1.0 and (saved["acc"] == 1.0).all()
+    store.save_fold(0, 3, np.full(1000, 3.0), dict(meta, weight_sum=3.0))  # the next one replaces it
+    assert sorted(p.name for p in (tmp_path / "round-0").iterdir()) == ["fold-3.npy", "fold.json"]
+    assert store.load()[2]["weight_sum"] == 3.0
 
 
 def test_a_failing_disk_stops_the_server_without_acknowledging(tmp_path, monkeypatch):

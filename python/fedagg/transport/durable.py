@@ -8,12 +8,13 @@ Layout of ``state_dir``:
         accepted.json      held updates (robust rules): [{"id", "address", "weight"}, ...] in
                            acceptance order, and u<k>.npy, the k-th update
         fold.json          the mean's fold: {"gen": g, "accepted": [...], "weight_sum", "clipped"}
-                           and fold-<g % 2>.npy, the float64 running sum it describes
+                           and fold-<g>.npy, the float64 running sum it describes
     metrics.jsonl        one JSON record per finished round
 
-Files are written to a temporary name, fsynced, then renamed; the fold alternates between two
-files and its JSON names the complete one: a crash leaves the old or the new state, never a torn
-one. ACCEPTED is sent only after the update is in such a state (``GroupCommit``).
+Files are written to a temporary name, fsynced, then renamed; each fold generation has its own
+file, named by the JSON once complete (older ones are removed after): a crash leaves the old or
+the new state, never a torn one. ACCEPTED is sent only after the update is in such a state
+(``GroupCommit``), or in the round's close written after it.
 """
 
 from __future__ import annotations
@@ -42,17 +43,34 @@ def _fsync_dir(path: Path) -> None:
 
 def _atomic_write(path: Path, write, sync_dir: bool = True) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except Cancelled:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     if sync_dir:
         _fsync_dir(path.parent)
 
 
-def _save_npy(fh, arr: np.ndarray) -> None:
-    np.save(fh, arr, allow_pickle=False)
+def _save_npy(fh, arr: np.ndarray, cancelled: Optional[Callable[[], bool]] = None) -> None:
+    """np.save's format, written in 16 MiB pieces; `cancelled()` true between two pieces abandons it."""
+    if cancelled is None:
+        np.save(fh, arr, allow_pickle=False)
+        return
+    np.lib.format.write_array_header_1_0(fh, np.lib.format.header_data_from_array_1_0(arr))
+    raw = memoryview(np.ascontiguousarray(arr)).cast("B")
+    for off in range(0, len(raw), 16 << 20):
+        if cancelled():
+            raise Cancelled()
+        fh.write(raw[off:off + (16 << 20)])
+
+
+class Cancelled(Exception):
+    """A snapshot write given up because the round's close will make its updates durable."""
 
 
 class RoundStore:
@@ -93,7 +111,7 @@ class RoundStore:
         rdir = self._rdir(rnd)
         if (rdir / "fold.json").exists():
             fold = json.loads((rdir / "fold.json").read_text())
-            acc = np.load(rdir / f"fold-{int(fold['gen']) % 2}.npy", allow_pickle=False)
+            acc = np.load(rdir / f"fold-{int(fold['gen'])}.npy", allow_pickle=False)
             if acc.dtype != np.float64 or acc.shape != (d,):
                 raise ValueError(f"{rdir}: the fold's sum does not match the model")
             return rnd, model, {"kind": "fold", "entries": fold["accepted"], "acc": acc, "gen": int(fold["gen"]),
@@ -107,20 +125,25 @@ class RoundStore:
         return rnd, model, None
 
     # ---------------------------------------------------------------- accepted updates
-    def save_held(self, rnd: int, entries: List[Dict[str, Any]], new: List[Tuple[int, np.ndarray]]) -> None:
+    def save_held(self, rnd: int, entries: List[Dict[str, Any]], new: List[Tuple[int, np.ndarray]],
+                  cancelled: Optional[Callable[[], bool]] = None) -> None:
         """The newly accepted updates (index, host array), then the list of all: one directory sync."""
         rdir = self._rdir(rnd)
         rdir.mkdir(exist_ok=True)
         for k, update in new:
-            _atomic_write(rdir / f"u{k}.npy", lambda fh, u=update: _save_npy(fh, u), sync_dir=False)
+            _atomic_write(rdir / f"u{k}.npy", lambda fh, u=update: _save_npy(fh, u, cancelled), sync_dir=False)
         _atomic_write(rdir / "accepted.json", lambda fh: fh.write(json.dumps(entries).encode()))
 
-    def save_fold(self, rnd: int, gen: int, acc: np.ndarray, meta: Dict[str, Any]) -> None:
-        """Generation `gen` of the fold: the sum into the file the previous generation does not use."""
+    def save_fold(self, rnd: int, gen: int, acc: np.ndarray, meta: Dict[str, Any],
+                  cancelled: Optional[Callable[[], bool]] = None) -> None:
+        """Generation `gen` of the fold: its sum in a file of its own, then the JSON naming it."""
         rdir = self._rdir(rnd)
         rdir.mkdir(exist_ok=True)
-        _atomic_write(rdir / f"fold-{gen % 2}.npy", lambda fh: _save_npy(fh, acc), sync_dir=False)
+        _atomic_write(rdir / f"fold-{gen}.npy", lambda fh: _save_npy(fh, acc, cancelled), sync_dir=False)
         _atomic_write(rdir / "fold.json", lambda fh: fh.write(json.dumps(dict(meta, gen=gen)).encode()))
+        for old in rdir.glob("fold-*.npy"):
+            if old.name != f"fold-{gen}.npy":
+                old.unlink(missing_ok=True)
 
     def _forget_metrics_from(self, rnd: int) -> None:
         """Records of round `rnd` and later: written by a server killed before that round's close was."""
@@ -147,20 +170,23 @@ class GroupCommit:
     The applier runs ``apply(job)`` for each job in submission order (a failure marks that job
     only). Whenever the writer is free, the applier takes ``snapshot(jobs)`` of everything
     applied since the last one (a copy of the round's state: the mean's sum, or the new updates)
-    and the writer writes it (one fsync for the whole group) while the applier goes on with the
-    next jobs. ``snapshot`` may return None (no state directory): the jobs are done at once.
+    and the writer writes it (``write(cancelled)``, one fsync for the whole group) while the
+    applier goes on with the next jobs. ``snapshot`` may return None (nothing to write): the jobs
+    are done at once. At a round's close ``settle()`` gives up the write in progress and hands
+    back every applied job as ``deferred``: the close's own write makes them durable.
     Finished jobs come back through ``completed()``; the event loop polls ``fileno()``. A failing
     snapshot or write is fatal (``StorageError`` from ``completed()``): the jobs it held were
     applied in memory but are not durable, so none of them may be acknowledged, and the server
     must stop.
     """
 
-    def __init__(self, apply: Callable[[Any], None], snapshot: Callable[[List[Any]], Optional[Callable[[], None]]]):
+    def __init__(self, apply: Callable[[Any], None], snapshot: Callable[[List[Any]], Optional[Callable[..., None]]]):
         self._apply, self._snapshot = apply, snapshot
         self._jobs: "deque[Any]" = deque()
         self._done: "deque[Any]" = deque()
         self._unsaved: List[Any] = []  # applied, in no snapshot yet
-        self._to_write: Optional[Tuple[Callable[[], None], List[Any]]] = None
+        self._to_write: Optional[Tuple[Callable[..., None], List[Any]]] = None
+        self._cancel = False  # settle(): the write in progress is given up, no new snapshot is taken
         self._cv = threading.Condition()
         self._pending = 0  # submitted and not yet handed back by completed()
         self._applying = self._writing = False
@@ -214,6 +240,25 @@ class GroupCommit:
                 raise StorageError(f"accepted updates were not made durable within {timeout} s")
         return self.completed()
 
+    def settle(self, timeout: float = 600.0) -> List[Any]:
+        """For the round's close: every submitted job applied, the write in progress given up, and
+        every job not yet durable handed back with ``deferred = True`` (with the finished ones)."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: (not self._jobs and not self._applying) or self._failed is not None,
+                                     timeout):
+                raise StorageError(f"accepted updates were not applied within {timeout} s")
+            self._cancel = True
+            try:
+                if not self._cv.wait_for(lambda: not self._writing or self._failed is not None, timeout):
+                    raise StorageError(f"the round state was not written within {timeout} s")
+                for job in self._unsaved:
+                    job.deferred = True
+                self._done.extend(self._unsaved)
+                self._unsaved = []
+            finally:
+                self._cancel = False
+        return self.completed()
+
     def close(self) -> None:
         with self._cv:
             self._stop = True
@@ -237,7 +282,7 @@ class GroupCommit:
         while True:
             with self._cv:
                 self._cv.wait_for(lambda: self._jobs or self._stop or self._failed is not None
-                                  or (self._unsaved and not self._writing))
+                                  or (self._unsaved and not self._writing and not self._cancel))
                 if self._failed is not None or (self._stop and not self._jobs):
                     return
                 group = list(self._jobs)
@@ -257,7 +302,7 @@ class GroupCommit:
             with self._cv:
                 self._unsaved += applied
                 self._done.extend(failed)
-                if self._writing or not self._unsaved:
+                if self._writing or not self._unsaved or self._cancel:
                     self._applying = False
                     self._cv.notify_all()
                     group = []
@@ -292,7 +337,10 @@ class GroupCommit:
                 write, group = self._to_write
                 self._to_write = None
             try:
-                write()
+                write(lambda: self._cancel)
+            except Cancelled:  # the round's close makes these durable (settle)
+                for job in group:
+                    job.deferred = True
             except BaseException as e:  # noqa: BLE001 - not durable: nothing of the group may be acknowledged
                 self._fail(e)
                 return

@@ -102,7 +102,7 @@ class MeanFold:
             acc = acc.copy()
         gen, meta = self.gen, {"accepted": list(self.entries), "weight_sum": self.weight_sum,
                                "clipped": self.clipped}
-        return lambda: store.save_fold(rnd, gen, acc, meta)
+        return lambda cancelled=None: store.save_fold(rnd, gen, acc, meta, cancelled)
 
     def restore(self, saved: Dict[str, Any]) -> None:
         self.acc = self.device.from_host(np.ascontiguousarray(saved["acc"]))
@@ -149,10 +149,14 @@ class HeldUpdates:
 
     def snapshot(self, store, rnd: int):
         """The updates accepted since the last snapshot (they do not change), and how to write them."""
-        new = [(k, self.device.to_host(self.rows[k])) for k in range(self.saved, len(self.rows))]
+        end = len(self.rows)
+        new = [(k, self.device.to_host(self.rows[k])) for k in range(self.saved, end)]
         entries = list(self.entries)
-        self.saved = len(self.rows)
-        return lambda: store.save_held(rnd, entries, new)
+
+        def write(cancelled=None):
+            store.save_held(rnd, entries, new, cancelled)
+            self.saved = max(self.saved, end)  # only once on disk: a given-up write is redone by the next
+        return write
 
     def restore(self, saved: Dict[str, Any]) -> None:
         self.rows = [self.device.from_host(u) for u in saved["updates"]]

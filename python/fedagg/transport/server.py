@@ -825,7 +825,7 @@ class Server:
         n = len(self.accepted)
         late = now - self.round_started >= self.cfg.deadline
         if self.committing and (late or n >= self.cfg.quorum):  # COMMITs in the commit threads belong to the round
-            self._acknowledge(self.committer.drain())
+            self._acknowledge(self.committer.settle())  # not yet durable ones: with the close's write
             n = len(self.accepted)
         if n != self._failed_at and (n >= self.cfg.quorum or (late and n >= self.cfg.min_updates)):
             self._close_round(reason="quorum" if n >= self.cfg.quorum else "deadline")
@@ -833,6 +833,8 @@ class Server:
             why = (f"the pipeline failed on the {n} accepted updates" if n == self._failed_at and n else
                    f"{n} accepted updates at the deadline, {self.cfg.min_updates} needed")
             self._close_without_model(why)
+        elif self._deferred:  # settled for a close that did not happen: their own write, now
+            self._persist_deferred()
 
     def _close_round(self, reason: str) -> None:
         t0 = time.monotonic()
