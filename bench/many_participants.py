@@ -46,6 +46,8 @@ def main() -> int:
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         srv.stdout.readline()  # listening
+        # the round records follow on stdout: read them, or a full pipe would stall the server
+        threading.Thread(target=srv.stdout.read, daemon=True).start()
         done, cpu = {}, {}
         if a.generator == "load":
             from fedagg.transport.load import Load

@@ -63,9 +63,10 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
                    help="bytes of updates a round may hold (uploads in progress and accepted), in GB; an upload "
                         "beyond it is refused 'busy' (default: half the physical memory; with --device cuda, "
                         "90%% of the GPU's free memory)")
-    s.add_argument("--max-inflight", type=int_at_least(1), default=64,
+    s.add_argument("--max-inflight", type=int_at_least(1), default=256,
                    help="uploads streaming or being made durable at once; more are refused 'busy' with a "
-                        "retry_after (default 64). With rule mean a round holds about (this + 2) x the model")
+                        "retry_after (default 256; the receive memory may allow fewer). With rule mean a round holds "
+                        "about min(this x the model, the receive memory) + 4 x the model")
     s.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where updates are received into and aggregated: cpu, cuda or cuda:N (default cpu; "
                         "cuda needs torch with CUDA and fedagg built with its CUDA backend)")

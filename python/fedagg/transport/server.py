@@ -81,7 +81,7 @@ class ServerConfig:
     credits: int = 8  # chunks a participant may have in flight
     max_peers: int = 4096  # connections tracked at once (a few hundred bytes each; idle ones make room)
     receive_memory: Optional[int] = None  # bytes of updates held in a round (None: half the RAM, or 90% of the GPU's free memory)
-    max_inflight: int = 64  # uploads streaming (or being made durable) at once; more are told `busy` with a retry_after
+    max_inflight: int = 256  # uploads streaming (or being made durable) at once; more are told `busy` with a retry_after
     device: str = "cpu"  # where updates are received into and aggregated: "cpu", "cuda" or "cuda:N"
     upload_timeout: float = 30.0  # an upload that receives nothing this long is abandoned, its buffer freed
     linger: float = 0.0  # after the last round: keep serving the final model this long (inf: until stopped)
@@ -704,7 +704,7 @@ class Server:
 
     def _busy(self, rid: bytes, pid: str, head, detail: str) -> None:
         """Refuse for now: retry_after (seconds) is about half an upload's recent duration, 0.05 to 10 s."""
-        self._reject(rid, "busy", detail, pid, head.round, seq=head.seq,
+        self._reject(rid, "busy", detail, pid, head.round, seq=head.seq, record=False,
                      retry_after=round(min(10.0, max(0.05, self._upload_seconds / 2)), 3))
 
     # ---------------------------------------------------------------- the commit threads' side
