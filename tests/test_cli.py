@@ -131,6 +131,22 @@ def test_bench_prints_the_copy_bandwidth_once_and_sections_as_tables(monkeypatch
                 assert lines[1].startswith("┏") and any(line.startswith("└") for line in lines)
 
 
+def test_bench_server_section_reports_receive_close_and_state_dir_overhead():
+    pytest.importorskip("zmq")
+    p = fedagg_cmd("bench", "--sections", "server", "--transport-n", 3, "--transport-d", 50_000,
+                   "--bandwidth-gb", 0, "--json", "-")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)["server"]
+    assert res["devices"][0] == "cpu" and res["n"] == 3 and res["d"] == 50_000
+    cases = {(r["case"], r["impl"]) for r in res["rows"]}
+    for rule in ("mean", "median", "trimmed_mean", "krum"):
+        assert {(f"{rule} on cpu", "receive (first -> last byte)"), (f"{rule} on cpu", "last byte -> new model")} <= cases
+    assert ("mean on cpu", "with a state_dir") in cases
+    mean = next(r for r in res["rows"] if r["case"] == "mean on cpu" and r["impl"].startswith("receive"))
+    assert mean["agrees"] is True  # the served mean against the float64 mean of the seeds
+    assert all(x["accepted"] == 3 and x["receive_seconds"] > 0 and x["close_seconds"] > 0 for x in res["raw"])
+
+
 def test_info():
     p = fedagg_cmd("info")
     assert p.returncode == 0, p.stderr
