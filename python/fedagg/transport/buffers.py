@@ -24,12 +24,40 @@ def default_budget() -> int:
         return 8 << 30
 
 
+def round_budget(cfg, device, d: int) -> int:
+    """Bytes of updates a round may hold on `device` (a ServerConfig's receive memory, or its default);
+    refuses (ValueError) a configuration whose round cannot fit, naming the numbers."""
+    from .device import fits
+    from .rounds import is_foldable
+
+    one = 4 * d
+    keeps = not is_foldable(cfg.rule, cfg.rule_params)
+    free = device.free_bytes()  # a GPU's free memory (None: host)
+    if cfg.receive_memory is not None:
+        budget = cfg.receive_memory
+    else:
+        budget = default_budget() if free is None else int(0.9 * free) - 2 * d * 8
+    if budget < one:
+        raise ValueError(f"receive memory of {budget} bytes cannot hold one update of {one} bytes")
+    have = free if free is not None else 2 * default_budget()
+    where = f"on {device.name}" if free is not None else "in host memory"
+    fixed = 2 * one + (8 * d if not keeps else 0)  # model, new model, float64 sum
+    if cfg.receive_memory is not None:
+        fits(f"receive memory {budget} bytes and the round's own buffers (model, next model"
+             f"{', float64 sum' if fixed > 2 * one else ''}) {where}", budget + fixed, have)
+    if keeps:  # the round must be able to hold the updates it closes on
+        fits(f"rule {cfg.rule} holds every update of a round until it closes: quorum {cfg.quorum} x {one} "
+             f"bytes in the receive memory (lower quorum, raise --receive-memory-gb, or use rule mean, "
+             f"which folds each update and holds only the uploads in flight)", cfg.quorum * one, budget)
+    return budget
+
+
 @dataclass
 class Upload:
     """An update streaming in. Only the connection that speaks for its participant (peers.py) adds to it."""
 
     codec: Codec
-    buf: Any  # numpy uint8 view of the destination
+    buf: Any  # the destination: a float32 buffer on the device (raw), or host bytes (compressed)
     total: int
     charge: int  # bytes of the budget it holds (a compressed one: at least what its decoded update will)
     secret: Optional[bytes] = None  # the HELLO secret digest of the connection that started it (peers.py)
