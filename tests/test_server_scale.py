@@ -423,7 +423,7 @@ class StandInCuda:
         from test_gpu_plumbing import Device
 
         self.name, self.like = "cuda:0", Device()  # what compressed payloads decode next to
-        self.copies = self.fences = 0
+        self.copies = self.fences = self.contexts = 0
 
     def pinned(self, nbytes):
         a = np.zeros(nbytes, np.uint8)
@@ -445,6 +445,12 @@ class StandInCuda:
 
     def copies_after_compute(self):
         self.fences += 1
+
+    def computing(self):
+        import contextlib
+
+        self.contexts += 1
+        return contextlib.nullcontext()
 
     def sqnorm(self, x):
         return float(_core.sqnorms([np.asarray(x)])[0])
@@ -514,7 +520,7 @@ def test_gpu_server_matches_the_cpu_server(stand_in_gpu, rule, f):
     ups[3] *= 50  # one outlier for the robust rules to deal with
     gpu = _one_round("cuda", rule, f, ups)
     assert gpu.history[0]["device"] == "cuda:0" and made[0].copies >= 7 * 8  # every chunk went through a slot
-    assert made[0].fences > 0
+    assert made[0].fences > 0 and made[0].contexts >= 8  # each update applied, and the close, on the compute stream
     if rule != "mean":
         assert kernels, "the rule did not run through the CUDA ops"
     cpu = _one_round("cpu", rule, f, ups)

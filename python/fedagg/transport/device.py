@@ -15,6 +15,7 @@ fused multiply-add) on every device, so a CPU and a GPU server make the same sum
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -57,6 +58,10 @@ class HostDevice:
 
     def ready(self, buf) -> None:
         """Before computing on an update: its chunks have landed (they are copied synchronously here)."""
+
+    def computing(self):
+        """The context the round's computations run in (decode, fold, rule, noise)."""
+        return contextlib.nullcontext()
 
     def sqnorm(self, x) -> float:
         return float(_core.sqnorms([x])[0])
@@ -122,6 +127,9 @@ class CudaDevice:
 
     def ready(self, buf) -> None:
         self.backend.copies_before_compute()
+
+    def computing(self):
+        return self.backend.computing()
 
     def sqnorm(self, x) -> float:
         return self.backend.sqnorm(x)
@@ -201,6 +209,10 @@ class TorchCuda:
 
     def copies_after_compute(self) -> None:
         self.copy_stream.wait_stream(self.compute_stream)
+
+    def computing(self):
+        """Kernels launched inside (fedagg's, torch's) go to the compute stream, on this device."""
+        return self.torch.cuda.stream(self.compute_stream)
 
     def sqnorm(self, x) -> float:
         from .. import _gpu

@@ -589,18 +589,19 @@ class Server:
     def _apply(self, job: Job) -> None:
         """In the applier thread: the update as dense float32 on the device, into the round's collector."""
         up = job.upload
-        if up.codec == Codec.RAW:
-            job.update = up.buf
-        else:
-            try:
-                job.update = self._decode(up)
-            except Exception as e:  # noqa: BLE001 - whatever a hostile payload makes a codec raise
-                job.error = ("payload", f"{type(e).__name__}: {e}"[:300])
-                raise
-            if not self.device.finite(job.update):
-                job.error = ("nonfinite", "the update holds NaN or Inf")
-                raise ValueError(job.error[1])
-        self.collector.add(job)
+        with self.device.computing():
+            if up.codec == Codec.RAW:
+                job.update = up.buf
+            else:
+                try:
+                    job.update = self._decode(up)
+                except Exception as e:  # noqa: BLE001 - whatever a hostile payload makes a codec raise
+                    job.error = ("payload", f"{type(e).__name__}: {e}"[:300])
+                    raise
+                if not self.device.finite(job.update):
+                    job.error = ("nonfinite", "the update holds NaN or Inf")
+                    raise ValueError(job.error[1])
+            self.collector.add(job)
 
     def _snapshot(self, group: List[Job]):
         """In the applier thread, once per group: what the writer thread puts on disk (None: nothing).
@@ -723,7 +724,8 @@ class Server:
         if self.gate is not None and self.gate.stake_weighted:
             weights = np.array([e["weight"] for e in entries], dtype=np.float64)
         try:
-            agg, info = self.collector.aggregate(self.cfg, weights)
+            with self.device.computing():
+                agg, info = self.collector.aggregate(self.cfg, weights)
         except Exception as e:  # noqa: BLE001 - keep serving; the round stays open for more updates
             log.error("round %d: the pipeline failed on %d updates: %s", self.round, len(ids), e,
                       extra={"event": "aggregate_failed", "round": self.round})
