@@ -812,3 +812,34 @@ def test_linger_serves_final_model(serve, ctx):
     np.testing.assert_allclose(download(q, st["round"], 0), expected, rtol=1e-6, atol=1e-6)
     p.close()
     q.close()
+
+
+def test_busy_carries_retry_after_and_the_upload_resumes_after_it(serve, ctx):
+    """ "busy ... The body carries retry_after, seconds (0.05 to 10) ...: wait about that long,
+    jittered, then resume with STATUS" (Refusals during an upload, and the reason table)."""
+    srv = serve("--quorum", "2", "--deadline", "60", "--max-inflight", "1")
+    a = Peer(ctx, srv.endpoint, "holder", f"secret-a-{os.urandom(8).hex()}")
+    b = Peer(ctx, srv.endpoint, "waiter", f"secret-b-{os.urandom(8).hex()}")
+    rnd = check_state(a.hello()[1])["round"]
+    check_state(b.hello()[1])
+    rng = np.random.default_rng(5)
+    ua, ub = (rng.standard_normal(D).astype(np.float32) for _ in range(2))
+    # a's first chunk takes the only upload slot
+    assert upload(a, raw(ua), rnd, stop=CHUNK_BYTES) == ("held", CHUNK_BYTES)
+    res = upload(b, raw(ub), rnd)
+    assert res[0] == "rejected", res
+    body = check_rejected(res[1], "busy", res[2])
+    wait = body["retry_after"]
+    assert isinstance(wait, (int, float)) and 0.05 <= wait <= 10, body
+    for _ in range(CREDITS - 1):  # the rest of b's window: not at `held` (0) any more, refused too
+        assert b.recv((REJECTED,)).json()["reason"] == "order"
+    # a finishes from what it holds: the slot is free again
+    assert upload(a, raw(ua), rnd, start=CHUNK_BYTES)[0] == "held"
+    _, m = commit(a, rnd, MODEL_BYTES)
+    assert m.kind == ACCEPTED, m
+    time.sleep(wait)
+    st = check_state(b.status())
+    assert st["round"] == rnd and st["held"] == 0  # a refused first chunk is not held
+    full_upload(b, raw(ub), rnd)
+    body = wait_round(b, rnd)
+    assert body["previous"]["accepted"] == 2 and body["previous"]["model_updated"] is True
