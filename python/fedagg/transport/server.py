@@ -94,7 +94,7 @@ class Server:
         self.committer = GroupCommit(self._apply, self._snapshot)
         self._upload_seconds = 1.0  # running mean of an upload's duration (for busy's retry_after)
         self._first_byte = self._last_byte = 0.0  # when the round's first and last chunks arrived
-        self._deferred: List[tuple] = []  # (routing id, id) accepted, durable once the round's close is written
+        self._deferred: Dict[str, bytes] = {}  # id -> routing id: accepted, durable once the round's close is written
         self.uploads: Dict[str, Upload] = {}
         self.abandoned: Dict[str, None] = {}  # uploads given up this round (the first MAX_REJECTED_LISTED ids)
         self.abandoned_count = 0
@@ -203,7 +203,8 @@ class Server:
     def _state(self, pid: Optional[str]) -> Dict[str, Any]:
         return {"round": self.round, "session": self.session, "d": self.d, "dtype": "float32", "phase": self.phase,
                 "model_bytes": self.model_bytes, "chunk_bytes": self.cfg.chunk_bytes, "credits": self.cfg.credits,
-                "held": self._held(pid), "accepted": pid in self.accepted if pid else False,
+                "held": self._held(pid),
+                "accepted": pid in self.accepted and pid not in self._deferred if pid else False,
                 "rule": self.cfg.rule, "f": self.cfg.f, "server_lr": self.cfg.server_lr, "previous": self.previous}
 
     def _reject(self, rid: bytes, reason: str, detail: str = "", pid: Optional[str] = None, rnd: Optional[int] = None,
@@ -451,12 +452,12 @@ class Server:
             self._reject(rid, "phase", "commit your update on chain; uploads open after the commit phase", pid,
                          head.round, record=False, seq=head.seq)
             return
+        if pid in self.committing or pid in self._deferred:
+            self._busy(rid, pid, head, "your update is being made durable: ask again (STATUS) in a moment")
+            return
         if pid in self.accepted:
             self._reject(rid, "duplicate", "an update of this participant is already in the round", pid,
                          head.round, seq=head.seq)
-            return
-        if pid in self.committing:
-            self._busy(rid, pid, head, "your update is being made durable: ask again (STATUS) in a moment")
             return
         if head.length == 0 or head.total == 0:
             self._reject(rid, "malformed", "a chunk carries at least one byte", pid, head.round, seq=head.seq)
@@ -540,12 +541,12 @@ class Server:
             self._reject(rid, "late" if head.round < self.round else "future",
                          f"round {head.round}, the server is in round {self.round}", pid, head.round, seq=head.seq)
             return
+        if pid in self.committing or pid in self._deferred:
+            self._busy(rid, pid, head, "your update is being made durable: ask again (STATUS) in a moment")
+            return
         if pid in self.accepted:
             self._reject(rid, "duplicate", "an update of this participant is already in the round", pid,
                          head.round, seq=head.seq)
-            return
-        if pid in self.committing:
-            self._busy(rid, pid, head, "your update is being made durable: ask again (STATUS) in a moment")
             return
         if self.phase == "finished":
             self._reject(rid, "finished", "the server ran its last round; fetch the final model", pid,
@@ -626,9 +627,9 @@ class Server:
             self._ack_deferred(self.round)
 
     def _ack_deferred(self, rnd: int) -> None:
-        for rid, pid in self._deferred:
+        for pid, rid in self._deferred.items():
             self._send(rid, json_message(Kind.ACCEPTED, {"round": rnd, "id": pid}, round=rnd, session=self.session))
-        self._deferred = []
+        self._deferred = {}
 
     def _acknowledge(self, jobs: List[Job]) -> None:
         """Jobs the commit threads are done with: ACCEPTED (durable now), or the refusal it found."""
@@ -648,7 +649,7 @@ class Server:
             self.accepted[job.pid] = None
             self._upload_seconds += 0.1 * (now - job.started - self._upload_seconds)
             if job.deferred:  # durable with the round's close: ACCEPTED then (_ack_deferred)
-                self._deferred.append((job.rid, job.pid))
+                self._deferred[job.pid] = job.rid
                 continue
             if self._throttle.allow("accepted", now) is not None:
                 log.info("accepted %s (%d this round)", job.pid, len(self.accepted),
