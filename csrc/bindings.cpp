@@ -156,6 +156,17 @@ PYBIND11_MODULE(_core, m) {
     fedagg::axpy_f64(a, p, w, d);
   }, py::arg("acc"), py::arg("x"), py::arg("w"));
 
+  m.def("fold_f64", [](py::array_t<double, py::array::c_style> acc, const py::object& updates, const f64& w) {
+    Rows rows = to_rows(updates);
+    if (acc.ndim() != 1 || static_cast<std::size_t>(acc.shape(0)) != rows.d)
+      throw py::value_error("acc must be a float64 vector as long as each update");
+    if (w.ndim() != 1 || static_cast<std::size_t>(w.shape(0)) != rows.n())
+      throw py::value_error("w must have one entry per update");
+    double* a = acc.mutable_data();
+    py::gil_scoped_release release;
+    fedagg::fold_f64(a, rows, w.data());
+  }, py::arg("acc"), py::arg("updates"), py::arg("w"));
+
   auto matrix = [](std::vector<double>&& v, std::size_t n, std::size_t m) {
     py::array_t<double> out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(m)});
     std::copy(v.begin(), v.end(), out.mutable_data());

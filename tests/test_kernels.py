@@ -198,6 +198,45 @@ def test_axpy_f64():
     np.testing.assert_array_equal(acc, np.arange(5) + 0.5 * np.arange(1, 6))
 
 
+@pytest.mark.parametrize("n,d", [(1, 1), (1, 7), (3, 2047), (5, 2049), (16, 70_001)])
+def test_fold_f64_is_n_axpys_in_order_in_one_pass(n, d):
+    """The server's fold of the mean: acc += w_i * x_i for i = 0, 1, ... per coordinate, each product
+    rounded to float64 then added, bit for bit what the plain sequential loop gives."""
+    rng = np.random.default_rng(n * 1000 + d)
+    X = (rng.standard_normal((n, d)) * rng.choice([1e-30, 1.0, 1e30], size=(n, 1))).astype(np.float32)
+    w = rng.uniform(0, 3, n)
+    w[0] = 0.0 if n > 2 else w[0]  # a zero weight contributes exactly nothing
+    start = rng.standard_normal(d)
+    want = start.copy()
+    for i in range(n):  # the float64 reference, plainly
+        prod = w[i] * X[i].astype(np.float64)
+        want = want + prod
+    for updates in (X, list(X)):  # a 2-D array or a list of rows
+        acc = start.copy()
+        _core.fold_f64(acc, updates, w)
+        np.testing.assert_array_equal(acc, want)
+    one = start.copy()
+    for i in range(n):  # ... which is also n calls of axpy_f64
+        _core.axpy_f64(one, X[i], w[i])
+    np.testing.assert_array_equal(one, want)
+
+
+def test_fold_f64_propagates_nonfinite_and_checks_shapes():
+    acc = np.zeros(4)
+    _core.fold_f64(acc, np.array([[1, np.inf, 3, np.nan], [1, 1, 1, 1]], np.float32), np.array([1.0, 2.0]))
+    assert acc[0] == 3.0 and acc[1] == np.inf and acc[2] == 5.0 and np.isnan(acc[3])
+    big = np.full((3, 2), 3e38, np.float32)  # float32 overflow is not float64 overflow
+    acc = np.zeros(2)
+    _core.fold_f64(acc, big, np.ones(3))
+    np.testing.assert_array_equal(acc, 3 * np.float64(np.float32(3e38)))
+    with pytest.raises(ValueError, match="one entry per update"):
+        _core.fold_f64(np.zeros(2), big, np.ones(2))
+    with pytest.raises(ValueError, match="as long as each update"):
+        _core.fold_f64(np.zeros(3), big, np.ones(3))
+    with pytest.raises((TypeError, ValueError)):
+        _core.fold_f64(np.zeros(2), big.astype(np.float64), np.ones(3))
+
+
 # ======================================================= selection on a matrix
 @pytest.mark.parametrize("n,f", [(3, 0), (5, 1), (9, 3), (30, 13), (64, 20)])
 def test_krum_scores_on_matrix(n, f):

@@ -223,7 +223,7 @@ def test_group_commit_groups_jobs_and_settle_gives_up_the_write_in_progress():
             written.append([j.pid for j in group])
         return write
 
-    gc = GroupCommit(applied.append, snapshot)
+    gc = GroupCommit(applied.extend, snapshot)
     try:
         jobs = [_Job(k) for k in range(5)]
         gc.submit(jobs[0])

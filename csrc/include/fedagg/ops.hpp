@@ -23,6 +23,9 @@ bool network_sorts_all_01(int n);
 
 void weighted_sum(const Rows& rows, const double* coef, float* out);
 void axpy_f64(double* acc, const float* x, double w, std::size_t d);
+// acc[j] += w[0] * x_0[j], then += w[1] * x_1[j], ...: the rounding of n axpy_f64 calls in that
+// order, in one pass over acc (each product rounded to double, then added: no FMA).
+void fold_f64(double* acc, const Rows& rows, const double* w);
 // Full symmetric n x n matrix of squared distances, zero diagonal.
 std::vector<double> pairwise_sqdist(const Rows& rows);
 // The same in float64 arithmetic throughout (slow; for inputs whose float32

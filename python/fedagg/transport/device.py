@@ -10,7 +10,8 @@ Each raw chunk is checked (CRC-32C, finiteness) as it is copied, in one pass:
 The rules, clipping and DP noise then run where the updates are (fedagg's CUDA backend takes
 device arrays), and the aggregate comes back to the host once, into the model buffer that is
 broadcast. The fold of the mean (``fold``) is ``acc += (double) x * c`` in two roundings (no
-fused multiply-add) on every device, so a CPU and a GPU server make the same sums.
+fused multiply-add), update after update, on every device, so a CPU and a GPU server make the
+same sums.
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ class HostDevice:
     def accumulator(self):
         return np.zeros(self.d)
 
-    def fold(self, acc, x, c: float) -> None:
-        _core.axpy_f64(acc, x, c)
+    def fold(self, acc, xs, c: np.ndarray) -> None:
+        """acc += c[0] * xs[0], then += c[1] * xs[1], ... (float64, each product rounded, no FMA)."""
+        _core.fold_f64(acc, xs, c)
 
     def mean(self, acc, total: float):
         out = np.empty(self.d, dtype=np.float32)
@@ -140,8 +142,9 @@ class CudaDevice:
     def accumulator(self):
         return self.backend.zeros_f64(self.d)
 
-    def fold(self, acc, x, c: float) -> None:
-        self.backend.fold(acc, x, c)
+    def fold(self, acc, xs, c: np.ndarray) -> None:
+        for x, ci in zip(xs, c):  # one at a time, in order: the rounding of the CPU's one-pass fold
+            self.backend.fold(acc, x, float(ci))
 
     def mean(self, acc, total: float):
         return self.backend.mean(acc, total)

@@ -167,8 +167,8 @@ class StorageError(RuntimeError):
 class GroupCommit:
     """Two threads make accepted updates part of the round and durable, in groups.
 
-    The applier runs ``apply(job)`` for each job in submission order (a failure marks that job
-    only). Whenever the writer is free, the applier takes ``snapshot(jobs)`` of everything
+    The applier runs ``apply(jobs)`` on the jobs submitted since it last ran, in submission order
+    (it sets ``job.error`` on those it refuses; an exception refuses the whole group). Whenever the writer is free, the applier takes ``snapshot(jobs)`` of everything
     applied since the last one (a copy of the round's state: the mean's sum, or the new updates)
     and the writer writes it (``write(cancelled)``, one fsync for the whole group) while the
     applier goes on with the next jobs. ``snapshot`` may return None (nothing to write): the jobs
@@ -180,7 +180,7 @@ class GroupCommit:
     must stop.
     """
 
-    def __init__(self, apply: Callable[[Any], None], snapshot: Callable[[List[Any]], Optional[Callable[..., None]]]):
+    def __init__(self, apply: Callable[[List[Any]], None], snapshot: Callable[[List[Any]], Optional[Callable[..., None]]]):
         self._apply, self._snapshot = apply, snapshot
         self._jobs: "deque[Any]" = deque()
         self._done: "deque[Any]" = deque()
@@ -288,17 +288,15 @@ class GroupCommit:
                 group = list(self._jobs)
                 self._jobs.clear()
                 self._applying = True
-            applied, failed = [], []
-            for job in group:
-                try:
-                    self._apply(job)
-                    applied.append(job)
-                except Exception as e:  # noqa: BLE001 - this job is refused; the others go on
-                    failed.append(job)
+            try:
+                self._apply(group)
+            except Exception as e:  # noqa: BLE001 - a bug: this group is refused, the server goes on
+                log.exception("applying %d updates failed", len(group), extra={"event": "internal_error"})
+                for job in group:
                     if getattr(job, "error", None) is None:
                         job.error = ("internal", f"{type(e).__name__}: {e}"[:300])
-                        log.exception("applying the update of %s failed", getattr(job, "pid", "?"),
-                                      extra={"event": "internal_error"})
+            applied = [job for job in group if getattr(job, "error", None) is None]
+            failed = [job for job in group if getattr(job, "error", None) is not None]
             with self._cv:
                 self._unsaved += applied
                 self._done.extend(failed)

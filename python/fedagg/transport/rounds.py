@@ -76,23 +76,26 @@ class MeanFold:
     def count(self) -> int:
         return len(self.entries)
 
-    def add(self, job: Job) -> None:
-        x = job.update
-        self.device.ready(x)
+    def add(self, jobs: List[Job]) -> None:
+        """Fold the jobs' updates, in order, in one pass over the sum (the rounding of one at a time)."""
+        if not jobs:
+            return
         if self.acc is None:
             self.acc = self.device.accumulator()
-        s = 1.0
         C = self.clip_norm()
-        if C is not None:
-            norm = math.sqrt(self.device.sqnorm(x))
-            s = min(1.0, C / max(norm, np.finfo(np.float64).tiny))
-            if not math.isfinite(s):
-                raise ValueError("the update's norm is not finite")
-        self.device.fold(self.acc, x, job.weight * s)
-        self.clipped += s < 1.0
-        self.weight_sum += job.weight
-        self.entries.append(_entry(job))
-        job.spent = True
+        coef = []
+        for job in jobs:
+            self.device.ready(job.update)
+            s = 1.0
+            if C is not None:
+                s = min(1.0, C / max(math.sqrt(self.device.sqnorm(job.update)), np.finfo(np.float64).tiny))
+            coef.append(job.weight * s)
+            self.clipped += s < 1.0
+        self.device.fold(self.acc, [job.update for job in jobs], np.array(coef, dtype=np.float64))
+        for job in jobs:
+            self.weight_sum += job.weight
+            self.entries.append(_entry(job))
+            job.spent = True
 
     def snapshot(self, store, rnd: int):
         """A copy of the fold as it stands, and how to write it (run by the writer thread)."""
@@ -142,10 +145,11 @@ class HeldUpdates:
     def count(self) -> int:
         return len(self.entries)
 
-    def add(self, job: Job) -> None:
-        self.device.ready(job.update)
-        self.rows.append(job.update)
-        self.entries.append(_entry(job))
+    def add(self, jobs: List[Job]) -> None:
+        for job in jobs:
+            self.device.ready(job.update)
+            self.rows.append(job.update)
+            self.entries.append(_entry(job))
 
     def snapshot(self, store, rnd: int):
         """The updates accepted since the last snapshot (they do not change), and how to write them."""

@@ -588,22 +588,23 @@ class Server:
                      retry_after=round(min(10.0, max(0.05, self._upload_seconds / 2)), 3))
 
     # ---------------------------------------------------------------- the commit threads' side
-    def _apply(self, job: Job) -> None:
-        """In the applier thread: the update as dense float32 on the device, into the round's collector."""
-        up = job.upload
+    def _apply(self, jobs: List[Job]) -> None:
+        """In the applier thread: each update as dense float32 on the device, then all into the round's
+        collector at once (the mean folds them in one pass over its sum). Refusals set job.error."""
         with self.device.computing():
-            if up.codec == Codec.RAW:
-                job.update = up.buf
-            else:
+            for job in jobs:
+                up = job.upload
+                if up.codec == Codec.RAW:
+                    job.update = up.buf
+                    continue
                 try:
                     job.update = self._decode(up)
                 except Exception as e:  # noqa: BLE001 - whatever a hostile payload makes a codec raise
                     job.error = ("payload", f"{type(e).__name__}: {e}"[:300])
-                    raise
+                    continue
                 if not self.device.finite(job.update):
                     job.error = ("nonfinite", "the update holds NaN or Inf")
-                    raise ValueError(job.error[1])
-            self.collector.add(job)
+            self.collector.add([job for job in jobs if job.error is None])
 
     def _snapshot(self, group: List[Job]):
         """In the applier thread, once per group: what the writer thread puts on disk (None: nothing).
