@@ -137,8 +137,8 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
                     help="identities uploading at once; the others wait their turn holding no update "
                          "(default: all N)")
     ld.add_argument("--pregenerate", action="store_true",
-                    help="make round 0's updates before connecting (N x d in memory), so that sending is not "
-                         "paced by generating them (benchmarks)")
+                    help="make the updates of rounds 0 to --rounds - 1 before connecting (N x rounds x d in "
+                         "memory), so that sending is not paced by generating them (benchmarks)")
     ld.set_defaults(func=_load)
 
     k = sub.add_parser("keys", help="CurveZMQ key pairs: generate, list",

@@ -77,16 +77,23 @@ class HostDevice:
         """acc += c[0] * xs[0], then += c[1] * xs[1], ... (float64, each product rounded, no FMA)."""
         _core.fold_f64(acc, xs, c)
 
-    def mean(self, acc, total: float):
-        out = np.empty(self.d, dtype=np.float32)
+    def mean(self, acc, total: float, out=None):
+        """acc / total as float32 (into `out`, a previous result, when given)."""
+        if out is None:
+            out = np.empty(self.d, dtype=np.float32)
         np.divide(acc, total, out=out, casting="unsafe")
         return out
 
     def to_host(self, x, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """x in host memory: a copy into `out` (allocated if None); x itself is never returned."""
         if out is None:
-            return np.asarray(x)
+            return np.array(x, copy=True)
         np.copyto(out, x)
         return out
+
+    def host_view(self, x) -> np.ndarray:
+        """x readable from the host: itself here (an accepted update does not change)."""
+        return np.asarray(x)
 
     def from_host(self, a: np.ndarray):
         return a
@@ -146,7 +153,7 @@ class CudaDevice:
         for x, ci in zip(xs, c):  # one at a time, in order: the rounding of the CPU's one-pass fold
             self.backend.fold(acc, x, float(ci))
 
-    def mean(self, acc, total: float):
+    def mean(self, acc, total: float, out=None):
         return self.backend.mean(acc, total)
 
     def to_host(self, x, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -154,6 +161,9 @@ class CudaDevice:
             out = np.empty(int(np.prod(x.shape)), dtype=np.float32 if str(x.dtype).endswith("float32") else np.float64)
         self.backend.to_host(x, out)
         return out
+
+    def host_view(self, x) -> np.ndarray:
+        return self.to_host(x)
 
     def from_host(self, a: np.ndarray):
         return self.backend.from_host(a)

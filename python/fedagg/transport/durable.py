@@ -244,11 +244,11 @@ class GroupCommit:
         """For the round's close: every submitted job applied, the write in progress given up, and
         every job not yet durable handed back with ``deferred = True`` (with the finished ones)."""
         with self._cv:
-            if not self._cv.wait_for(lambda: (not self._jobs and not self._applying) or self._failed is not None,
-                                     timeout):
-                raise StorageError(f"accepted updates were not applied within {timeout} s")
-            self._cancel = True
+            self._cancel = True  # from now on no snapshot is started, and the one being written stops
             try:
+                if not self._cv.wait_for(lambda: (not self._jobs and not self._applying) or self._failed is not None,
+                                         timeout):
+                    raise StorageError(f"accepted updates were not applied within {timeout} s")
                 if not self._cv.wait_for(lambda: not self._writing or self._failed is not None, timeout):
                     raise StorageError(f"the round state was not written within {timeout} s")
                 for job in self._unsaved:

@@ -85,7 +85,8 @@ class Load:
         self.endpoint, self.n, self.d, self.seed, self.rounds = endpoint, n, d, seed, rounds
         self.prefix, self.start, self.timeout = prefix, start, timeout
         self.concurrency = n if concurrency is None else concurrency
-        self.pregenerate = pregenerate  # round 0's updates made before the first HELLO (benchmarks: n x d in memory)
+        self.pregenerate = pregenerate  # rounds 0.. rounds-1 made before the first HELLO (n x rounds x d in memory)
+        self._made: Dict[tuple, np.ndarray] = {}
 
     def run(self) -> LoadReport:
         import zmq
@@ -98,8 +99,8 @@ class Load:
         people = [_Identity(ctx, self.endpoint, self.start + k, f"{self.prefix}-{self.start + k}")
                   for k in range(self.n)]
         if self.pregenerate:
-            for p in people:
-                p.blob = seeded_update(self.seed, p.index, 0, self.d).view(np.uint8)
+            self._made = {(p.index, r): seeded_update(self.seed, p.index, r, self.d).view(np.uint8)
+                          for p in people for r in range(self.rounds)}
         by_sock = {p.sock: p for p in people}
         poller = zmq.Poller()
         for p in people:
@@ -152,6 +153,8 @@ class Load:
                     self._queue.append(p)
                 return
             self._active.add(p)
+        if p.blob is None:
+            p.blob = self._made.pop((p.index, p.round), None)
         if p.blob is None:
             p.blob = seeded_update(self.seed, p.index, p.round, self.d).view(np.uint8)
         p.off = min(st.get("held", 0), p.blob.size) if st is not None else 0

@@ -65,6 +65,9 @@ class MeanFold:
 
     def __init__(self, device, clip_norm):
         self.device, self.clip_norm = device, clip_norm
+        # buffers kept from round to round (faulted in once): the snapshot's host copy of the sum
+        # (the writer is done with it before the next snapshot is taken) and the mean's output
+        self._copy = self._out = None
         self.reset()
 
     def reset(self) -> None:
@@ -82,6 +85,8 @@ class MeanFold:
             return
         if self.acc is None:
             self.acc = self.device.accumulator()
+        if self._out is None:  # the mean's output, faulted in now (while uploads stream) rather than at the close
+            self._out = self.device.mean(self.acc, 1.0)
         C = self.clip_norm()
         coef = []
         for job in jobs:
@@ -100,9 +105,8 @@ class MeanFold:
     def snapshot(self, store, rnd: int):
         """A copy of the fold as it stands, and how to write it (run by the writer thread)."""
         self.gen += 1
-        acc = self.device.to_host(self.acc)
-        if acc is self.acc:  # host memory: the applier goes on folding into it meanwhile
-            acc = acc.copy()
+        acc = self.device.to_host(self.acc, self._copy)
+        self._copy = acc  # a copy: the applier goes on folding into the sum meanwhile
         gen, meta = self.gen, {"accepted": list(self.entries), "weight_sum": self.weight_sum,
                                "clipped": self.clipped}
         return lambda cancelled=None: store.save_fold(rnd, gen, acc, meta, cancelled)
@@ -118,7 +122,7 @@ class MeanFold:
         w = np.array([e["weight"] for e in self.entries], dtype=np.float64)
         if not self.weight_sum > 0:
             raise ValueError("the accepted updates' weights sum to 0")
-        out = self.device.mean(self.acc, self.weight_sum)
+        out = self._out = self.device.mean(self.acc, self.weight_sum, self._out)
         privacy = None
         if cfg.dp is not None:
             cfg.dp.check_weights("mean", w)
@@ -154,7 +158,7 @@ class HeldUpdates:
     def snapshot(self, store, rnd: int):
         """The updates accepted since the last snapshot (they do not change), and how to write them."""
         end = len(self.rows)
-        new = [(k, self.device.to_host(self.rows[k])) for k in range(self.saved, end)]
+        new = [(k, self.device.host_view(self.rows[k])) for k in range(self.saved, end)]
         entries = list(self.entries)
 
         def write(cancelled=None):

@@ -706,8 +706,10 @@ class Server:
         self._sweep(now)
         n = len(self.accepted)
         late = now - self.round_started >= self.cfg.deadline
-        if self.committing and (late or n >= self.cfg.quorum):  # COMMITs in the commit threads belong to the round
-            self._acknowledge(self.committer.settle())  # not yet durable ones: with the close's write
+        if self.committing and (late or n + len(self.committing) >= self.cfg.quorum):
+            # COMMITs in the commit threads belong to the round: the ones not yet durable become
+            # durable with the close's write (a snapshot being written for them is given up)
+            self._acknowledge(self.committer.settle())
             n = len(self.accepted)
         if n != self._failed_at and (n >= self.cfg.quorum or (late and n >= self.cfg.min_updates)):
             self._close_round(reason="quorum" if n >= self.cfg.quorum else "deadline")
