@@ -138,7 +138,7 @@ class ReceiveBuffers:
     def spare(self, *avoid: np.ndarray) -> np.ndarray:
         """A host float32 buffer of d for the next model: from the pool (host device) unless one of `avoid`."""
         bad = {_ptr(a) for a in avoid}
-        if isinstance(self.pool[-1] if self.pool else None, np.ndarray):
+        if self.device.name == "cpu":  # the pool's buffers are host memory: one can be the model
             for i in range(len(self.pool) - 1, -1, -1):
                 if _ptr(self.pool[i]) not in bad:
                     buf = self.pool.pop(i)

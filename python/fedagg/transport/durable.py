@@ -233,13 +233,6 @@ class GroupCommit:
     def _idle(self) -> bool:
         return not (self._jobs or self._applying or self._unsaved or self._writing)
 
-    def drain(self, timeout: float = 600.0) -> List[Any]:
-        """Wait until every submitted job is finished (or failed); returns them."""
-        with self._cv:
-            if not self._cv.wait_for(lambda: self._idle() or self._failed is not None, timeout):
-                raise StorageError(f"accepted updates were not made durable within {timeout} s")
-        return self.completed()
-
     def settle(self, timeout: float = 600.0) -> List[Any]:
         """For the round's close: every submitted job applied, the write in progress given up, and
         every job not yet durable handed back with ``deferred = True`` (with the finished ones)."""

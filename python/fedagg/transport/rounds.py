@@ -61,6 +61,7 @@ def _entry(job: Job) -> Dict[str, Any]:
 class MeanFold:
     """The mean's running float64 sum on the server's device (see the module doc)."""
 
+    kind = "fold"  # how it is saved in a state directory
     keeps_updates = False
 
     def __init__(self, device, clip_norm):
@@ -137,6 +138,7 @@ class HeldUpdates:
     """Every accepted update kept (on the server's device) until the close."""
 
     device: Any
+    kind = "held"
     keeps_updates = True
     rows: List[Any] = field(default_factory=list)
     entries: List[Dict[str, Any]] = field(default_factory=list)

@@ -80,10 +80,10 @@ class Server:
         self.accepted: Dict[str, None] = {}  # ids acknowledged this round, in the collector's order
         self.committing: Dict[str, Job] = {}  # COMMITs in the commit threads, not acknowledged yet
         if saved is not None:
-            kind = "fold" if not self.collector.keeps_updates else "held"
-            if saved["kind"] != kind:
+            if saved["kind"] != self.collector.kind:
                 raise ValueError(f"{config.state_dir} holds round {self.round}'s updates for another rule "
-                                 f"({saved['kind']}, this server {kind}s them): restart with the same rule")
+                                 f"({saved['kind']}, this server {self.collector.kind}s them): restart with the "
+                                 "same rule")
             self.collector.restore(saved)
             self.accepted = {e["id"]: None for e in self.collector.entries}
             if self.collector.keeps_updates:
