@@ -553,7 +553,7 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("out"), py::arg("num"), py::arg("den"), py::arg("seed"), py::arg("offset"), py::arg("add"),
      "out[j] (+)= an exact sample of the discrete Gaussian N_Z(0, num / den).");
   m.def("round_to_grid", [](const py::array_t<double, py::array::c_style | py::array::forcecast>& x, double step,
-                            std::uint64_t seed) {
+                            std::uint64_t seed, std::uint64_t offset) {
     if (x.ndim() != 1) throw py::value_error("x must be 1-D");
     const double* p = x.data();
     const auto d = static_cast<std::size_t>(x.size());
@@ -562,11 +562,11 @@ PYBIND11_MODULE(_core, m) {
     bool ok;
     {
       py::gil_scoped_release release;
-      ok = fedagg::round_to_grid(p, d, step, seed, o);
+      ok = fedagg::round_to_grid(p, d, step, seed, offset, o);
     }
     return py::make_tuple(out, ok);
-  }, py::arg("x"), py::arg("step"), py::arg("seed"),
-     "floor(x / step + u), u ~ U[0, 1): unbiased integers; ok is False on NaN, Inf or overflow.");
+  }, py::arg("x"), py::arg("step"), py::arg("seed"), py::arg("offset") = 0,
+     "floor(x / step + u_{offset+j}), u ~ U[0, 1): unbiased integers; ok is False on NaN, Inf or overflow.");
   m.def("philox4x32_10", [](std::array<std::uint32_t, 4> c, std::array<std::uint32_t, 2> k) {
     fedagg::philox::philox4x32_10(c[0], c[1], c[2], c[3], k[0], k[1]);
     return c;

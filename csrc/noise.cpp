@@ -227,7 +227,8 @@ void discrete_gaussian(std::int64_t* out, std::size_t d, std::uint64_t num, std:
   });
 }
 
-bool round_to_grid(const double* x, std::size_t d, double step, std::uint64_t seed, std::int64_t* out) {
+bool round_to_grid(const double* x, std::size_t d, double step, std::uint64_t seed, std::uint64_t offset,
+                   std::int64_t* out) {
   FEDAGG_CHECK(std::isfinite(step) && step > 0.0, "grid step must be finite and > 0");
   const double inv = 1.0 / step;
   constexpr std::size_t kChunk = std::size_t(1) << 15;
@@ -236,7 +237,7 @@ bool round_to_grid(const double* x, std::size_t d, double step, std::uint64_t se
   parallel_for(nt, [&](std::size_t c, int) {
     const std::size_t j1 = std::min(d, (c + 1) * kChunk);
     for (std::size_t j = c * kChunk; j < j1; ++j) {
-      const double v = x[j] * inv + uniform01(seed, j);
+      const double v = x[j] * inv + uniform01(seed, offset + j);
       if (!(std::fabs(v) < 4.0e18)) {  // NaN, Inf, or beyond int64
         ok[c] = 0;
         out[j] = 0;

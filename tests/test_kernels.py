@@ -385,6 +385,23 @@ def test_every_isa_sorted_kernels(isa, n, kind):
     assert_close(_core.bulyan_reduce(X, fb)[0], ref.bulyan_reduce(X, fb), X)
 
 
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 9])
+def test_every_isa_per_coordinate_kernels_ignore_where_a_range_starts(isa, n):
+    # fedagg.distributed relies on it: a coordinate range of the rows gives the same floats as
+    # that range of the whole result, wherever the range starts and ends (tails included).
+    d = 1000
+    X = updates(n + d, n, d)
+    coef = np.random.default_rng(n).uniform(0.1, 1.0, n)
+    whole = _core.weighted_sum(X, coef)
+    med = _core.coordinate_median(X)[0]
+    for lo, hi in ((0, 1), (3, 40), (17, 530), (999, 1000), (1, 999), (64, 1000)):
+        part = np.ascontiguousarray(X[:, lo:hi])
+        assert np.array_equal(_core.weighted_sum(part, coef), whole[lo:hi]), (lo, hi)
+        assert np.array_equal(_core.coordinate_median(part)[0], med[lo:hi]), (lo, hi)
+    # and the result matches a float64 reference
+    np.testing.assert_allclose(whole, (coef[:, None] * X.astype(np.float64)).sum(0), rtol=1e-6, atol=1e-6)
+
+
 def test_every_isa_huge_and_nonfinite(isa):
     X = (np.random.default_rng(5).uniform(-1, 1, size=(9, 100)) * 1e20).astype(np.float32)
     _, info = run_rule(X, "krum", 2)

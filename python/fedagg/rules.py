@@ -456,12 +456,23 @@ def aggregate(updates: Any, rule: str = "mean", f: int = 0, *, weights: Any = No
     >>> fedagg.aggregate(x, rule="mean", weights=[1, 1, 0]).tolist()
     [1.5, 3.0]
     """
+    _check_options(rule, nonfinite, nnm)
+    return _aggregate_batch(as_batch(updates), rule, f, weights=weights, nonfinite=nonfinite,
+                            clip_norm=clip_norm, nnm=nnm, dp=dp, return_info=return_info, params=params)
+
+
+def _check_options(rule: Any, nonfinite: Any, nnm: Any) -> None:
     if not isinstance(rule, str):
         raise TypeError(f"rule must be a string, got {type(rule).__name__}")
     _check_policy(nonfinite)
     if not isinstance(nnm, bool):
         raise TypeError("nnm must be True or False")
-    batch = as_batch(updates)
+
+
+def _aggregate_batch(batch: Batch, rule: str, f: Any, *, weights: Any, nonfinite: str,
+                     clip_norm: Optional[float], nnm: bool, dp: Any, return_info: bool, params: dict,
+                     shard: Any = None):
+    """aggregate() on a validated batch; `shard` (fedagg.distributed) when the batch is a coordinate range."""
     p = _params(rule, f, weights, None, batch.d, params)
     _check_f_used(rule, p["f"], nnm)
     w = None if weights is None else as_weights(weights, batch.n)
@@ -479,7 +490,7 @@ def aggregate(updates: Any, rule: str = "mean", f: int = 0, *, weights: Any = No
     kept = np.setdiff1d(np.arange(batch.n), info.excluded)
     noised, record = dp.release(out, rule=rule, participants=int(kept.size),
                                 unclipped=int(kept.size) - info.clipped,
-                                weight_sum=float(kept.size if w is None else w[kept].sum()))
+                                weight_sum=float(kept.size if w is None else w[kept].sum()), shard=shard)
     info = dataclasses.replace(info, privacy=record)
     return (noised, info) if return_info else noised
 

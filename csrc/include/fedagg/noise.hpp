@@ -19,6 +19,8 @@ void discrete_gaussian(std::int64_t* out, std::size_t d, std::uint64_t num, std:
 
 // Unbiased randomized rounding of x / step to integers: floor(x / step + u),
 // u ~ U[0, 1) from (seed, j). Returns false if a value was NaN, Inf or too large.
-bool round_to_grid(const double* x, std::size_t d, double step, std::uint64_t seed, std::int64_t* out);
+// Coordinate j uses uniform number offset + j of the seed's stream (a shard passes its first coordinate).
+bool round_to_grid(const double* x, std::size_t d, double step, std::uint64_t seed, std::uint64_t offset,
+                   std::int64_t* out);
 
 }  // namespace fedagg

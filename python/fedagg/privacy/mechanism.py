@@ -145,10 +145,20 @@ class CentralDP:
                                  "sensitivity unbounded")
 
     # ---------------------------------------------------------------- the round
-    def release(self, out: Any, *, rule: str, participants: int, unclipped: int, weight_sum: float):
-        """Noise the rule's output `out` (x's type and device); returns (noised, record)."""
+    def release(self, out: Any, *, rule: str, participants: int, unclipped: int, weight_sum: float,
+                shard: Any = None):
+        """Noise the rule's output `out` (x's type and device); returns (noised, record).
+
+        `shard` (fedagg.distributed): `out` is coordinates ``shard.lo .. shard.lo + len(out)`` of an
+        aggregate of ``shard.d`` coordinates; the aggregate's norm is the group's, the seed rank
+        0's, and the noise is the slice of the whole aggregate's stream, so the concatenated
+        shards are noised exactly as one process would noise the whole.
+        """
         C, z = self.clip_norm, self.noise_multiplier
         seed = self._fixed_seed if self._fixed_seed is not None else check_seed(None)
+        lo, d_total, norm_of = 0, None, _norm
+        if shard is not None:
+            seed, lo, d_total, norm_of = shard.common_seed(seed), shard.lo, shard.d, shard.norm
         base = self.round * _ROUND_STRIDE
         m_count = self.expected_participants or float(participants)
         z_value = z if self.adaptive is None else self.adaptive.value_noise_multiplier(z, m_count)
@@ -159,14 +169,15 @@ class CentralDP:
                 out = out * (weight_sum / m)
         else:
             sensitivity = 2.0 * C
-            norm = _norm(out)
+            norm = norm_of(out)
             if norm > C:
                 out = out * (C / norm)
-        d = int(np.prod(out.shape))
+        d_local = int(np.prod(out.shape))
+        d = d_local if d_total is None else d_total
         step = None
         if self.mode == "gaussian":
             std = z_value * sensitivity
-            noised = add_gaussian(out, std, seed=seed, offset=base)
+            noised = add_gaussian(out, std, seed=seed, offset=base + lo)
             mechanism = "gaussian"
         else:
             step = self.grid_step or 2.0 ** math.floor(math.log2(sensitivity / (64.0 * math.sqrt(d))))
@@ -174,10 +185,12 @@ class CentralDP:
             p, q = rational_sigma2((z_value * delta_grid) ** 2)
             from .. import _core
 
-            ints, ok = _core.round_to_grid(_host64(out), step, seed ^ 0x9E3779B97F4A7C15)
+            ints, ok = _core.round_to_grid(_host64(out), step, seed ^ 0x9E3779B97F4A7C15, lo)
+            if shard is not None:
+                ok = shard.all(ok)
             if not ok:
                 raise ValueError("aggregate is non-finite or too large for the grid")
-            ints += discrete_gaussian(d, p / q, seed=seed, offset=base)
+            ints += discrete_gaussian(d_local, p / q, seed=seed, offset=base + lo)
             noised = _like(ints.astype(np.float64) * step, out)
             std = math.sqrt(p / q) * step
             mechanism = "discrete_gaussian"

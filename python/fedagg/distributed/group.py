@@ -1,0 +1,90 @@
+"""The collectives a sharded round needs, over a torch.distributed process group.
+
+Every value that crosses ranks is float64 (sums of partial distances, norms)
+or a small picklable object (the agreement on a round's parameters). A group
+whose backend is NCCL takes CUDA tensors: host values go through the current
+CUDA device. Time and bytes spent in collectives are counted for the benchmark.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, List
+
+import numpy as np
+
+
+def _dist():
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is an extra
+        raise ImportError("fedagg.distributed needs torch (pip install 'fedagg[torch]')") from None
+    if not dist.is_available():
+        raise RuntimeError("this torch build has no torch.distributed")
+    return dist
+
+
+class Group:
+    """A torch.distributed process group as fedagg uses it (``None``: the default group)."""
+
+    def __init__(self, group: Any = None):
+        dist = _dist()
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group "
+                               "(or start under torchrun) before fedagg.distributed.aggregate")
+        self.dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        if self.rank < 0:
+            raise ValueError("this process is not a member of the given process group")
+        self.cuda = dist.get_backend(group) == "nccl"
+        self.seconds = 0.0
+        self.calls = 0
+        self.bytes = 0
+
+    def _tensor(self, a: np.ndarray):
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.cuda() if self.cuda else t
+
+    def sum(self, a: np.ndarray) -> np.ndarray:
+        """The element-wise float64 sum over the group of every rank's `a` (same shape everywhere).
+
+        Gathered, then added in rank order on every rank: an all-reduce adds each
+        chunk in its own order (ring), which would make a symmetric distance
+        matrix asymmetric and turn an exact tie between two updates into a
+        near-tie broken differently than by one process.
+        """
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        t0 = time.perf_counter()
+        if self.size == 1:
+            out = a.copy()
+        else:
+            parts = [self._tensor(np.empty_like(a)) for _ in range(self.size)]
+            self.dist.all_gather(parts, self._tensor(a), group=self.group)
+            out = parts[0].cpu().numpy().copy()
+            for p in parts[1:]:
+                out += p.cpu().numpy()
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        self.bytes += a.nbytes * self.size
+        return out
+
+    def all(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on every rank."""
+        return bool(self.sum(np.array([0.0 if flag else 1.0]))[0] == 0.0)
+
+    def gather(self, obj: Any) -> List[Any]:
+        """Every rank's `obj`, in rank order (small picklable values: shapes, fingerprints, errors)."""
+        t0 = time.perf_counter()
+        out: List[Any] = [None] * self.size
+        self.dist.all_gather_object(out, obj, group=self.group)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+    def broadcast(self, obj: Any, src_rank: int = 0) -> Any:
+        """Rank `src_rank`'s `obj` (a group rank) on every rank."""
+        return self.gather(obj)[src_rank]
