@@ -147,6 +147,24 @@ def test_bench_server_section_reports_receive_close_and_state_dir_overhead():
     assert all(x["accepted"] == 3 and x["receive_seconds"] > 0 and x["close_seconds"] > 0 for x in res["raw"])
 
 
+def test_bench_distributed_section_reports_weak_and_strong_scaling():
+    pytest.importorskip("torch")
+    p = fedagg_cmd("bench", "--sections", "distributed", "--n", 7, "--shard-d", 30_000, "--shards", 1, 2,
+                   "--repeat", 1, "--bandwidth-gb", 0, "--json", "-")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)["distributed"]
+    assert res["shards"] == [1, 2] and res["d_total"] == 60_000
+    got = {(r["rule"], r["scaling"], r["K"], r["impl"]) for r in res["rows"]}
+    for rule in fedagg.RULES:
+        for scaling in ("weak", "strong"):
+            assert {(rule, scaling, 1, "fedagg.distributed"), (rule, scaling, 2, "fedagg.distributed")} <= got
+        assert (rule, "strong", 1, "fedagg.aggregate (1 process)") in got
+    for r in res["rows"]:
+        assert r["seconds"] > 0 and 0 <= r["collective"] <= 1 and r["peak_bytes"] > r["input_bytes"] > 0
+        assert r["d_shard"] == (30_000 if r["scaling"] == "weak" or r["K"] == 2 else 60_000)
+        assert r["input_bytes"] == 4 * 7 * r["d_shard"]
+
+
 def test_info():
     p = fedagg_cmd("info")
     assert p.returncode == 0, p.stderr

@@ -8,6 +8,7 @@ import fedagg
 import fedagg.aggregator
 import fedagg.compress
 import fedagg.compress.bench
+import fedagg.distributed.bench
 import fedagg.privacy
 import fedagg.privacy.bench
 import fedagg.ledger.bench
@@ -18,7 +19,8 @@ import fedagg.rules
 
 @pytest.mark.parametrize("module", [fedagg, fedagg.rules, fedagg.aggregator, fedagg.compress,
                                     fedagg.compress.bench, fedagg.privacy, fedagg.privacy.bench,
-                                    fedagg.server, fedagg.transport.bench, fedagg.ledger.bench],
+                                    fedagg.server, fedagg.transport.bench, fedagg.ledger.bench,
+                                    fedagg.distributed.bench],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False, report=True)

@@ -104,9 +104,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip an alternative estimated to take longer per call (default 60)")
     b.add_argument("--bandwidth-gb", type=_float_at_least(0, False), default=1.0,
                    help="size of the arrays of the copy-bandwidth test (default 1; 0 skips it)")
-    b.add_argument("--sections", nargs="+", choices=["rules", "compression", "privacy", "transport", "server"],
+    b.add_argument("--sections", nargs="+",
+                   choices=["rules", "compression", "privacy", "transport", "server", "distributed"],
                    default=["rules", "compression", "privacy"],
-                   help="what to benchmark (default: rules compression privacy; transport and server need pyzmq)")
+                   help="what to benchmark (default: rules compression privacy; transport and server need "
+                        "pyzmq, distributed needs torch)")
     b.add_argument("--transport-mb", type=_float_at_least(0, True), default=400.0,
                    help="transport section: size of the single update in MB (default 400)")
     b.add_argument("--transport-n", type=_int_at_least(1), default=16,
@@ -115,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--transport-d", type=_int_at_least(1), default=25_000_000,
                    help="transport and server sections: parameters per participant in the round "
                         "(default 25,000,000)")
+    b.add_argument("--shards", nargs="+", type=_int_at_least(1), default=[1, 2], metavar="K",
+                   help="distributed section: shard counts, each run as K gloo processes here (default 1 2)")
+    b.add_argument("--shard-d", type=_int_at_least(1), default=2_000_000,
+                   help="distributed section: coordinates per shard for weak scaling; strong scaling splits "
+                        "this times the largest K (default 2,000,000)")
     b.add_argument("--topk-ratio", type=_float_at_least(0, True), default=0.01,
                    help="compression section: k / d of the top-k codec (default 0.01)")
     b.set_defaults(func=_bench)
@@ -217,6 +224,14 @@ def _bench(args) -> int:
 
         res["server"] = tbench.run_server(n=args.transport_n, d=args.transport_d, seed=args.seed)
         print_section(con, tbench.server_lines(res["server"])[0], res["server"]["rows"], report)
+    if "distributed" in args.sections:
+        from .distributed import bench as dbench
+
+        res["distributed"] = dbench.run(n=args.n, d_shard=args.shard_d, d_total=args.shard_d * max(args.shards),
+                                        shards=args.shards, rules=args.rules, repeat=args.repeat,
+                                        threads=args.threads or 1, seed=args.seed)
+        for line in dbench.lines(res["distributed"]):
+            _print(con, line, report)
     if args.json == "-":
         json.dump(res, sys.stdout, indent=2, default=_jsonable)
         sys.stdout.write("\n")

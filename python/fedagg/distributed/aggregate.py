@@ -86,7 +86,7 @@ def _local_batch(shard: Any) -> Batch:
     return Batch(np.zeros((n, 0), dtype=np.float32), n, 0, wrap, [shard], CPU)
 
 
-def _fingerprint(rule, f, n, weights, nonfinite, clip_norm, nnm, dp, params) -> str:
+def _fingerprint(rule, f, n, weights, nonfinite, clip_norm, nnm, dp, params) -> bytes:
     """What every rank must agree on for the round to mean anything (not the data, not `center`)."""
     h = hashlib.sha256()
     w = None if weights is None else as_weights(weights, n).tobytes()
@@ -95,7 +95,7 @@ def _fingerprint(rule, f, n, weights, nonfinite, clip_norm, nnm, dp, params) -> 
     shown = {k: v for k, v in params.items() if k != "center"}
     h.update(repr((rule, f, n, w, nonfinite, clip_norm, nnm, dp_key, sorted(shown.items()),
                    "center" in params and params["center"] is not None)).encode())
-    return h.hexdigest()
+    return h.digest()
 
 
 def aggregate(shard: Any, rule: str = "mean", f: int = 0, *, group: Any = None, weights: Any = None,
@@ -103,8 +103,9 @@ def aggregate(shard: Any, rule: str = "mean", f: int = 0, *, group: Any = None, 
               dp: Any = None, return_info: bool = False, **params):
     """This rank's slice of ``fedagg.aggregate(rows, rule, f, ...)``, where ``shard = rows[:, lo:hi]``.
 
-    Call it on every rank of `group` (a torch.distributed process group; None:
-    the default one) with the same rule and options. Ranks hold contiguous
+    Call it on every rank of `group` (a torch.distributed process group, or a
+    ``fedagg.distributed.Group`` over one, which counts the collectives' time;
+    None: the default group) with the same rule and options. Ranks hold contiguous
     coordinate ranges in rank order (rank 0 the first; widths may differ, and
     may be 0); ``shard_range(d, rank, size)`` gives the even split. `shard` is
     any input ``fedagg.aggregate`` takes: an ``(n, hi - lo)`` array or tensor,
@@ -126,30 +127,31 @@ def aggregate(shard: Any, rule: str = "mean", f: int = 0, *, group: Any = None, 
     A rank whose input or options are invalid raises its own error and every
     other rank raises ``RuntimeError`` naming it, instead of waiting forever.
     """
-    g = Group(group)
+    g = group if isinstance(group, Group) else Group(group)
+    # One collective agrees on the round: (failed, n, width, fingerprint) from every rank.
     try:
         _check_options(rule, nonfinite, nnm)
         batch = _local_batch(shard)
         if params.get("center") is not None:  # checked here, where a wrong one cannot stall the others
             as_vector(params["center"], batch.d, "center")
-        mine = (batch.n, batch.d, _fingerprint(rule, f, batch.n, weights, nonfinite, clip_norm, nnm, dp, params))
-        error = None
+        key = _fingerprint(rule, f, batch.n, weights, nonfinite, clip_norm, nnm, dp, params)
+        mine, error = [0, batch.n, batch.d, *np.frombuffer(key, dtype=np.int64)], None
     except (TypeError, ValueError) as e:
-        mine, error = None, e
-    everyone = g.gather(None if error is None else f"{type(error).__name__}: {error}")
-    failed = [(r, msg) for r, msg in enumerate(everyone) if msg is not None]
-    if error is not None:
-        raise error
-    if failed:
-        raise RuntimeError(f"rank {failed[0][0]} of {g.size} refused the round: {failed[0][1]}")
-    shapes = g.gather(mine)
-    n0, _, key0 = shapes[0]
-    for r, (n, _, key) in enumerate(shapes):
-        if n != n0:
-            raise ValueError(f"rank {r} holds {n} updates but rank 0 holds {n0}: every rank needs every update")
-        if key != key0:
+        mine, error = [1, 0, 0, 0, 0, 0, 0], e
+    table = g.rows(mine)
+    if table[:, 0].any():  # someone refused: say who and why, on every rank
+        messages = g.gather(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        r = int(np.flatnonzero(table[:, 0])[0])
+        raise RuntimeError(f"rank {r} of {g.size} refused the round: {messages[r]}")
+    for r in range(g.size):
+        if table[r, 1] != table[0, 1]:
+            raise ValueError(f"rank {r} holds {table[r, 1]} updates but rank 0 holds {table[0, 1]}: "
+                             "every rank needs every update")
+        if (table[r, 3:] != table[0, 3:]).any():
             raise ValueError(f"rank {r} was called with another rule, f, weights or options than rank 0")
-    widths = [s[1] for s in shapes]
+    widths = table[:, 2].tolist()
     lo = sum(widths[: g.rank])
     d = sum(widths)
     if d == 0:

@@ -72,12 +72,27 @@ class Group:
         self.bytes += a.nbytes * self.size
         return out
 
+    def rows(self, values) -> np.ndarray:
+        """Every rank's row of int64 `values` (the same length everywhere), one row per rank."""
+        a = np.asarray(values, dtype=np.int64).reshape(1, -1)
+        if self.size == 1:
+            return a.copy()
+        t0 = time.perf_counter()
+        parts = [self._tensor(np.empty_like(a)) for _ in range(self.size)]
+        self.dist.all_gather(parts, self._tensor(a), group=self.group)
+        out = np.concatenate([p.cpu().numpy() for p in parts])
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
     def all(self, flag: bool) -> bool:
         """True on every rank when `flag` is True on every rank."""
         return bool(self.sum(np.array([0.0 if flag else 1.0]))[0] == 0.0)
 
     def gather(self, obj: Any) -> List[Any]:
         """Every rank's `obj`, in rank order (small picklable values: shapes, fingerprints, errors)."""
+        if self.size == 1:
+            return [obj]
         t0 = time.perf_counter()
         out: List[Any] = [None] * self.size
         self.dist.all_gather_object(out, obj, group=self.group)
