@@ -80,5 +80,15 @@ if $PY -c "import zmq" 2> /dev/null; then
   tail -40 "$OUT/server.txt"
   echo "server: $((SECONDS - start)) s, rc=$transport_rc"
 fi
-echo "tests rc=$tests_rc memcheck rc=$sanitize_rc bench rc=$bench_rc transport rc=$transport_rc"
-exit $(( tests_rc != 0 || sanitize_rc != 0 || bench_rc != 0 || transport_rc != 0 ))
+
+# Sharded aggregation on this host's CPU cores: K = 1, 2, 4, 8 gloo shards, one thread each, at a
+# fixed size per shard (weak: the goal is <= 10% growth from K = 1 to 8) and a fixed total.
+start=$SECONDS
+timeout 240 $PY -m fedagg bench --sections distributed --n 16 --shards 1 2 4 8 --shard-d 4000000 \
+  --repeat 5 --bandwidth-gb 1 --json "$OUT/distributed.json" > "$OUT/distributed.txt" 2>&1
+distributed_rc=$?
+lscpu | grep -E "Model name|^CPU\(s\)" | tee -a "$OUT/distributed.txt"
+tail -70 "$OUT/distributed.txt"
+echo "distributed: $((SECONDS - start)) s, rc=$distributed_rc"
+echo "tests rc=$tests_rc memcheck rc=$sanitize_rc bench rc=$bench_rc transport rc=$transport_rc distributed rc=$distributed_rc"
+exit $(( tests_rc != 0 || sanitize_rc != 0 || bench_rc != 0 || transport_rc != 0 || distributed_rc != 0 ))

@@ -122,6 +122,14 @@ def _launch(K: int, job: Dict[str, Any], timeout: float) -> List[Dict[str, Any]]
 
 
 def _maxrss() -> int:
+    """This process's peak RSS (VmHWM: ru_maxrss would carry the launching process's peak across exec)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
