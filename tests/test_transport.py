@@ -214,7 +214,7 @@ def good():
     (lambda f: f + [b""], "exactly 2 frames"),
     (lambda f: [f[0][:63], f[1]], "64 bytes"),
     (lambda f: [b"XXXX" + f[0][4:], f[1]], "magic"),
-    (lambda f: [f[0][:4] + bytes([2]) + f[0][5:], f[1]], "version"),
+    (lambda f: [f[0][:4] + bytes([1]) + f[0][5:], f[1]], "version"),
     (lambda f: [f[0][:5] + bytes([99]) + f[0][6:], f[1]], "unknown"),
     (lambda f: [f[0], b"abc"], "payload bytes"),
     (lambda f: [f[0], b"abce"], "checksum"),

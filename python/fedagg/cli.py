@@ -138,7 +138,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--"]:  # torchrun ... -m fedagg -- serve ...: the "--" keeps torchrun off fedagg's options
+        argv = argv[1:]
     args = parser.parse_args(argv)
+    args.argv = [str(a) for a in argv]  # as given (fedagg serve --shards passes them on)
     if args.command is None:  # bare `fedagg`: what it can do
         parser.print_help()
         return 0

@@ -83,6 +83,17 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
     s.add_argument("--insecure", action="store_true",
                    help="plain mode on a non-loopback endpoint: unauthenticated and unencrypted, anyone "
                         "who reaches the port can submit updates under any id (default: refused)")
+    s.add_argument("--shards", type=int_at_least(1), default=None, metavar="K",
+                   help="run K shard servers on this host, each owning one coordinate range and bound to --bind's "
+                        "port + its index, deciding rounds together over torch.distributed (started through "
+                        "torchrun, which restarts them all if one dies; needs torch). --state-dir gets one "
+                        "directory per shard (default: one server)")
+    s.add_argument("--shard-endpoints", nargs="+", default=None, metavar="ENDPOINT",
+                   help="be one shard of a sharded server, started by torchrun (RANK, WORLD_SIZE and the "
+                        "rendezvous from its environment; one process per shard, on any hosts): every shard's "
+                        "endpoint in rank order, this one binding its own (default: not a shard)")
+    s.add_argument("--max-restarts", type=int_at_least(0), default=3,
+                   help="with --shards: times torchrun restarts the shards after one failed (default 3)")
     s.add_argument("--log-json", action="store_true",
                    help="structured logs (one JSON object per line) on stderr (default: text)")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -164,12 +175,109 @@ def _load_public(path: Path) -> bytes:
     return public
 
 
+def _config(args, shard=None):
+    """The ServerConfig of `fedagg serve`'s options (checked when the server starts, or by the launcher)."""
+    from .config import ServerConfig
+
+    linger = args.linger if args.linger is not None else DEFAULT_LINGER if args.rounds is not None else 0.0
+    cfg = ServerConfig(bind=args.bind, rule=args.rule, f=args.f, quorum=args.quorum, deadline=args.deadline,
+                       min_updates=args.min_updates, rounds=args.rounds, server_lr=args.server_lr,
+                       clip_norm=args.clip_norm, state_dir=str(args.state_dir) if args.state_dir else None,
+                       chunk_bytes=int(args.chunk_mib * (1 << 20)) // 4 * 4, credits=args.credits,
+                       insecure=args.insecure, io_threads=args.io_threads, linger=linger, max_peers=args.max_peers,
+                       receive_memory=None if args.receive_memory_gb is None else int(args.receive_memory_gb * 1e9),
+                       max_inflight=args.max_inflight, device=args.device,
+                       upload_timeout=args.upload_timeout, shard=shard)
+    if args.curve_secret is not None:
+        from zmq.auth import load_certificate
+
+        cfg.curve_public_key, cfg.curve_secret_key = load_certificate(str(args.curve_secret))
+        if cfg.curve_secret_key is None:
+            raise ValueError(f"{args.curve_secret} holds no secret key")
+        if args.allow is None:
+            raise ValueError("--curve-secret needs --allow DIR (the participants' public keys)")
+        cfg.allowed_keys = [_load_public(p) for p in sorted(args.allow.glob("*.key"))]
+    return cfg
+
+
+def _launch_shards(args) -> int:
+    """`fedagg serve --shards K`: torchrun starts K shard processes (`--shard-endpoints ...`) on this host."""
+    import signal
+    import subprocess
+
+    from .protocol import endpoint_host
+
+    if args.shard_endpoints is not None:
+        raise ValueError("give --shards (start K shards here) or --shard-endpoints (be one shard), not both")
+    if args.device != "cpu" and args.shards > 1:
+        raise ValueError("--shards on one host runs CPU shards; start GPU shards with torchrun and --shard-endpoints")
+    if not args.bind.startswith("tcp://"):
+        raise ValueError("--shards needs a tcp:// --bind: shard i listens on its port + i")
+    if args.f and args.rule == "mean":
+        raise ValueError("--f: the mean takes no f (it tolerates no Byzantine update); choose a robust --rule")
+    _config(args).check()  # refused here, not by K shards restarted --max-restarts times
+    host, port = endpoint_host(args.bind), int(args.bind.rsplit(":", 1)[1])
+    if port == 0:
+        raise ValueError("--shards needs a fixed --bind port (participants are told every shard's endpoint)")
+    shown = f"[{host}]" if ":" in host else host
+    endpoints = [f"tcp://{shown}:{port + i}" for i in range(args.shards)]
+    argv, skip = [], 0
+    for a in args.argv[args.argv.index("serve") + 1:]:
+        if skip:
+            skip -= 1
+            continue
+        if a in ("--shards", "--max-restarts"):
+            skip = 1
+            continue
+        if a.startswith(("--shards=", "--max-restarts=")):
+            continue
+        argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.shards),
+           "--max-restarts", str(args.max_restarts), "--monitor-interval", "0.5",
+           "-m", "fedagg", "--", "serve", *argv, "--shard-endpoints", *endpoints]
+    proc = subprocess.Popen(cmd)
+    forward = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, forward)
+
+
+def _shard_spec(args, d: int):
+    """This process's ShardSpec under torchrun (`--shard-endpoints`), with the group initialized."""
+    from datetime import timedelta
+
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        raise ImportError("torch") from None
+    from .shards import ShardSpec
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError("--shard-endpoints: start each shard with torchrun (it sets RANK, WORLD_SIZE and the "
+                         "rendezvous), or use --shards K on one host")
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if size != len(args.shard_endpoints):
+        raise ValueError(f"--shard-endpoints lists {len(args.shard_endpoints)} endpoints, torchrun started "
+                         f"{size} shards")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    return ShardSpec(rank=rank, endpoints=tuple(args.shard_endpoints), d=d)
+
+
 def _serve(args) -> int:
     import signal
 
     import zmq
 
-    from .server import Server, ServerConfig, is_local
+    from .server import Server, is_local
+
+    if args.shards is not None:
+        return _launch_shards(args)
 
     if args.f and args.rule == "mean":
         raise ValueError("--f: the mean takes no f (it tolerates no Byzantine update); choose a robust --rule")
@@ -189,24 +297,15 @@ def _serve(args) -> int:
     logging.getLogger("fedagg").addHandler(handler)
     logging.getLogger("fedagg").setLevel(logging.INFO)
     model = np.zeros(args.d, dtype=np.float32) if args.d else np.load(args.model, allow_pickle=False)
-    linger = args.linger if args.linger is not None else DEFAULT_LINGER if args.rounds is not None else 0.0
-    cfg = ServerConfig(bind=args.bind, rule=args.rule, f=args.f, quorum=args.quorum, deadline=args.deadline,
-                       min_updates=args.min_updates, rounds=args.rounds, server_lr=args.server_lr,
-                       clip_norm=args.clip_norm, state_dir=str(args.state_dir) if args.state_dir else None,
-                       chunk_bytes=int(args.chunk_mib * (1 << 20)) // 4 * 4, credits=args.credits,
-                       insecure=args.insecure, io_threads=args.io_threads, linger=linger, max_peers=args.max_peers,
-                       receive_memory=None if args.receive_memory_gb is None else int(args.receive_memory_gb * 1e9),
-                       max_inflight=args.max_inflight, device=args.device,
-                       upload_timeout=args.upload_timeout)
-    if args.curve_secret is not None:
-        from zmq.auth import load_certificate
-
-        cfg.curve_public_key, cfg.curve_secret_key = load_certificate(str(args.curve_secret))
-        if cfg.curve_secret_key is None:
-            raise ValueError(f"{args.curve_secret} holds no secret key")
-        if args.allow is None:
-            raise ValueError("--curve-secret needs --allow DIR (the participants' public keys)")
-        cfg.allowed_keys = [_load_public(p) for p in sorted(args.allow.glob("*.key"))]
+    shard = None
+    if args.shard_endpoints is not None:
+        shard = _shard_spec(args, int(np.size(model)))
+        lo, hi = shard.range
+        model = np.ascontiguousarray(np.asarray(model, dtype=np.float32).reshape(-1)[lo:hi])
+        args.bind = args.shard_endpoints[shard.rank]
+        if args.state_dir is not None:
+            args.state_dir = args.state_dir / f"shard-{shard.rank}-of-{shard.count}"
+    cfg = _config(args, shard)
     show = sys.stderr.isatty() if args.progress is None else args.progress
     progress = None
     if show:
@@ -214,15 +313,17 @@ def _serve(args) -> int:
 
         progress = ProgressView()
     try:
+        tag = {} if shard is None else {"shard": shard.rank}
         server = Server(model, cfg, progress=progress,
-                        on_round=lambda rec: print(json.dumps({"round_closed": rec}, default=str), flush=True))
+                        on_round=lambda rec: print(json.dumps({"round_closed": rec, **tag}, default=str), flush=True))
     except zmq.ZMQError as e:  # the server names a failed bind itself; anything else from libzmq, here
         raise ValueError(f"cannot bind {args.bind}: {e}") from None
     # SIGTERM (systemd, docker stop, kill) stops the server like the end of its rounds: exit status 0.
     # Installed before the "listening" line, so a SIGTERM sent as soon as it is read is handled.
     previous = signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    where = {} if shard is None else {"shard": shard.rank, "shards": shard.count, "pid": os.getpid()}
     print(json.dumps({"listening": server.endpoint, "round": server.round, "d": server.d,
-                      "device": server.device.name}), flush=True)
+                      "device": server.device.name, **where}), flush=True)
     try:
         server.serve()
     except KeyboardInterrupt:

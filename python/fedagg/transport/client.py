@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -41,9 +42,16 @@ class TransportError(RuntimeError):
 
 
 class Client:
+    """A participant's connection to a server, or to every shard of a sharded server.
+
+    A sharded server's STATE lists its shards (docs/protocol.md, "Sharded servers"): the Client
+    then connects to each, downloads each shard's slice of the model, and streams each slice of
+    an update to its shard in parallel (one thread per shard).
+    """
+
     def __init__(self, endpoint: str, id: Optional[str] = None, *, server_key: Optional[bytes] = None,
                  public_key: Optional[bytes] = None, secret_key: Optional[bytes] = None, timeout: float = 30.0,
-                 heartbeat: float = 2.0, address: Optional[str] = None):
+                 heartbeat: float = 2.0, address: Optional[str] = None, _one_shard: bool = False):
         import zmq
 
         self.zmq = zmq
@@ -81,14 +89,58 @@ class Client:
         self.secret = os.urandom(16).hex()
         self._upload: Optional[Tuple[int, int, int]] = None  # (round, codec, total) of the upload the server holds
         self.state: Dict[str, Any] = {}
+        self.shards: List["Client"] = []  # a sharded server: one connection per shard, in shard order
         try:
             self.hello()
+            table = self.state.get("shards") or []
+            if len(table) > 1 and not _one_shard:
+                self._connect_shards(table, dict(server_key=server_key, public_key=public_key,
+                                                 secret_key=secret_key, timeout=timeout, heartbeat=heartbeat,
+                                                 address=address))
         except BaseException:
             self.close()
             raise
 
+    def _connect_shards(self, table: List[Dict[str, Any]], kw: Dict[str, Any]) -> None:
+        mine = self.state.get("shard")
+        for i, entry in enumerate(table):
+            if not (isinstance(entry, dict) and isinstance(entry.get("endpoint"), str)
+                    and isinstance(entry.get("lo"), int) and isinstance(entry.get("hi"), int)):
+                raise TransportError("protocol", f"STATE's shard {i} is not an endpoint and a range: {entry!r}")
+            self.shards.append(self if i == mine else Client(entry["endpoint"], self.id, _one_shard=True, **kw))
+        self._ranges = [(int(e["lo"]), int(e["hi"])) for e in table]
+        d = int(self.state.get("d_total", 0))
+        if self._ranges[0][0] != 0 or self._ranges[-1][1] != d or any(
+                a[1] != b[0] for a, b in zip(self._ranges, self._ranges[1:])):
+            raise TransportError("protocol", f"the shards' ranges {self._ranges} do not cover the model's {d} values")
+
+    def _each_shard(self, work) -> List[Any]:
+        """work(shard index, client) on every shard at once; the first failure is raised, naming its shard."""
+        results: List[Any] = [None] * len(self.shards)
+        errors: List[Optional[BaseException]] = [None] * len(self.shards)
+
+        def run(i):
+            try:
+                results[i] = work(i, self.shards[i])
+            except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
+                errors[i] = e
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(self.shards))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, e in enumerate(errors):
+            if isinstance(e, TransportError):
+                raise TransportError(e.reason, f"shard {i} ({self.shards[i].endpoint}): {e.detail}") from e
+            if e is not None:
+                raise e
+        return results
+
     # ---------------------------------------------------------------- plumbing
     def close(self) -> None:
+        for other in getattr(self, "shards", []):
+            if other is not self:
+                other.close()
         self.sock.close(0)
         self.ctx.term()
 
@@ -175,13 +227,19 @@ class Client:
         return self._ask_state(Kind.STATUS)
 
     def heartbeat(self) -> None:
-        self._send(message(Kind.HEARTBEAT, b"", seq=self._next()))
+        for c in self.shards or [self]:
+            c._send(message(Kind.HEARTBEAT, b"", seq=c._next()))
 
     # ---------------------------------------------------------------- the model
     def model(self) -> Tuple[int, np.ndarray]:
-        """(round, global model) of the server's current round."""
+        """(round, global model) of the server's current round (a sharded server's slices, joined)."""
         for _ in range(5):
-            got = self._model_once()
+            if not self.shards:
+                got = self._model_once()
+            else:
+                parts = self._each_shard(lambda i, c: c._model_once())
+                rounds = {p[0] for p in parts if p is not None}
+                got = None if None in parts or len(rounds) != 1 else (rounds.pop(), np.concatenate([p[1] for p in parts]))
             if got is not None:
                 return got
         raise TransportError("round", "rounds kept closing during the model download")
@@ -247,8 +305,27 @@ class Client:
         `signature`: for a ledger-validated server, the Ed25519 signature of (round, SHA-256 of the
         uploaded bytes) by the registered key (fedagg.ledger.LedgerParticipant.commit gives it); the
         upload waits for the round's commit phase to end. Raises TransportError with the server's
-        reason if it is refused.
+        reason if it is refused. A sharded server gets each range from its own thread, and the
+        update is in the round if every shard accepted its range.
         """
+        if self.shards:
+            return self._submit_sharded(update, round, chunk_delay, signature)
+        return self._submit_one(update, round, chunk_delay, signature)
+
+    def _submit_sharded(self, update, round, chunk_delay, signature) -> Dict[str, Any]:
+        if isinstance(update, Payload) or signature is not None:
+            raise TypeError("a sharded server takes raw float32 updates from fedagg.Client (no compressed payload, "
+                            "no ledger signature)")
+        arr = np.ascontiguousarray(np.asarray(update), dtype=np.float32).reshape(-1)
+        if arr.size != self._ranges[-1][1]:
+            raise ValueError(f"the update has {arr.size} values, the model {self._ranges[-1][1]}")
+        rnd = self.status()["round"] if round is None else int(round)
+        self._each_shard(lambda i, c: c._submit_one(arr[self._ranges[i][0]:self._ranges[i][1]], rnd, chunk_delay,
+                                                    None))
+        return {"round": rnd, "id": self.id, "shards": len(self.shards)}
+
+    def _submit_one(self, update: Any, round: Optional[int], chunk_delay: float,
+                    signature: Optional[bytes]) -> Dict[str, Any]:
         if isinstance(update, Payload):
             blob = np.frombuffer(pack_frames(update.to_frames()), dtype=np.uint8)
             codec, dtype = Codec.FAGP, Dtype.NONE

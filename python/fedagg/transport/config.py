@@ -61,6 +61,7 @@ class ServerConfig:
     io_threads: Optional[int] = None  # libzmq I/O threads; None: one per 4 cores, 1 to 4 (about 1 GB/s each)
     ledger: Any = None  # fedagg.ledger.LedgerGate: registered, staked, committed, signed updates only
     admission: Optional[str] = None  # "federated", "ledger" or "both" (default: "ledger" with a ledger)
+    shard: Any = None  # transport.shards.ShardSpec: this server owns one coordinate range of a sharded round
 
     def check(self) -> None:
         if self.chunk_bytes < 4096 or self.chunk_bytes > (4 << 20) or self.chunk_bytes % 4:
@@ -93,6 +94,14 @@ class ServerConfig:
                              "'federated' takes none")
         if self.admission == "both" and self.curve_secret_key is None:
             raise ValueError("admission 'both' needs CURVE keys and an allow-list")
+        if self.shard is not None:
+            from .shards import ShardSpec
+
+            if not isinstance(self.shard, ShardSpec):
+                raise TypeError("shard must be a fedagg.transport.shards.ShardSpec")
+            if self.ledger is not None:
+                raise ValueError("a sharded server cannot check ledger commitments yet: a shard sees a slice of "
+                                 "each update, and the chain holds the hash of the whole")
         if self.min_updates > self.quorum:
             raise ValueError("min_updates must be <= quorum")
         # The pipeline must work on the smallest round the server may close: try it now,

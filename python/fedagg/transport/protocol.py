@@ -5,7 +5,7 @@ frame (possibly empty). The header, little-endian:
 
     offset size  field
      0     4     magic     b"FAGW"
-     4     1     version   1
+     4     1     version   2 (2: STATE lists the shards; a version 1 message is refused, answered in version 1)
      5     1     kind      Kind below
      6     1     dtype     0 none, 1 float32
      7     1     codec     0 raw, 1 a fedagg.compress payload (FAGP frames, length-prefixed)
@@ -34,7 +34,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from .. import _core, _json
 
 MAGIC = b"FAGW"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<4sBBBBIIQQQQIIQ")
 assert HEADER.size == 64
 MAX_JSON = 1 << 16  # control messages carry small JSON payloads
@@ -72,6 +72,16 @@ class ProtocolError(ValueError):
     """A message that is malformed, inconsistent or not ours: never reaches the state."""
 
 
+class VersionError(ProtocolError):
+    """A fedagg message of another protocol version (`version`): refused in that version's words."""
+
+    def __init__(self, version: int):
+        super().__init__(f"protocol version {version} is not supported: this server speaks version {VERSION} "
+                         "(its STATE lists the shards each coordinate range goes to; see docs/protocol.md); "
+                         "upgrade the client")
+        self.version = version
+
+
 @dataclass(frozen=True)
 class Header:
     kind: Kind
@@ -85,9 +95,10 @@ class Header:
     session: int = 0
     dtype: Dtype = Dtype.NONE
     codec: Codec = Codec.RAW
+    version: int = VERSION
 
     def pack(self) -> bytes:
-        return HEADER.pack(MAGIC, VERSION, int(self.kind), int(self.dtype), int(self.codec), self.length,
+        return HEADER.pack(MAGIC, self.version, int(self.kind), int(self.dtype), int(self.codec), self.length,
                            self.aux, self.round, self.seq, self.offset, self.total, self.checksum, 0, self.session)
 
 
@@ -127,7 +138,7 @@ def parse(frames: Sequence[Any], max_payload: int, *, verify: bool = True) -> Tu
     if magic != MAGIC:
         raise ProtocolError("bad magic: not a fedagg message")
     if version != VERSION:
-        raise ProtocolError(f"protocol version {version} is not supported (this is {VERSION})")
+        raise VersionError(version)
     try:
         kind, dtype, codec = Kind(kind), Dtype(dtype), Codec(codec)
     except ValueError as e:

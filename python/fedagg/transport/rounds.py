@@ -19,6 +19,7 @@ reads them only once those threads are idle.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -49,9 +50,10 @@ def is_foldable(rule: str, rule_params: Dict[str, Any]) -> bool:
     return rule == "mean" and not rule_params.get("nnm", False)
 
 
-def collector_for(rule: str, rule_params: Dict[str, Any], device, clip_norm) -> Any:
-    """MeanFold for the mean family, HeldUpdates for the rest. clip_norm: a function giving C or None."""
-    return MeanFold(device, clip_norm) if is_foldable(rule, rule_params) else HeldUpdates(device)
+def collector_for(rule: str, rule_params: Dict[str, Any], device, clip_norm, held: bool = False) -> Any:
+    """MeanFold for the mean family, HeldUpdates for the rest (and for every rule with `held`, a
+    shard's: transport/shards.py). clip_norm: a function giving C or None."""
+    return MeanFold(device, clip_norm) if is_foldable(rule, rule_params) and not held else HeldUpdates(device)
 
 
 def _entry(job: Job) -> Dict[str, Any]:
@@ -117,8 +119,11 @@ class MeanFold:
         self.entries = list(saved["entries"])
         self.weight_sum, self.clipped, self.gen = saved["weight_sum"], saved["clipped"], saved["gen"]
 
-    def aggregate(self, cfg, weights: Optional[np.ndarray]) -> Tuple[Any, AggregationInfo]:
-        """The round's mean (and DP release). `weights` is unused: each update's weight was folded in."""
+    def aggregate(self, cfg, weights: Optional[np.ndarray], order=None, group=None) -> Tuple[Any, AggregationInfo]:
+        """The round's mean (and DP release). `weights` is unused: each update's weight was folded in.
+        (`order` and `group` are a shard's, which never folds.)"""
+        if order is not None or group is not None:
+            raise ValueError("a fold cannot leave updates out: a sharded server holds its updates")
         n = len(self.entries)
         w = np.array([e["weight"] for e in self.entries], dtype=np.float64)
         if not self.weight_sum > 0:
@@ -173,9 +178,17 @@ class HeldUpdates:
         self.entries = list(saved["entries"])
         self.saved = len(self.rows)
 
-    def aggregate(self, cfg, weights: Optional[np.ndarray]) -> Tuple[Any, AggregationInfo]:
-        from .. import aggregate
+    def aggregate(self, cfg, weights: Optional[np.ndarray], order=None, group=None) -> Tuple[Any, AggregationInfo]:
+        """The rule on the held updates (those at `order`, in that order, if given); a shard's range
+        aggregated over the shards' `group` (fedagg.distributed)."""
+        from .. import aggregate as whole
 
+        rows = self.rows if order is None else [self.rows[i] for i in order]
+        aggregate = whole
+        if group is not None:
+            from ..distributed import aggregate as sharded
+
+            aggregate = functools.partial(sharded, group=group)
         kw = dict(cfg.rule_params)
         if cfg.dp is not None:
             kw["dp"] = cfg.dp
@@ -183,4 +196,4 @@ class HeldUpdates:
             kw["clip_norm"] = cfg.clip_norm
         if weights is not None:
             kw["weights"] = weights
-        return aggregate(self.rows, cfg.rule, cfg.f, return_info=True, **kw)
+        return aggregate(rows, cfg.rule, cfg.f, return_info=True, **kw)

@@ -36,9 +36,10 @@ from .durable import GroupCommit, RoundStore
 from .malloc import keep_freed_memory
 from .observe import LogThrottle
 from .peers import Peer, PeerTable
-from .protocol import (HEADER, Codec, Dtype, Kind, ProtocolError, endpoint_host, json_message,
+from .protocol import (HEADER, Codec, Dtype, Kind, ProtocolError, VersionError, endpoint_host, json_message,
                        message, parse, parse_json, unpack_frames)
 from .rounds import Job, collector_for
+from .shards import decide, group_of
 
 log = logging.getLogger("fedagg.server")
 
@@ -70,13 +71,22 @@ class Server:
             model = np.ascontiguousarray(model, dtype=np.float32).reshape(-1)
             if model.size == 0:
                 raise ValueError("the model has no parameters")
+        self.shard = config.shard  # transport/shards.py: this server owns model[lo:hi] of a sharded round
+        if self.shard is not None:
+            lo, hi = self.shard.range
+            if np.size(model) != hi - lo:
+                raise ValueError(f"shard {self.shard.rank} of {self.shard.count} owns parameters [{lo}, {hi}) of "
+                                 f"{self.shard.d}: its model is that slice ({hi - lo} values), got {np.size(model)}")
         self.model = np.array(model, dtype=np.float32, copy=True)
         self.d = self.model.size
         self.model_bytes = self.d * 4
         self.device = open_device(config.device, self.d, config.chunk_bytes)
         budget = round_budget(config, self.device, self.d)
         self.buffers = ReceiveBuffers(self.d, budget, self.device)
-        self.collector = collector_for(config.rule, config.rule_params, self.device, self._clip_norm)
+        # A shard keeps every update until the round's participants are agreed: one left out by
+        # another shard must leave no trace in this shard's aggregate (a fold could not drop it).
+        self.collector = collector_for(config.rule, config.rule_params, self.device, self._clip_norm,
+                                       held=self.shard is not None)
         self.accepted: Dict[str, None] = {}  # ids acknowledged this round, in the collector's order
         self.committing: Dict[str, Job] = {}  # COMMITs in the commit threads, not acknowledged yet
         if saved is not None:
@@ -115,6 +125,10 @@ class Server:
         self._throttle = LogThrottle()
         self._swept = 0.0
         self._stop = False
+        self._want_stop = False  # asked to stop: a shard stops when every shard agrees (at a tick)
+        self.group = None  # the shards' fedagg.distributed.Group (set up by serve)
+        self._next_tick = 0.0
+        self.excluded: Dict[str, str] = {}  # the last round's participants left out by a shard, and why
         if self.store and restored is None:
             self.store.save_round(self.round, self.model)
         if config.curve_secret_key is None and not is_local(config.bind):
@@ -188,7 +202,8 @@ class Server:
         self.device.close()
 
     def stop(self) -> None:
-        self._stop = True
+        """Stop serving (a sharded server stops with the others, at their next agreement)."""
+        self._want_stop = True
 
     # ---------------------------------------------------------------- replies
     def _send(self, rid: bytes, frames: List[Any]) -> None:
@@ -202,11 +217,17 @@ class Server:
                             extra={"event": "send_dropped"})
 
     def _state(self, pid: Optional[str]) -> Dict[str, Any]:
+        if self.shard is None:
+            shards, index, d_total = [{"endpoint": self.endpoint, "lo": 0, "hi": self.d}], 0, self.d
+        else:
+            shards, index, d_total = self.shard.table(), self.shard.rank, self.shard.d
         return {"round": self.round, "session": self.session, "d": self.d, "dtype": "float32", "phase": self.phase,
                 "model_bytes": self.model_bytes, "chunk_bytes": self.cfg.chunk_bytes, "credits": self.cfg.credits,
                 "held": self._held(pid),
                 "accepted": pid in self.accepted and pid not in self._deferred if pid else False,
-                "rule": self.cfg.rule, "f": self.cfg.f, "server_lr": self.cfg.server_lr, "previous": self.previous}
+                "rule": self.cfg.rule, "f": self.cfg.f, "server_lr": self.cfg.server_lr, "previous": self.previous,
+                "shards": shards, "shard": index, "d_total": d_total,
+                "excluded": self.excluded.get(pid) if pid else None}
 
     def _reject(self, rid: bytes, reason: str, detail: str = "", pid: Optional[str] = None, rnd: Optional[int] = None,
                 record: bool = True, seq: int = 0, retry_after: Optional[float] = None) -> None:
@@ -239,11 +260,14 @@ class Server:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.committer.fileno(), zmq.POLLIN)  # the commit threads finished a group
         target = None if self.cfg.rounds is None else self.cfg.rounds
+        self.group = group_of(self.shard)
         self.round_started = time.monotonic()  # the deadline and commit phase count from here, not __init__
         self._start_ledger_round()
         linger_until = None
         try:
             while not self._stop:
+                if self._want_stop and (self.group is None or linger_until is not None):
+                    break
                 if target is not None and self.rounds_done >= target:
                     # the last round is closed: keep serving its model (STATUS, GET_MODEL) a while
                     if linger_until is None:
@@ -264,7 +288,10 @@ class Server:
                 if self.committing:
                     self._acknowledge(self.committer.completed())
                 if linger_until is None:
-                    self._maybe_close()
+                    if self.group is None:
+                        self._maybe_close()
+                    else:
+                        self._shard_tick()
                 if self.progress is not None and time.monotonic() - self._shown > 0.25:
                     self._shown = time.monotonic()
                     self.progress.update(self)
@@ -309,6 +336,11 @@ class Server:
             head, body = parse(frames[1:], self.cfg.chunk_bytes, verify=False)
             if head.kind != Kind.CHUNK and _core.crc32c(body) != head.checksum:  # chunks: checked while copied
                 raise ProtocolError("checksum mismatch")
+        except VersionError as e:  # answered in the client's own version, which it can read
+            self.rejected_counts["version"] = self.rejected_counts.get("version", 0) + 1
+            self._send(rid, json_message(Kind.REJECTED, {"reason": "version", "detail": str(e), "held": 0, "seq": 0},
+                                         round=self.round, session=self.session, version=e.version))
+            return
         except ProtocolError as e:
             self._reject(rid, "malformed", str(e), peer.pid if peer else None, record=peer is not None)
             return
@@ -720,9 +752,52 @@ class Server:
         elif self._deferred:  # settled for a close that did not happen: their own write, now
             self._persist_deferred()
 
-    def _close_round(self, reason: str) -> None:
+    def _shard_tick(self) -> None:
+        """Agree with the other shards on the round (transport/shards.py), every `tick` seconds."""
+        now = time.monotonic()
+        if now < self._next_tick:
+            return
+        self._next_tick = now + self.shard.tick
+        self._sweep(now)
+        late = now - self.round_started >= self.cfg.deadline
+        if self.committing and (late or len(self.accepted) + len(self.committing) >= self.cfg.quorum):
+            self._acknowledge(self.committer.settle())  # as an unsharded server does before it may close
+        views = self.group.gather({"round": self.round, "accepted": list(self.accepted), "late": late,
+                                   "stop": self._want_stop})
+        decision = decide(views, self.cfg.quorum, self.cfg.min_updates, self._failed_at)
+        if decision.action == "stop":
+            self._stop = True
+            return
+        if decision.action == "wait":
+            if self._deferred:  # settled for a close that did not happen: their own write, now
+                self._persist_deferred()
+            return
+        if self.committing:  # nothing may be in the commit threads while the round closes
+            self._acknowledge(self.committer.settle())
+        excluded = dict(decision.incomplete)
+        for pid in self.accepted:  # accepted here after the views were gathered: too late for this round
+            if pid not in excluded and pid not in set(decision.participants):
+                excluded[pid] = "accepted by this shard after the shards agreed to close the round: left out of it"
+        for pid, why in excluded.items():
+            rid = self._deferred.pop(pid, None)
+            if rid is not None:  # its ACCEPTED was waiting for the close: it is not in the round
+                self._send(rid, json_message(Kind.REJECTED, {"reason": "excluded", "detail": why, "held": 0,
+                                                             "seq": 0}, round=self.round, session=self.session))
+        if decision.action == "close":
+            self._close_round(decision.reason, decision.participants, excluded)
+        else:
+            self._close_without_model(decision.reason, excluded)
+
+    def _close_round(self, reason: str, participants: Optional[List[str]] = None,
+                     excluded: Optional[Dict[str, str]] = None) -> None:
+        """Aggregate the round: all accepted updates, or (a shard) the agreed `participants` in their order."""
         t0 = time.monotonic()
         entries = self.collector.entries
+        order = None
+        if participants is not None:
+            where = {e["id"]: i for i, e in enumerate(entries)}
+            order = [where[p] for p in participants]
+            entries = [entries[i] for i in order]
         ids = [e["id"] for e in entries]
         addresses = [e["address"] for e in entries]
         weights = None
@@ -730,7 +805,7 @@ class Server:
             weights = np.array([e["weight"] for e in entries], dtype=np.float64)
         try:
             with self.device.computing():
-                agg, info = self.collector.aggregate(self.cfg, weights)
+                agg, info = self.collector.aggregate(self.cfg, weights, order=order, group=self.group)
         except Exception as e:  # noqa: BLE001 - keep serving; the round stays open for more updates
             log.error("round %d: the pipeline failed on %d updates: %s", self.round, len(ids), e,
                       extra={"event": "aggregate_failed", "round": self.round})
@@ -751,7 +826,10 @@ class Server:
                 new_model *= np.float32(self.cfg.server_lr)
             new_model += self.model
         failed = None
-        if _core.nonfinite_rows([new_model])[0]:  # e.g. finite but huge updates overflowing the sum
+        finite = not _core.nonfinite_rows([new_model])[0]
+        if self.group is not None:  # one shard's overflow keeps the model on every shard
+            finite = self.group.all(finite)
+        if not finite:  # e.g. finite but huge updates overflowing the sum
             failed = "the aggregate is not finite: the model is kept (set clip_norm)"
             log.error("round %d: %s", self.round, failed, extra={"event": "aggregate_failed", "round": self.round})
         else:
@@ -760,7 +838,7 @@ class Server:
         if info.selected is not None:
             chosen = {int(i) for i in info.selected}
             excluded += [ids[i] for i in range(len(ids)) if i not in chosen]
-        record = self._record(reason, ids, failed)
+        record = self._record(reason, ids, failed, excluded)
         record.update({"excluded_by_rule": sorted(set(excluded)), "aggregate_seconds": t_agg,
                        "last_byte_to_model_seconds": time.monotonic() - self._last_byte if self._last_byte else None,
                        "receive_seconds": self._last_byte - self._first_byte if self._last_byte else None,
@@ -779,7 +857,7 @@ class Server:
                                 "calls": self.gate.cost.calls, "addresses": addresses, "scores": scores}
         self._next_round(record)
 
-    def _close_without_model(self, why: str) -> None:
+    def _close_without_model(self, why: str, excluded: Optional[Dict[str, str]] = None) -> None:
         """The deadline passed and no model can be made: the round closes, the model stays, and says why.
 
         Updates accepted in it are dropped (each participant learns it from ROUND's and STATE's
@@ -789,7 +867,7 @@ class Server:
         self._drop_accepted()
         log.warning("round %d closed without a new model: %s", self.round, why,
                     extra={"event": "round_failed", "round": self.round})
-        self._next_round(self._record("deadline", ids, f"{why}: no new model"))
+        self._next_round(self._record("deadline", ids, f"{why}: no new model", excluded))
 
     def _drop_accepted(self) -> None:
         """The round's accepted updates are spent: their bytes leave the budget, their buffers go to the pool."""
@@ -799,8 +877,10 @@ class Server:
         self.collector.reset()
         self.accepted = {}
 
-    def _record(self, reason: str, ids: List[str], failed: Optional[str]) -> Dict[str, Any]:
-        return {"round": self.round, "closed_by": reason, "accepted": ids, "rejected": self.rejected,
+    def _record(self, reason: str, ids: List[str], failed: Optional[str],
+                excluded: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        self.excluded = dict(excluded or {})
+        return {"round": self.round, "excluded_by_shards": dict(self.excluded), "closed_by": reason, "accepted": ids, "rejected": self.rejected,
                 "excluded_by_rule": [], "rule": self.cfg.rule, "f": self.cfg.f,
                 "seconds": time.monotonic() - self.round_started, "aggregate_seconds": 0.0,
                 "bytes_in": self.bytes_in, "abandoned_count": self.abandoned_count + len(self.uploads),
