@@ -5,7 +5,7 @@ Each rank of a process group (gloo for CPU tensors, NCCL for CUDA ones; from
 update, and ``aggregate`` returns its slice of the aggregate::
 
     import torch.distributed as dist, fedagg.distributed as fd
-    dist.init_process_group("gloo")                  # under torchrun
+    fd.init_process_group("gloo")                    # under torchrun (restart-safe)
     lo, hi = fd.shard_range(d, dist.get_rank(), dist.get_world_size())
     out, info = fd.aggregate(rows[:, lo:hi], "krum", f=2, return_info=True)
 
@@ -14,7 +14,7 @@ over the group in float64 (fedagg/distributed/ops.py), the others stay local.
 """
 
 from .aggregate import Shard, aggregate, shard_range
-from .group import Group
+from .group import Group, init_process_group
 from .ops import ShardedOps
 
-__all__ = ["aggregate", "shard_range", "Group", "Shard", "ShardedOps"]
+__all__ = ["aggregate", "shard_range", "init_process_group", "Group", "Shard", "ShardedOps"]

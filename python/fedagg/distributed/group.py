@@ -24,6 +24,33 @@ def _dist():
     return dist
 
 
+def init_process_group(backend: str = "gloo", timeout: float = 120.0) -> None:
+    """``torch.distributed.init_process_group`` for a process started by torchrun, restart-safe.
+
+    After torchrun restarts a group (``--max-restarts``), torch 2.13's workers meet again in the
+    agent's store under the same keys as the failed attempt's, and a worker can read a dead
+    peer's address (gloo: "connectFullMesh failed ... Connection refused") or hang. The keys
+    here are prefixed with the run and the attempt. Outside torchrun's agent store: the usual
+    ``env://`` rendezvous.
+    """
+    import os
+    from datetime import timedelta
+
+    dist = _dist()
+    if dist.is_initialized():
+        return
+    wait = timedelta(seconds=timeout)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend, timeout=wait)
+        return
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False,
+                          timeout=wait)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"fedagg/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt-{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=wait)
+
+
 class Group:
     """A torch.distributed process group as fedagg uses it (``None``: the default group)."""
 

@@ -249,12 +249,7 @@ def _launch_shards(args) -> int:
 
 def _shard_spec(args, d: int):
     """This process's ShardSpec under torchrun (`--shard-endpoints`), with the group initialized."""
-    from datetime import timedelta
-
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        raise ImportError("torch") from None
+    from ..distributed import init_process_group
     from .shards import ShardSpec
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -264,9 +259,15 @@ def _shard_spec(args, d: int):
     if size != len(args.shard_endpoints):
         raise ValueError(f"--shard-endpoints lists {len(args.shard_endpoints)} endpoints, torchrun started "
                          f"{size} shards")
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    init_process_group("gloo", timeout=120.0)
     return ShardSpec(rank=rank, endpoints=tuple(args.shard_endpoints), d=d)
+
+
+def _line(obj) -> None:
+    """One JSON line on stdout in one write: K shards share the launcher's stdout, and a line written in
+    pieces (print writes its newline apart) could interleave with another shard's."""
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
 
 
 def _serve(args) -> int:
@@ -315,15 +316,15 @@ def _serve(args) -> int:
     try:
         tag = {} if shard is None else {"shard": shard.rank}
         server = Server(model, cfg, progress=progress,
-                        on_round=lambda rec: print(json.dumps({"round_closed": rec, **tag}, default=str), flush=True))
+                        on_round=lambda rec: _line({"round_closed": rec, **tag}))
     except zmq.ZMQError as e:  # the server names a failed bind itself; anything else from libzmq, here
         raise ValueError(f"cannot bind {args.bind}: {e}") from None
     # SIGTERM (systemd, docker stop, kill) stops the server like the end of its rounds: exit status 0.
     # Installed before the "listening" line, so a SIGTERM sent as soon as it is read is handled.
     previous = signal.signal(signal.SIGTERM, lambda *_: server.stop())
     where = {} if shard is None else {"shard": shard.rank, "shards": shard.count, "pid": os.getpid()}
-    print(json.dumps({"listening": server.endpoint, "round": server.round, "d": server.d,
-                      "device": server.device.name, **where}), flush=True)
+    _line({"listening": server.endpoint, "round": server.round, "d": server.d, "device": server.device.name,
+           **where})
     try:
         server.serve()
     except KeyboardInterrupt:

@@ -789,7 +789,7 @@ class Server:
             self._close_without_model(decision.reason, excluded)
 
     def _close_round(self, reason: str, participants: Optional[List[str]] = None,
-                     excluded: Optional[Dict[str, str]] = None) -> None:
+                     left_out: Optional[Dict[str, str]] = None) -> None:
         """Aggregate the round: all accepted updates, or (a shard) the agreed `participants` in their order."""
         t0 = time.monotonic()
         entries = self.collector.entries
@@ -838,7 +838,7 @@ class Server:
         if info.selected is not None:
             chosen = {int(i) for i in info.selected}
             excluded += [ids[i] for i in range(len(ids)) if i not in chosen]
-        record = self._record(reason, ids, failed, excluded)
+        record = self._record(reason, ids, failed, left_out)
         record.update({"excluded_by_rule": sorted(set(excluded)), "aggregate_seconds": t_agg,
                        "last_byte_to_model_seconds": time.monotonic() - self._last_byte if self._last_byte else None,
                        "receive_seconds": self._last_byte - self._first_byte if self._last_byte else None,
@@ -880,8 +880,8 @@ class Server:
     def _record(self, reason: str, ids: List[str], failed: Optional[str],
                 excluded: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
         self.excluded = dict(excluded or {})
-        return {"round": self.round, "excluded_by_shards": dict(self.excluded), "closed_by": reason, "accepted": ids, "rejected": self.rejected,
-                "excluded_by_rule": [], "rule": self.cfg.rule, "f": self.cfg.f,
+        return {"round": self.round, "closed_by": reason, "accepted": ids, "rejected": self.rejected,
+                "excluded_by_shards": dict(self.excluded), "excluded_by_rule": [], "rule": self.cfg.rule, "f": self.cfg.f,
                 "seconds": time.monotonic() - self.round_started, "aggregate_seconds": 0.0,
                 "bytes_in": self.bytes_in, "abandoned_count": self.abandoned_count + len(self.uploads),
                 "abandoned_uploads": sorted(set(self.abandoned) | set(list(self.uploads)[:MAX_REJECTED_LISTED])),
