@@ -28,6 +28,7 @@ FIELDS = ("magic", "version", "kind", "dtype", "codec", "length", "aux", "round"
           "offset", "total", "checksum", "reserved", "session")
 assert HEADER.size == 64
 
+VERSION = 2  # "Header": version `2`
 HELLO, GET_MODEL, CHUNK, COMMIT, HEARTBEAT, STATUS = 1, 2, 3, 4, 5, 6
 STATE, MODEL, CREDIT, ACCEPTED, REJECTED, ROUND = 10, 11, 12, 13, 14, 15
 KIND_NAMES = {1: "HELLO", 2: "GET_MODEL", 3: "CHUNK", 4: "COMMIT", 5: "HEARTBEAT",
@@ -114,12 +115,12 @@ class Peer:
         return self.seq
 
     def send(self, kind, payload=b"", *, round=0, offset=0, total=0, aux=0, dtype=0,
-             codec=0, session=0, seq=None, checksum=None, extra_frames=()):
+             codec=0, session=0, seq=None, checksum=None, extra_frames=(), version=VERSION):
         if seq is None:
             seq = self.next_seq()
         payload = bytes(payload)
         crc = crc32c(payload) if checksum is None else checksum
-        header = HEADER.pack(b"FAGW", 1, kind, dtype, codec, len(payload), aux, round, seq,
+        header = HEADER.pack(b"FAGW", version, kind, dtype, codec, len(payload), aux, round, seq,
                              offset, total, crc, 0, session)
         self.sock.send_multipart([header, payload, *extra_frames])
         return seq
@@ -133,7 +134,8 @@ class Peer:
         h = dict(zip(FIELDS, HEADER.unpack(frames[0])))
         payload = frames[1]
         assert h["magic"] == b"FAGW"
-        assert h["version"] == 1
+        if h["version"] != VERSION:  # "Versions": only a refusal of another version's message
+            assert h["kind"] == REJECTED and json.loads(payload)["reason"] == "version", h
         assert h["kind"] in KIND_NAMES and h["kind"] >= 10, h
         assert h["length"] == len(payload), h
         assert h["checksum"] == crc32c(payload), h
@@ -214,8 +216,16 @@ def check_state(m, *, d=D, rule="mean", f=0, server_lr=1.0, credits=CREDITS):
     st = m.json()
     assert isinstance(st, dict)
     for key in ("round", "session", "phase", "d", "dtype", "model_bytes", "chunk_bytes",
-                "credits", "held", "accepted", "rule", "f", "server_lr", "previous"):
+                "credits", "held", "accepted", "rule", "f", "server_lr", "previous", "shards", "shard",
+                "d_total", "excluded"):
         assert key in st, f"STATE lacks {key!r}: {st}"
+    # An unsharded server: one shard, this server, owning the whole model.
+    assert isinstance(st["shards"], list) and len(st["shards"]) == 1, st["shards"]
+    only = st["shards"][0]
+    assert set(only) == {"endpoint", "lo", "hi"} and isinstance(only["endpoint"], str)
+    assert only["endpoint"].startswith("tcp://") and only["lo"] == 0 and only["hi"] == d
+    assert st["shard"] == 0 and st["d_total"] == d
+    assert st["excluded"] is None or isinstance(st["excluded"], str)
     assert is_int(st["round"]) and st["round"] == m.h["round"]
     assert is_int(st["session"]) and st["session"] == m.h["session"]
     assert 0 < m.h["session"] < 2 ** 63  # "a 63-bit random number"
@@ -554,6 +564,26 @@ def _upload_refusal(peer, data, rnd, reason, **kw):
     return "commit", check_rejected(m, reason, seq)
 
 
+def test_version_1_is_refused_in_version_1(serve, ctx):
+    """ "A server answers any message of another version ... with REJECTED reason `version` in the
+    sender's version, and takes nothing from it." """
+    srv = serve("--quorum", "100", "--deadline", "60")
+    old = Peer(ctx, srv.endpoint, "old-client", "secret-old")
+    old.sock.send_multipart([HEADER.pack(b"FAGW", 1, HELLO, 0, 0, 0, 0, 0, old.next_seq(), 0, 0,
+                                         crc32c(b'{"id":"old-client"}'), 0, 0), b'{"id":"old-client"}'])
+    assert old.sock.poll(int(RECV_TIMEOUT * 1000)), "no answer to a version 1 HELLO"
+    frames = old.sock.recv_multipart()
+    h = dict(zip(FIELDS, HEADER.unpack(frames[0])))
+    assert h["magic"] == b"FAGW" and h["version"] == 1 and h["kind"] == REJECTED, h
+    assert h["checksum"] == crc32c(frames[1])
+    body = json.loads(frames[1])
+    assert body["reason"] == "version" and "version 2" in body["detail"], body
+    # ... and took nothing from it: the connection is still unknown.
+    seq = old.send(STATUS)
+    check_rejected(old.recv((STATE, REJECTED)), "unknown", seq)
+    old.close()
+
+
 def test_refusals(serve, ctx):
     srv = serve("--quorum", "100", "--deadline", "60")
     ep = srv.endpoint
@@ -654,7 +684,7 @@ def test_refusals(serve, ctx):
     assert m.json()["reason"] == "malformed"
     assert m.h["seq"] in (0, seq) and m.json()["seq"] == m.h["seq"]
     # ... and a 1-frame message
-    g.sock.send_multipart([HEADER.pack(b"FAGW", 1, STATUS, 0, 0, 0, 0, 0, g.next_seq(), 0, 0,
+    g.sock.send_multipart([HEADER.pack(b"FAGW", VERSION, STATUS, 0, 0, 0, 0, 0, g.next_seq(), 0, 0,
                                        0, 0, 0)])
     m = g.recv((STATE, REJECTED))
     assert m.kind == REJECTED and m.json()["reason"] == "malformed", m

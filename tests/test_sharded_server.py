@@ -167,3 +167,208 @@ def test_sharded_round_with_byzantine_partial_and_a_killed_shard(K, tmp_path):
             assert "did not accept this participant's range" in (p.state["excluded"] or "")
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------------ two hosts, on one machine
+class Namespaces:
+    """Two network namespaces joined by a veth pair (10.213.0.1 and 10.213.0.2, inside them only)."""
+
+    def __init__(self):
+        tag = f"{os.getpid() % 100000}"
+        self.names = [f"fedagg-a-{tag}", f"fedagg-b-{tag}"]
+        self.addrs = ["10.213.0.1", "10.213.0.2"]
+        self.ifaces = [f"fga{tag}", f"fgb{tag}"]
+        self.made = []
+        try:
+            for ns in self.names:
+                self._ip("netns", "add", ns)
+                self.made.append(ns)
+                self._ip("-n", ns, "link", "set", "lo", "up")
+            self._ip("link", "add", self.ifaces[0], "netns", self.names[0], "type", "veth", "peer", "name",
+                     self.ifaces[1], "netns", self.names[1])
+            for ns, iface, addr in zip(self.names, self.ifaces, self.addrs):
+                self._ip("-n", ns, "addr", "add", f"{addr}/24", "dev", iface)
+                self._ip("-n", ns, "link", "set", iface, "up")
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _ip(*args):
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=20)
+
+    def run(self, i, argv, **kw):
+        return subprocess.Popen(["ip", "netns", "exec", self.names[i], *argv], **kw)
+
+    def close(self):
+        for ns in self.made:  # deleting a namespace deletes its end of the veth pair, and the pair
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+        self.made = []
+
+
+def _namespaces_or_skip():
+    import shutil
+
+    if shutil.which("ip") is None:
+        pytest.skip("network namespaces: the `ip` command (iproute2) is not installed")
+    try:
+        return Namespaces()
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"network namespaces cannot be created here ({' '.join(e.cmd)}: {e.stderr.strip()}); "
+                    "they need root or CAP_NET_ADMIN")
+
+
+PARTICIPANT = r"""
+import json, sys, numpy as np, fedagg
+endpoint, d, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+X = (np.random.default_rng(5).standard_normal((3, d))).astype(np.float32)
+res = {}
+for i in range(3):
+    with fedagg.Client(endpoint, f"p{i}", timeout=60) as c:
+        rnd, model = c.model()
+        res["shards"] = c.state["shards"]
+        c.submit(X[i], rnd)
+with fedagg.Client(endpoint, "reader", timeout=60) as c:
+    c.wait_round(rnd, timeout=60)
+    res["round"], model = c.model()
+    res["equal"] = bool(np.array_equal(model, fedagg.aggregate(X, "median", 1)))
+json.dump(res, open(out, "w"))
+"""
+
+
+def test_two_shards_in_two_network_namespaces(tmp_path):
+    """Each shard is a host of its own (its own network namespace and address, torchrun's static
+    rendezvous across the veth pair), the participant a third party in the first namespace."""
+    net = _namespaces_or_skip()
+    procs, files = [], []
+    try:
+        d, port = 2001, 5555
+        endpoints = [f"tcp://{a}:{port}" for a in net.addrs]
+        for i in range(2):
+            env = dict(os.environ, GLOO_SOCKET_IFNAME=net.ifaces[i], PYTHONUNBUFFERED="1")
+            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                    "--node-rank", str(i), "--master-addr", net.addrs[0], "--master-port", "29400",
+                    "-m", "fedagg", "--", "serve", "--d", str(d), "--rule", "median", "--f", "1",
+                    "--quorum", "3", "--min-updates", "3", "--rounds", "1", "--linger", "20", "--insecure",
+                    "--shard-endpoints", *endpoints]
+            files += [open(tmp_path / f"shard{i}.out", "w"), open(tmp_path / f"shard{i}.err", "w")]
+            procs.append(net.run(i, argv, env=env, stdout=files[-2], stderr=files[-1], start_new_session=True))
+        (tmp_path / "p.py").write_text(PARTICIPANT)
+        client = net.run(0, [sys.executable, str(tmp_path / "p.py"), endpoints[0], str(d), str(tmp_path / "p.json")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = client.communicate(timeout=180)[0]
+        assert client.returncode == 0, log[-3000:] + "\n" + (tmp_path / "shard1.err").read_text()[-3000:]
+        res = json.loads((tmp_path / "p.json").read_text())
+        assert [s["endpoint"] for s in res["shards"]] == endpoints
+        assert res["round"] == 1 and res["equal"] is True
+        for i in range(2):
+            lines = [json.loads(line) for line in (tmp_path / f"shard{i}.out").read_text().splitlines()
+                     if line.startswith("{")]
+            closed = [x["round_closed"] for x in lines if "round_closed" in x]
+            assert closed and closed[0]["accepted"] == ["p0", "p1", "p2"], lines
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=30)
+        for fh in files:
+            fh.close()
+        net.close()
+
+
+# ------------------------------------------------------------------ the pieces, in one process
+from fedagg.transport.shards import ShardSpec, decide  # noqa: E402
+
+
+def _view(accepted, late=False, stop=False, rnd=3):
+    return {"round": rnd, "accepted": accepted, "late": late, "stop": stop}
+
+
+def test_decide_takes_what_every_shard_accepted_in_shard_0_order():
+    views = [_view(["c", "a", "partial", "b"]), _view(["a", "b", "c", "late-one"]), _view(["b", "c", "a"])]
+    d = decide(views, quorum=3, min_updates=1, failed_at=-1)
+    assert d.action == "close" and d.reason == "quorum" and d.participants == ["c", "a", "b"]
+    assert set(d.incomplete) == {"partial", "late-one"}
+    assert "[1, 2]" in d.incomplete["partial"] and "[0, 2]" in d.incomplete["late-one"]
+    # below the quorum: wait, or at shard 0's deadline close on what every shard has
+    assert decide(views, 4, 1, -1).action == "wait"
+    assert decide(views, 4, 4, -1).action == "wait"
+    late = [dict(v, late=(i == 0)) for i, v in enumerate(views)]
+    d = decide(late, 4, 2, -1)
+    assert d.action == "close" and d.reason == "deadline" and d.participants == ["c", "a", "b"]
+    assert decide(late, 4, 4, -1).action == "close_without_model"
+    # another shard's clock does not close the round; the pipeline failing on these 3 does not retry them
+    assert decide([dict(v, late=(i == 1)) for i, v in enumerate(views)], 4, 1, -1).action == "wait"
+    assert decide(late, 4, 2, 3).action == "close_without_model"
+    assert decide(views, 3, 1, 3).action == "wait"
+    # any shard asked to stop stops all; shards in different rounds are an error
+    assert decide([views[0], dict(views[1], stop=True), views[2]], 3, 1, -1).action == "stop"
+    with pytest.raises(RuntimeError, match="different rounds"):
+        decide([views[0], dict(views[1], round=4), views[2]], 3, 1, -1)
+
+
+def test_shard_spec_ranges_cover_the_model_and_bad_specs_are_refused():
+    spec = ShardSpec(rank=1, endpoints=("tcp://a:1", "tcp://b:2", "tcp://c:3"), d=10)
+    table = spec.table()
+    assert [(t["lo"], t["hi"]) for t in table] == [(0, 4), (4, 7), (7, 10)] and spec.range == (4, 7)
+    assert [t["endpoint"] for t in table] == ["tcp://a:1", "tcp://b:2", "tcp://c:3"]
+    for kw, match in (({"rank": 3}, "not in"), ({"rank": -1}, "not in"), ({"d": 2}, "at least one"),
+                      ({"endpoints": ()}, "every shard"), ({"tick": 0}, "tick")):
+        args = dict(rank=0, endpoints=("tcp://a:1", "tcp://b:2", "tcp://c:3"), d=10)
+        args.update(kw)
+        with pytest.raises(ValueError, match=match):
+            ShardSpec(**args)
+
+
+def test_a_shard_refuses_a_ledger_and_a_model_that_is_not_its_slice():
+    from fedagg.transport.config import ServerConfig
+    from fedagg.transport.server import Server
+
+    spec = ShardSpec(rank=0, endpoints=("tcp://127.0.0.1:1", "tcp://127.0.0.1:2"), d=30)
+    with pytest.raises(ValueError, match="ledger"):
+        ServerConfig(shard=spec, ledger=object(), admission="ledger").check()
+    with pytest.raises(ValueError, match=r"owns parameters \[0, 15\) of 30"):
+        Server(np.zeros(30, dtype=np.float32), ServerConfig(bind=f"tcp://127.0.0.1:{free_port()}", shard=spec))
+
+
+@pytest.mark.parametrize("shards, why", [
+    ([{"endpoint": "tcp://127.0.0.1:1", "lo": 0, "hi": 5}, {"endpoint": "tcp://127.0.0.1:2", "lo": 6, "hi": 10}],
+     "do not cover"),
+    ([{"endpoint": "tcp://127.0.0.1:1", "lo": 0, "hi": 5}, {"endpoint": 7, "lo": 5, "hi": 10}], "not an endpoint"),
+    ([{"endpoint": "tcp://127.0.0.1:1", "lo": 0, "hi": 5}, {"endpoint": "tcp://127.0.0.1:2", "lo": 5, "hi": 9}],
+     "do not cover"),
+])
+def test_client_refuses_a_shard_table_that_does_not_add_up(shards, why):
+    """A hostile or broken server's STATE cannot make the client split updates wrongly."""
+    import zmq
+
+    from fedagg.transport.client import TransportError
+    from fedagg.transport.protocol import Kind, json_message, parse
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            if not router.poll(100):
+                continue
+            rid, *frames = router.recv_multipart()
+            head, _ = parse(frames, 1 << 20)
+            state = {"round": 0, "session": 1, "d": 5, "d_total": 10, "shard": 0, "shards": shards,
+                     "model_bytes": 20, "chunk_bytes": 4096, "credits": 1, "held": 0, "accepted": False,
+                     "phase": "upload"}
+            router.send_multipart([rid, *json_message(Kind.STATE, state, session=1)])
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(TransportError, match=why):
+            fedagg.Client(f"tcp://127.0.0.1:{port}", "alice", timeout=5)
+    finally:
+        stop.set()
+        t.join(timeout=10)
+        router.close(0)
+        ctx.term()

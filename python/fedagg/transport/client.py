@@ -107,12 +107,16 @@ class Client:
             if not (isinstance(entry, dict) and isinstance(entry.get("endpoint"), str)
                     and isinstance(entry.get("lo"), int) and isinstance(entry.get("hi"), int)):
                 raise TransportError("protocol", f"STATE's shard {i} is not an endpoint and a range: {entry!r}")
+        ranges = [(int(e["lo"]), int(e["hi"])) for e in table]
+        d = self.state.get("d_total")
+        if not (isinstance(d, int) and isinstance(mine, int) and 0 <= mine < len(table) and ranges[0][0] == 0
+                and ranges[-1][1] == d and all(a[0] < a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+                and ranges[-1][0] < ranges[-1][1]):
+            raise TransportError("protocol", f"the shards' ranges {ranges} do not cover the model's {d} values "
+                                             f"in order (this is shard {mine!r})")
+        self._ranges = ranges
+        for i, entry in enumerate(table):
             self.shards.append(self if i == mine else Client(entry["endpoint"], self.id, _one_shard=True, **kw))
-        self._ranges = [(int(e["lo"]), int(e["hi"])) for e in table]
-        d = int(self.state.get("d_total", 0))
-        if self._ranges[0][0] != 0 or self._ranges[-1][1] != d or any(
-                a[1] != b[0] for a, b in zip(self._ranges, self._ranges[1:])):
-            raise TransportError("protocol", f"the shards' ranges {self._ranges} do not cover the model's {d} values")
 
     def _each_shard(self, work) -> List[Any]:
         """work(shard index, client) on every shard at once; the first failure is raised, naming its shard."""
