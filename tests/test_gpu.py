@@ -326,3 +326,37 @@ def test_server_on_the_gpu_folds_compressed_and_clipped_updates():
     finally:
         stop(server, t)
     np.testing.assert_allclose(server.model, fold_reference([compress.decode(p) for p in ps]), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ fedagg.distributed on CUDA rows
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rule", ALL_RULES)
+def test_distributed_aggregate_on_cuda_rows_equals_the_single_process_result(rule, one_rank_group):
+    """ShardedOps over the CUDA backend's ops (a group of one: the n x n values go through gloo on
+    the host): the same floats as fedagg.aggregate on the same CUDA rows, selections included."""
+    import fedagg.distributed as fd
+
+    n, d = 11, 4099
+    X = on_gpu(fresh(n, d))
+    f = f_for(rule, n)
+    want, info_want = fedagg.aggregate(X, rule, f, return_info=True, nonfinite="exclude")
+    got, info = fd.aggregate(X, rule, f, return_info=True, nonfinite="exclude")
+    assert got.is_cuda and got.shape == (d,)
+    if rule in ("geometric_median", "centered_clipping"):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(got, want)
+    if info_want.selected is not None:
+        assert np.array_equal(info.selected, info_want.selected)

@@ -207,6 +207,9 @@ class Load:
                 return True
             if st.get("phase", "upload") != "upload":
                 raise RuntimeError("the load generator drives federated rounds; this server has a ledger phase")
+            if len(st.get("shards") or []) > 1:
+                raise RuntimeError("the load generator drives one server; this one is a shard of "
+                                   f"{len(st['shards'])} (use fedagg.Client, which streams each range to its shard)")
             if p.state == "wait":
                 return False
             if st["round"] != p.round:

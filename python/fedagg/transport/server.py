@@ -288,10 +288,7 @@ class Server:
                 if self.committing:
                     self._acknowledge(self.committer.completed())
                 if linger_until is None:
-                    if self.group is None:
-                        self._maybe_close()
-                    else:
-                        self._shard_tick()
+                    self._maybe_close()
                 if self.progress is not None and time.monotonic() - self._shown > 0.25:
                     self._shown = time.monotonic()
                     self.progress.update(self)
@@ -734,36 +731,21 @@ class Server:
                     log.error("round %d: closing the commit window failed: %s", self.round, e,
                               extra={"event": "ledger_error", "round": self.round})
             return
+        # The round's decision: transport/shards.py's, on this server's view alone, or (a shard) on
+        # every shard's, gathered over their group every `tick` seconds.
         now = time.monotonic()
-        self._sweep(now)
-        n = len(self.accepted)
-        late = now - self.round_started >= self.cfg.deadline
-        if self.committing and (late or n + len(self.committing) >= self.cfg.quorum):
-            # COMMITs in the commit threads belong to the round: the ones not yet durable become
-            # durable with the close's write (a snapshot being written for them is given up)
-            self._acknowledge(self.committer.settle())
-            n = len(self.accepted)
-        if n != self._failed_at and (n >= self.cfg.quorum or (late and n >= self.cfg.min_updates)):
-            self._close_round(reason="quorum" if n >= self.cfg.quorum else "deadline")
-        elif late:  # too few updates, or the pipeline failed on exactly these: no new model this round
-            why = (f"the pipeline failed on the {n} accepted updates" if n == self._failed_at and n else
-                   f"{n} accepted updates at the deadline, {self.cfg.min_updates} needed")
-            self._close_without_model(why)
-        elif self._deferred:  # settled for a close that did not happen: their own write, now
-            self._persist_deferred()
-
-    def _shard_tick(self) -> None:
-        """Agree with the other shards on the round (transport/shards.py), every `tick` seconds."""
-        now = time.monotonic()
-        if now < self._next_tick:
-            return
-        self._next_tick = now + self.shard.tick
+        if self.group is not None:
+            if now < self._next_tick:
+                return
+            self._next_tick = now + self.shard.tick
         self._sweep(now)
         late = now - self.round_started >= self.cfg.deadline
         if self.committing and (late or len(self.accepted) + len(self.committing) >= self.cfg.quorum):
-            self._acknowledge(self.committer.settle())  # as an unsharded server does before it may close
-        views = self.group.gather({"round": self.round, "accepted": list(self.accepted), "late": late,
-                                   "stop": self._want_stop})
+            # COMMITs in the commit threads belong to the round: the ones not yet durable become
+            # durable with the close's write (a snapshot being written for them is given up)
+            self._acknowledge(self.committer.settle())
+        view = {"round": self.round, "accepted": list(self.accepted), "late": late, "stop": self._want_stop}
+        views = [view] if self.group is None else self.group.gather(view)
         decision = decide(views, self.cfg.quorum, self.cfg.min_updates, self._failed_at)
         if decision.action == "stop":
             self._stop = True
@@ -772,7 +754,7 @@ class Server:
             if self._deferred:  # settled for a close that did not happen: their own write, now
                 self._persist_deferred()
             return
-        if self.committing:  # nothing may be in the commit threads while the round closes
+        if self.committing:  # a shard: nothing may be in the commit threads while the round closes
             self._acknowledge(self.committer.settle())
         excluded = dict(decision.incomplete)
         for pid in self.accepted:  # accepted here after the views were gathered: too late for this round
@@ -794,7 +776,7 @@ class Server:
         t0 = time.monotonic()
         entries = self.collector.entries
         order = None
-        if participants is not None:
+        if participants is not None and participants != [e["id"] for e in entries]:
             where = {e["id"]: i for i, e in enumerate(entries)}
             order = [where[p] for p in participants]
             entries = [entries[i] for i in order]

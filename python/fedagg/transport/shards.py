@@ -1,5 +1,8 @@
 """A sharded server: K servers, each owning one coordinate range of the model, deciding rounds together.
 
+An unsharded server is the case K = 1: it decides with ``decide`` on its own view, every
+iteration of its loop, with no collective.
+
 Each shard is an ordinary ``Server`` bound to its own endpoint, receiving every participant's
 slice ``update[lo:hi]`` of its range and serving ``model[lo:hi]``. What must be the same on
 every shard is decided over the shards' torch.distributed group (``fedagg.distributed.Group``):
@@ -91,8 +94,9 @@ def decide(views: List[Dict[str, Any]], quorum: int, min_updates: int, failed_at
     if n != failed_at and (n >= quorum or (late and n >= min_updates)):
         return Decision("close", complete, incomplete, "quorum" if n >= quorum else "deadline")
     if late:
+        held_by = "accepted updates" if len(views) == 1 else "updates accepted by every shard"
         why = (f"the pipeline failed on the {n} accepted updates" if n == failed_at and n else
-               f"{n} updates accepted by every shard at the deadline, {min_updates} needed")
+               f"{n} {held_by} at the deadline, {min_updates} needed")
         return Decision("close_without_model", complete, incomplete, why)
     return Decision("wait", complete, incomplete)
 
