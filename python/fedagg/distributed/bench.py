@@ -7,8 +7,9 @@ times each rule with ``fedagg.distributed.aggregate`` (a barrier, then the
 median of ``repeat`` calls; the round's time is the slowest rank's), and
 reports the share of that time spent in collectives (waiting for the slowest
 rank included) and each shard's memory (its rows, and the process's peak RSS,
-torch included). The K = 1 row of strong scaling is also timed with plain ``fedagg.aggregate`` on the same rows (the single-process
-alternative), in the same run.
+torch included). The K = 1 row of strong scaling is also timed with plain
+``fedagg.aggregate`` on the same rows (the single-process alternative), in
+the same run.
 
 >>> from fedagg.distributed import bench
 >>> r = bench.run(n=8, d_shard=20_000, d_total=40_000, shards=[1, 2], rules=["median"], repeat=1)

@@ -243,7 +243,9 @@ class Client:
             else:
                 parts = self._each_shard(lambda i, c: c._model_once())
                 rounds = {p[0] for p in parts if p is not None}
-                got = None if None in parts or len(rounds) != 1 else (rounds.pop(), np.concatenate([p[1] for p in parts]))
+                got = None
+                if None not in parts and len(rounds) == 1:
+                    got = rounds.pop(), np.concatenate([p[1] for p in parts])
             if got is not None:
                 return got
         raise TransportError("round", "rounds kept closing during the model download")

@@ -863,7 +863,8 @@ class Server:
                 excluded: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
         self.excluded = dict(excluded or {})
         return {"round": self.round, "closed_by": reason, "accepted": ids, "rejected": self.rejected,
-                "excluded_by_shards": dict(self.excluded), "excluded_by_rule": [], "rule": self.cfg.rule, "f": self.cfg.f,
+                "excluded_by_shards": dict(self.excluded), "excluded_by_rule": [], "rule": self.cfg.rule,
+                "f": self.cfg.f,
                 "seconds": time.monotonic() - self.round_started, "aggregate_seconds": 0.0,
                 "bytes_in": self.bytes_in, "abandoned_count": self.abandoned_count + len(self.uploads),
                 "abandoned_uploads": sorted(set(self.abandoned) | set(list(self.uploads)[:MAX_REJECTED_LISTED])),
