@@ -372,3 +372,19 @@ def test_client_refuses_a_shard_table_that_does_not_add_up(shards, why):
         t.join(timeout=10)
         router.close(0)
         ctx.term()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shards", "2", "--bind", "tcp://127.0.0.1:0"], "fixed --bind port"),
+    (["--shards", "2", "--bind", "ipc:///tmp/x"], "tcp:// --bind"),
+    (["--shards", "2", "--rule", "median", "--f", "1"], "cannot run on 1 updates"),  # checked before torchrun
+    (["--shards", "2", "--shard-endpoints", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2"], "not both"),
+    (["--shard-endpoints", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2"], "start each shard with torchrun"),
+])
+def test_serve_refuses_bad_shard_options_in_one_line(argv, message):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    p = subprocess.run([sys.executable, "-m", "fedagg", "serve", "--d", "100", *argv], capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert message in p.stderr and p.stderr.startswith("fedagg serve: error:"), p.stderr
+    assert "Traceback" not in p.stderr
