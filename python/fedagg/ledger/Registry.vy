@@ -1,19 +1,23 @@
 # pragma version ~=0.4.3
 """
 @title fedagg participant registry and round ledger
-@notice Participants register an Ed25519 signing key and stake; each round they
-        commit H(round | participant | update hash) before the commit deadline;
-        the aggregator records each round's outcome (model hash, Merkle root of
-        the accepted participants, their scores). Everything emits an event.
+@notice Participants register an Ed25519 signing key with a bond and stake; each
+        round they commit H(round | participant | update hash) before the commit
+        deadline; the aggregator records each round's outcome (model hash, Merkle
+        root of the accepted participants, their scores). Stake leaves through an
+        unbonding period (still slashable meanwhile), then is pulled by its owner.
+        Everything emits an event.
 """
 
 MAX_BATCH: constant(uint256) = 256
 
 struct Participant:
     signing_key: bytes32
-    stake: uint256
+    stake: uint256  # bonded: what eligibility counts, and what a slash takes
     slashed: bool
     registered: bool
+    unbonding: uint256  # on its way out: withdrawable from block unbond_at, slashable until then
+    unbond_at: uint256
 
 event Registered:
     participant: indexed(address)
@@ -45,11 +49,25 @@ event Slashed:
     participant: indexed(address)
     amount: uint256
 
+event Unbonding:
+    participant: indexed(address)
+    amount: uint256
+    total: uint256
+    withdrawable_at: uint256
+
+event Withdrawn:
+    participant: indexed(address)
+    amount: uint256
+
 owner: public(address)
 aggregator: public(address)
 min_stake: public(uint256)
+registration_bond: public(uint256)  # what registering costs at least: sybils are not free
+unbonding_blocks: public(uint256)  # how long stake stays slashable after its owner asks it back
+forfeited: public(uint256)  # slashed ether, kept by the contract
 participants: public(HashMap[address, Participant])
-registered_list: public(DynArray[address, 4096])
+registered_count: public(uint256)  # no fixed cap: each entry is paid for by its bond
+registered_at: public(HashMap[uint256, address])
 commitments: public(HashMap[uint256, HashMap[address, bytes32]])
 committed_late: public(HashMap[uint256, HashMap[address, bool]])
 deadline: public(HashMap[uint256, uint256])
@@ -61,22 +79,28 @@ round_scores: HashMap[uint256, DynArray[int256, MAX_BATCH]]
 
 
 @deploy
-def __init__(min_stake: uint256, aggregator: address):
+def __init__(min_stake: uint256, aggregator: address, registration_bond: uint256, unbonding_blocks: uint256):
+    assert registration_bond > 0, "a zero registration bond lets anyone fill the registry for free"
+    assert unbonding_blocks > 0, "stake must stay slashable for a while after it is asked back"
     self.owner = msg.sender
     self.aggregator = aggregator
     self.min_stake = min_stake
+    self.registration_bond = registration_bond
+    self.unbonding_blocks = unbonding_blocks
 
 
 @external
 @payable
 def register(signing_key: bytes32):
-    """Register msg.sender with its Ed25519 public key; msg.value is staked."""
+    """Register msg.sender with its Ed25519 public key; msg.value (at least the bond) is staked."""
     assert not self.participants[msg.sender].registered, "already registered"
     assert signing_key != empty(bytes32), "empty signing key"
+    assert msg.value >= self.registration_bond, "registering needs at least the registration bond"
     self.participants[msg.sender] = Participant(
-        signing_key=signing_key, stake=msg.value, slashed=False, registered=True
+        signing_key=signing_key, stake=msg.value, slashed=False, registered=True, unbonding=0, unbond_at=0
     )
-    self.registered_list.append(msg.sender)
+    self.registered_at[self.registered_count] = msg.sender
+    self.registered_count += 1
     log Registered(participant=msg.sender, signing_key=signing_key, stake=msg.value)
 
 
@@ -86,6 +110,36 @@ def stake():
     assert self.participants[msg.sender].registered, "not registered"
     self.participants[msg.sender].stake += msg.value
     log Staked(participant=msg.sender, amount=msg.value, total=self.participants[msg.sender].stake)
+
+
+@external
+def unbond(amount: uint256):
+    """Ask `amount` of the stake back: it stops counting at once, stays slashable for
+    unbonding_blocks (a slash earned before leaving still lands), then withdraw() pays it.
+    Asking again adds to the amount and restarts the period."""
+    p: Participant = self.participants[msg.sender]
+    assert p.registered, "not registered"
+    assert not p.slashed, "slashed"
+    assert amount > 0 and amount <= p.stake, "amount must be in (0, stake]"
+    p.stake -= amount
+    p.unbonding += amount
+    p.unbond_at = block.number + self.unbonding_blocks
+    self.participants[msg.sender] = p
+    log Unbonding(participant=msg.sender, amount=amount, total=p.unbonding, withdrawable_at=p.unbond_at)
+
+
+@external
+@nonreentrant
+def withdraw():
+    """Pay msg.sender its unbonded stake, once its period is over (pull payment; the state
+    is cleared before the ether leaves, and the function cannot be re-entered)."""
+    p: Participant = self.participants[msg.sender]
+    assert p.unbonding > 0, "nothing unbonding"
+    assert block.number >= p.unbond_at, "still unbonding"
+    amount: uint256 = p.unbonding
+    self.participants[msg.sender].unbonding = 0
+    send(msg.sender, amount)
+    log Withdrawn(participant=msg.sender, amount=amount)
 
 
 @external
@@ -141,12 +195,14 @@ def record_round(round_id: uint256, model_hash: bytes32, merkle_root: bytes32,
 
 @external
 def slash(participant: address):
-    """The owner or the aggregator slashes a participant: its stake is forfeited."""
+    """The owner or the aggregator slashes a participant: its stake, unbonding included, is forfeited."""
     assert msg.sender == self.owner or msg.sender == self.aggregator, "only the owner or the aggregator"
     assert self.participants[participant].registered, "not registered"
-    amount: uint256 = self.participants[participant].stake
+    amount: uint256 = self.participants[participant].stake + self.participants[participant].unbonding
     self.participants[participant].slashed = True
     self.participants[participant].stake = 0
+    self.participants[participant].unbonding = 0
+    self.forfeited += amount
     log Slashed(participant=participant, amount=amount)
 
 
@@ -175,7 +231,7 @@ def commitments_of(round_id: uint256, who: DynArray[address, MAX_BATCH]) -> (Dyn
 @external
 @view
 def participant_count() -> uint256:
-    return len(self.registered_list)
+    return self.registered_count
 
 
 @external
@@ -183,11 +239,11 @@ def participant_count() -> uint256:
 def registered_slice(start: uint256, count: uint256) -> DynArray[address, MAX_BATCH]:
     """Batched view: registered addresses [start, start + count), in registration order."""
     out: DynArray[address, MAX_BATCH] = []
-    n: uint256 = len(self.registered_list)
+    n: uint256 = self.registered_count
     for i: uint256 in range(count, bound=MAX_BATCH):
         if start + i >= n:
             break
-        out.append(self.registered_list[start + i])
+        out.append(self.registered_at[start + i])
     return out
 
 

@@ -31,9 +31,11 @@ class Entry:
 
     address: str
     signing_key: bytes
-    stake: int
+    stake: int  # bonded: what eligibility counts
     slashed: bool
     registered: bool
+    unbonding: int = 0  # asked back, still slashable
+    unbond_at: int = 0  # the block from which `unbonding` can be withdrawn
 
 
 @dataclass(frozen=True)
@@ -107,10 +109,15 @@ class EvmLedger:
 
     # ---------------------------------------------------------------- making one
     @classmethod
-    def deploy(cls, w3, *, owner: str, aggregator: str, min_stake: int) -> "EvmLedger":
+    def deploy(cls, w3, *, owner: str, aggregator: str, min_stake: int, registration_bond: Optional[int] = None,
+               unbonding_blocks: int = 100) -> "EvmLedger":
+        """registration_bond: what registering costs at least (default: a tenth of min_stake, at least 1 wei);
+        unbonding_blocks: how long asked-back stake stays slashable before it can be withdrawn."""
         abi, bytecode = compiled()
+        bond = max(1, int(min_stake) // 10) if registration_bond is None else int(registration_bond)
         factory = w3.eth.contract(abi=abi, bytecode=bytecode)
-        tx = _call(lambda: factory.constructor(int(min_stake), aggregator).transact({"from": owner}))
+        tx = _call(lambda: factory.constructor(int(min_stake), aggregator, bond, int(unbonding_blocks)).transact(
+            {"from": owner}))
         receipt = w3.eth.wait_for_transaction_receipt(tx)
         ledger = cls(w3, receipt.contractAddress, aggregator)
         ledger.gas.setdefault("deploy", []).append(receipt.gasUsed)
@@ -131,6 +138,15 @@ class EvmLedger:
 
     def stake(self, account: str, amount: int) -> None:
         self._transact("stake", account, self.contract.functions.stake(), amount)
+
+    def unbond(self, account: str, amount: int) -> int:
+        """Ask `amount` of the stake back; returns the block from which it can be withdrawn."""
+        self._transact("unbond", account, self.contract.functions.unbond(int(amount)))
+        return self.snapshot([account])[self.w3.to_checksum_address(account)].unbond_at
+
+    def withdraw(self, account: str) -> None:
+        """Pull the unbonded stake once its period is over."""
+        self._transact("withdraw", account, self.contract.functions.withdraw())
 
     def open_round(self, round_id: int, window_blocks: int) -> int:
         """Open commitments for `round_id` until `window_blocks` blocks from now; returns the deadline."""
@@ -184,8 +200,10 @@ class EvmLedger:
         out: Dict[str, Entry] = {}
         for start in range(0, len(addrs), MAX_BATCH):
             part = addrs[start:start + MAX_BATCH]
-            for a, (key, stake, slashed, registered) in zip(part, self.contract.functions.registry(part).call()):
-                out[a] = Entry(a, bytes(key), int(stake), bool(slashed), bool(registered))
+            for a, (key, stake, slashed, registered, unbonding, unbond_at) in zip(
+                    part, self.contract.functions.registry(part).call()):
+                out[a] = Entry(a, bytes(key), int(stake), bool(slashed), bool(registered), int(unbonding),
+                               int(unbond_at))
         return out
 
     @_locked
