@@ -142,16 +142,21 @@ def test_round_record_and_audit(chain):
     assert set(chain.gas) >= {"deploy", "record_round"}
 
 
-def test_signatures_bind_round_and_update():
+def test_signatures_bind_round_update_session_chain_and_registry():
     pub, sec = crypto.keypair()
     h = crypto.update_hash(np.arange(5, dtype=np.float32))
-    sig = crypto.sign(sec, 7, h, session=5)
-    assert crypto.verify(pub, 7, h, sig, session=5)
-    assert not crypto.verify(pub, 8, h, sig, session=5)  # replayed into another round
-    assert not crypto.verify(pub, 7, h, sig, session=6)  # replayed into another server session
-    assert not crypto.verify(pub, 7, crypto.update_hash(np.zeros(5, np.float32)), sig, session=5)
-    assert not crypto.verify(crypto.keypair()[0], 7, h, sig, session=5)
-    assert not crypto.verify(pub, 7, h, b"\x00" * 10, session=5)
+    here = crypto.domain(31337, "0x" + "ab" * 20)
+    sig = crypto.sign(sec, 7, h, session=5, domain=here)
+    assert crypto.verify(pub, 7, h, sig, session=5, domain=here)
+    assert not crypto.verify(pub, 8, h, sig, session=5, domain=here)  # replayed into another round
+    assert not crypto.verify(pub, 7, h, sig, session=6, domain=here)  # replayed into another server session
+    assert not crypto.verify(pub, 7, h, sig, session=5, domain=crypto.domain(1, "0x" + "ab" * 20))  # another chain
+    assert not crypto.verify(pub, 7, h, sig, session=5, domain=crypto.domain(31337, "0x" + "cd" * 20))  # registry
+    assert not crypto.verify(pub, 7, crypto.update_hash(np.zeros(5, np.float32)), sig, session=5, domain=here)
+    assert not crypto.verify(crypto.keypair()[0], 7, h, sig, session=5, domain=here)
+    assert not crypto.verify(pub, 7, h, b"\x00" * 10, session=5, domain=here)
+    with pytest.raises(ValueError, match="52 bytes"):
+        crypto.sign(sec, 7, h, session=5, domain=b"short")
     a, b = "0x" + "11" * 20, "0x" + "22" * 20
     assert crypto.commitment(1, a, h) != crypto.commitment(2, a, h) != crypto.commitment(1, b, h)
     with pytest.raises(ValueError):
@@ -409,6 +414,29 @@ def test_a_signed_upload_of_one_server_session_is_refused_by_another():
     assert gate.check(a, digest, sig, session=111) is None
     assert gate.check(a, digest, sig, session=222) == "signature"
     assert gate.check(a, digest, pa.sign(0, x, session=222), session=222) is None
+
+
+def test_an_upload_signed_for_one_registry_is_refused_by_a_server_of_another():
+    """Same chain, same key registered in two registries, same session and round: the signature
+    binds the registry's address (and the chain id), so it does not carry over."""
+    w3 = ledger.embedded()
+    owner, agg, a = w3.eth.accounts[:3]
+    chains = [ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH) for _ in range(2)]
+    pub, sec = crypto.keypair()
+    people = [ledger.LedgerParticipant(c, a, secret=sec) for c in chains]
+    for p in people:
+        p.register(2 * ETH)
+    x = np.arange(6, dtype=np.float32)
+    gates = [ledger.LedgerGate(c, commit_seconds=60) for c in chains]
+    for g, p in zip(gates, people):
+        g.start_round(0)
+        p.chain.commit(a, 0, crypto.commitment(0, a, crypto.update_hash(x)))
+        g.close_commits()
+    sig = people[0].sign(0, x, session=7)
+    digest = crypto.update_hash(x)
+    assert gates[0].check(a, digest, sig, session=7) is None
+    assert gates[1].check(a, digest, sig, session=7) == "signature"
+    assert gates[1].check(a, digest, people[1].sign(0, x, session=7), session=7) is None
 
 
 def test_a_compressed_update_is_hashed_as_the_bytes_that_travel():

@@ -81,7 +81,8 @@ def test_ledger_validated_rounds(w3):  # noqa: F811
                 u = honest_update(99)
                 if name == "badsig":
                     lp.commit(rnd, u, session=c.state["session"])
-                    sig = crypto.sign(crypto.keypair()[1], rnd, crypto.update_hash(u), session=c.state["session"])  # not its registered key
+                    sig = crypto.sign(crypto.keypair()[1], rnd, crypto.update_hash(u), session=c.state["session"],
+                                      domain=chain.signing_domain())  # not its registered key
                 elif name == "mismatch":
                     sig = lp.commit(rnd, honest_update(98), session=c.state["session"])  # commits to another update
                     sig = lp.sign(rnd, u, session=c.state["session"])

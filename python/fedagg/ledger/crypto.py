@@ -2,12 +2,15 @@
 
     update_hash = SHA-256(update bytes)
     commitment  = keccak256(round as uint256 | participant address (20 bytes) | update_hash)
-    signature   = Ed25519 over b"fedagg-update" | session as uint64 | round as uint256 | update_hash
+    signature   = Ed25519 over b"fedagg-update" | chain id as uint256 | registry address (20 bytes)
+                  | session as uint64 | round as uint256 | update_hash
 
 The commitment goes on chain before the upload; the signature travels with the
 update, made by the key the participant registered. `session` is the server's session id
 (STATE's header): a signed upload of one server session is refused by any other, even
-where round numbers repeat (a second server on the same registry starts again at round 0).
+where round numbers repeat (a second server on the same registry starts again at round 0);
+the chain id and the registry's address (``domain``) keep it from being replayed to a
+server of another registry or another chain.
 """
 
 from __future__ import annotations
@@ -48,8 +51,15 @@ def commitment(round_id: int, address: str, digest: bytes) -> bytes:
     return keccak(int(round_id).to_bytes(32, "big") + _address(address) + digest)
 
 
-def _message(round_id: int, digest: bytes, session: int) -> bytes:
-    return DOMAIN + int(session).to_bytes(8, "big") + int(round_id).to_bytes(32, "big") + digest
+def domain(chain_id: int, registry: str) -> bytes:
+    """What a signature is bound to besides the session and round: the chain and the registry contract."""
+    return int(chain_id).to_bytes(32, "big") + _address(registry)
+
+
+def _message(round_id: int, digest: bytes, session: int, where: bytes) -> bytes:
+    if len(where) != 52:
+        raise ValueError("domain must be crypto.domain(chain_id, registry address): 52 bytes")
+    return DOMAIN + where + int(session).to_bytes(8, "big") + int(round_id).to_bytes(32, "big") + digest
 
 
 def keypair() -> Tuple[bytes, bytes]:
@@ -60,18 +70,19 @@ def keypair() -> Tuple[bytes, bytes]:
     return bytes(sk.verify_key), bytes(sk)
 
 
-def sign(secret: bytes, round_id: int, digest: bytes, *, session: int) -> bytes:
+def sign(secret: bytes, round_id: int, digest: bytes, *, session: int, domain: bytes) -> bytes:
     from nacl.signing import SigningKey
 
-    return SigningKey(secret).sign(_message(round_id, digest, session)).signature
+    return SigningKey(secret).sign(_message(round_id, digest, session, domain)).signature
 
 
-def verify(public: bytes, round_id: int, digest: bytes, signature: bytes, *, session: int) -> bool:
+def verify(public: bytes, round_id: int, digest: bytes, signature: bytes, *, session: int, domain: bytes) -> bool:
     from nacl.exceptions import BadSignatureError
     from nacl.signing import VerifyKey
 
+    message = _message(round_id, digest, session, domain)
     try:
-        VerifyKey(public).verify(_message(round_id, digest, session), signature)
+        VerifyKey(public).verify(message, signature)
         return True
     except (BadSignatureError, ValueError, TypeError):
         return False

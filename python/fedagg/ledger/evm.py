@@ -106,6 +106,7 @@ class EvmLedger:
         # One request at a time: the embedded chain is shared by the server's and the
         # participants' threads in one process, and its provider is not thread-safe.
         self.lock = threading.RLock()
+        self._domain: Optional[bytes] = None
 
     # ---------------------------------------------------------------- making one
     @classmethod
@@ -172,6 +173,15 @@ class EvmLedger:
         self._transact("slash", sender, self.contract.functions.slash(self.w3.to_checksum_address(participant)))
 
     # ---------------------------------------------------------------- views (batched)
+    def signing_domain(self) -> bytes:
+        """crypto.domain of this registry: the chain id and the contract address (asked once)."""
+        if self._domain is None:
+            from . import crypto
+
+            with self.lock:
+                self._domain = crypto.domain(int(self.w3.eth.chain_id), self.address)
+        return self._domain
+
     @_locked
     def block_number(self) -> int:
         return int(self.w3.eth.block_number)

@@ -115,9 +115,10 @@ class LedgerGate:
         if why:
             return why
         key = self.snapshot[address].signing_key
-        if not crypto.verify(key, self.round, digest, signature, session=session):
+        where = self.chain.signing_domain()
+        if not crypto.verify(key, self.round, digest, signature, session=session, domain=where):
             for old in range(max(0, self.round - REPLAY_LOOKBACK), self.round):
-                if crypto.verify(key, old, digest, signature, session=session):
+                if crypto.verify(key, old, digest, signature, session=session, domain=where):
                     return "replayed"
             return "signature"
         if self.commitments is None:
@@ -165,10 +166,11 @@ class LedgerParticipant:
         `session`: the server's session id (``Client.state["session"]``), bound into the signature."""
         digest = crypto.update_hash(update)
         self.chain.commit(self.account, rnd, crypto.commitment(rnd, self.account, digest))
-        return crypto.sign(self.secret, rnd, digest, session=session)
+        return crypto.sign(self.secret, rnd, digest, session=session, domain=self.chain.signing_domain())
 
     def sign(self, rnd: int, update: Any, *, session: int) -> bytes:
-        return crypto.sign(self.secret, rnd, crypto.update_hash(update), session=session)
+        return crypto.sign(self.secret, rnd, crypto.update_hash(update), session=session,
+                           domain=self.chain.signing_domain())
 
 
 def _checksum(address: str) -> str:
