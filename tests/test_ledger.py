@@ -123,10 +123,24 @@ def test_commitments_and_their_rules(chain):
     assert got == {good: (crypto.commitment(0, good, h), False), late: (crypto.commitment(0, late, h), True)}
 
 
+def committed_round(chain, rnd, accounts):
+    """Open round `rnd`, have `accounts` (registered here if they are not) commit on time, close the
+    window: a round the contract lets the aggregator record."""
+    known = chain.snapshot(accounts)
+    for a in accounts:
+        if not known[chain.w3.to_checksum_address(a)].registered:
+            chain.register(a, crypto.keypair()[0], 2 * ETH)
+    chain.open_round(rnd, 100)
+    for i, a in enumerate(accounts):
+        chain.commit(a, rnd, crypto.commitment(rnd, a, crypto.update_hash(np.full(4, i, np.float32))))
+    chain.close_commits(rnd)
+
+
 def test_round_record_and_audit(chain):
     w3 = chain.w3
     accepted = list(w3.eth.accounts[2:9])
     model = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    committed_round(chain, 3, accepted)
     chain.record_round(3, model_hash(model), merkle.root(accepted), accepted, list(range(7)))
     with pytest.raises(LedgerError, match="already recorded"):
         chain.record_round(3, model_hash(model), merkle.root(accepted), accepted, list(range(7)))
@@ -140,6 +154,32 @@ def test_round_record_and_audit(chain):
     tampered[0] += 1e-3
     assert not ledger.audit_round(chain, 3, tampered).model_ok
     assert set(chain.gas) >= {"deploy", "record_round"}
+
+
+def test_forged_round_records_revert(chain):
+    """The aggregator key alone cannot record a round that did not happen as the chain saw it."""
+    w3 = chain.w3
+    a, b, c, late = w3.eth.accounts[2:6]
+    h = model_hash(np.zeros(3, np.float32))
+
+    def record(rnd, who):
+        chain.record_round(rnd, h, merkle.root(who), who, [1] * len(who))
+    with pytest.raises(LedgerError, match="no commit phase"):
+        record(0, [a])  # never opened
+    committed_round(chain, 1, [a, b])
+    chain.register(c, crypto.keypair()[0], 2 * ETH)
+    chain.register(late, crypto.keypair()[0], 2 * ETH)
+    chain.commit(late, 1, b"\x07" * 32)  # after the window closed: kept, marked late
+    chain.open_round(2, 100)
+    with pytest.raises(LedgerError, match="commit window still open"):
+        record(2, [])
+    for who, why in (([a, c], "did not commit"), ([a, late], "committed late"), ([a, b, a], "recorded twice")):
+        with pytest.raises(LedgerError, match=why):
+            record(1, who)
+    with pytest.raises(LedgerError, match="only the aggregator"):
+        chain._transact("record_round", a, chain.contract.functions.record_round(1, h, bytes(32), [], []))
+    record(1, [b, a])  # the honest record still goes through
+    assert chain.round_record(1).accepted == (b, a)
 
 
 def test_signatures_bind_round_update_session_chain_and_registry():
@@ -189,6 +229,7 @@ def test_audit_cli_on_a_hardhat_round(hardhat_url, tmp_path):
     chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
     accepted = list(w3.eth.accounts[2:6])
     model = np.arange(100, dtype=np.float32)
+    committed_round(chain, 0, accepted)
     chain.record_round(0, model_hash(model), merkle.root(accepted), accepted, [1, 2, 3, 4])
     np.save(tmp_path / "model.npy", model)
 

@@ -74,6 +74,7 @@ deadline: public(HashMap[uint256, uint256])
 model_hash: public(HashMap[uint256, bytes32])
 merkle_root: public(HashMap[uint256, bytes32])
 recorded: public(HashMap[uint256, bool])
+in_record: HashMap[uint256, HashMap[address, bool]]  # round -> already listed in its record
 round_accepted: HashMap[uint256, DynArray[address, MAX_BATCH]]
 round_scores: HashMap[uint256, DynArray[int256, MAX_BATCH]]
 
@@ -154,12 +155,14 @@ def open_round(round_id: uint256, deadline: uint256):
 
 @external
 def close_commits(round_id: uint256):
-    """The aggregator ends the commit window now (before it reads the commitments)."""
+    """The aggregator ends the commit window now (before it reads the commitments): the deadline
+    becomes the previous block, so any commitment from this block on is late."""
     assert msg.sender == self.aggregator, "only the aggregator"
     assert self.deadline[round_id] != 0, "round not open"
-    if block.number < self.deadline[round_id]:
-        self.deadline[round_id] = block.number
-        log RoundOpened(round_id=round_id, deadline=block.number)
+    closed: uint256 = block.number - 1
+    if closed < self.deadline[round_id]:
+        self.deadline[round_id] = closed
+        log RoundOpened(round_id=round_id, deadline=closed)
 
 
 @external
@@ -182,9 +185,18 @@ def commit(round_id: uint256, commitment: bytes32):
 @external
 def record_round(round_id: uint256, model_hash: bytes32, merkle_root: bytes32,
                  accepted: DynArray[address, MAX_BATCH], scores: DynArray[int256, MAX_BATCH]):
+    """The aggregator records a round it ran: only one that was opened, whose commit window has
+    closed, and whose every accepted participant committed in it on time, each once."""
     assert msg.sender == self.aggregator, "only the aggregator"
     assert not self.recorded[round_id], "round already recorded"
     assert len(accepted) == len(scores), "one score per accepted participant"
+    assert self.deadline[round_id] != 0, "round not opened: it had no commit phase"
+    assert block.number > self.deadline[round_id], "commit window still open"
+    for a: address in accepted:
+        assert self.commitments[round_id][a] != empty(bytes32), "an accepted participant did not commit"
+        assert not self.committed_late[round_id][a], "an accepted participant committed late"
+        assert not self.in_record[round_id][a], "a participant recorded twice"
+        self.in_record[round_id][a] = True
     self.recorded[round_id] = True
     self.model_hash[round_id] = model_hash
     self.merkle_root[round_id] = merkle_root
