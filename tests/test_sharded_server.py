@@ -303,8 +303,10 @@ def test_decide_takes_what_every_shard_accepted_in_shard_0_order():
     assert decide([dict(v, late=(i == 1)) for i, v in enumerate(views)], 4, 1, -1).action == "wait"
     assert decide(late, 4, 2, 3).action == "close_without_model"
     assert decide(views, 3, 1, 3).action == "wait"
-    # any shard asked to stop stops all; shards in different rounds are an error
-    assert decide([views[0], dict(views[1], stop=True), views[2]], 3, 1, -1).action == "stop"
+    # any shard asked to stop stops all, once a round that is due has closed; different rounds are an error
+    asked = [views[0], dict(views[1], stop=True), views[2]]
+    assert decide(asked, 4, 1, -1).action == "stop"
+    assert decide(asked, 3, 1, -1).action == "close"
     with pytest.raises(RuntimeError, match="different rounds"):
         decide([views[0], dict(views[1], round=4), views[2]], 3, 1, -1)
 

@@ -80,8 +80,6 @@ def decide(views: List[Dict[str, Any]], quorum: int, min_updates: int, failed_at
     if len({v["round"] for v in views}) != 1:
         raise RuntimeError(f"the shards are in different rounds ({[v['round'] for v in views]}): their state "
                            "directories belong to different runs")
-    if any(v["stop"] for v in views):
-        return Decision("stop", [], {})
     held = [set(v["accepted"]) for v in views]
     complete = [p for p in views[0]["accepted"] if all(p in h for h in held[1:])]
     everywhere = set(complete)
@@ -98,6 +96,8 @@ def decide(views: List[Dict[str, Any]], quorum: int, min_updates: int, failed_at
         why = (f"the pipeline failed on the {n} accepted updates" if n == failed_at and n else
                f"{n} {held_by} at the deadline, {min_updates} needed")
         return Decision("close_without_model", complete, incomplete, why)
+    if any(v["stop"] for v in views):  # a round that is due closes first (its last ACCEPTED is out already)
+        return Decision("stop", [], {})
     return Decision("wait", complete, incomplete)
 
 
