@@ -364,6 +364,38 @@ def test_withdraw_cannot_be_reentered(w3):
     assert chain.snapshot([thief.address])[thief.address].unbonding == 2 * ETH
 
 
+def test_roles_rotate_in_two_steps_and_the_aggregator_behind_a_timelock(w3):
+    owner, agg, heir, new_agg, stranger = w3.eth.accounts[:5]
+    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH, role_timelock_blocks=4)
+    c = chain.contract.functions
+    # the owner: proposed, then accepted by the heir; nobody else can take it
+    with pytest.raises(LedgerError, match="only the owner"):
+        chain.propose_owner(stranger, stranger)
+    chain.propose_owner(owner, heir)
+    assert c.owner().call() == owner  # nothing changes until accepted
+    with pytest.raises(LedgerError, match="only the proposed owner"):
+        chain.accept_owner(stranger)
+    chain.accept_owner(heir)
+    assert c.owner().call() == heir and c.pending_owner().call() == "0x" + "00" * 20
+    with pytest.raises(LedgerError, match="only the owner"):
+        chain.propose_aggregator(owner, new_agg)  # the old owner lost its powers
+    # the aggregator: proposed by the owner, active only after the timelock, seen coming on chain
+    with pytest.raises(LedgerError, match="no aggregator proposed"):
+        chain.activate_aggregator(stranger)
+    at = chain.propose_aggregator(heir, new_agg)
+    assert at == chain.block_number() + 4
+    with pytest.raises(LedgerError, match="timelock not over"):
+        chain.activate_aggregator(stranger)
+    assert c.aggregator().call() == agg
+    chain.open_round(0, 100)  # the old aggregator still runs rounds meanwhile
+    _mine_until(w3, at)
+    chain.activate_aggregator(stranger)  # anyone may trigger the hand-over once it is due
+    assert c.aggregator().call() == new_agg and chain.aggregator == new_agg
+    with pytest.raises(LedgerError, match="only the aggregator"):
+        chain._transact("open_round", agg, c.open_round(1, chain.block_number() + 10))
+    chain.open_round(1, 100)  # from the new aggregator
+
+
 def test_a_registry_without_a_bond_or_an_unbonding_period_is_refused(w3):
     owner, agg = w3.eth.accounts[:2]
     with pytest.raises(LedgerError, match="fill the registry for free"):

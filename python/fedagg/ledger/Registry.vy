@@ -59,8 +59,21 @@ event Withdrawn:
     participant: indexed(address)
     amount: uint256
 
+event RoleProposed:
+    role: String[16]
+    account: indexed(address)
+    effective_at: uint256
+
+event RoleChanged:
+    role: String[16]
+    account: indexed(address)
+
 owner: public(address)
 aggregator: public(address)
+pending_owner: public(address)  # two steps: the owner proposes, the new owner accepts
+pending_aggregator: public(address)  # the owner proposes; anyone activates it after the timelock
+aggregator_at: public(uint256)  # the block from which pending_aggregator can be activated
+role_timelock_blocks: public(uint256)
 min_stake: public(uint256)
 registration_bond: public(uint256)  # what registering costs at least: sybils are not free
 unbonding_blocks: public(uint256)  # how long stake stays slashable after its owner asks it back
@@ -80,10 +93,13 @@ round_scores: HashMap[uint256, DynArray[int256, MAX_BATCH]]
 
 
 @deploy
-def __init__(min_stake: uint256, aggregator: address, registration_bond: uint256, unbonding_blocks: uint256):
+def __init__(min_stake: uint256, aggregator: address, registration_bond: uint256, unbonding_blocks: uint256,
+             role_timelock_blocks: uint256):
     assert registration_bond > 0, "a zero registration bond lets anyone fill the registry for free"
     assert unbonding_blocks > 0, "stake must stay slashable for a while after it is asked back"
+    assert aggregator != empty(address), "no aggregator"
     self.owner = msg.sender
+    self.role_timelock_blocks = role_timelock_blocks
     self.aggregator = aggregator
     self.min_stake = min_stake
     self.registration_bond = registration_bond
@@ -141,6 +157,42 @@ def withdraw():
     self.participants[msg.sender].unbonding = 0
     send(msg.sender, amount)
     log Withdrawn(participant=msg.sender, amount=amount)
+
+
+@external
+def propose_owner(new_owner: address):
+    """The owner names its successor, who takes over by accepting (a typo cannot lose the role)."""
+    assert msg.sender == self.owner, "only the owner"
+    self.pending_owner = new_owner
+    log RoleProposed(role="owner", account=new_owner, effective_at=block.number)
+
+
+@external
+def accept_owner():
+    assert msg.sender == self.pending_owner and msg.sender != empty(address), "only the proposed owner"
+    self.owner = msg.sender
+    self.pending_owner = empty(address)
+    log RoleChanged(role="owner", account=msg.sender)
+
+
+@external
+def propose_aggregator(new_aggregator: address):
+    """The owner names a new aggregator; it takes over role_timelock_blocks later (everyone sees it
+    coming on chain), once someone calls activate_aggregator."""
+    assert msg.sender == self.owner, "only the owner"
+    assert new_aggregator != empty(address), "no aggregator"
+    self.pending_aggregator = new_aggregator
+    self.aggregator_at = block.number + self.role_timelock_blocks
+    log RoleProposed(role="aggregator", account=new_aggregator, effective_at=self.aggregator_at)
+
+
+@external
+def activate_aggregator():
+    assert self.pending_aggregator != empty(address), "no aggregator proposed"
+    assert block.number >= self.aggregator_at, "timelock not over"
+    self.aggregator = self.pending_aggregator
+    self.pending_aggregator = empty(address)
+    log RoleChanged(role="aggregator", account=self.aggregator)
 
 
 @external

@@ -111,14 +111,15 @@ class EvmLedger:
     # ---------------------------------------------------------------- making one
     @classmethod
     def deploy(cls, w3, *, owner: str, aggregator: str, min_stake: int, registration_bond: Optional[int] = None,
-               unbonding_blocks: int = 100) -> "EvmLedger":
+               unbonding_blocks: int = 100, role_timelock_blocks: int = 100) -> "EvmLedger":
         """registration_bond: what registering costs at least (default: a tenth of min_stake, at least 1 wei);
-        unbonding_blocks: how long asked-back stake stays slashable before it can be withdrawn."""
+        unbonding_blocks: how long asked-back stake stays slashable before it can be withdrawn;
+        role_timelock_blocks: how long a proposed aggregator waits before it can take over."""
         abi, bytecode = compiled()
         bond = max(1, int(min_stake) // 10) if registration_bond is None else int(registration_bond)
         factory = w3.eth.contract(abi=abi, bytecode=bytecode)
-        tx = _call(lambda: factory.constructor(int(min_stake), aggregator, bond, int(unbonding_blocks)).transact(
-            {"from": owner}))
+        tx = _call(lambda: factory.constructor(int(min_stake), aggregator, bond, int(unbonding_blocks),
+                                               int(role_timelock_blocks)).transact({"from": owner}))
         receipt = w3.eth.wait_for_transaction_receipt(tx)
         ledger = cls(w3, receipt.contractAddress, aggregator)
         ledger.gas.setdefault("deploy", []).append(receipt.gasUsed)
@@ -148,6 +149,26 @@ class EvmLedger:
     def withdraw(self, account: str) -> None:
         """Pull the unbonded stake once its period is over."""
         self._transact("withdraw", account, self.contract.functions.withdraw())
+
+    # ---------------------------------------------------------------- roles
+    def propose_owner(self, owner: str, new_owner: str) -> None:
+        self._transact("propose_owner", owner, self.contract.functions.propose_owner(
+            self.w3.to_checksum_address(new_owner)))
+
+    def accept_owner(self, new_owner: str) -> None:
+        self._transact("accept_owner", new_owner, self.contract.functions.accept_owner())
+
+    def propose_aggregator(self, owner: str, new_aggregator: str) -> int:
+        """Returns the block from which `activate_aggregator` can hand the role over."""
+        self._transact("propose_aggregator", owner, self.contract.functions.propose_aggregator(
+            self.w3.to_checksum_address(new_aggregator)))
+        return int(self.contract.functions.aggregator_at().call())
+
+    def activate_aggregator(self, sender: str) -> None:
+        """Hand the aggregator role to the proposed account (after the timelock); this object then sends
+        the aggregator's transactions from it."""
+        self._transact("activate_aggregator", sender, self.contract.functions.activate_aggregator())
+        self.aggregator = self.contract.functions.aggregator().call()
 
     def open_round(self, round_id: int, window_blocks: int) -> int:
         """Open commitments for `round_id` until `window_blocks` blocks from now; returns the deadline."""
