@@ -156,7 +156,7 @@ def aggregate(shard: Any, rule: str = "mean", f: int = 0, *, group: Any = None, 
     d = sum(widths)
     if d == 0:
         raise ValueError("every rank's range is empty (d = 0)")
-    batch.ops = ShardedOps(batch.ops, g, batch.d, batch.n)
+    batch.ops = ShardedOps(batch.ops, g, batch.d)
     return _aggregate_batch(batch, rule, f, weights=weights, nonfinite=nonfinite, clip_norm=clip_norm,
                             nnm=nnm, dp=dp, return_info=return_info, params=params,
                             shard=Shard(lo, lo + batch.d, d, g))

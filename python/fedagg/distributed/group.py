@@ -76,6 +76,20 @@ class Group:
         t = torch.from_numpy(np.ascontiguousarray(a))
         return t.cuda() if self.cuda else t
 
+    def _gather(self, a: np.ndarray) -> List[np.ndarray]:
+        """Every rank's array `a` (the same shape and dtype everywhere), in rank order, on the host."""
+        t0 = time.perf_counter()
+        if self.size == 1:
+            parts = [a.copy()]
+        else:
+            out = [self._tensor(np.empty_like(a)) for _ in range(self.size)]
+            self.dist.all_gather(out, self._tensor(a), group=self.group)
+            parts = [t.cpu().numpy() for t in out]
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        self.bytes += a.nbytes * self.size
+        return parts
+
     def sum(self, a: np.ndarray) -> np.ndarray:
         """The element-wise float64 sum over the group of every rank's `a` (same shape everywhere).
 
@@ -84,33 +98,15 @@ class Group:
         matrix asymmetric and turn an exact tie between two updates into a
         near-tie broken differently than by one process.
         """
-        a = np.ascontiguousarray(a, dtype=np.float64)
-        t0 = time.perf_counter()
-        if self.size == 1:
-            out = a.copy()
-        else:
-            parts = [self._tensor(np.empty_like(a)) for _ in range(self.size)]
-            self.dist.all_gather(parts, self._tensor(a), group=self.group)
-            out = parts[0].cpu().numpy().copy()
-            for p in parts[1:]:
-                out += p.cpu().numpy()
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
-        self.bytes += a.nbytes * self.size
+        parts = self._gather(np.ascontiguousarray(a, dtype=np.float64))
+        out = parts[0].copy()
+        for p in parts[1:]:
+            out += p
         return out
 
     def rows(self, values) -> np.ndarray:
         """Every rank's row of int64 `values` (the same length everywhere), one row per rank."""
-        a = np.asarray(values, dtype=np.int64).reshape(1, -1)
-        if self.size == 1:
-            return a.copy()
-        t0 = time.perf_counter()
-        parts = [self._tensor(np.empty_like(a)) for _ in range(self.size)]
-        self.dist.all_gather(parts, self._tensor(a), group=self.group)
-        out = np.concatenate([p.cpu().numpy() for p in parts])
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
-        return out
+        return np.concatenate(self._gather(np.asarray(values, dtype=np.int64).reshape(1, -1)))
 
     def all(self, flag: bool) -> bool:
         """True on every rank when `flag` is True on every rank."""

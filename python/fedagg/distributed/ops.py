@@ -23,11 +23,10 @@ from .group import Group
 class ShardedOps:
     """`inner` (the rows' own ops) on this rank's range; n / n x n results summed over `group`."""
 
-    def __init__(self, inner: Any, group: Group, width: int, n: int):
+    def __init__(self, inner: Any, group: Group, width: int):
         self.inner = inner
         self.group = group
         self.width = width
-        self.n = n
         self.name = f"sharded({inner.name})"
 
     def _empty(self) -> bool:

@@ -213,8 +213,6 @@ def _launch_shards(args) -> int:
         raise ValueError("--shards on one host runs CPU shards; start GPU shards with torchrun and --shard-endpoints")
     if not args.bind.startswith("tcp://"):
         raise ValueError("--shards needs a tcp:// --bind: shard i listens on its port + i")
-    if args.f and args.rule == "mean":
-        raise ValueError("--f: the mean takes no f (it tolerates no Byzantine update); choose a robust --rule")
     _config(args).check()  # refused here, not by K shards restarted --max-restarts times
     host, port = endpoint_host(args.bind), int(args.bind.rsplit(":", 1)[1])
     if port == 0:
@@ -277,11 +275,10 @@ def _serve(args) -> int:
 
     from .server import Server, is_local
 
-    if args.shards is not None:
-        return _launch_shards(args)
-
     if args.f and args.rule == "mean":
         raise ValueError("--f: the mean takes no f (it tolerates no Byzantine update); choose a robust --rule")
+    if args.shards is not None:
+        return _launch_shards(args)
     warned = args.insecure and args.curve_secret is None and not is_local(args.bind)
     if warned:
         print(f"fedagg serve: warning: --insecure on {args.bind}, which is not a loopback endpoint: plain mode is "

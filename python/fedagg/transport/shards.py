@@ -11,7 +11,8 @@ every shard is decided over the shards' torch.distributed group (``fedagg.distri
   participants it has accepted, in order, whether its deadline passed, whether it was asked to
   stop). Every shard computes the same decision from the same gathered views: the round's
   participants are those *every* shard accepted, in shard 0's acceptance order; the quorum and
-  the deadline are shard 0's; a stop asked of any shard stops all.
+  the deadline are shard 0's; a stop asked of any shard stops all (once a round that is due
+  has closed).
 - the close aggregates with ``fedagg.distributed.aggregate`` over the same group (the rules'
   distances and norms summed over the shards, DP noise sliced from one stream), and a
   non-finite new model anywhere keeps the model everywhere.
