@@ -555,10 +555,21 @@ def _common():
     return ns
 
 
+def _free_ports(k):
+    """`k` distinct free loopback ports (all held open while chosen: two calls in a row
+    may otherwise return the same port, and a supernode that cannot bind exits)."""
+    socks = [socket.socket() for _ in range(k)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)[0]
 
 
 def _descendants(pids):
@@ -636,6 +647,27 @@ def _wait_http(port, proc, log, timeout=30.0):
     raise RuntimeError(f"flower-superlink did not listen on {port} in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def _wait_nodes(n_nodes, nodes, respawn, superlink, log, timeout=60.0):
+    """Wait until the SuperLink has activated `n_nodes` SuperNodes; a SuperNode that exited
+    before then (a port taken between choosing and binding it) is started again, at most
+    twice each. Raises with the logs when the nodes do not all arrive in `timeout` s."""
+    deadline, restarts = time.monotonic() + timeout, [0] * n_nodes
+    while time.monotonic() < deadline:
+        if superlink.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with {superlink.returncode}:\n{log.read_text()[-3000:]}")
+        if log.read_text(errors="replace").count("Activated node_id") >= n_nodes:
+            return
+        for i, p in enumerate(nodes):
+            if p.poll() is not None:
+                if restarts[i] == 2:
+                    raise RuntimeError(f"flower-supernode {i} exited three times (last: {p.returncode})")
+                restarts[i] += 1
+                nodes[i] = respawn(i)
+        time.sleep(0.2)
+    raise RuntimeError(f"the SuperLink activated fewer than {n_nodes} SuperNodes in {timeout} s:\n"
+                       f"{log.read_text(errors='replace')[-3000:]}")
+
+
 def run_flower_app(root, app, n_nodes, done, run_config=None, timeout=RUN_TIMEOUT):
     """Deploy Flower on 127.0.0.1 and `flwr run` the Flower App in folder `app`.
 
@@ -659,7 +691,7 @@ def run_flower_app(root, app, n_nodes, done, run_config=None, timeout=RUN_TIMEOU
     bindir = os.path.dirname(sys.executable)
 
     def spawn(args, name):
-        fh = open(logs / f"{name}.log", "wb")
+        fh = open(logs / f"{name}.log", "ab")  # a restarted node appends to its log
         try:
             return subprocess.Popen([os.path.join(bindir, args[0]), *args[1:]], stdout=fh,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -676,11 +708,25 @@ def run_flower_app(root, app, n_nodes, done, run_config=None, timeout=RUN_TIMEOU
     try:
         procs.append(spawn(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
                             "--disable-runtime-dependency-installation"], "superlink"))
-        for i in range(n_nodes):
-            procs.append(spawn(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
-                                "--host", "127.0.0.1", "--port", str(_free_port()),
-                                "--node-config", f"partition-id={i} num-partitions={n_nodes}"], f"node{i}"))
+        ports = _free_ports(n_nodes)
+
+        def node(i):
+            return spawn(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                          "--host", "127.0.0.1", "--port", str(ports[i]),
+                          "--node-config", f"partition-id={i} num-partitions={n_nodes}"], f"node{i}")
+
+        def respawn(i):
+            ports[i] = _free_port()
+            procs.append(node(i))  # every process started here is stopped at the end
+            return procs[-1]
+
+        nodes = [node(i) for i in range(n_nodes)]
+        procs.extend(nodes)
         _wait_http(link, procs[0], logs / "superlink.log")
+        try:
+            _wait_nodes(n_nodes, nodes, respawn, procs[0], logs / "superlink.log")
+        except RuntimeError as e:
+            pytest.fail(f"{e}\n{tails()}")
         cmd = [os.path.join(bindir, "flwr"), "run", str(app), "loopback", "--stream"]
         for key, value in (run_config or {}).items():
             cmd += ["--run-config", f"{key}={json.dumps(value)}"]  # JSON strings and numbers are TOML values
