@@ -8,6 +8,7 @@ skip, unless FEDAGG_REQUIRE_HARDHAT=1 (set by CI) makes that a failure.
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,6 @@ pytest.importorskip("nacl")
 
 from fedagg import ledger  # noqa: E402
 from fedagg.ledger import LedgerError, crypto, merkle  # noqa: E402
-from fedagg.ledger.audit import model_hash  # noqa: E402
 from helpers import free_port  # noqa: E402
 
 HARDHAT_DIR = Path(__file__).parent / "hardhat"
@@ -90,96 +90,234 @@ def test_registry_snapshot_is_batched(chain):
         chain.stake(w3.eth.accounts[9], ETH)
 
 
+K0, K1, K2 = (crypto.round_key(5, r) for r in range(3))  # rounds 0..2 of server session 5
+
+
 def test_commitments_and_their_rules(chain):
     w3 = chain.w3
-    agg = chain.aggregator
-    good, poor, cheat, stranger = w3.eth.accounts[2:6]
-    for a, stake in [(good, 2 * ETH), (poor, ETH // 10), (cheat, 2 * ETH)]:
+    good, poor, cheat, stranger, late = w3.eth.accounts[2:7]
+    for a, stake in [(good, 2 * ETH), (poor, ETH // 10), (late, 2 * ETH)]:
         chain.register(a, crypto.keypair()[0], stake)
     with pytest.raises(LedgerError, match="round not open"):
-        chain.commit(good, 0, b"\x01" * 32)
+        chain.commit(good, K0, b"\x01" * 32)
     with pytest.raises(LedgerError, match="only the aggregator"):
-        chain._transact("open_round", good, chain.contract.functions.open_round(0, chain.block_number() + 5))
-    chain.open_round(0, 100)
+        chain._transact("open_round", good, chain.contract.functions.open_round(K0, chain.block_number() + 5))
+    chain.open_round(K0, 100)
     h = crypto.update_hash(np.ones(10, np.float32))
-    chain.commit(good, 0, crypto.commitment(0, good, h))
+    chain.commit(good, K0, crypto.commitment(K0, good, h))
     with pytest.raises(LedgerError, match="already committed"):
-        chain.commit(good, 0, crypto.commitment(0, good, h))
+        chain.commit(good, K0, crypto.commitment(K0, good, h))
     with pytest.raises(LedgerError, match="stake below the minimum"):
-        chain.commit(poor, 0, crypto.commitment(0, poor, h))
+        chain.commit(poor, K0, crypto.commitment(K0, poor, h))
     with pytest.raises(LedgerError, match="not registered"):
-        chain.commit(stranger, 0, crypto.commitment(0, stranger, h))
-    chain.slash(agg, cheat)
-    assert chain.snapshot([cheat])[cheat].slashed and chain.snapshot([cheat])[cheat].stake == 0
-    with pytest.raises(LedgerError, match="slashed"):
-        chain.commit(cheat, 0, crypto.commitment(0, cheat, h))
-    with pytest.raises(LedgerError, match="only the owner or the aggregator"):
-        chain.slash(good, cheat)
-    chain.close_commits(0)
-    late = w3.eth.accounts[6]
-    chain.register(late, crypto.keypair()[0], 2 * ETH)
-    chain.commit(late, 0, crypto.commitment(0, late, h))  # kept, marked late
-    got = chain.commitments(0, [good, poor, cheat, stranger, late])  # one batched call
-    assert got == {good: (crypto.commitment(0, good, h), False), late: (crypto.commitment(0, late, h), True)}
+        chain.commit(stranger, K0, crypto.commitment(K0, stranger, h))
+    with pytest.raises(LedgerError, match="empty commitment"):
+        chain.commit(late, K0, bytes(32))
+    chain.close_commits(K0)
+    with pytest.raises(LedgerError, match="commit window closed"):  # the set of commitments is final
+        chain.commit(late, K0, crypto.commitment(K0, late, h))
+    assert chain.commitments(K0, [good, poor, cheat, stranger, late]) == {good: crypto.commitment(K0, good, h)}
+    assert chain.commit_count(K0) == 1
 
 
-def committed_round(chain, rnd, accounts):
-    """Open round `rnd`, have `accounts` (registered here if they are not) commit on time, close the
-    window: a round the contract lets the aggregator record."""
+def committed_round(chain, key, accounts):
+    """Open round `key`, have `accounts` (registered here if they are not) commit on time, close the
+    window: a round the contract lets the aggregator record. Returns {address: commitment}."""
     known = chain.snapshot(accounts)
     for a in accounts:
         if not known[chain.w3.to_checksum_address(a)].registered:
             chain.register(a, crypto.keypair()[0], 2 * ETH)
-    chain.open_round(rnd, 100)
+    chain.open_round(key, 100)
+    out = {}
     for i, a in enumerate(accounts):
-        chain.commit(a, rnd, crypto.commitment(rnd, a, crypto.update_hash(np.full(4, i, np.float32))))
-    chain.close_commits(rnd)
+        out[a] = crypto.commitment(key, a, crypto.update_hash(np.full(4, i, np.float32)))
+        chain.commit(a, key, out[a])
+    chain.close_commits(key)
+    return out
 
 
-def test_round_record_and_audit(chain):
+def record(chain, key, codes, commitments, model=b"\x01" * 32, prev=b"\x00" * 32, bundle=b"\x02" * 32):
+    """Record round `key` listing `codes` ({address: code}); returns the leaves by address."""
+    leaves = {a: merkle.leaf(a, commitments[a], c) for a, c in codes.items()}
+    chain.record_round(key, model, prev, merkle.root(list(leaves.values())), bundle, list(codes.items()))
+    return leaves
+
+
+def test_a_round_record_lists_every_committed_participant(chain):
     w3 = chain.w3
-    accepted = list(w3.eth.accounts[2:9])
-    model = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
-    committed_round(chain, 3, accepted)
-    chain.record_round(3, model_hash(model), merkle.root(accepted), accepted, list(range(7)))
+    people = list(w3.eth.accounts[2:9])
+    com = committed_round(chain, K1, people)
+    codes = {a: i % 4 for i, a in enumerate(people)}
+    leaves = record(chain, K1, codes, com)
+    rec = chain.round_record(K1)
+    assert (rec.listed, rec.aggregated) == (7, sum(1 for c in codes.values() if c <= merkle.EXCLUDED))
+    assert rec.merkle_root == merkle.root(list(leaves.values()))
+    # the contract's own hash chain over the leaves, in ascending address order
+    assert rec.leaves_hash == merkle.chain([leaves[a] for a in sorted(people, key=lambda x: int(x, 16))])
     with pytest.raises(LedgerError, match="already recorded"):
-        chain.record_round(3, model_hash(model), merkle.root(accepted), accepted, list(range(7)))
+        record(chain, K1, codes, com)
+    with pytest.raises(LedgerError, match="commit window closed"):  # nor any commitment after it
+        chain.commit(people[0], K1, b"\x05" * 32)
     with pytest.raises(LedgerError, match="not recorded"):
-        chain.round_record(4)
-    outsider = w3.eth.accounts[1]
-    rep = ledger.audit_round(chain, 3, model, accepted[:2] + [outsider])
-    assert rep.model_ok and rep.merkle_ok and rep.scores[accepted[6]] == 6
-    assert rep.included == {accepted[0]: True, accepted[1]: True, outsider: False}
-    tampered = model.copy()
-    tampered[0] += 1e-3
-    assert not ledger.audit_round(chain, 3, tampered).model_ok
-    assert set(chain.gas) >= {"deploy", "record_round"}
+        chain.round_record(K2)
+    assert set(chain.gas) >= {"deploy", "list_participants", "record_round"}
 
 
 def test_forged_round_records_revert(chain):
     """The aggregator key alone cannot record a round that did not happen as the chain saw it."""
     w3 = chain.w3
-    a, b, c, late = w3.eth.accounts[2:6]
-    h = model_hash(np.zeros(3, np.float32))
-
-    def record(rnd, who):
-        chain.record_round(rnd, h, merkle.root(who), who, [1] * len(who))
+    a, b, c, d = w3.eth.accounts[2:6]
     with pytest.raises(LedgerError, match="no commit phase"):
-        record(0, [a])  # never opened
-    committed_round(chain, 1, [a, b])
+        record(chain, K0, {a: 0}, {a: b"\x07" * 32})  # never opened
+    com = committed_round(chain, K1, [a, b])
     chain.register(c, crypto.keypair()[0], 2 * ETH)
-    chain.register(late, crypto.keypair()[0], 2 * ETH)
-    chain.commit(late, 1, b"\x07" * 32)  # after the window closed: kept, marked late
-    chain.open_round(2, 100)
+    chain.open_round(K2, 100)
     with pytest.raises(LedgerError, match="commit window still open"):
-        record(2, [])
-    for who, why in (([a, c], "did not commit"), ([a, late], "committed late"), ([a, b, a], "recorded twice")):
-        with pytest.raises(LedgerError, match=why):
-            record(1, who)
+        record(chain, K2, {}, {})
+    forged = {c: b"\x07" * 32, **com}
+    with pytest.raises(LedgerError, match="did not commit"):  # c never committed (a swapped-in update)
+        record(chain, K1, {a: 0, c: 0}, forged)
+    with pytest.raises(LedgerError, match="unknown code"):
+        chain._transact("list", chain.aggregator, chain.contract.functions.list_participants(K1, [a], [4]))
+    with pytest.raises(LedgerError, match="ascending order"):  # the same address twice, in one batch
+        chain._transact("list", chain.aggregator, chain.contract.functions.list_participants(K1, [a, a], [0, 0]))
     with pytest.raises(LedgerError, match="only the aggregator"):
-        chain._transact("record_round", a, chain.contract.functions.record_round(1, h, bytes(32), [], []))
-    record(1, [b, a])  # the honest record still goes through
-    assert chain.round_record(1).accepted == (b, a)
+        chain._transact("list", a, chain.contract.functions.list_participants(K1, [], []))
+    with pytest.raises(LedgerError, match="only the aggregator"):
+        chain._transact("record", a, chain.contract.functions.record_round(K1, *[bytes(32)] * 4))
+    lo, hi = sorted([a, b], key=lambda x: int(x, 16))
+    chain._transact("list", chain.aggregator, chain.contract.functions.list_participants(K1, [hi], [0]))
+    with pytest.raises(LedgerError, match="ascending order"):  # ... or across batches
+        chain._transact("list", chain.aggregator, chain.contract.functions.list_participants(K1, [hi], [0]))
+    with pytest.raises(LedgerError, match="a committed participant is not listed"):  # lo left out silently
+        chain._transact("record", chain.aggregator, chain.contract.functions.record_round(K1, *[bytes(32)] * 4))
+    d_com = committed_round(chain, crypto.round_key(6, 0), [d])  # another session: its own rounds
+    com2 = committed_round(chain, crypto.round_key(5, 3), [a, b])
+    record(chain, crypto.round_key(5, 3), {a: 0, b: 1}, com2, model=b"\x0a" * 32)
+    # the next record of session 5 must start from the model the last one recorded
+    com4 = committed_round(chain, crypto.round_key(5, 4), [a])
+    with pytest.raises(LedgerError, match="does not start from the last recorded model"):
+        record(chain, crypto.round_key(5, 4), {a: 0}, com4, prev=b"\x0b" * 32)
+    record(chain, crypto.round_key(5, 4), {a: 0}, com4, prev=b"\x0a" * 32)
+    record(chain, crypto.round_key(6, 0), {d: 0}, d_com, prev=b"\x0c" * 32)  # session 6 has its own chain
+
+
+SYBILS = """
+# pragma version ~=0.4.3
+interface Registry:
+    def register(signing_key: bytes32): payable
+    def commit(round_key: uint256, commitment: bytes32): nonpayable
+
+interface Member:
+    def join(registry: address, key: bytes32): payable
+    def commit_to(registry: address, round_key: uint256, commitment: bytes32): nonpayable
+
+impl: address
+members: public(DynArray[address, 8192])
+
+@deploy
+def __init__():
+    self.impl = self
+
+@external
+@payable
+def join(registry: address, key: bytes32):
+    extcall Registry(registry).register(key, value=msg.value)
+
+@external
+def commit_to(registry: address, round_key: uint256, commitment: bytes32):
+    extcall Registry(registry).commit(round_key, commitment)
+
+@external
+@payable
+def spawn(registry: address, n: uint256, stake: uint256):
+    for i: uint256 in range(n, bound=200):
+        p: address = create_minimal_proxy_to(self.impl)
+        extcall Member(p).join(registry, keccak256(convert(len(self.members) + 1, bytes32)), value=stake)
+        self.members.append(p)
+
+@external
+def commit_all(registry: address, round_key: uint256, start: uint256, commitments: DynArray[bytes32, 200]):
+    for i: uint256 in range(len(commitments), bound=200):
+        extcall Member(self.members[start + i]).commit_to(registry, round_key, commitments[i])
+
+@external
+@view
+def count() -> uint256:
+    return len(self.members)
+"""
+
+
+class Crowd:
+    """Many registry accounts at little cost: minimal proxies that one contract creates, registers
+    (each paying its own stake) and has commit, 75 per transaction (what a sybil attacker does)."""
+
+    BATCH = 75  # ~13M gas: under the block's 15M target, so the base fee does not climb
+
+    def __init__(self, chain):
+        from vyper.compiler import compile_code
+
+        self.chain, self.w3 = chain, chain.w3
+        self.funder = self.w3.eth.accounts[-1]
+        out = compile_code(SYBILS, output_formats=["abi", "bytecode"])
+        f = self.w3.eth.contract(abi=out["abi"], bytecode=out["bytecode"])
+        r = self.w3.eth.wait_for_transaction_receipt(f.constructor().transact({"from": self.funder}))
+        self.contract = self.w3.eth.contract(address=r.contractAddress, abi=out["abi"])
+
+    def _send(self, fn, value=0):
+        r = self.w3.eth.wait_for_transaction_receipt(fn.transact({"from": self.funder, "value": value,
+                                                                  "gas": 15_000_000}))
+        assert r.status == 1
+        return r
+
+    def spawn(self, n, stake):
+        for start in range(0, n, self.BATCH):
+            k = min(self.BATCH, n - start)
+            self._send(self.contract.functions.spawn(self.chain.address, k, stake), k * stake)
+
+    def members(self):
+        n = self.contract.functions.count().call()
+        return [self.contract.functions.members(i).call() for i in range(n)]
+
+    def commit(self, key, commitments):
+        for start in range(0, len(commitments), self.BATCH):
+            self._send(self.contract.functions.commit_all(self.chain.address, key, start,
+                                                         commitments[start:start + self.BATCH]))
+
+
+@pytest.mark.parametrize("w3", ["embedded", "hardhat"], indirect=True)
+def test_a_record_is_not_capped_at_256_participants(w3):
+    """300 committed participants are listed in two batches; the record holds them all."""
+    owner, agg = w3.eth.accounts[:2]
+    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
+    crowd = Crowd(chain)
+    crowd.spawn(300, ETH)
+    people = crowd.members()
+    chain.open_round(K0, 100)
+    com = {a: crypto.commitment(K0, a, bytes([i % 256]) * 32) for i, a in enumerate(people)}
+    crowd.commit(K0, [com[a] for a in people])
+    chain.close_commits(K0)
+    leaves = record(chain, K0, {a: 0 for a in people}, com)
+    rec = chain.round_record(K0)
+    assert rec.listed == rec.aggregated == 300 and len(chain.gas["list_participants"]) == 2
+    assert rec.merkle_root == merkle.root(list(leaves.values()))
+
+
+@pytest.mark.parametrize("w3", ["embedded", "hardhat"], indirect=True)
+def test_the_4097th_sybil_registers_and_every_one_paid_its_bond(w3):
+    """The registry once held 4,096 entries, and zero-stake sybils could fill it for good. Now there is
+    no cap, and each entry costs the registration bond: 4,097 sybils lock 4,097 bonds."""
+    owner, agg, honest = w3.eth.accounts[:3]
+    bond = ETH // 100
+    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH, registration_bond=bond)
+    crowd = Crowd(chain)
+    with pytest.raises(Exception):  # below the bond: the whole batch reverts
+        crowd.spawn(1, bond - 1)
+    crowd.spawn(4097, bond)
+    assert chain.contract.functions.participant_count().call() == 4097
+    assert w3.eth.get_balance(chain.address) == 4097 * bond
+    chain.register(honest, crypto.keypair()[0], 2 * ETH)  # an honest participant still gets in
+    assert chain.snapshot([honest])[honest].registered and len(chain.registered()) == 4098
 
 
 def test_signatures_bind_round_update_session_chain_and_registry():
@@ -187,6 +325,10 @@ def test_signatures_bind_round_update_session_chain_and_registry():
     h = crypto.update_hash(np.arange(5, dtype=np.float32))
     here = crypto.domain(31337, "0x" + "ab" * 20)
     sig = crypto.sign(sec, 7, h, session=5, domain=here)
+    assert crypto.round_key(5, 7) == 5 << 64 | 7 and crypto.round_key(5, 7) != crypto.round_key(6, 7)
+    for bad in ((-1, 0), (1 << 64, 0), (0, 1 << 64)):
+        with pytest.raises(ValueError, match="session and round"):
+            crypto.round_key(*bad)
     assert crypto.verify(pub, 7, h, sig, session=5, domain=here)
     assert not crypto.verify(pub, 8, h, sig, session=5, domain=here)  # replayed into another round
     assert not crypto.verify(pub, 7, h, sig, session=6, domain=here)  # replayed into another server session
@@ -205,48 +347,24 @@ def test_signatures_bind_round_update_session_chain_and_registry():
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 13, 17])
 def test_merkle_proofs(n):
-    addrs = ["0x" + bytes([i + 1]) .hex() * 20 for i in range(n)]
-    r = merkle.root(addrs)
-    assert r == merkle.root(list(reversed(addrs)))  # order-free
-    for a in addrs:
-        p = merkle.proof(addrs, a)
-        assert merkle.verify(r, a, p)
-        assert not merkle.verify(r, "0x" + "ff" * 20, p)
+    leaves = [merkle.leaf("0x" + bytes([i + 1]).hex() * 20, bytes([i]) * 32, i % 4) for i in range(n)]
+    r = merkle.root(leaves)
+    assert r == merkle.root(list(reversed(leaves)))  # order-free
+    for x in leaves:
+        p = merkle.proof(leaves, x)
+        assert merkle.verify(r, x, p)
+        assert not merkle.verify(r, merkle.leaf("0x" + "ff" * 20, bytes(32), 0), p)
         if p:
-            assert not merkle.verify(r, a, [bytes(32)] + p[1:])
+            assert not merkle.verify(r, x, [bytes(32)] + p[1:])
     assert merkle.root([]) == bytes(32)
     with pytest.raises(ValueError):
-        merkle.proof(addrs, "0x" + "ee" * 20)
-
-
-def test_audit_cli_on_a_hardhat_round(hardhat_url, tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    w3 = ledger.connect(hardhat_url)
-    owner, agg = w3.eth.accounts[:2]
-    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
-    accepted = list(w3.eth.accounts[2:6])
-    model = np.arange(100, dtype=np.float32)
-    committed_round(chain, 0, accepted)
-    chain.record_round(0, model_hash(model), merkle.root(accepted), accepted, [1, 2, 3, 4])
-    np.save(tmp_path / "model.npy", model)
-
-    def audit(model_path, who):
-        cmd = [sys.executable, "-m", "fedagg", "audit", "--rpc", hardhat_url, "--contract", chain.address,
-               "--round", "0", "--model", str(model_path)] + sum((["--participant", p] for p in who), [])
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-    ok = audit(tmp_path / "model.npy", accepted[:2])
-    assert ok.returncode == 0, ok.stderr
-    rep = json.loads(ok.stdout)
-    assert rep["ok"] and rep["scores"][accepted[3]] == 4 and set(rep["proofs"]) == set(accepted[:2])
-    np.save(tmp_path / "other.npy", model + 1)
-    bad = audit(tmp_path / "other.npy", [w3.eth.accounts[9]])
-    assert bad.returncode == 1
-    rep = json.loads(bad.stdout)
-    assert not rep["model_ok"] and rep["included"] == {w3.eth.accounts[9]: False}
+        merkle.proof(leaves, bytes(32))
+    with pytest.raises(ValueError, match="code in 0..3"):
+        merkle.leaf("0x" + "11" * 20, bytes(32), 4)
+    # the leaf binds the address, the commitment and the code
+    a = "0x" + "11" * 20
+    assert len({merkle.leaf(a, bytes(32), 0), merkle.leaf(a, bytes(32), 1), merkle.leaf(a, b"\x01" * 32, 0),
+                merkle.leaf("0x" + "12" * 20, bytes(32), 0)}) == 4
 
 
 def _mine_until(w3, block):
@@ -262,7 +380,7 @@ def _mine_until(w3, block):
 def test_stake_leaves_after_unbonding_and_a_slash_earned_before_still_lands(w3):
     owner, agg, alice, bob, sybil = w3.eth.accounts[:5]
     chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH, registration_bond=ETH // 10,
-                                    unbonding_blocks=5)
+                                    unbonding_blocks=5, max_slash_bps=5000)
     key = crypto.keypair()[0]
     for value in (0, ETH // 100):  # sybils pay the bond
         with pytest.raises(LedgerError, match="registration bond"):
@@ -288,21 +406,22 @@ def test_stake_leaves_after_unbonding_and_a_slash_earned_before_still_lands(w3):
     with pytest.raises(LedgerError, match="nothing unbonding"):
         chain.withdraw(alice)
     # unbonded stake stops counting at once: alice is below the minimum for the next commit
-    chain.open_round(0, 100)
+    chain.open_round(K0, 100)
     with pytest.raises(LedgerError, match="stake below the minimum"):
-        chain.commit(alice, 0, b"\x01" * 32)
-    # bob asks everything back, then is slashed before his period ends: leaving first escapes nothing
+        chain.commit(alice, K0, b"\x01" * 32)
+    # bob contradicts his commitment in a round, asks everything back, then is slashed before his
+    # period ends: leaving first escapes nothing (the slash takes the cap, 50%, of his unbonding stake)
+    k = crypto.round_key(1, 1)
+    com = committed_round(chain, k, [bob])
+    leaves = record(chain, k, {bob: merkle.CONTRADICTED}, com)
     chain.unbond(bob, 3 * ETH)
-    chain.slash(owner, bob)
+    chain.slash(agg, bob, k, merkle.CONTRADICTED, merkle.proof(list(leaves.values()), leaves[bob]))
     e = chain.snapshot([bob])[bob]
-    assert e.slashed and e.stake == 0 and e.unbonding == 0
-    _mine_until(w3, chain.block_number() + 6)
-    with pytest.raises(LedgerError, match="nothing unbonding"):
-        chain.withdraw(bob)
-    assert chain.contract.functions.forfeited().call() == 3 * ETH
-    assert w3.eth.get_balance(chain.address) == ETH // 2 + 3 * ETH  # alice's remaining stake and bob's forfeit
-    with pytest.raises(LedgerError, match="slashed"):
-        chain.unbond(bob, 1)
+    assert e.slashed and e.stake == 0 and e.unbonding == 3 * ETH // 2
+    assert chain.contract.functions.forfeited().call() == 3 * ETH // 2
+    _mine_until(w3, e.unbond_at)
+    chain.withdraw(bob)  # what the slash left him
+    assert w3.eth.get_balance(chain.address) == ETH // 2 + 3 * ETH // 2  # alice's remaining stake, bob's forfeit
 
 
 REENTRANT = """
@@ -364,11 +483,46 @@ def test_withdraw_cannot_be_reentered(w3):
     assert chain.snapshot([thief.address])[thief.address].unbonding == 2 * ETH
 
 
-def test_roles_rotate_in_two_steps_and_the_aggregator_behind_a_timelock(w3):
-    owner, agg, heir, new_agg, stranger = w3.eth.accounts[:5]
-    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH, role_timelock_blocks=4)
+def test_a_slash_needs_evidence_and_takes_at_most_the_cap_once_per_round(w3):
+    owner, agg, liar, dropped, good, refused, stranger = w3.eth.accounts[:7]
+    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH, max_slash_bps=1000)
+    k = crypto.round_key(3, 0)
+    com = committed_round(chain, k, [liar, dropped, good, refused])
+    codes = {liar: merkle.CONTRADICTED, dropped: merkle.EXCLUDED, good: merkle.AGGREGATED, refused: merkle.REFUSED}
+    with pytest.raises(LedgerError, match="round not recorded"):  # no record, no evidence
+        chain.slash(agg, liar, k, merkle.CONTRADICTED, [])
+    leaves = record(chain, k, codes, com)
+    everyone = list(leaves.values())
+
+    def proof(a):
+        return merkle.proof(everyone, leaves[a])
+    with pytest.raises(LedgerError, match="only the aggregator"):
+        chain.slash(owner, liar, k, merkle.CONTRADICTED, proof(liar))  # the owner cannot slash at all
+    for who, code, why in ((good, merkle.AGGREGATED, "not slashable"), (refused, merkle.REFUSED, "not slashable"),
+                           (good, merkle.CONTRADICTED, "not in the record"),  # a code it was not given
+                           (liar, merkle.CONTRADICTED, "not in the record"),  # a proof of another leaf
+                           (stranger, merkle.EXCLUDED, "no commitment")):
+        with pytest.raises(LedgerError, match=why):
+            chain.slash(agg, who, k, code, proof(good if who in (good, liar) else dropped))
+    assert not any(e.slashed for e in chain.snapshot().values())
+    chain.slash(agg, liar, k, merkle.CONTRADICTED, proof(liar))
+    chain.slash(agg, dropped, k, merkle.EXCLUDED, proof(dropped))
+    e = chain.snapshot([liar])[liar]
+    assert e.slashed and e.stake == 2 * ETH - 2 * ETH // 10  # 10%: the cap
+    with pytest.raises(LedgerError, match="already slashed for this round"):
+        chain.slash(agg, liar, k, merkle.CONTRADICTED, proof(liar))
+    assert chain.snapshot([liar])[liar].stake == 2 * ETH - 2 * ETH // 10
+    assert chain.contract.functions.forfeited().call() == 2 * (2 * ETH // 10)
+    k1 = crypto.round_key(3, 1)
+    chain.open_round(k1, 100)
+    with pytest.raises(LedgerError, match="slashed"):  # a slashed participant takes no further part
+        chain.commit(liar, k1, b"\x01" * 32)
+
+
+def test_the_owner_rotates_in_two_steps_and_can_only_veto(w3):
+    owner, agg, heir, stranger, voter = w3.eth.accounts[:5]
+    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
     c = chain.contract.functions
-    # the owner: proposed, then accepted by the heir; nobody else can take it
     with pytest.raises(LedgerError, match="only the owner"):
         chain.propose_owner(stranger, stranger)
     chain.propose_owner(owner, heir)
@@ -377,23 +531,66 @@ def test_roles_rotate_in_two_steps_and_the_aggregator_behind_a_timelock(w3):
         chain.accept_owner(stranger)
     chain.accept_owner(heir)
     assert c.owner().call() == heir and c.pending_owner().call() == "0x" + "00" * 20
+    chain.register(voter, crypto.keypair()[0], 2 * ETH)
+    pid = chain.propose(voter, chain.policy())
     with pytest.raises(LedgerError, match="only the owner"):
-        chain.propose_aggregator(owner, new_agg)  # the old owner lost its powers
-    # the aggregator: proposed by the owner, active only after the timelock, seen coming on chain
-    with pytest.raises(LedgerError, match="no aggregator proposed"):
-        chain.activate_aggregator(stranger)
-    at = chain.propose_aggregator(heir, new_agg)
-    assert at == chain.block_number() + 4
-    with pytest.raises(LedgerError, match="timelock not over"):
-        chain.activate_aggregator(stranger)
-    assert c.aggregator().call() == agg
-    chain.open_round(0, 100)  # the old aggregator still runs rounds meanwhile
-    _mine_until(w3, at)
-    chain.activate_aggregator(stranger)  # anyone may trigger the hand-over once it is due
-    assert c.aggregator().call() == new_agg and chain.aggregator == new_agg
+        chain.cancel(owner, pid)  # the old owner lost its powers
+    chain.cancel(heir, pid)
+    with pytest.raises(LedgerError, match="proposal cancelled"):
+        chain.vote(voter, pid)
+    # the owner cannot change the policy itself: it is not a role of the contract
+    assert not any(f["name"] in ("set_policy", "propose_aggregator", "slash_any") for f in chain.contract.abi
+                   if f.get("type") == "function")
+
+
+def test_the_policy_changes_only_by_a_stake_majority_after_a_timelock(w3):
+    owner, agg, new_agg, big, small, outsider = w3.eth.accounts[:6]
+    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH, voting_blocks=4,
+                                    timelock_blocks=3)
+    chain.register(big, crypto.keypair()[0], 6 * ETH)
+    chain.register(small, crypto.keypair()[0], 5 * ETH)
+    wanted = ledger.Policy(rule="median", f=2, epsilon_micro=3_000_000, min_stake=2 * ETH, aggregator=new_agg,
+                           max_slash_bps=500)
+    with pytest.raises(LedgerError, match="only a staked participant"):
+        chain.propose(outsider, wanted)
+    with pytest.raises(LedgerError, match="max_slash_bps"):
+        chain.propose(big, ledger.Policy("median", 2, 0, ETH, new_agg, 10_001))
+    pid = chain.propose(big, wanted)
+    chain.vote(small, pid)  # 5 of 11 ETH: no majority
+    with pytest.raises(LedgerError, match="already voted"):
+        chain.vote(small, pid)
+    with pytest.raises(LedgerError, match="only a staked participant"):
+        chain.vote(outsider, pid)
+    with pytest.raises(LedgerError, match="locked by a vote"):  # a vote cannot be sold and the stake moved
+        chain.unbond(small, ETH)
+    ends = chain.contract.functions.proposals(pid).call()[2]
+    _mine_until(w3, ends + 4)
+    with pytest.raises(LedgerError, match="voting is over"):
+        chain.vote(big, pid)
+    with pytest.raises(LedgerError, match="no majority"):
+        chain.execute(outsider, pid)
+    # a second proposal that the majority votes for: executable only after the vote and the timelock
+    pid = chain.propose(big, wanted)
+    chain.vote(big, pid)
+    chain.vote(small, pid)
+    with pytest.raises(LedgerError, match="vote or timelock not over"):
+        chain.execute(outsider, pid)
+    ends = chain.contract.functions.proposals(pid).call()[2]
+    _mine_until(w3, ends + 2)  # a transaction now runs in block ends + 3: the last of the timelock
+    with pytest.raises(LedgerError, match="vote or timelock not over"):
+        chain.execute(outsider, pid)  # the timelock: everyone sees the change coming
+    assert chain.policy().aggregator == agg
+    _mine_until(w3, ends + 3)
+    chain.open_round(K0, 100)  # the old aggregator still runs rounds meanwhile
+    chain.execute(outsider, pid)  # anyone applies it once it is due
+    with pytest.raises(LedgerError, match="already executed"):
+        chain.execute(outsider, pid)
+    assert chain.policy() == ledger.Policy("median", 2, 3_000_000, 2 * ETH, new_agg, 500)
     with pytest.raises(LedgerError, match="only the aggregator"):
-        chain._transact("open_round", agg, c.open_round(1, chain.block_number() + 10))
-    chain.open_round(1, 100)  # from the new aggregator
+        chain.open_round(K1, 100)  # this object still sends from the old aggregator
+    chain.aggregator = new_agg
+    chain.open_round(K1, 100)
+    chain.unbond(small, ETH)  # the vote is over: the stake is free again
 
 
 def test_a_registry_without_a_bond_or_an_unbonding_period_is_refused(w3):
@@ -462,7 +659,7 @@ def test_gate_sees_when_every_admitted_participant_has_committed():
     gate = ledger.LedgerGate(chain, commit_seconds=60)
     with pytest.raises(ValueError, match="poll_seconds"):
         ledger.LedgerGate(chain, poll_seconds=0)
-    gate.start_round(0)
+    gate.start_round(0, 1)
     assert not gate.all_committed()
     pa.commit(0, np.ones(4, np.float32), session=1)
     assert not gate.all_committed()
@@ -470,23 +667,27 @@ def test_gate_sees_when_every_admitted_participant_has_committed():
     assert gate.all_committed()
 
 
-def test_a_signed_upload_of_one_server_session_is_refused_by_another():
-    """Two server sessions on one registry both start at round 0: the signature binds the session,
-    so an upload signed for the first is refused by the second (it was accepted before)."""
+def test_two_server_sessions_on_one_registry_cannot_replay_each_other():
+    """Two server sessions on one registry both start at round 0. Their rounds have different keys on
+    chain, so a commitment of one is none in the other, and the signature binds the session: an
+    upload signed and committed for the first is refused by the second (it was accepted before)."""
     w3 = ledger.embedded()
     owner, agg, a = w3.eth.accounts[:3]
     chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
     pa = ledger.LedgerParticipant(chain, a)
     pa.register(2 * ETH)
     x = np.arange(6, dtype=np.float32)
-    gate = ledger.LedgerGate(chain, commit_seconds=60)
-    gate.start_round(0)
+    first, second = ledger.LedgerGate(chain, commit_seconds=60), ledger.LedgerGate(chain, commit_seconds=60)
+    first.start_round(0, 111)
+    second.start_round(0, 222)  # opens its own round 0: it does not find the first one's open
+    assert first.key != second.key and chain.deadline(second.key) != 0
     sig = pa.commit(0, x, session=111)
-    gate.close_commits()
+    first.close_commits()
+    second.close_commits()
     digest = crypto.update_hash(x)
-    assert gate.check(a, digest, sig, session=111) is None
-    assert gate.check(a, digest, sig, session=222) == "signature"
-    assert gate.check(a, digest, pa.sign(0, x, session=222), session=222) is None
+    assert first.check(a, digest, sig, session=111) is None
+    assert second.check(a, digest, sig, session=222) == "signature"  # the replay
+    assert second.check(a, digest, pa.sign(0, x, session=222), session=222) == "uncommitted"  # re-signed: no commitment
 
 
 def test_an_upload_signed_for_one_registry_is_refused_by_a_server_of_another():
@@ -502,14 +703,49 @@ def test_an_upload_signed_for_one_registry_is_refused_by_a_server_of_another():
     x = np.arange(6, dtype=np.float32)
     gates = [ledger.LedgerGate(c, commit_seconds=60) for c in chains]
     for g, p in zip(gates, people):
-        g.start_round(0)
-        p.chain.commit(a, 0, crypto.commitment(0, a, crypto.update_hash(x)))
+        g.start_round(0, 7)
+        p.commit(0, x, session=7)
         g.close_commits()
     sig = people[0].sign(0, x, session=7)
     digest = crypto.update_hash(x)
     assert gates[0].check(a, digest, sig, session=7) is None
     assert gates[1].check(a, digest, sig, session=7) == "signature"
     assert gates[1].check(a, digest, people[1].sign(0, x, session=7), session=7) is None
+
+
+def test_a_participant_reveals_only_once_the_chain_shows_the_window_closed():
+    """A server that says "upload" while the window is still open on chain gets nothing."""
+    w3 = ledger.embedded()
+    owner, agg, a = w3.eth.accounts[:3]
+    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
+    pa = ledger.LedgerParticipant(chain, a)
+    pa.register(2 * ETH)
+    gate = ledger.LedgerGate(chain)
+    gate.start_round(0, 9)
+
+    class LyingServer:  # a Client whose server claims the upload phase at once
+        state, sent = {"session": 9}, []
+
+        def submit(self, update, rnd, signature=None):
+            self.sent.append(rnd)
+            return {"round": rnd}
+
+    fake = LyingServer()
+    with pytest.raises(LedgerError, match="still open on chain"):
+        pa.submit(fake, np.ones(3, np.float32), 0, timeout=0.5, poll=0.05)
+    assert fake.sent == [] and chain.commitments(gate.key, [a])  # committed, not revealed
+    assert not pa.window_closed(0, session=9)
+    gate.close_commits()
+    assert pa.window_closed(0, session=9)
+    # the next round: the participant waits, and reveals once the aggregator closed the window on chain
+    gate.start_round(1, 9)
+    closer = threading.Timer(0.5, gate.close_commits)
+    closer.start()
+    try:
+        assert pa.submit(fake, np.ones(3, np.float32), 1, timeout=30, poll=0.05) == {"round": 1}
+    finally:
+        closer.join()
+    assert fake.sent == [1] and gate.commitments == chain.commitments(gate.key, [a])
 
 
 def test_a_compressed_update_is_hashed_as_the_bytes_that_travel():

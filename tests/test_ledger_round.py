@@ -2,14 +2,18 @@
 
 16 honest participants register, stake, commit their update's hash on chain,
 then upload it with an Ed25519 signature; beside them, participants that are
-unregistered, unstaked, slashed, sign wrongly, commit another update, commit
-late, or replay an old signed update. Each is refused with its reason in the
-round report, the rounds complete with the honest ones, and the round records
-verify with fedagg audit.
+unregistered, unstaked, slashed, sign wrongly, commit another update, try to
+commit late, or replay an old signed update. Each is refused with its reason in
+the round report, the rounds complete with the honest ones, the round bundles
+pass `fedagg audit` (and fail it, naming the participant, once one bit of an
+update is flipped), and the evidence in a bundle is enough to slash.
 """
 
+import json
+import shutil
+import subprocess
+import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -20,9 +24,9 @@ pytest.importorskip("vyper")
 pytest.importorskip("nacl")
 
 from fedagg import ledger  # noqa: E402
-from fedagg.ledger import LedgerGate, LedgerParticipant, crypto  # noqa: E402
+from fedagg.ledger import LedgerError, LedgerGate, LedgerParticipant, bundle, crypto, merkle  # noqa: E402
 from fedagg.transport import Client, Server, ServerConfig, TransportError  # noqa: E402
-from test_ledger import ETH, hardhat_url, w3  # noqa: E402,F401 - the chain fixtures (embedded and Hardhat)
+from test_ledger import ETH, committed_round, hardhat_url, record, w3  # noqa: E402,F401 - chain fixtures, helpers
 
 D = 2000
 HONEST = 16
@@ -32,7 +36,18 @@ def honest_update(i: int) -> np.ndarray:
     return np.full(D, 1.0 + 0.01 * i, dtype=np.float32)
 
 
-def test_ledger_validated_rounds(w3):  # noqa: F811
+def _url(w3):
+    """The JSON-RPC URL of an HTTP chain (None for the in-process one)."""
+    return getattr(w3.provider, "endpoint_uri", None)
+
+
+def _audit_cli(url, contract, folder):
+    out = subprocess.run([sys.executable, "-m", "fedagg", "audit", "--rpc", url, "--contract", contract, str(folder)],
+                         capture_output=True, text=True, timeout=300)
+    return out.returncode, json.loads(out.stdout) if out.stdout.strip() else out.stderr
+
+
+def test_ledger_validated_rounds(w3, tmp_path):  # noqa: F811
     accounts = list(w3.eth.accounts)
     owner, agg = accounts[:2]
     chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
@@ -42,14 +57,18 @@ def test_ledger_validated_rounds(w3):  # noqa: F811
         lp = LedgerParticipant(chain, acct)
         lp.register(ETH // 10 if name == "unstaked" else 2 * ETH)
         people[name] = lp
-    chain.slash(owner, people["slashed"].account)
+    # "slashed" contradicted its commitment in an earlier round (of another session), and was slashed for it
+    early = crypto.round_key(1, 0)
+    com = committed_round(chain, early, [people["slashed"].account])
+    leaves = record(chain, early, {people["slashed"].account: merkle.CONTRADICTED}, com)
+    chain.slash(agg, people["slashed"].account, early, merkle.CONTRADICTED, [])  # a one-leaf tree: no siblings
     stranger = accounts[2 + len(names)]  # never registered
+    assert list(leaves) == [people["slashed"].account]
 
-    # Rounds close at the deadline (quorum 100 is never met). It leaves the "late" participant,
-    # which commits only after the commit window, time to upload and be refused for that, even on
-    # a loaded 2-core machine through the HTTP node. The window must hold 16 honest commit
-    # transactions through that node, one request at a time: 3 s did not, once, under CI's load.
-    gate = LedgerGate(chain, commit_seconds=8.0)
+    # Rounds close at the deadline (quorum 100 is never met). The window must hold 16 honest commit
+    # transactions through the HTTP node, one request at a time: 3 s did not, once, under CI's load.
+    bundles = tmp_path / "bundles"
+    gate = LedgerGate(chain, commit_seconds=8.0, bundle_dir=str(bundles))
     models = {}
     server = Server(np.zeros(D, np.float32),
                     ServerConfig(bind="tcp://127.0.0.1:0", rule="trimmed_mean", f=2, quorum=100,
@@ -69,8 +88,11 @@ def test_ledger_validated_rounds(w3):  # noqa: F811
                     c.wait_round(last, 30)
                 rnd = c.status()["round"]
                 u = honest_update(i)
-                sig = lp.commit(rnd, u, session=c.state["session"])
-                results[(name, rnd)] = c.submit(u, rnd, signature=sig)
+                if i % 2:  # the participant's whole side: commit, see the window close on chain, reveal
+                    results[(name, rnd)] = lp.submit(c, u, rnd, timeout=30)
+                else:
+                    sig = lp.commit(rnd, u, session=c.state["session"])
+                    results[(name, rnd)] = c.submit(u, rnd, signature=sig)
                 last = rnd
 
     def adversary(name):
@@ -88,7 +110,11 @@ def test_ledger_validated_rounds(w3):  # noqa: F811
                     sig = lp.sign(rnd, u, session=c.state["session"])
                 elif name == "late":
                     c.wait_phase("upload")  # the commit window is closed now
-                    sig = lp.commit(rnd, u, session=c.state["session"])
+                    try:
+                        lp.commit(rnd, u, session=c.state["session"])
+                    except LedgerError as e:
+                        results[("late-commit", 0)] = str(e)
+                    sig = lp.sign(rnd, u, session=c.state["session"])
                 else:
                     sig = lp.sign(rnd, u, session=c.state["session"])
                 results[(name, rnd)] = c.submit(u, rnd, signature=sig)
@@ -128,24 +154,60 @@ def test_ledger_validated_rounds(w3):  # noqa: F811
     assert results[("unstaked", 0)] == "unstaked" and results[("slashed", 0)] == "slashed"
     assert results[("stranger", 0)] == "unregistered"
     assert results[("badsig", 0)] == "signature" and results[("mismatch", 0)] == "commitment"
-    assert results[("late", 0)] == "late-commit" and results[("replayer", 1)] == "replayed"
+    assert results[("late-commit", 0)] == "commit window closed" and results[("late", 0)] == "uncommitted"
+    assert results[("replayer", 1)] == "replayed"
     r0, r1 = server.history
     honest_ids = {people[f"h{i}"].account for i in range(HONEST)}
     assert set(r0["accepted"]) == honest_ids | {people["replayer"].account}
     assert set(r1["accepted"]) == honest_ids
     reasons0 = {x["reason"] for x in r0["rejected"]}
-    assert {"unstaked", "slashed", "unregistered", "signature", "commitment", "late-commit"} <= reasons0
+    assert {"unstaked", "slashed", "unregistered", "signature", "commitment", "uncommitted"} <= reasons0
     assert "replayed" in {x["reason"] for x in r1["rejected"]}
     # the honest result: trimmed mean of the honest updates, moved twice
     assert np.allclose(models[1], 2 * np.mean([honest_update(i)[0] for i in range(HONEST)]), atol=0.02)
-    # the round records verify from the chain and the published models
-    for rnd in (0, 1):
-        rep = ledger.audit_round(chain, rnd, models[rnd], sorted(honest_ids)[:3])
-        assert rep.ok, rep.as_dict()
-        assert set(rep.scores) == set(server.history[rnd]["accepted"])
-    assert not ledger.audit_round(chain, 0, models[1]).model_ok
     cost = r0["ledger"]
     assert cost["calls"] >= 3 and cost["gas"]["record_round"] > 0 and cost["seconds"] < r0["seconds"]
+
+    # the audit: every round passes from the chain plus its bundle, and names who was left out and why
+    folders = sorted(p for p in bundles.iterdir() if not p.name.startswith("."))
+    assert [bundle.load(f)[0]["round"] for f in folders] == [0, 1]
+    reports = ledger.audit_bundles(chain, bundles)
+    assert all(r.ok for r in reports), [r.as_dict() for r in reports]
+    assert all(r.model_recomputed == "exact" for r in reports)
+    left0 = reports[0].left_out
+    assert left0[people["mismatch"].account] == {"code": "contradicted its commitment", "reason": "commitment"}
+    assert left0[people["badsig"].account]["reason"] == "signature"
+    assert reports[1].left_out[people["replayer"].account]["reason"] == "replayed"
+    assert people["late"].account not in left0  # it never got a commitment on chain: nothing to list
+    manifest, _ = bundle.load(folders[0])
+    assert manifest["model_hash"] == ledger.audit.model_hash(models[0]).hex()
+
+    # the evidence in round 0's bundle slashes the participant that contradicted its commitment
+    key = int(manifest["round_key"], 16)
+    leaf_of = {e["address"]: merkle.leaf(e["address"], bytes.fromhex(e["commitment"]), e["code"])
+               for e in manifest["leaves"]}
+    liar = people["mismatch"].account
+    chain.slash(agg, liar, key, merkle.CONTRADICTED, merkle.proof(list(leaf_of.values()), leaf_of[liar]))
+    assert chain.snapshot([liar])[liar].slashed
+
+    # one bit of one aggregated update flipped in a copy of the bundle: the audit fails, naming its owner
+    victim = people["h3"].account
+    bad = tmp_path / "tampered"
+    shutil.copytree(bundles, bad)
+    tampered = next(p for p in sorted(bad.iterdir()) if not p.name.startswith("."))
+    path = tampered / "updates" / f"{victim}.bin"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01
+    path.write_bytes(bytes(data))
+    rep = ledger.audit_round(chain, tampered)
+    assert not rep.ok and not rep.checks["reveals"]
+    assert any(victim in p and "do not match its commitment" in p for p in rep.problems), rep.problems
+    url = _url(w3)
+    if url is not None:  # the command line, on the node and on Hardhat
+        code, out = _audit_cli(url, chain.address, bundles)
+        assert code == 0 and out["ok"] and len(out["rounds"]) == 2, out
+        code, out = _audit_cli(url, chain.address, tampered)
+        assert code == 1 and any(victim in p for p in out["rounds"][0]["problems"]), out
 
 
 def test_admission_both_curve_and_ledger_with_stake_weights(tmp_path):
@@ -159,7 +221,7 @@ def test_admission_both_curve_and_ledger_with_stake_weights(tmp_path):
     pb.register(3 * ETH)
     spub, ssec = load_certificate(create_certificates(str(tmp_path), "server")[1])
     keys = {n: load_certificate(create_certificates(str(tmp_path), n)[1]) for n in ("a", "b")}
-    gate = LedgerGate(chain, commit_seconds=1.0, stake_weighted=True)
+    gate = LedgerGate(chain, commit_seconds=1.0, stake_weighted=True, bundle_dir=str(tmp_path / "bundles"))
     with pytest.raises(ValueError, match="needs CURVE"):
         ServerConfig(bind="tcp://127.0.0.1:0", ledger=gate, admission="both").check()
     server = Server(np.zeros(10, np.float32),
@@ -186,4 +248,5 @@ def test_admission_both_curve_and_ledger_with_stake_weights(tmp_path):
     np.testing.assert_allclose(server.model, np.full(10, 4.0), rtol=1e-6)
     rec = server.history[0]
     assert sorted(rec["ledger"]["addresses"]) == sorted([a, b])
-    assert ledger.audit_round(chain, 0, server.model, [a, b]).ok
+    rep = ledger.audit_round(chain, gate.last_bundle)
+    assert rep.ok and rep.model_recomputed == "exact", rep.as_dict()  # stake weights recomputed too

@@ -393,8 +393,12 @@ class _Gate:
 
         self.cost, self.recorded, self.fail_checks = Cost(), None, fail_checks
 
-    def start_round(self, rnd): pass
+    policy = type("Policy", (), {"rule": "", "f": 0})()
+
+    def start_round(self, rnd, session): pass
     def all_committed(self): return True
+    def refused(self, address, reason, detail=""): pass
+    def keep(self, address, data, encoding): pass
     def close_commits(self): pass
     def admit(self, address): return None if address in self.stakes else "unregistered"
 
@@ -405,7 +409,7 @@ class _Gate:
         return None
 
     def weights(self, addresses): return np.array([self.stakes[a] for a in addresses])
-    def record(self, model, addresses, scores): self.recorded = list(addresses)
+    def record(self, model, prev_model, addresses, scores, excluded, run): self.recorded = list(addresses)
 
 
 def test_ledger_addresses_are_fixed_at_commit_and_a_chain_failure_keeps_the_upload(running):

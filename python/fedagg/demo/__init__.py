@@ -44,4 +44,24 @@ def run(opts: Options, view=None) -> List[RunResult]:
             view.end_run()
     path: Optional[str] = plot(results, opts, opts.plot) if opts.plot else None
     view.summary(results, opts, path)
+    if opts.keep_chain:
+        _serve_chains(results, view)
     return results
+
+
+def _serve_chains(results, view) -> None:
+    """Keep the runs' chain nodes serving until interrupted, so their rounds can be audited."""
+    import time
+
+    try:
+        for res in results:
+            c = res.chain
+            view._print(f"audit {res.rule}: fedagg audit --rpc {c['rpc']} --contract {c['contract']} {c['bundles']}")
+        view._print("the chains stay up until Ctrl-C")
+        while all(res.node is None or res.node.poll() is None for res in results):
+            time.sleep(0.5)
+    finally:
+        for res in results:
+            if res.node is not None and res.node.poll() is None:
+                res.node.kill()
+                res.node.wait(5)

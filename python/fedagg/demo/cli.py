@@ -28,6 +28,11 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
     d.add_argument("--no-compare", dest="compare", action="store_false", help="skip the plain-mean run")
     d.add_argument("--seed", type=int_at_least(0), default=0, help="data split and model seed (default 0)")
     d.add_argument("--plot", default="fedagg-demo.png", help="PNG to write (default fedagg-demo.png; '' for none)")
+    d.add_argument("--bundles", default=None, help="folder for each ledger round's bundle (default: a temporary "
+                                                   "one); `fedagg audit` reads them")
+    d.add_argument("--keep-chain", action="store_true",
+                   help="after the runs, keep each run's chain serving and print the `fedagg audit` command for "
+                        "it, until Ctrl-C (needs --bundles)")
     d.set_defaults(func=_demo)
 
 
@@ -42,6 +47,7 @@ def _demo(args) -> int:
 
     opts = Options(participants=args.participants, byzantine=args.byzantine, attack=args.attack, rule=args.rule,
                    f=args.f, rounds=args.rounds, codec=args.codec, dp_noise=args.dp_noise, dp_clip=args.dp_clip,
-                   ledger=args.ledger, compare=args.compare, seed=args.seed, plot=args.plot or None)
+                   ledger=args.ledger, compare=args.compare, seed=args.seed, plot=args.plot or None,
+                   bundles=args.bundles, keep_chain=args.keep_chain)
     run(opts)
     return 0

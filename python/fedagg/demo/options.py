@@ -33,6 +33,8 @@ class Options:
     seed: int = 0
     compare: bool = True  # also run the plain mean under the same attack
     plot: Optional[str] = "fedagg-demo.png"
+    bundles: Optional[str] = None  # folder for each ledger round's bundle (<bundles>/<rule>/); None: a temporary one
+    keep_chain: bool = False  # after the runs, keep each run's chain serving (to audit) until interrupted
 
     def check(self) -> None:
         from .. import RULES
@@ -59,6 +61,8 @@ class Options:
             from ..privacy.accounting import check_accountable
 
             check_accountable(self.dp_noise, "pld")
+        if self.keep_chain and not (self.ledger and self.bundles):
+            raise ValueError("keep_chain needs the ledger and a bundles folder (what an audit reads)")
         if self.epochs < 1 or not self.lr > 0 or self.commit_seconds < 0:
             raise ValueError("epochs must be >= 1, lr > 0, commit_seconds >= 0")
         if self.attack == "none" and self.byzantine:
@@ -98,6 +102,9 @@ class RunResult:
     rows: List[RoundRow] = field(default_factory=list)
     seconds: float = 0.0
     gas: Dict[str, int] = field(default_factory=dict)
+    audit: Optional[Dict[str, object]] = None  # the demo's own audit of its bundles (ledger runs)
+    chain: Optional[Dict[str, str]] = None  # rpc, contract, bundles: where to audit the run again
+    node: object = None  # the chain node process, kept serving with keep_chain
 
 
 def byzantine_indices(opts: Options) -> List[int]:

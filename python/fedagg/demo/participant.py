@@ -112,6 +112,9 @@ def main(argv=None) -> int:
             print(f"{pid}: round {rnd}: trained in {t1 - t0:.2f} s, committed in {time.monotonic() - t1:.2f} s",
                   file=sys.stderr)
             try:
+                if signer is not None:  # reveal only once the chain itself shows the commit window closed
+                    c.wait_phase("upload", a.timeout)
+                    _wait_window_closed(signer, rnd, c.state["session"], a.timeout)
                 c.submit(update, rnd, signature=sig)
             except TransportError as e:
                 print(f"{pid}: round {rnd} refused: {e.reason} {e.detail}", file=sys.stderr)
@@ -135,6 +138,16 @@ def _exit_when_stdin_closes() -> None:
         finally:
             os._exit(3)
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _wait_window_closed(signer, rnd: int, session: int, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while not signer.window_closed(rnd, session=session):
+        if time.monotonic() > end:
+            from ..transport import TransportError
+
+            raise TransportError("timeout", "the commit window is still open on chain: not revealing")
+        time.sleep(0.1)
 
 
 def _commit(signer, rnd: int, update, pid: str, session: int, tries: int = 3):

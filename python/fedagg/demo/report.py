@@ -109,6 +109,10 @@ class View:
                         f"best {100 * best:.1f}%, {res.seconds:.0f} s"
                         + (f", eps {_eps(last.epsilon)}" if last and last.epsilon is not None else "")
                         + (f", {gas:,} gas in the aggregator's transactions" if gas else ""))
+            if res.audit is not None:
+                self._print(f"{'':>18}  audit of its {res.audit['rounds']} rounds (chain + bundles in "
+                            f"{res.chain['bundles']}): " + ("passed" if res.audit["ok"] else
+                                                            "FAILED: " + "; ".join(res.audit["problems"][:5])))
         if plot_path:
             self._print(f"plot: {plot_path}")
 

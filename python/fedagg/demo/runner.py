@@ -54,6 +54,14 @@ class _Processes:
             except subprocess.TimeoutExpired:
                 pass
 
+    def detach(self, name: str) -> subprocess.Popen:
+        """Stop managing process `name` (it is no longer killed with the others); returns it."""
+        for i, (n, p) in enumerate(self.procs):
+            if n == name:
+                del self.procs[i]
+                return p
+        raise KeyError(name)
+
     def kill(self) -> None:
         for _, p in self.procs:
             if p.poll() is None:
@@ -117,6 +125,8 @@ def run_one(opts: Options, rule: str, f: int, on_row: Callable[[RoundRow], None]
             if opts.ledger:
                 from ..ledger import EvmLedger, LedgerGate, compiled, connect
 
+                bundles = Path(opts.bundles) / rule if opts.bundles else Path(tmp) / "bundles"
+
                 step("starting the chain node (the embedded py-evm chain, served on loopback)")
                 url = _start_node(procs, opts.participants + 2)
                 step(f"chain node at {url}; compiling and deploying the registry contract")
@@ -124,7 +134,8 @@ def run_one(opts: Options, rule: str, f: int, on_row: Callable[[RoundRow], None]
                 owner, agg, *accounts = w3.eth.accounts
                 chain = EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
                 step(f"registry contract at {chain.address}")
-                gate = LedgerGate(chain, commit_seconds=opts.commit_seconds)
+                gate = LedgerGate(chain, commit_seconds=opts.commit_seconds, bundle_dir=str(bundles))
+                result.chain = {"rpc": url, "contract": chain.address, "bundles": str(bundles)}
                 abi_file = Path(tmp) / "registry-abi.json"
                 abi_file.write_text(json.dumps(compiled()[0]))
                 chain_args = ["--chain", url, "--contract", chain.address, "--abi", str(abi_file)]
@@ -182,7 +193,15 @@ def run_one(opts: Options, rule: str, f: int, on_row: Callable[[RoundRow], None]
             worker.join(30)
             procs.wait(30, exclude=("node",))
             if gate is not None:
+                from ..ledger import audit_bundles
+
                 result.gas = {k: int(sum(v)) for k, v in gate.chain.gas.items()}
+                step(f"auditing the {opts.rounds} rounds from the chain and their bundles in {bundles}")
+                reports = audit_bundles(gate.chain, bundles)
+                result.audit = {"ok": bool(reports) and all(r.ok for r in reports), "rounds": len(reports),
+                                "problems": [p for r in reports for p in r.problems]}
+                if opts.keep_chain:  # the node outlives the run (run() ends it when interrupted)
+                    result.node = procs.detach("node")
         finally:
             if server is not None:  # whatever happened (an error, Ctrl-C), no server is left running
                 if worker is not None and worker.is_alive():

@@ -1,23 +1,61 @@
 # pragma version ~=0.4.3
 """
-@title fedagg participant registry and round ledger
-@notice Participants register an Ed25519 signing key with a bond and stake; each
-        round they commit H(round | participant | update hash) before the commit
-        deadline; the aggregator records each round's outcome (model hash, Merkle
-        root of the accepted participants, their scores). Stake leaves through an
-        unbonding period (still slashable meanwhile), then is pulled by its owner.
-        Everything emits an event.
+@title fedagg participant registry, round ledger and governance
+@notice Participants register an Ed25519 signing key with a bond and stake. A round is
+        keyed by (server session << 64 | round): the aggregator opens it, participants
+        commit H(key | participant | update hash) up to the deadline (never after), the
+        aggregator closes the window, then lists every participant that committed with its fate
+        (aggregated, excluded by the rule, contradicted its commitment, refused) in
+        ascending address order (batches of at most 256), and records the round: model
+        hash linked to the session's previous one, the Merkle root of the listed leaves,
+        the hash of the off-chain bundle. Slashing needs a recorded leaf as evidence and
+        takes at most max_slash_bps per round. The policy (rule, f, DP budget, minimum
+        stake, aggregator, slash cap) changes only by a stake-weighted vote plus a
+        timelock. Stake leaves through an unbonding period (still slashable meanwhile),
+        then is pulled by its owner. Everything emits an event.
 """
 
 MAX_BATCH: constant(uint256) = 256
+MAX_PROOF: constant(uint256) = 40
+BPS: constant(uint256) = 10000
+
+# A listed participant's fate in a round: the leaf's code.
+AGGREGATED: constant(uint8) = 0  # its update is in the aggregate
+EXCLUDED: constant(uint8) = 1  # accepted, then left out by the robust rule
+CONTRADICTED: constant(uint8) = 2  # revealed an update whose hash is not the one it committed
+REFUSED: constant(uint8) = 3  # committed, then refused for another reason, or never revealed
 
 struct Participant:
     signing_key: bytes32
-    stake: uint256  # bonded: what eligibility counts, and what a slash takes
-    slashed: bool
+    stake: uint256  # bonded: what eligibility and votes count, and what a slash takes from first
+    slashed: bool  # slashed once: it may no longer commit or vote (what is left can still leave)
     registered: bool
     unbonding: uint256  # on its way out: withdrawable from block unbond_at, slashable until then
     unbond_at: uint256
+
+struct Policy:
+    rule: String[32]  # the aggregation rule the server must run ("" : the server's own choice)
+    f: uint256
+    epsilon_micro: uint256  # the DP budget per round x 1e6 (0: none set)
+    min_stake: uint256
+    aggregator: address
+    max_slash_bps: uint256  # the most one slash takes, per round, of a participant's stake
+
+struct Proposal:
+    policy: Policy
+    votes: uint256  # stake that voted for it
+    voting_ends: uint256  # last block to vote
+    executed: bool
+    cancelled: bool
+
+struct Record:
+    model_hash: bytes32
+    prev_model_hash: bytes32  # the model the round started from: the session's previous record
+    merkle_root: bytes32  # over the leaves keccak256(address | commitment | code)
+    bundle_hash: bytes32  # keccak256 of the round's bundle manifest, published off chain
+    leaves_hash: bytes32  # the contract's own hash chain over the listed leaves, in order
+    listed: uint256
+    aggregated: uint256
 
 event Registered:
     participant: indexed(address)
@@ -30,23 +68,32 @@ event Staked:
     total: uint256
 
 event RoundOpened:
-    round_id: indexed(uint256)
+    round_key: indexed(uint256)
     deadline: uint256
 
 event Committed:
-    round_id: indexed(uint256)
+    round_key: indexed(uint256)
     participant: indexed(address)
     commitment: bytes32
-    late: bool
+
+event Listed:
+    round_key: indexed(uint256)
+    participants: DynArray[address, MAX_BATCH]
+    codes: DynArray[uint8, MAX_BATCH]
 
 event RoundRecorded:
-    round_id: indexed(uint256)
+    round_key: indexed(uint256)
     model_hash: bytes32
+    prev_model_hash: bytes32
     merkle_root: bytes32
-    accepted: uint256
+    bundle_hash: bytes32
+    listed: uint256
+    aggregated: uint256
 
 event Slashed:
     participant: indexed(address)
+    round_key: indexed(uint256)
+    code: uint8
     amount: uint256
 
 event Unbonding:
@@ -59,53 +106,75 @@ event Withdrawn:
     participant: indexed(address)
     amount: uint256
 
-event RoleProposed:
-    role: String[16]
-    account: indexed(address)
-    effective_at: uint256
-
-event RoleChanged:
-    role: String[16]
+event OwnerProposed:
     account: indexed(address)
 
-owner: public(address)
-aggregator: public(address)
+event OwnerChanged:
+    account: indexed(address)
+
+event Proposed:
+    proposal: indexed(uint256)
+    proposer: indexed(address)
+    voting_ends: uint256
+
+event Voted:
+    proposal: indexed(uint256)
+    voter: indexed(address)
+    weight: uint256
+
+event PolicyChanged:
+    proposal: indexed(uint256)
+    rule: String[32]
+    f: uint256
+    aggregator: address
+
+event Cancelled:
+    proposal: indexed(uint256)
+
+owner: public(address)  # guardian: may veto a proposal before it executes; nothing else
 pending_owner: public(address)  # two steps: the owner proposes, the new owner accepts
-pending_aggregator: public(address)  # the owner proposes; anyone activates it after the timelock
-aggregator_at: public(uint256)  # the block from which pending_aggregator can be activated
-role_timelock_blocks: public(uint256)
-min_stake: public(uint256)
+policy: public(Policy)
 registration_bond: public(uint256)  # what registering costs at least: sybils are not free
 unbonding_blocks: public(uint256)  # how long stake stays slashable after its owner asks it back
+voting_blocks: public(uint256)
+timelock_blocks: public(uint256)  # between the end of a vote and its execution
 forfeited: public(uint256)  # slashed ether, kept by the contract
+total_stake: public(uint256)  # bonded stake of everyone: what a majority is counted against
 participants: public(HashMap[address, Participant])
 registered_count: public(uint256)  # no fixed cap: each entry is paid for by its bond
 registered_at: public(HashMap[uint256, address])
+vote_lock: public(HashMap[address, uint256])  # no unbonding before this block: a vote cannot be sold
+proposals: public(HashMap[uint256, Proposal])
+proposal_count: public(uint256)
+voted: public(HashMap[uint256, HashMap[address, bool]])
 commitments: public(HashMap[uint256, HashMap[address, bytes32]])
-committed_late: public(HashMap[uint256, HashMap[address, bool]])
+commit_count: public(HashMap[uint256, uint256])
 deadline: public(HashMap[uint256, uint256])
-model_hash: public(HashMap[uint256, bytes32])
-merkle_root: public(HashMap[uint256, bytes32])
 recorded: public(HashMap[uint256, bool])
-in_record: HashMap[uint256, HashMap[address, bool]]  # round -> already listed in its record
-round_accepted: HashMap[uint256, DynArray[address, MAX_BATCH]]
-round_scores: HashMap[uint256, DynArray[int256, MAX_BATCH]]
+records: HashMap[uint256, Record]
+last_listed: HashMap[uint256, address]  # listing goes in ascending address order: no one twice
+last_model: public(HashMap[uint256, bytes32])  # session -> model hash of its latest record
+slashed_in: public(HashMap[uint256, HashMap[address, bool]])
 
 
 @deploy
 def __init__(min_stake: uint256, aggregator: address, registration_bond: uint256, unbonding_blocks: uint256,
-             role_timelock_blocks: uint256):
+             voting_blocks: uint256, timelock_blocks: uint256, rule: String[32], f: uint256, max_slash_bps: uint256):
     assert registration_bond > 0, "a zero registration bond lets anyone fill the registry for free"
     assert unbonding_blocks > 0, "stake must stay slashable for a while after it is asked back"
+    assert voting_blocks > 0, "a vote needs at least one block"
     assert aggregator != empty(address), "no aggregator"
+    assert max_slash_bps <= BPS, "max_slash_bps above 10000"
     self.owner = msg.sender
-    self.role_timelock_blocks = role_timelock_blocks
-    self.aggregator = aggregator
-    self.min_stake = min_stake
     self.registration_bond = registration_bond
     self.unbonding_blocks = unbonding_blocks
+    self.voting_blocks = voting_blocks
+    self.timelock_blocks = timelock_blocks
+    self.policy = Policy(rule=rule, f=f, epsilon_micro=0, min_stake=min_stake, aggregator=aggregator,
+                         max_slash_bps=max_slash_bps)
 
 
+# ------------------------------------------------------------------ stake
 @external
 @payable
 def register(signing_key: bytes32):
@@ -118,6 +187,7 @@ def register(signing_key: bytes32):
     )
     self.registered_at[self.registered_count] = msg.sender
     self.registered_count += 1
+    self.total_stake += msg.value
     log Registered(participant=msg.sender, signing_key=signing_key, stake=msg.value)
 
 
@@ -126,6 +196,7 @@ def register(signing_key: bytes32):
 def stake():
     assert self.participants[msg.sender].registered, "not registered"
     self.participants[msg.sender].stake += msg.value
+    self.total_stake += msg.value
     log Staked(participant=msg.sender, amount=msg.value, total=self.participants[msg.sender].stake)
 
 
@@ -136,12 +207,13 @@ def unbond(amount: uint256):
     Asking again adds to the amount and restarts the period."""
     p: Participant = self.participants[msg.sender]
     assert p.registered, "not registered"
-    assert not p.slashed, "slashed"
     assert amount > 0 and amount <= p.stake, "amount must be in (0, stake]"
+    assert block.number >= self.vote_lock[msg.sender], "stake locked by a vote until its execution"
     p.stake -= amount
     p.unbonding += amount
     p.unbond_at = block.number + self.unbonding_blocks
     self.participants[msg.sender] = p
+    self.total_stake -= amount
     log Unbonding(participant=msg.sender, amount=amount, total=p.unbonding, withdrawable_at=p.unbond_at)
 
 
@@ -159,12 +231,201 @@ def withdraw():
     log Withdrawn(participant=msg.sender, amount=amount)
 
 
+# ------------------------------------------------------------------ rounds
+@external
+def open_round(round_key: uint256, deadline: uint256):
+    """The aggregator opens a round: commitments are taken up to block `deadline`."""
+    assert msg.sender == self.policy.aggregator, "only the aggregator"
+    assert self.deadline[round_key] == 0, "round already opened"
+    assert deadline >= block.number, "deadline in the past"
+    self.deadline[round_key] = deadline
+    log RoundOpened(round_key=round_key, deadline=deadline)
+
+
+@external
+def close_commits(round_key: uint256):
+    """The aggregator ends the commit window now (before it reads the commitments): the deadline
+    becomes the previous block, so any commitment from this block on is late."""
+    assert msg.sender == self.policy.aggregator, "only the aggregator"
+    assert self.deadline[round_key] != 0, "round not open"
+    closed: uint256 = block.number - 1
+    if closed < self.deadline[round_key]:
+        self.deadline[round_key] = closed
+        log RoundOpened(round_key=round_key, deadline=closed)
+
+
+@external
+def commit(round_key: uint256, commitment: bytes32):
+    """Commit keccak256(round key | participant | update hash), once, up to the deadline: the set
+    of commitments is final once the window closed."""
+    p: Participant = self.participants[msg.sender]
+    assert p.registered, "not registered"
+    assert not p.slashed, "slashed"
+    assert p.stake >= self.policy.min_stake, "stake below the minimum"
+    assert self.deadline[round_key] != 0, "round not open"
+    assert block.number <= self.deadline[round_key], "commit window closed"
+    assert self.commitments[round_key][msg.sender] == empty(bytes32), "already committed"
+    assert commitment != empty(bytes32), "empty commitment"
+    self.commitments[round_key][msg.sender] = commitment
+    self.commit_count[round_key] += 1
+    log Committed(round_key=round_key, participant=msg.sender, commitment=commitment)
+
+
+@external
+def list_participants(round_key: uint256, who: DynArray[address, MAX_BATCH], codes: DynArray[uint8, MAX_BATCH]):
+    """The aggregator lists participants of a closed round with their fate, in ascending address
+    order over all batches (so no one twice). Each must have committed in the round."""
+    assert msg.sender == self.policy.aggregator, "only the aggregator"
+    assert not self.recorded[round_key], "round already recorded"
+    assert self.deadline[round_key] != 0, "round not opened: it had no commit phase"
+    assert block.number > self.deadline[round_key], "commit window still open"
+    assert len(who) == len(codes), "one code per participant"
+    last: uint256 = convert(self.last_listed[round_key], uint256)
+    acc: bytes32 = self.records[round_key].leaves_hash
+    aggregated: uint256 = 0
+    for i: uint256 in range(len(who), bound=MAX_BATCH):
+        a: address = who[i]
+        code: uint8 = codes[i]
+        assert convert(a, uint256) > last, "participants not in ascending order (or listed twice)"
+        last = convert(a, uint256)
+        c: bytes32 = self.commitments[round_key][a]
+        assert c != empty(bytes32), "a listed participant did not commit"
+        assert code <= REFUSED, "unknown code"
+        if code <= EXCLUDED:
+            aggregated += 1
+        leaf: bytes32 = keccak256(concat(convert(a, bytes20), c, convert(code, bytes1)))
+        acc = keccak256(concat(acc, leaf))
+    self.last_listed[round_key] = convert(last, address)
+    self.records[round_key].leaves_hash = acc
+    self.records[round_key].listed += len(who)
+    self.records[round_key].aggregated += aggregated
+    log Listed(round_key=round_key, participants=who, codes=codes)
+
+
+@external
+def record_round(round_key: uint256, model_hash: bytes32, prev_model_hash: bytes32, merkle_root: bytes32,
+                 bundle_hash: bytes32):
+    """The aggregator records a round it listed in full: every participant that committed in it,
+    none left out; the model must follow from the session's previous recorded model."""
+    assert msg.sender == self.policy.aggregator, "only the aggregator"
+    assert not self.recorded[round_key], "round already recorded"
+    assert self.deadline[round_key] != 0, "round not opened: it had no commit phase"
+    assert block.number > self.deadline[round_key], "commit window still open"
+    assert self.records[round_key].listed == self.commit_count[round_key], "a committed participant is not listed"
+    session: uint256 = round_key >> 64
+    if self.last_model[session] != empty(bytes32):
+        assert prev_model_hash == self.last_model[session], "the round does not start from the last recorded model"
+    self.recorded[round_key] = True
+    self.last_model[session] = model_hash
+    r: Record = self.records[round_key]
+    r.model_hash = model_hash
+    r.prev_model_hash = prev_model_hash
+    r.merkle_root = merkle_root
+    r.bundle_hash = bundle_hash
+    self.records[round_key] = r
+    log RoundRecorded(round_key=round_key, model_hash=model_hash, prev_model_hash=prev_model_hash,
+                      merkle_root=merkle_root, bundle_hash=bundle_hash, listed=r.listed, aggregated=r.aggregated)
+
+
+@external
+def slash(participant: address, round_key: uint256, code: uint8, proof: DynArray[bytes32, MAX_PROOF]):
+    """The aggregator slashes with evidence: a recorded round whose Merkle root holds the leaf
+    (participant, its commitment, code), with code EXCLUDED or CONTRADICTED. Once per participant
+    and round, at most max_slash_bps of its stake (bonded, then unbonding); it can no longer commit."""
+    assert msg.sender == self.policy.aggregator, "only the aggregator"
+    assert self.recorded[round_key], "no evidence: round not recorded"
+    assert code == EXCLUDED or code == CONTRADICTED, "no evidence: the code is not slashable"
+    assert not self.slashed_in[round_key][participant], "already slashed for this round"
+    c: bytes32 = self.commitments[round_key][participant]
+    assert c != empty(bytes32), "no evidence: no commitment in this round"
+    h: bytes32 = keccak256(concat(convert(participant, bytes20), c, convert(code, bytes1)))
+    for sibling: bytes32 in proof:
+        if convert(h, uint256) <= convert(sibling, uint256):
+            h = keccak256(concat(h, sibling))
+        else:
+            h = keccak256(concat(sibling, h))
+    assert h == self.records[round_key].merkle_root, "no evidence: the leaf is not in the record of the round"
+    p: Participant = self.participants[participant]
+    amount: uint256 = (p.stake + p.unbonding) * self.policy.max_slash_bps // BPS
+    from_stake: uint256 = min(amount, p.stake)
+    p.stake -= from_stake
+    p.unbonding -= amount - from_stake
+    p.slashed = True
+    self.participants[participant] = p
+    self.total_stake -= from_stake
+    self.forfeited += amount
+    self.slashed_in[round_key][participant] = True
+    log Slashed(participant=participant, round_key=round_key, code=code, amount=amount)
+
+
+# ------------------------------------------------------------------ governance
+@external
+def propose(rule: String[32], f: uint256, epsilon_micro: uint256, min_stake: uint256, aggregator: address,
+            max_slash_bps: uint256) -> uint256:
+    """A staked participant proposes a whole new policy; returns its id."""
+    p: Participant = self.participants[msg.sender]
+    assert p.registered and not p.slashed and p.stake >= self.policy.min_stake, "only a staked participant"
+    assert aggregator != empty(address), "no aggregator"
+    assert max_slash_bps <= BPS, "max_slash_bps above 10000"
+    pid: uint256 = self.proposal_count
+    self.proposal_count = pid + 1
+    ends: uint256 = block.number + self.voting_blocks
+    self.proposals[pid] = Proposal(
+        policy=Policy(rule=rule, f=f, epsilon_micro=epsilon_micro, min_stake=min_stake, aggregator=aggregator,
+                      max_slash_bps=max_slash_bps),
+        votes=0, voting_ends=ends, executed=False, cancelled=False)
+    log Proposed(proposal=pid, proposer=msg.sender, voting_ends=ends)
+    return pid
+
+
+@external
+def vote(proposal: uint256):
+    """Vote for a proposal with the whole bonded stake; the stake cannot be unbonded before the
+    proposal's execution block (one stake, one vote)."""
+    assert proposal < self.proposal_count, "no such proposal"
+    prop: Proposal = self.proposals[proposal]
+    assert not prop.cancelled, "proposal cancelled"
+    assert block.number <= prop.voting_ends, "voting is over"
+    p: Participant = self.participants[msg.sender]
+    assert p.registered and not p.slashed and p.stake > 0, "only a staked participant"
+    assert not self.voted[proposal][msg.sender], "already voted"
+    self.voted[proposal][msg.sender] = True
+    self.proposals[proposal].votes += p.stake
+    self.vote_lock[msg.sender] = max(self.vote_lock[msg.sender], prop.voting_ends + self.timelock_blocks + 1)
+    log Voted(proposal=proposal, voter=msg.sender, weight=p.stake)
+
+
+@external
+def execute(proposal: uint256):
+    """Anyone applies a proposal that more than half of the bonded stake voted for, once its vote
+    and then its timelock are over."""
+    assert proposal < self.proposal_count, "no such proposal"
+    prop: Proposal = self.proposals[proposal]
+    assert not prop.executed, "already executed"
+    assert not prop.cancelled, "proposal cancelled"
+    assert block.number > prop.voting_ends + self.timelock_blocks, "vote or timelock not over"
+    assert prop.votes * 2 > self.total_stake, "no majority of the stake"
+    self.proposals[proposal].executed = True
+    self.policy = prop.policy
+    log PolicyChanged(proposal=proposal, rule=prop.policy.rule, f=prop.policy.f, aggregator=prop.policy.aggregator)
+
+
+@external
+def cancel(proposal: uint256):
+    """The owner (guardian) vetoes a proposal before it executes; it cannot make one pass."""
+    assert msg.sender == self.owner, "only the owner"
+    assert proposal < self.proposal_count, "no such proposal"
+    assert not self.proposals[proposal].executed, "already executed"
+    self.proposals[proposal].cancelled = True
+    log Cancelled(proposal=proposal)
+
+
 @external
 def propose_owner(new_owner: address):
     """The owner names its successor, who takes over by accepting (a typo cannot lose the role)."""
     assert msg.sender == self.owner, "only the owner"
     self.pending_owner = new_owner
-    log RoleProposed(role="owner", account=new_owner, effective_at=block.number)
+    log OwnerProposed(account=new_owner)
 
 
 @external
@@ -172,104 +433,10 @@ def accept_owner():
     assert msg.sender == self.pending_owner and msg.sender != empty(address), "only the proposed owner"
     self.owner = msg.sender
     self.pending_owner = empty(address)
-    log RoleChanged(role="owner", account=msg.sender)
+    log OwnerChanged(account=msg.sender)
 
 
-@external
-def propose_aggregator(new_aggregator: address):
-    """The owner names a new aggregator; it takes over role_timelock_blocks later (everyone sees it
-    coming on chain), once someone calls activate_aggregator."""
-    assert msg.sender == self.owner, "only the owner"
-    assert new_aggregator != empty(address), "no aggregator"
-    self.pending_aggregator = new_aggregator
-    self.aggregator_at = block.number + self.role_timelock_blocks
-    log RoleProposed(role="aggregator", account=new_aggregator, effective_at=self.aggregator_at)
-
-
-@external
-def activate_aggregator():
-    assert self.pending_aggregator != empty(address), "no aggregator proposed"
-    assert block.number >= self.aggregator_at, "timelock not over"
-    self.aggregator = self.pending_aggregator
-    self.pending_aggregator = empty(address)
-    log RoleChanged(role="aggregator", account=self.aggregator)
-
-
-@external
-def open_round(round_id: uint256, deadline: uint256):
-    """The aggregator opens a round: commitments are taken up to block `deadline`."""
-    assert msg.sender == self.aggregator, "only the aggregator"
-    assert self.deadline[round_id] == 0, "round already opened"
-    assert deadline >= block.number, "deadline in the past"
-    self.deadline[round_id] = deadline
-    log RoundOpened(round_id=round_id, deadline=deadline)
-
-
-@external
-def close_commits(round_id: uint256):
-    """The aggregator ends the commit window now (before it reads the commitments): the deadline
-    becomes the previous block, so any commitment from this block on is late."""
-    assert msg.sender == self.aggregator, "only the aggregator"
-    assert self.deadline[round_id] != 0, "round not open"
-    closed: uint256 = block.number - 1
-    if closed < self.deadline[round_id]:
-        self.deadline[round_id] = closed
-        log RoundOpened(round_id=round_id, deadline=closed)
-
-
-@external
-def commit(round_id: uint256, commitment: bytes32):
-    """Commit keccak256(round | participant | update hash), once. A commitment after the
-    deadline is kept but marked late, so the aggregator can name the reason it refuses it."""
-    p: Participant = self.participants[msg.sender]
-    assert p.registered, "not registered"
-    assert not p.slashed, "slashed"
-    assert p.stake >= self.min_stake, "stake below the minimum"
-    assert self.deadline[round_id] != 0, "round not open"
-    assert self.commitments[round_id][msg.sender] == empty(bytes32), "already committed"
-    assert commitment != empty(bytes32), "empty commitment"
-    late: bool = block.number > self.deadline[round_id]
-    self.commitments[round_id][msg.sender] = commitment
-    self.committed_late[round_id][msg.sender] = late
-    log Committed(round_id=round_id, participant=msg.sender, commitment=commitment, late=late)
-
-
-@external
-def record_round(round_id: uint256, model_hash: bytes32, merkle_root: bytes32,
-                 accepted: DynArray[address, MAX_BATCH], scores: DynArray[int256, MAX_BATCH]):
-    """The aggregator records a round it ran: only one that was opened, whose commit window has
-    closed, and whose every accepted participant committed in it on time, each once."""
-    assert msg.sender == self.aggregator, "only the aggregator"
-    assert not self.recorded[round_id], "round already recorded"
-    assert len(accepted) == len(scores), "one score per accepted participant"
-    assert self.deadline[round_id] != 0, "round not opened: it had no commit phase"
-    assert block.number > self.deadline[round_id], "commit window still open"
-    for a: address in accepted:
-        assert self.commitments[round_id][a] != empty(bytes32), "an accepted participant did not commit"
-        assert not self.committed_late[round_id][a], "an accepted participant committed late"
-        assert not self.in_record[round_id][a], "a participant recorded twice"
-        self.in_record[round_id][a] = True
-    self.recorded[round_id] = True
-    self.model_hash[round_id] = model_hash
-    self.merkle_root[round_id] = merkle_root
-    self.round_accepted[round_id] = accepted
-    self.round_scores[round_id] = scores
-    log RoundRecorded(round_id=round_id, model_hash=model_hash, merkle_root=merkle_root, accepted=len(accepted))
-
-
-@external
-def slash(participant: address):
-    """The owner or the aggregator slashes a participant: its stake, unbonding included, is forfeited."""
-    assert msg.sender == self.owner or msg.sender == self.aggregator, "only the owner or the aggregator"
-    assert self.participants[participant].registered, "not registered"
-    amount: uint256 = self.participants[participant].stake + self.participants[participant].unbonding
-    self.participants[participant].slashed = True
-    self.participants[participant].stake = 0
-    self.participants[participant].unbonding = 0
-    self.forfeited += amount
-    log Slashed(participant=participant, amount=amount)
-
-
+# ------------------------------------------------------------------ views
 @external
 @view
 def registry(who: DynArray[address, MAX_BATCH]) -> DynArray[Participant, MAX_BATCH]:
@@ -282,14 +449,12 @@ def registry(who: DynArray[address, MAX_BATCH]) -> DynArray[Participant, MAX_BAT
 
 @external
 @view
-def commitments_of(round_id: uint256, who: DynArray[address, MAX_BATCH]) -> (DynArray[bytes32, MAX_BATCH], DynArray[bool, MAX_BATCH]):
-    """Batched view: the commitments of `who` in `round_id` (zero where none) and whether each came late."""
+def commitments_of(round_key: uint256, who: DynArray[address, MAX_BATCH]) -> DynArray[bytes32, MAX_BATCH]:
+    """Batched view: the commitments of `who` in `round_key` (zero where none)."""
     out: DynArray[bytes32, MAX_BATCH] = []
-    late: DynArray[bool, MAX_BATCH] = []
     for a: address in who:
-        out.append(self.commitments[round_id][a])
-        late.append(self.committed_late[round_id][a])
-    return out, late
+        out.append(self.commitments[round_key][a])
+    return out
 
 
 @external
@@ -313,6 +478,13 @@ def registered_slice(start: uint256, count: uint256) -> DynArray[address, MAX_BA
 
 @external
 @view
-def round_record(round_id: uint256) -> (bytes32, bytes32, DynArray[address, MAX_BATCH], DynArray[int256, MAX_BATCH]):
-    assert self.recorded[round_id], "round not recorded"
-    return self.model_hash[round_id], self.merkle_root[round_id], self.round_accepted[round_id], self.round_scores[round_id]
+def listing(round_key: uint256) -> (uint256, address):
+    """How far the listing of a round has got: participants listed, the last one (a retry goes on from it)."""
+    return self.records[round_key].listed, self.last_listed[round_key]
+
+
+@external
+@view
+def round_record(round_key: uint256) -> Record:
+    assert self.recorded[round_key], "round not recorded"
+    return self.records[round_key]

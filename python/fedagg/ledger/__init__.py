@@ -7,11 +7,12 @@ commitments, signed updates and audited round records (contract: Registry.vy).
 >>> chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=10**18)
 """
 
-from . import crypto, merkle
-from .audit import AuditReport, audit_round
+from . import bundle, crypto, merkle
+from .audit import AuditReport, audit_bundles, audit_round
 from .base import Ledger
-from .evm import EvmLedger, Entry, LedgerError, RoundRecord, compiled, connect, embedded
+from .evm import EvmLedger, Entry, LedgerError, Policy, RoundRecord, compiled, connect, embedded
 from .gate import LedgerGate, LedgerParticipant
 
-__all__ = ["AuditReport", "Entry", "EvmLedger", "Ledger", "LedgerError", "LedgerGate", "LedgerParticipant", "RoundRecord",
-           "audit_round", "compiled", "connect", "crypto", "embedded", "merkle"]
+__all__ = ["AuditReport", "Entry", "EvmLedger", "Ledger", "LedgerError", "LedgerGate", "LedgerParticipant", "Policy",
+           "RoundRecord", "audit_bundles", "audit_round", "bundle", "compiled", "connect", "crypto", "embedded",
+           "merkle"]

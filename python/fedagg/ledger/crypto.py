@@ -1,16 +1,17 @@
 """Hashes, commitments and Ed25519 signatures of updates (PyNaCl).
 
     update_hash = SHA-256(update bytes)
-    commitment  = keccak256(round as uint256 | participant address (20 bytes) | update_hash)
+    round_key   = session << 64 | round   (the round's id on chain)
+    commitment  = keccak256(round_key as uint256 | participant address (20 bytes) | update_hash)
     signature   = Ed25519 over b"fedagg-update" | chain id as uint256 | registry address (20 bytes)
                   | session as uint64 | round as uint256 | update_hash
 
 The commitment goes on chain before the upload; the signature travels with the
 update, made by the key the participant registered. `session` is the server's session id
-(STATE's header): a signed upload of one server session is refused by any other, even
-where round numbers repeat (a second server on the same registry starts again at round 0);
-the chain id and the registry's address (``domain``) keep it from being replayed to a
-server of another registry or another chain.
+(STATE's header, below 2**63): rounds on chain are keyed by session and round, so a second
+server on the same registry, which starts again at round 0, opens other rounds, and a signed
+upload of one server session is refused by any other; the chain id and the registry's
+address (``domain``) keep it from being replayed to a server of another registry or chain.
 """
 
 from __future__ import annotations
@@ -43,12 +44,21 @@ def _address(address: str) -> bytes:
     return raw
 
 
-def commitment(round_id: int, address: str, digest: bytes) -> bytes:
+def round_key(session: int, round_id: int) -> int:
+    """The round's id on chain: the server session in the high bits, the round in the low 64."""
+    session, round_id = int(session), int(round_id)
+    if not 0 <= session < 1 << 64 or not 0 <= round_id < 1 << 64:
+        raise ValueError(f"session and round must be in [0, 2**64): {session}, {round_id}")
+    return session << 64 | round_id
+
+
+def commitment(key: int, address: str, digest: bytes) -> bytes:
+    """keccak256(round key | address | update hash): what a participant commits on chain."""
     from eth_utils import keccak
 
     if len(digest) != 32:
         raise ValueError("update hash must be 32 bytes")
-    return keccak(int(round_id).to_bytes(32, "big") + _address(address) + digest)
+    return keccak(int(key).to_bytes(32, "big") + _address(address) + digest)
 
 
 def domain(chain_id: int, registry: str) -> bytes:

@@ -40,11 +40,28 @@ class Entry:
 
 @dataclass(frozen=True)
 class RoundRecord:
-    round: int
+    """What the chain holds of a recorded round (Registry.vy's Record)."""
+
+    round_key: int
     model_hash: bytes
+    prev_model_hash: bytes
     merkle_root: bytes
-    accepted: Tuple[str, ...]
-    scores: Tuple[int, ...]
+    bundle_hash: bytes
+    leaves_hash: bytes  # the contract's hash chain over the listed leaves (merkle.chain)
+    listed: int  # every participant that committed in the round
+    aggregated: int  # of them, in the aggregate or excluded by the rule
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The federation's policy on chain, changed only by a vote (propose, vote, execute)."""
+
+    rule: str  # "" : the server's own choice
+    f: int
+    epsilon_micro: int  # DP budget per round x 1e6 (0: none)
+    min_stake: int
+    aggregator: str
+    max_slash_bps: int
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,6 +71,15 @@ def compiled() -> Tuple[list, str]:
 
     out = compile_code(_SOURCE.read_text(), output_formats=["abi", "bytecode"])
     return out["abi"], out["bytecode"]
+
+
+@functools.lru_cache(maxsize=1)
+def runtime_code() -> bytes:
+    """The code a genuine registry holds on chain (what `fedagg audit` compares the contract with)."""
+    from vyper.compiler import compile_code
+
+    return bytes.fromhex(compile_code(_SOURCE.read_text(), output_formats=["bytecode_runtime"])
+                         ["bytecode_runtime"].removeprefix("0x"))
 
 
 _REASONS = (re.compile(r"reverted with reason string '([^']*)'"), re.compile(r"execution reverted: ([^'\"]*)"),
@@ -101,7 +127,8 @@ class EvmLedger:
         self.w3 = w3
         self.contract = w3.eth.contract(address=w3.to_checksum_address(address), abi=abi)
         self.address = self.contract.address
-        self.aggregator = aggregator or self.contract.functions.aggregator().call()
+        # the account this object sends the aggregator's transactions from (the policy's, by default)
+        self.aggregator = aggregator or self.contract.functions.policy().call()[4]
         self.gas: Dict[str, List[int]] = {}  # gas used per transaction kind
         # One request at a time: the embedded chain is shared by the server's and the
         # participants' threads in one process, and its provider is not thread-safe.
@@ -111,15 +138,19 @@ class EvmLedger:
     # ---------------------------------------------------------------- making one
     @classmethod
     def deploy(cls, w3, *, owner: str, aggregator: str, min_stake: int, registration_bond: Optional[int] = None,
-               unbonding_blocks: int = 100, role_timelock_blocks: int = 100) -> "EvmLedger":
+               unbonding_blocks: int = 100, voting_blocks: int = 100, timelock_blocks: int = 100, rule: str = "",
+               f: int = 0, max_slash_bps: int = 1000) -> "EvmLedger":
         """registration_bond: what registering costs at least (default: a tenth of min_stake, at least 1 wei);
         unbonding_blocks: how long asked-back stake stays slashable before it can be withdrawn;
-        role_timelock_blocks: how long a proposed aggregator waits before it can take over."""
+        voting_blocks, timelock_blocks: how long a policy proposal takes votes, then waits before it
+        can be executed; rule, f: the policy's aggregation rule ("" leaves it to the server);
+        max_slash_bps: the most one slash takes of a participant's stake (basis points)."""
         abi, bytecode = compiled()
         bond = max(1, int(min_stake) // 10) if registration_bond is None else int(registration_bond)
         factory = w3.eth.contract(abi=abi, bytecode=bytecode)
         tx = _call(lambda: factory.constructor(int(min_stake), aggregator, bond, int(unbonding_blocks),
-                                               int(role_timelock_blocks)).transact({"from": owner}))
+                                               int(voting_blocks), int(timelock_blocks), str(rule), int(f),
+                                               int(max_slash_bps)).transact({"from": owner}))
         receipt = w3.eth.wait_for_transaction_receipt(tx)
         ledger = cls(w3, receipt.contractAddress, aggregator)
         ledger.gas.setdefault("deploy", []).append(receipt.gasUsed)
@@ -150,7 +181,7 @@ class EvmLedger:
         """Pull the unbonded stake once its period is over."""
         self._transact("withdraw", account, self.contract.functions.withdraw())
 
-    # ---------------------------------------------------------------- roles
+    # ---------------------------------------------------------------- roles and governance
     def propose_owner(self, owner: str, new_owner: str) -> None:
         self._transact("propose_owner", owner, self.contract.functions.propose_owner(
             self.w3.to_checksum_address(new_owner)))
@@ -158,40 +189,56 @@ class EvmLedger:
     def accept_owner(self, new_owner: str) -> None:
         self._transact("accept_owner", new_owner, self.contract.functions.accept_owner())
 
-    def propose_aggregator(self, owner: str, new_aggregator: str) -> int:
-        """Returns the block from which `activate_aggregator` can hand the role over."""
-        self._transact("propose_aggregator", owner, self.contract.functions.propose_aggregator(
-            self.w3.to_checksum_address(new_aggregator)))
-        return int(self.contract.functions.aggregator_at().call())
+    def propose(self, proposer: str, policy: Policy) -> int:
+        """A staked participant proposes `policy` as a whole; returns the proposal's id."""
+        receipt = self._transact("propose", proposer, self.contract.functions.propose(
+            policy.rule, int(policy.f), int(policy.epsilon_micro), int(policy.min_stake),
+            self.w3.to_checksum_address(policy.aggregator), int(policy.max_slash_bps)))
+        return int(self.contract.events.Proposed().process_receipt(receipt)[0]["args"]["proposal"])
 
-    def activate_aggregator(self, sender: str) -> None:
-        """Hand the aggregator role to the proposed account (after the timelock); this object then sends
-        the aggregator's transactions from it."""
-        self._transact("activate_aggregator", sender, self.contract.functions.activate_aggregator())
-        self.aggregator = self.contract.functions.aggregator().call()
+    def vote(self, voter: str, proposal: int) -> None:
+        self._transact("vote", voter, self.contract.functions.vote(int(proposal)))
 
-    def open_round(self, round_id: int, window_blocks: int) -> int:
-        """Open commitments for `round_id` until `window_blocks` blocks from now; returns the deadline."""
+    def execute(self, sender: str, proposal: int) -> None:
+        self._transact("execute", sender, self.contract.functions.execute(int(proposal)))
+
+    def cancel(self, owner: str, proposal: int) -> None:
+        self._transact("cancel", owner, self.contract.functions.cancel(int(proposal)))
+
+    # ---------------------------------------------------------------- rounds (the aggregator)
+    def open_round(self, key: int, window_blocks: int) -> int:
+        """Open commitments for round `key` (crypto.round_key) until `window_blocks` blocks from now;
+        returns the deadline."""
         deadline = self.block_number() + int(window_blocks)
-        self._transact("open_round", self.aggregator, self.contract.functions.open_round(int(round_id), deadline))
+        self._transact("open_round", self.aggregator, self.contract.functions.open_round(int(key), deadline))
         return deadline
 
-    def close_commits(self, round_id: int) -> None:
-        self._transact("close_commits", self.aggregator, self.contract.functions.close_commits(int(round_id)))
+    def close_commits(self, key: int) -> None:
+        self._transact("close_commits", self.aggregator, self.contract.functions.close_commits(int(key)))
 
-    def commit(self, account: str, round_id: int, commitment: bytes) -> None:
-        self._transact("commit", account, self.contract.functions.commit(int(round_id), bytes(commitment)))
+    def commit(self, account: str, key: int, commitment: bytes) -> None:
+        self._transact("commit", account, self.contract.functions.commit(int(key), bytes(commitment)))
 
-    def record_round(self, round_id: int, model_hash: bytes, merkle_root: bytes, accepted: Sequence[str],
-                     scores: Sequence[int]) -> None:
-        if len(accepted) > MAX_BATCH:
-            raise LedgerError(f"a round record holds at most {MAX_BATCH} participants")
+    def record_round(self, key: int, model_hash: bytes, prev_model_hash: bytes, merkle_root: bytes,
+                     bundle_hash: bytes, listing: Sequence[Tuple[str, int]]) -> None:
+        """List every participant that committed with its code (ascending addresses, MAX_BATCH per
+        transaction: any number of participants), then record the round. A retry after a failure goes on
+        from where the listing got (the rows the contract already holds are not sent again)."""
+        rows = sorted(((self.w3.to_checksum_address(a), int(c)) for a, c in listing), key=lambda r: int(r[0], 16))
+        with self.lock:
+            _, last = self.contract.functions.listing(int(key)).call()
+        rows = [r for r in rows if int(r[0], 16) > int(last, 16)]
+        for start in range(0, len(rows), MAX_BATCH):
+            part = rows[start:start + MAX_BATCH]
+            self._transact("list_participants", self.aggregator, self.contract.functions.list_participants(
+                int(key), [a for a, _ in part], [c for _, c in part]))
         self._transact("record_round", self.aggregator, self.contract.functions.record_round(
-            int(round_id), bytes(model_hash), bytes(merkle_root),
-            [self.w3.to_checksum_address(a) for a in accepted], [int(s) for s in scores]))
+            int(key), bytes(model_hash), bytes(prev_model_hash), bytes(merkle_root), bytes(bundle_hash)))
 
-    def slash(self, sender: str, participant: str) -> None:
-        self._transact("slash", sender, self.contract.functions.slash(self.w3.to_checksum_address(participant)))
+    def slash(self, sender: str, participant: str, key: int, code: int, proof: Sequence[bytes]) -> None:
+        """Slash `participant` with the evidence of round `key`: its leaf's code and Merkle proof."""
+        self._transact("slash", sender, self.contract.functions.slash(
+            self.w3.to_checksum_address(participant), int(key), int(code), [bytes(p) for p in proof]))
 
     # ---------------------------------------------------------------- views (batched)
     def signing_domain(self) -> bytes:
@@ -208,12 +255,25 @@ class EvmLedger:
         return int(self.w3.eth.block_number)
 
     @_locked
+    def policy(self) -> Policy:
+        rule, f, eps, min_stake, aggregator, cap = self.contract.functions.policy().call()
+        return Policy(str(rule), int(f), int(eps), int(min_stake), str(aggregator), int(cap))
+
     def min_stake(self) -> int:
-        return int(self.contract.functions.min_stake().call())
+        return self.policy().min_stake
 
     @_locked
-    def deadline(self, round_id: int) -> int:
-        return int(self.contract.functions.deadline(int(round_id)).call())
+    def deadline(self, key: int) -> int:
+        return int(self.contract.functions.deadline(int(key)).call())
+
+    @_locked
+    def commit_count(self, key: int) -> int:
+        return int(self.contract.functions.commit_count(int(key)).call())
+
+    @_locked
+    def code(self) -> bytes:
+        """The code at the registry's address (compare with runtime_code())."""
+        return bytes(self.w3.eth.get_code(self.address))
 
     @_locked
     def registered(self) -> List[str]:
@@ -238,23 +298,24 @@ class EvmLedger:
         return out
 
     @_locked
-    def commitments(self, round_id: int, addresses: Sequence[str]) -> Dict[str, Tuple[bytes, bool]]:
-        """{address: (commitment, came after the deadline)} of `addresses` in `round_id`, missing ones
-        left out; one call per 256 addresses."""
+    def commitments(self, key: int, addresses: Sequence[str]) -> Dict[str, bytes]:
+        """{address: commitment} of `addresses` in round `key`, missing ones left out; one call per
+        256 addresses."""
         addrs = [self.w3.to_checksum_address(a) for a in addresses]
-        out: Dict[str, Tuple[bytes, bool]] = {}
+        out: Dict[str, bytes] = {}
         for start in range(0, len(addrs), MAX_BATCH):
             part = addrs[start:start + MAX_BATCH]
-            values, late = self.contract.functions.commitments_of(int(round_id), part).call()
-            for a, c, lt in zip(part, values, late):
+            for a, c in zip(part, self.contract.functions.commitments_of(int(key), part).call()):
                 if bytes(c) != bytes(32):
-                    out[a] = (bytes(c), bool(lt))
+                    out[a] = bytes(c)
         return out
 
     @_locked
-    def round_record(self, round_id: int) -> RoundRecord:
-        mh, root, accepted, scores = _call(lambda: self.contract.functions.round_record(int(round_id)).call())
-        return RoundRecord(int(round_id), bytes(mh), bytes(root), tuple(accepted), tuple(int(s) for s in scores))
+    def round_record(self, key: int) -> RoundRecord:
+        mh, prev, root, bundle, leaves, listed, aggregated = _call(
+            lambda: self.contract.functions.round_record(int(key)).call())
+        return RoundRecord(int(key), bytes(mh), bytes(prev), bytes(root), bytes(bundle), bytes(leaves), int(listed),
+                           int(aggregated))
 
 
 def embedded(accounts: int = 40):

@@ -19,7 +19,9 @@ See docs/protocol.md for the messages.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 import time
@@ -89,6 +91,13 @@ class Server:
                                        held=self.shard is not None)
         self.accepted: Dict[str, None] = {}  # ids acknowledged this round, in the collector's order
         self.committing: Dict[str, Job] = {}  # COMMITs in the commit threads, not acknowledged yet
+        if saved is not None and config.ledger is not None and saved["entries"]:
+            # checked against the commitments of the previous session's round key: this session
+            # opens another round on chain, where they committed nothing
+            log.warning("round %d: %d updates accepted before the restart are dropped: their commitments belong "
+                        "to the previous session; participants commit and upload again", restored[0],
+                        len(saved["entries"]), extra={"event": "recovered", "round": restored[0]})
+            saved = None
         if saved is not None:
             if saved["kind"] != self.collector.kind:
                 raise ValueError(f"{config.state_dir} holds round {self.round}'s updates for another rule "
@@ -244,6 +253,10 @@ class Server:
         self.rejected_counts[reason] = self.rejected_counts.get(reason, 0) + 1
         if record and len(self.rejected) < MAX_REJECTED_LISTED:
             self.rejected.append({"id": pid, "reason": reason, "detail": detail, "round": rnd})
+        if record and self.gate is not None and pid is not None:  # the round's bundle names each refusal
+            peer = self.peers.of(pid)
+            if peer is not None and peer.address and (rnd is None or rnd == self.round):
+                self.gate.refused(peer.address, reason, detail)
         body = {"reason": reason, "detail": detail, "held": self._held(pid), "seq": seq}
         if retry_after is not None:
             body["retry_after"] = retry_after
@@ -623,6 +636,10 @@ class Server:
         with self.device.computing():
             for job in jobs:
                 up = job.upload
+                if self.gate is not None:  # the bytes the participant committed to, for the round's bundle
+                    data = self.device.host_view(up.buf) if up.codec == Codec.RAW else up.buf
+                    self.gate.keep(job.address, memoryview(data).cast("B")[:up.total],
+                                   "float32" if up.codec == Codec.RAW else "payload")
                 if up.codec == Codec.RAW:
                     job.update = up.buf
                     continue
@@ -702,10 +719,32 @@ class Server:
             return
         self.phase = "commit"
         try:
-            self.gate.start_round(self.round)
+            self.gate.start_round(self.round, self.session)
         except Exception as e:  # noqa: BLE001 - the chain is down: uploads cannot be verified yet
             log.error("round %d: the ledger could not open the round: %s", self.round, e,
                       extra={"event": "ledger_error", "round": self.round})
+            return
+        self._follow_policy()
+
+    def _follow_policy(self) -> None:
+        """Run this round with the rule and f of the chain's policy, when it sets them (the round
+        starts empty, so the collector can change with the rule). A policy this server cannot run
+        is logged and the configured rule kept: the round's bundle shows the difference."""
+        p = self.gate.policy
+        if not p.rule or (p.rule, int(p.f)) == (self.cfg.rule, self.cfg.f) or self.collector.count:
+            return
+        cfg = dataclasses.replace(self.cfg, rule=p.rule, f=int(p.f),
+                                  rule_params=self.cfg.rule_params if p.rule == self.cfg.rule else {})
+        try:
+            cfg.check()
+        except ValueError as e:
+            log.error("round %d: the chain's policy (%s, f = %d) cannot run here: %s; keeping %s", self.round,
+                      p.rule, p.f, e, self.cfg.rule, extra={"event": "ledger_error", "round": self.round})
+            return
+        log.info("round %d: the chain's policy sets the rule to %s with f = %d", self.round, p.rule, p.f,
+                 extra={"event": "policy", "round": self.round})
+        self.cfg = cfg
+        self.collector = collector_for(cfg.rule, cfg.rule_params, self.device, self._clip_norm)
 
     def _maybe_close(self) -> None:
         if self.phase == "commit":
@@ -808,6 +847,7 @@ class Server:
                 new_model *= np.float32(self.cfg.server_lr)
             new_model += self.model
         failed = None
+        prev_model = self.model
         finite = not _core.nonfinite_rows([new_model])[0]
         if self.group is not None:  # one shard's overflow keeps the model on every shard
             finite = self.group.all(finite)
@@ -827,17 +867,32 @@ class Server:
                        "privacy": None if info.privacy is None else info.privacy.as_dict()})
         if self.gate is not None:
             scores = _scores(info, len(ids))
+            published = None
             if failed is None:
+                address_of = dict(zip(ids, addresses))
                 try:
-                    self.gate.record(self.model, addresses, scores)
+                    published = self.gate.record(self.model, prev_model, addresses, scores,
+                                                 [address_of[i] for i in set(excluded)], self._run(info, weights))
                 except Exception as e:  # noqa: BLE001 - the round stands; its record is missing and says so
                     record["ledger_error"] = str(e)
                     log.error("round %d: recording on the ledger failed: %s", self.round, e,
                               extra={"event": "ledger_error", "round": self.round})
             record["ledger"] = {"seconds": self.gate.cost.seconds, "hash_seconds": self.gate.cost.hash_seconds,
                                 "gas": dict(self.gate.cost.gas), "call_seconds": dict(self.gate.cost.call_seconds),
-                                "calls": self.gate.cost.calls, "addresses": addresses, "scores": scores}
+                                "calls": self.gate.cost.calls, "addresses": addresses, "scores": scores,
+                                "published": published}
         self._next_round(record)
+
+    def _run(self, info, weights) -> Dict[str, Any]:
+        """How this round was aggregated, for the round's bundle (what an audit recomputes)."""
+        dp = self.cfg.dp
+        return {"rule": self.cfg.rule, "f": self.cfg.f,
+                "rule_params": json.loads(json.dumps(self.cfg.rule_params, default=str)),
+                "clip_norm": self.cfg.clip_norm, "server_lr": self.cfg.server_lr,
+                "dp": None if dp is None else {"mechanism": type(dp).__name__, "repr": repr(dp)[:500]},
+                "privacy": None if info.privacy is None else json.loads(json.dumps(info.privacy.as_dict(), default=str)),
+                "stake_weighted": weights is not None, "streamed_mean": self.collector.kind == "fold",
+                "weights": None if weights is None else [float(w) for w in weights]}
 
     def _close_without_model(self, why: str, excluded: Optional[Dict[str, str]] = None) -> None:
         """The deadline passed and no model can be made: the round closes, the model stays, and says why.
