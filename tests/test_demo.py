@@ -97,7 +97,59 @@ def test_default_demo_end_to_end(tmp_path):
         assert set(r.excluded) == byz and not r.refused, r
         assert r.bytes_in > 0 and r.ledger_seconds > 0
     assert robust.gas.get("open_round") and robust.gas.get("record_round")  # the aggregator's transactions
+    for res in (robust, mean):  # the demo audits its own rounds from the chain and the bundles it wrote
+        assert res.audit == {"ok": True, "rounds": opts.rounds, "problems": []}, res.audit
+    assert text.count("rounds (chain + bundles in") == 2 and "passed" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_finished_demo_can_be_audited_with_the_command_line(tmp_path):
+    """--bundles and --keep-chain: after the run the chain stays up and the demo prints the `fedagg audit`
+    command; it passes, and fails naming the participant once one bit of its update is flipped."""
+    import json
+    import queue
+    import signal
+    import threading
+
+    bundles = tmp_path / "bundles"
+    p = subprocess.Popen([sys.executable, "-m", "fedagg", "demo", "--participants", "5", "--byzantine", "1",
+                          "--attack", "noise", "--rule", "median", "--rounds", "2", "--no-compare", "--plot", "",
+                          "--bundles", str(bundles), "--keep-chain"], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines: "queue.Queue[str]" = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in p.stdout], daemon=True).start()
+        command, seen = None, []
+        while command is None:
+            try:
+                line = lines.get(timeout=240)
+            except queue.Empty:
+                break
+            seen.append(line)
+            if line.startswith("audit median: fedagg audit "):
+                command = line.split(": ", 1)[1].split()
+        assert command is not None, "".join(seen)
+        assert "audit of its 2 rounds" in "".join(seen) and "passed" in "".join(seen)
+        audit = [sys.executable, "-m", *command]
+        ok = subprocess.run(audit, capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0 and json.loads(ok.stdout)["ok"], ok.stdout + ok.stderr
+        folder = sorted((bundles / "median").glob("*-00000001"))[0]
+        update = sorted((folder / "updates").iterdir())[0]
+        data = bytearray(update.read_bytes())
+        data[7] ^= 0x10
+        update.write_bytes(bytes(data))
+        bad = subprocess.run(audit, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 1
+        problems = json.loads(bad.stdout)["rounds"][1]["problems"]
+        assert any(update.stem in x for x in problems), problems
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+        p.stdout.close()
 
 
 def test_cli_demo_without_ledger_runs_and_prints_rounds(tmp_path):

@@ -250,3 +250,56 @@ def test_admission_both_curve_and_ledger_with_stake_weights(tmp_path):
     assert sorted(rec["ledger"]["addresses"]) == sorted([a, b])
     rep = ledger.audit_round(chain, gate.last_bundle)
     assert rep.ok and rep.model_recomputed == "exact", rep.as_dict()  # stake weights recomputed too
+
+
+def test_the_server_runs_the_rule_the_chain_voted_for(tmp_path):
+    """The policy is read from the chain each round: a vote that sets trimmed_mean (f = 1) overrides
+    the server's configured mean; a vote that names another aggregator stops this server's rounds."""
+    from test_ledger import _mine_until
+
+    w3 = ledger.embedded()
+    owner, agg, other, *accounts = w3.eth.accounts
+    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH, voting_blocks=3,
+                                    timelock_blocks=1)
+    people = [LedgerParticipant(chain, a) for a in accounts[:4]]
+    for p in people:
+        p.register(2 * ETH)
+
+    def enact(policy):
+        pid = chain.propose(people[0].account, policy)
+        for p in people[:3]:  # 6 of 8 ETH
+            p.chain.vote(p.account, pid)
+        _mine_until(w3, chain.contract.functions.proposals(pid).call()[2] + 1)  # the vote and the timelock
+        chain.execute(owner, pid)
+
+    enact(ledger.Policy("trimmed_mean", 1, 0, ETH, agg, 1000))
+
+    def one_round():
+        gate = LedgerGate(chain, commit_seconds=5.0, bundle_dir=str(tmp_path))
+        server = Server(np.zeros(8, np.float32), ServerConfig(bind="tcp://127.0.0.1:0", rule="mean", quorum=4,
+                                                             rounds=1, deadline=60.0, ledger=gate))
+        th = threading.Thread(target=server.serve, daemon=True)
+        th.start()
+
+        def go(p, value):
+            with Client(server.endpoint, p.account, timeout=60) as c:
+                p.submit(c, np.full(8, value, np.float32), 0, timeout=60)
+
+        ts = [threading.Thread(target=go, args=(p, v)) for p, v in zip(people, (1.0, 2.0, 3.0, 100.0))]
+        [t.start() for t in ts]
+        [t.join(90) for t in ts]
+        th.join(30)
+        return server, ledger.audit_round(chain, gate.last_bundle)
+
+    server, rep = one_round()
+    assert server.history[0]["rule"] == "trimmed_mean" and server.history[0]["f"] == 1
+    np.testing.assert_allclose(server.model, np.full(8, 2.5))  # the mean would have given 26.5
+    assert rep.ok and rep.checks["policy"], rep.as_dict()
+    # a policy this server cannot run: it keeps its mean, and the audit says the round broke the policy
+    enact(ledger.Policy("no_such_rule", 0, 0, ETH, agg, 1000))
+    server, rep = one_round()
+    assert server.history[0]["rule"] == "mean" and not rep.ok and not rep.checks["policy"]
+
+    enact(ledger.Policy("trimmed_mean", 1, 0, ETH, other, 1000))
+    with pytest.raises(LedgerError, match="not this server's account"):
+        LedgerGate(chain).start_round(1, 5)

@@ -24,7 +24,7 @@ class View:
     HEADER = f"{'round':>5} {'accuracy':>8} {'excluded by the rule':<24} {'refused':<18} {'eps':>6} " \
              f"{'KiB in':>7} {'s':>5} {'chain s':>7}"
     LEGEND = (
-        "round     the server's round number, from 0 (as in the plot, on chain and for fedagg audit --round)",
+        "round     the server's round number, from 0 (as in the plot and in the round bundles fedagg audit reads)",
         "accuracy  test accuracy of the global model after the round",
         "excluded  participants the rule left out of the aggregate (* = Byzantine)",
         "refused   uploads the server refused this round, participant:reason",

@@ -728,16 +728,21 @@ class Server:
 
     def _follow_policy(self) -> None:
         """Run this round with the rule and f of the chain's policy, when it sets them (the round
-        starts empty, so the collector can change with the rule). A policy this server cannot run
-        is logged and the configured rule kept: the round's bundle shows the difference."""
+        starts empty, so the collector can change with the rule; min_updates and quorum rise to what
+        the rule needs). A policy this server cannot run is logged and the configured rule kept: the
+        round's bundle shows the difference, and the audit fails its policy check."""
         p = self.gate.policy
         if not p.rule or (p.rule, int(p.f)) == (self.cfg.rule, self.cfg.f) or self.collector.count:
             return
-        cfg = dataclasses.replace(self.cfg, rule=p.rule, f=int(p.f),
-                                  rule_params=self.cfg.rule_params if p.rule == self.cfg.rule else {})
-        try:
+        from ..rules import RULES as SPECS
+
+        try:  # a round never closes with fewer updates than the voted rule needs
+            need = max(self.cfg.min_updates, SPECS[p.rule].min_n(int(p.f)))
+            cfg = dataclasses.replace(self.cfg, rule=p.rule, f=int(p.f), min_updates=need,
+                                      quorum=max(self.cfg.quorum, need),
+                                      rule_params=self.cfg.rule_params if p.rule == self.cfg.rule else {})
             cfg.check()
-        except ValueError as e:
+        except (KeyError, ValueError) as e:
             log.error("round %d: the chain's policy (%s, f = %d) cannot run here: %s; keeping %s", self.round,
                       p.rule, p.f, e, self.cfg.rule, extra={"event": "ledger_error", "round": self.round})
             return
