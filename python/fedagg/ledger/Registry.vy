@@ -333,6 +333,7 @@ def slash(participant: address, round_key: uint256, code: uint8, proof: DynArray
     (participant, its commitment, code), with code EXCLUDED or CONTRADICTED. Once per participant
     and round, at most max_slash_bps of its stake (bonded, then unbonding); it can no longer commit."""
     assert msg.sender == self.policy.aggregator, "only the aggregator"
+    assert self.policy.max_slash_bps > 0, "slashing is off (max_slash_bps is 0)"
     assert self.recorded[round_key], "no evidence: round not recorded"
     assert code == EXCLUDED or code == CONTRADICTED, "no evidence: the code is not slashable"
     assert not self.slashed_in[round_key][participant], "already slashed for this round"

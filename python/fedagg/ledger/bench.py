@@ -66,3 +66,39 @@ def run(n: int = 16, d: int = 25_000_000, *, rpc: Optional[str] = None, commit_s
             "ledger_gas": cost["gas"], "ledger_call_seconds": cost["call_seconds"], "participant_commit_seconds_max": max(commit_time),
             "participant_commit_gas": int(np.mean(chain.gas.get("commit", [0]))),
             "aggregate_seconds": rec["aggregate_seconds"]}
+
+
+def gas(n: int, *, rpc: Optional[str] = None) -> Dict[str, Any]:
+    """Gas of one ledger round with n participants that all commit, straight on the contract (no
+    server): open, each commit, close, the listing (256 per transaction) and the record.
+
+    >>> g = gas(2)
+    >>> g["list_participants_txs"], g["open_round"] > 0
+    (1, True)
+    """
+    from . import EvmLedger, connect, crypto, embedded, merkle
+
+    w3 = connect(rpc) if rpc else embedded(accounts=n + 2)
+    owner, agg, *people = w3.eth.accounts[:n + 2]
+    if len(people) < n:
+        raise ValueError(f"the chain has {len(people) + 2} accounts; {n + 2} are needed")
+    chain = EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=10**18)
+    for a in people:
+        chain.register(a, bytes(31) + b"\x01", 2 * 10**18)
+    key = crypto.round_key(1, 0)
+    chain.open_round(key, n + 10)
+    com = {a: crypto.commitment(key, a, bytes([i % 256]) * 32) for i, a in enumerate(people)}
+    for a in people:
+        chain.commit(a, key, com[a])
+    chain.close_commits(key)
+    leaves = [merkle.leaf(a, com[a], merkle.AGGREGATED) for a in people]
+    chain.record_round(key, b"\x01" * 32, b"\x02" * 32, merkle.root(leaves), b"\x03" * 32,
+                       [(a, merkle.AGGREGATED) for a in people])
+    g = chain.gas
+    listing = sum(g.get("list_participants", []))
+    return {"n": n, "backend": rpc or "embedded py-evm", "open_round": g["open_round"][0],
+            "commit_each": int(np.mean(g["commit"])) if n else 0, "commit_max": max(g["commit"], default=0),
+            "close_commits": g["close_commits"][0], "list_participants": listing,
+            "list_participants_txs": len(g.get("list_participants", [])), "record_round": g["record_round"][0],
+            "aggregator_total": g["open_round"][0] + g["close_commits"][0] + listing + g["record_round"][0],
+            "register_each": int(np.mean(g["register"])) if n else 0, "deploy": g["deploy"][0]}
