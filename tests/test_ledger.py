@@ -667,11 +667,10 @@ def test_gate_sees_when_every_admitted_participant_has_committed():
     assert gate.all_committed()
 
 
-def test_two_server_sessions_on_one_registry_cannot_replay_each_other():
+def test_two_server_sessions_on_one_registry_cannot_replay_each_other(w3):
     """Two server sessions on one registry both start at round 0. Their rounds have different keys on
     chain, so a commitment of one is none in the other, and the signature binds the session: an
     upload signed and committed for the first is refused by the second (it was accepted before)."""
-    w3 = ledger.embedded()
     owner, agg, a = w3.eth.accounts[:3]
     chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
     pa = ledger.LedgerParticipant(chain, a)

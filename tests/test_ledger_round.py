@@ -303,3 +303,29 @@ def test_the_server_runs_the_rule_the_chain_voted_for(tmp_path):
     enact(ledger.Policy("trimmed_mean", 1, 0, ETH, other, 1000))
     with pytest.raises(LedgerError, match="not this server's account"):
         LedgerGate(chain).start_round(1, 5)
+
+
+def test_a_restarted_ledger_server_drops_the_updates_of_the_old_session(tmp_path, caplog):
+    """Updates accepted before a restart were committed under the old session's round key, where the
+    new session has no commitment: the restarted server does not carry them into its round."""
+    w3 = ledger.embedded()
+    owner, agg, a = w3.eth.accounts[:3]
+    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
+    pa = LedgerParticipant(chain, a)
+    pa.register(2 * ETH)
+    cfg = dict(bind="tcp://127.0.0.1:0", rule="median", quorum=2, rounds=1, deadline=60.0,
+               state_dir=str(tmp_path / "state"))
+    server = Server(np.zeros(16, np.float32), ServerConfig(ledger=LedgerGate(chain, commit_seconds=1.0), **cfg))
+    th = threading.Thread(target=server.serve, daemon=True)
+    th.start()
+    with Client(server.endpoint, a, timeout=30) as c:
+        assert pa.submit(c, np.ones(16, np.float32), 0, timeout=30)["round"] == 0
+    server.stop()
+    th.join(30)
+    assert not th.is_alive() and len(server.accepted) == 1
+    again = Server(np.zeros(16, np.float32), ServerConfig(ledger=LedgerGate(chain, commit_seconds=1.0), **cfg))
+    try:
+        assert again.round == 0 and again.accepted == {} and again.collector.count == 0
+        assert "dropped" in caplog.text and again.session != server.session
+    finally:
+        again.close()
