@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=_int_at_least(0), default=0, help="data seed (default 0)")
     b.add_argument("--threads", type=_int_at_least(0), default=None,
                    help="threads for fedagg and torch (0: all cores; default: as configured)")
+    b.add_argument("--isa", default=None, help="run fedagg's CPU kernels with this instruction set (e.g. avx2 on "
+                                                "an AVX-512 machine; `fedagg info` lists them; default: the best)")
     b.add_argument("--json", metavar="PATH", default=None,
                    help="write all results as JSON ('-': stdout; default: none)")
     b.add_argument("--no-compare", dest="compare", action="store_false",
@@ -197,6 +199,13 @@ def _bench(args) -> int:
 
     report = sys.stderr if args.json == "-" else sys.stdout  # stdout carries only JSON then
     con, err = _out(report), _out(sys.stderr)
+    if args.isa:
+        from . import _core
+
+        try:
+            _core._force_isa(args.isa)
+        except ValueError as e:
+            raise SystemExit(f"fedagg bench: --isa {args.isa}: {e}") from None
     if args.topk_ratio > 1:
         raise SystemExit("fedagg bench: --topk-ratio must be in (0, 1]")
     res: Dict[str, Any] = {}

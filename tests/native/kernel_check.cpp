@@ -1,0 +1,178 @@
+// The CPU kernels against plain float64 references, as a standalone program (no Python): what
+// runs on a machine where the Python tests cannot, such as the aarch64 build under qemu-user
+// (tests/test_native.py). For every kernel table this CPU can run (aarch64: the 16-byte vector
+// kernels, which the compiler maps to NEON), on random inputs from fixed seeds with shapes that
+// leave vector tails (d = 1, 5, 63, 64, 1000, 4099; n = 1 .. 33), checks weighted sums, pairwise
+// and one-to-many squared distances, norms, median, trimmed mean, Bulyan's coordinate stage,
+// Krum scores, non-finite detection and CRC32C. Prints "ok N checks" and exits 0, or names the
+// first failure and exits 1.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "fedagg/checksum.hpp"
+#include "fedagg/kernels.hpp"
+#include "fedagg/ops.hpp"
+#include "fedagg/threadpool.hpp"
+
+namespace {
+
+long checks = 0;
+
+[[noreturn]] void fail(const std::string& what) {
+  std::printf("FAIL %s\n", what.c_str());
+  std::exit(1);
+}
+
+void expect_close(double got, double want, double tol, const std::string& what) {
+  ++checks;
+  if (!(std::fabs(got - want) <= tol)) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf, ": got %.17g, want %.17g (tolerance %.3g)", got, want, tol);
+    fail(what + buf);
+  }
+}
+
+struct Data {
+  std::vector<float> x;
+  fedagg::Rows rows;
+};
+
+Data make(int n, std::size_t d, unsigned seed, double scale) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<double> N(0.0, 1.0);
+  Data D;
+  D.x.resize(static_cast<std::size_t>(n) * d);
+  for (auto& v : D.x) v = static_cast<float>(scale * N(g));
+  D.rows.d = d;
+  for (int i = 0; i < n; ++i) D.rows.ptr.push_back(D.x.data() + static_cast<std::size_t>(i) * d);
+  return D;
+}
+
+double at(const Data& D, int i, std::size_t j) { return D.rows.ptr[static_cast<std::size_t>(i)][j]; }
+
+// The value a coordinate-wise rule keeps, from the sorted column (reference definitions).
+double ref_coordinate(std::vector<double> v, int mode, int f) {
+  std::sort(v.begin(), v.end());
+  const int n = static_cast<int>(v.size());
+  if (mode == 0) return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  if (mode == 1) {
+    double s = 0.0;
+    for (int k = f; k < n - f; ++k) s += v[k];
+    return s / (n - 2 * f);
+  }
+  // Bulyan: the mean of the n - 2f values closest to the median
+  const double med = n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  std::vector<double> by(v);
+  std::stable_sort(by.begin(), by.end(), [med](double a, double b) { return std::fabs(a - med) < std::fabs(b - med); });
+  double s = 0.0;
+  for (int k = 0; k < n - 2 * f; ++k) s += by[k];
+  return s / (n - 2 * f);
+}
+
+void check_table(const char* isa) {
+  const std::size_t ds[] = {1, 5, 63, 64, 1000, 4099};
+  const int ns[] = {1, 2, 3, 7, 16, 17, 33};
+  unsigned seed = 1;
+  for (std::size_t d : ds)
+    for (int n : ns) {
+      const std::string at_shape = std::string(isa) + " n=" + std::to_string(n) + " d=" + std::to_string(d);
+      Data X = make(n, d, seed++, 1.0 + static_cast<double>(seed % 5));
+      // weighted sum
+      std::vector<double> coef(static_cast<std::size_t>(n));
+      for (int i = 0; i < n; ++i) coef[static_cast<std::size_t>(i)] = 0.5 + 0.25 * i;
+      std::vector<float> out(d);
+      fedagg::weighted_sum(X.rows, coef.data(), out.data());
+      for (std::size_t j = 0; j < d; ++j) {
+        double s = 0.0, m = 0.0;
+        for (int i = 0; i < n; ++i) {
+          s += coef[static_cast<std::size_t>(i)] * at(X, i, j);
+          m += std::fabs(coef[static_cast<std::size_t>(i)] * at(X, i, j));
+        }
+        expect_close(out[j], s, 1e-6 * m + 1e-30, "weighted_sum " + at_shape);
+      }
+      // distances, norms
+      const auto Dm = fedagg::pairwise_sqdist(X.rows);
+      std::vector<double> ref(static_cast<std::size_t>(n) * n, 0.0);
+      for (int i = 0; i < n; ++i)
+        for (int k = 0; k < n; ++k) {
+          double s = 0.0;
+          for (std::size_t j = 0; j < d; ++j) s += (at(X, i, j) - at(X, k, j)) * (at(X, i, j) - at(X, k, j));
+          ref[static_cast<std::size_t>(i) * n + k] = s;
+          expect_close(Dm[static_cast<std::size_t>(i) * n + k], s, 1e-5 * s, "pairwise_sqdist " + at_shape);
+        }
+      const auto to0 = fedagg::sqdist_to(X.rows, X.rows.ptr[0]);
+      const auto nrm = fedagg::sqnorms(X.rows);
+      for (int i = 0; i < n; ++i) {
+        double s = 0.0;
+        for (std::size_t j = 0; j < d; ++j) s += at(X, i, j) * at(X, i, j);
+        expect_close(to0[static_cast<std::size_t>(i)], ref[static_cast<std::size_t>(i) * n], 1e-5 * ref[static_cast<std::size_t>(i) * n],
+                     "sqdist_to " + at_shape);
+        expect_close(nrm[static_cast<std::size_t>(i)], s, 1e-5 * s, "sqnorms " + at_shape);
+      }
+      // coordinate-wise rules
+      std::vector<double> col(static_cast<std::size_t>(n));
+      std::vector<float> med(d), tm(d), bul(d);
+      const int f = (n - 1) / 4;
+      if (fedagg::coordinate_median(X.rows, med.data())) fail("coordinate_median saw a NaN " + at_shape);
+      if (fedagg::trimmed_mean(X.rows, f, tm.data())) fail("trimmed_mean saw a NaN " + at_shape);
+      const bool bulyan_ok = n >= 4 * f + 3;
+      if (bulyan_ok && fedagg::bulyan_reduce(X.rows, f, bul.data())) fail("bulyan_reduce saw a NaN " + at_shape);
+      for (std::size_t j = 0; j < d; ++j) {
+        double m = 0.0;
+        for (int i = 0; i < n; ++i) {
+          col[static_cast<std::size_t>(i)] = at(X, i, j);
+          m = std::max(m, std::fabs(at(X, i, j)));
+        }
+        expect_close(med[j], ref_coordinate(col, 0, 0), 1e-6 * m, "median " + at_shape);
+        expect_close(tm[j], ref_coordinate(col, 1, f), 1e-6 * m, "trimmed_mean " + at_shape);
+        if (bulyan_ok) expect_close(bul[j], ref_coordinate(col, 2, f), 1e-6 * m, "bulyan_reduce " + at_shape);
+      }
+      // Krum scores on the reference distances: the sum of the n - f - 2 smallest distances to others
+      const int kf = std::max(0, (n - 3) / 2);
+      if (n - kf - 2 >= 1) {
+        const auto sc = fedagg::krum_scores(ref.data(), n, kf);
+        for (int i = 0; i < n; ++i) {
+          std::vector<double> others;
+          for (int k = 0; k < n; ++k)
+            if (k != i) others.push_back(ref[static_cast<std::size_t>(i) * n + k]);
+          std::sort(others.begin(), others.end());
+          double s = 0.0;
+          for (int k = 0; k < n - kf - 2; ++k) s += others[static_cast<std::size_t>(k)];
+          expect_close(sc[static_cast<std::size_t>(i)], s, 1e-12 * s, "krum_scores " + at_shape);
+        }
+      }
+      // non-finite detection
+      if (n >= 2) {
+        X.x[static_cast<std::size_t>(n - 1) * d + d / 2] = std::nanf("");
+        const auto bad = fedagg::nonfinite_rows(X.rows);
+        ++checks;
+        if (bad[static_cast<std::size_t>(n - 1)] != 1 || bad[0] != 0) fail("nonfinite_rows " + at_shape);
+        ++checks;
+        if (!fedagg::coordinate_median(X.rows, med.data())) fail("median missed a NaN " + at_shape);
+      }
+    }
+}
+
+}  // namespace
+
+int main() {
+  // CRC32C's standard check value
+  ++checks;
+  if (fedagg::crc32c("123456789", 9) != 0xE3069283u) fail("crc32c check value");
+  for (int threads : {1, 3}) {
+    fedagg::set_num_threads(threads);
+    for (const char* isa : {"avx512", "avx2", "base"}) {
+      if (fedagg::kernel_table(isa) == nullptr) continue;
+      fedagg::force_isa(isa);
+      check_table(isa);
+      std::printf("%s (%d threads): ok\n", isa, threads);
+    }
+  }
+  std::printf("ok %ld checks\n", checks);
+  return 0;
+}
