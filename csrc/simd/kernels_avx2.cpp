@@ -11,7 +11,9 @@
 #define FEDAGG_VBYTES 32
 #define FEDAGG_MIN_PS(a, b) _mm256_min_ps((__m256)(a), (__m256)(b))
 #define FEDAGG_MAX_PS(a, b) _mm256_max_ps((__m256)(a), (__m256)(b))
-#define FEDAGG_PAIR_BLOCK 2
+// 3 x 3 pairs per block: 9 independent FMA chains hide the FMA latency (2 x 2, four chains, ran
+// latency-bound at half the speed; 4 x 4 spills the 16 ymm registers).
+#define FEDAGG_PAIR_BLOCK 3
 
 namespace fedagg {
 namespace isa_avx2 {
