@@ -202,6 +202,22 @@ def test_ledger_validated_rounds(w3, tmp_path):  # noqa: F811
     rep = ledger.audit_round(chain, tampered)
     assert not rep.ok and not rep.checks["reveals"]
     assert any(victim in p and "do not match its commitment" in p for p in rep.problems), rep.problems
+    # a manifest edited after the fact (a refusal reason rewritten), or another model: caught by their hashes
+    manifest_path = tampered / "manifest.json"
+    edited = json.loads(manifest_path.read_text())
+    edited["refusals"][people["badsig"].account]["reason"] = "never revealed"
+    manifest_path.write_bytes(bundle.canonical(edited))
+    np.save(tampered / "model.npy", models[0] + 1)
+    rep = ledger.audit_round(chain, tampered)
+    assert not rep.checks["bundle_hash"] and not rep.checks["model_hash"]
+    # the same bundle audited against a contract that is not the Registry: refused
+    from vyper.compiler import compile_code
+
+    out = compile_code("# pragma version ~=0.4.3\nx: public(uint256)\n", output_formats=["abi", "bytecode"])
+    r = w3.eth.wait_for_transaction_receipt(w3.eth.contract(abi=out["abi"], bytecode=out["bytecode"])
+                                            .constructor().transact({"from": owner}))
+    rep = ledger.audit_round(ledger.EvmLedger(w3, r.contractAddress, aggregator=agg), folders[0])
+    assert not rep.ok and not rep.checks["contract_code"] and not rep.checks["round"]
     url = _url(w3)
     if url is not None:  # the command line, on the node and on Hardhat
         code, out = _audit_cli(url, chain.address, bundles)
