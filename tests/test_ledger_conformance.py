@@ -55,15 +55,15 @@ def test_a_participant_written_from_the_documents_takes_part_in_a_ledger_round(c
     server = Server(np.zeros(D, np.float32), ServerConfig(bind="tcp://127.0.0.1:0", quorum=1, min_updates=1,
                                                           rounds=1, deadline=60.0, ledger=gate, chunk_bytes=4096,
                                                           credits=3))
-    th = threading.Thread(target=server.serve, daemon=True)
-    th.start()
 
-    # --- the participant, from the documents
+    # --- the participant, from the documents; registered before round 0 snapshots the registry
     registry = w3.eth.contract(address=chain.address, abi=ABI)
     keys = {a: nacl_signing.SigningKey.generate() for a in (me, liar)}
     for a in (me, liar):
         w3.eth.wait_for_transaction_receipt(registry.functions.register(bytes(keys[a].verify_key)).transact(
             {"from": a, "value": 2 * ETH}))
+    th = threading.Thread(target=server.serve, daemon=True)
+    th.start()
     peers = {}
     for a in (me, liar):
         peers[a] = Peer(ctx, server.endpoint, pid=a)
