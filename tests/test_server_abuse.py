@@ -383,7 +383,7 @@ def test_a_connection_with_its_own_routing_id_is_refused(running):
 class _Gate:
     """A stand-in LedgerGate: admits known addresses, weighs by stake, records what it is given."""
 
-    poll_seconds, commit_seconds, stake_weighted, commitments = 0.05, 0.0, True, {}
+    poll_seconds, commit_seconds, stake_weighted, commitments, keep_updates = 0.05, 0.0, True, {}, False
     stakes = {"0xa": 1.0, "0xwhale": 1000.0, "0xb": 1.0}
 
     def __init__(self, fail_checks=0):

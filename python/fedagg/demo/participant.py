@@ -46,6 +46,7 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     from ..integrations.torch import Participant
+    from ..ledger.evm import LedgerError
     from ..transport import Client, TransportError
 
     a = parse(argv)
@@ -114,10 +115,12 @@ def main(argv=None) -> int:
             try:
                 if signer is not None:  # reveal only once the chain itself shows the commit window closed
                     c.wait_phase("upload", a.timeout)
-                    _wait_window_closed(signer, rnd, c.state["session"], a.timeout)
+                    signer.wait_window_closed(rnd, session=c.state["session"], timeout=a.timeout, poll=0.1)
                 c.submit(update, rnd, signature=sig)
             except TransportError as e:
                 print(f"{pid}: round {rnd} refused: {e.reason} {e.detail}", file=sys.stderr)
+            except LedgerError as e:  # the window did not close on chain: the update stays unrevealed
+                print(f"{pid}: round {rnd} not revealed: {e}", file=sys.stderr)
             last = rnd
     return 0
 
@@ -138,16 +141,6 @@ def _exit_when_stdin_closes() -> None:
         finally:
             os._exit(3)
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def _wait_window_closed(signer, rnd: int, session: int, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while not signer.window_closed(rnd, session=session):
-        if time.monotonic() > end:
-            from ..transport import TransportError
-
-            raise TransportError("timeout", "the commit window is still open on chain: not revealing")
-        time.sleep(0.1)
 
 
 def _commit(signer, rnd: int, update, pid: str, session: int, tries: int = 3):

@@ -168,13 +168,14 @@ class LedgerGate:
         self.refusals[_checksum(address)] = {"reason": reason, "detail": detail[:300]}
 
     def _pending(self) -> Path:
-        return Path(self.bundle_dir) / f".pending-{self.key:x}"
+        return self.bundle_dir / f".pending-{self.key:x}"
 
     def keep(self, address: str, data, encoding: str) -> None:
-        """The bytes of an update about to be aggregated (written to the round's pending bundle)."""
+        """An update about to be aggregated: its encoding, and (keep_updates) its bytes, written to the
+        round's pending bundle; `data` may be None when keep_updates is off."""
         address = _checksum(address)
         self.encodings[address] = encoding
-        if self.keep_updates:
+        if self.keep_updates and data is not None:
             folder = self._pending()
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{address}.bin").write_bytes(memoryview(data).cast("B"))
@@ -278,13 +279,17 @@ class LedgerParticipant:
         close on chain within `timeout` seconds (the update is not revealed)."""
         session = int(client.state["session"])
         signature = self.commit(rnd, update, session=session)
+        self.wait_window_closed(rnd, session=session, timeout=timeout, poll=poll)
+        return client.submit(update, rnd, signature=signature)
+
+    def wait_window_closed(self, rnd: int, *, session: int, timeout: float = 120.0, poll: float = 0.2) -> None:
+        """Return once the chain shows round `rnd`'s commit window closed; LedgerError after `timeout` s."""
         end = time.monotonic() + timeout
         while not self.window_closed(rnd, session=session):
             if time.monotonic() > end:
                 raise LedgerError(f"round {rnd}: the commit window is still open on chain after {timeout:.0f} s; "
                                   "the update is not revealed")
             time.sleep(poll)
-        return client.submit(update, rnd, signature=signature)
 
 
 def _checksum(address: str) -> str:

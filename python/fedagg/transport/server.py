@@ -637,9 +637,11 @@ class Server:
             for job in jobs:
                 up = job.upload
                 if self.gate is not None:  # the bytes the participant committed to, for the round's bundle
-                    data = self.device.host_view(up.buf) if up.codec == Codec.RAW else up.buf
-                    self.gate.keep(job.address, memoryview(data).cast("B")[:up.total],
-                                   "float32" if up.codec == Codec.RAW else "payload")
+                    data = None  # not fetched from the device when the bundle keeps no updates
+                    if self.gate.keep_updates:
+                        data = self.device.host_view(up.buf) if up.codec == Codec.RAW else up.buf
+                        data = memoryview(data).cast("B")[:up.total]
+                    self.gate.keep(job.address, data, "float32" if up.codec == Codec.RAW else "payload")
                 if up.codec == Codec.RAW:
                     job.update = up.buf
                     continue
