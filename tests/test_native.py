@@ -28,7 +28,7 @@ X86 = {"simd/kernels_avx2.cpp": ["-mavx2", "-mfma"],
 def build(cxx, out, *, x86, static=False, timeout=600):
     """Compile the kernels, their drivers and the check program with `cxx` into `out`/check."""
     sources = {"simd/kernels_base.cpp": [], "ops.cpp": ["-ffp-contract=off"], "dispatch.cpp": [],
-               "threadpool.cpp": [], "checksum.cpp": []}
+               "threadpool.cpp": [], "checksum.cpp": [], "secagg.cpp": []}
     defs = []
     if x86:
         sources.update(X86)

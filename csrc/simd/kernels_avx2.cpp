@@ -26,6 +26,7 @@ extern const KernelTable table_avx2 = {"avx2",
                                        &isa_avx2::pairwise_sqdist,
                                        &isa_avx2::sqdist_to,
                                        &isa_avx2::sqnorms,
-                                       &isa_avx2::sorted_reduce};
+                                       &isa_avx2::sorted_reduce,
+                                       &isa_avx2::chacha_mask};
 
 }  // namespace fedagg

@@ -31,6 +31,7 @@ extern const KernelTable table_base = {"base",
                                        &isa_base::pairwise_sqdist,
                                        &isa_base::sqdist_to,
                                        &isa_base::sqnorms,
-                                       &isa_base::sorted_reduce};
+                                       &isa_base::sorted_reduce,
+                                       &isa_base::chacha_mask};
 
 }  // namespace fedagg

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "fedagg/checksum.hpp"
 #include "fedagg/kernels.hpp"
 #include "fedagg/ops.hpp"
+#include "fedagg/secagg.hpp"
 #include "fedagg/threadpool.hpp"
 
 namespace {
@@ -160,6 +162,67 @@ void check_table(const char* isa) {
 
 }  // namespace
 
+// RFC 8439 section 2.3's ChaCha20 block function, written plainly (one block, scalar).
+std::uint32_t rotl32(std::uint32_t x, int r) { return (x << r) | (x >> (32 - r)); }
+void chacha_block(const std::uint32_t key[8], std::uint32_t counter, const std::uint32_t nonce[3],
+                  std::uint32_t out[16]) {
+  std::uint32_t s[16] = {0x61707865u, 0x3320646eu, 0x79622d32u, 0x6b206574u};
+  for (int i = 0; i < 8; ++i) s[4 + i] = key[i];
+  s[12] = counter;
+  for (int i = 0; i < 3; ++i) s[13 + i] = nonce[i];
+  std::uint32_t x[16];
+  for (int i = 0; i < 16; ++i) x[i] = s[i];
+  auto qr = [&x](int a, int b, int c, int d) {
+    x[a] += x[b]; x[d] = rotl32(x[d] ^ x[a], 16);
+    x[c] += x[d]; x[b] = rotl32(x[b] ^ x[c], 12);
+    x[a] += x[b]; x[d] = rotl32(x[d] ^ x[a], 8);
+    x[c] += x[d]; x[b] = rotl32(x[b] ^ x[c], 7);
+  };
+  for (int r = 0; r < 10; ++r) {
+    qr(0, 4, 8, 12); qr(1, 5, 9, 13); qr(2, 6, 10, 14); qr(3, 7, 11, 15);
+    qr(0, 5, 10, 15); qr(1, 6, 11, 12); qr(2, 7, 8, 13); qr(3, 4, 9, 14);
+  }
+  for (int i = 0; i < 16; ++i) out[i] = x[i] + s[i];
+}
+
+// The fused masks (this ISA's vector kernel, threads) against the plain block function.
+void check_masks(const std::string& isa) {
+  // RFC 8439 A.1 test vector 1: zero key and nonce, block 0.
+  const std::uint32_t want1[4] = {0xade0b876u, 0x903df1a0u, 0xe56a5d40u, 0x28bd8653u};
+  std::vector<std::uint32_t> z(16, 0);
+  const std::uint8_t zero[32] = {};
+  const std::int8_t plus = 1, minus = -1;
+  fedagg::apply_masks(z.data(), 16, zero, &plus, 1, zero, 32);
+  for (int i = 0; i < 4; ++i) expect_close(z[i], want1[i], 0, "RFC 8439 A.1 #1 word " + std::to_string(i) + " " + isa);
+  std::mt19937_64 g(99);
+  for (std::size_t d : {std::size_t(1), std::size_t(17), std::size_t(1000), std::size_t(70001)})
+    for (int bits : {32, 13}) {
+      std::uint8_t keys[64], nonce[12];
+      for (auto& b : keys) b = static_cast<std::uint8_t>(g());
+      for (auto& b : nonce) b = static_cast<std::uint8_t>(g());
+      const std::int8_t signs[2] = {1, -1};
+      std::vector<std::uint32_t> x(d), y;
+      for (auto& v : x) v = static_cast<std::uint32_t>(g());
+      y = x;
+      fedagg::apply_masks(y.data(), d, keys, signs, 2, nonce, bits);
+      std::uint32_t k0[8], k1[8], n[3];
+      std::memcpy(k0, keys, 32);  // little-endian words (x86, aarch64)
+      std::memcpy(k1, keys + 32, 32);
+      std::memcpy(n, nonce, 12);
+      const std::uint32_t mask = bits == 32 ? 0xffffffffu : (1u << bits) - 1;
+      for (std::size_t j = 0; j < d; j += 16) {
+        std::uint32_t a[16], b[16];
+        chacha_block(k0, static_cast<std::uint32_t>(j / 16), n, a);
+        chacha_block(k1, static_cast<std::uint32_t>(j / 16), n, b);
+        for (std::size_t w = 0; w < 16 && j + w < d; ++w) {
+          const std::uint32_t want = (x[j + w] + a[w] - b[w]) & mask;
+          if (y[j + w] != want) fail("apply_masks " + isa + " d=" + std::to_string(d) + " at " + std::to_string(j + w));
+        }
+      }
+      ++checks;
+    }
+}
+
 int main() {
   // CRC32C's standard check value
   ++checks;
@@ -170,6 +233,7 @@ int main() {
       if (fedagg::kernel_table(isa) == nullptr) continue;
       fedagg::force_isa(isa);
       check_table(isa);
+      check_masks(isa);
       std::printf("%s (%d threads): ok\n", isa, threads);
     }
   }
