@@ -592,6 +592,24 @@ PYBIND11_MODULE(_core, m) {
     return py::make_tuple(out, ok);
   }, py::arg("x"), py::arg("step"), py::arg("seed"), py::arg("offset") = 0,
      "floor(x / step + u_{offset+j}), u ~ U[0, 1): unbiased integers; ok is False on NaN, Inf or overflow.");
+  m.def("round_to_ring", [](const py::array_t<float, py::array::c_style>& x, double step, std::uint64_t seed,
+                            std::uint64_t offset, int bits) {
+    if (x.ndim() != 1) throw py::value_error("x must be 1-D");
+    if (bits < 1 || bits > 32) throw py::value_error("bits must be in [1, 32]");
+    const float* p = x.data();
+    const auto d = static_cast<std::size_t>(x.size());
+    py::array_t<std::uint32_t> out(static_cast<py::ssize_t>(d));
+    std::uint32_t* o = out.mutable_data();
+    bool ok;
+    double norm2 = 0.0;
+    {
+      py::gil_scoped_release release;
+      ok = fedagg::round_to_ring(p, d, step, seed, offset, bits, o, &norm2);
+    }
+    return py::make_tuple(out, norm2, ok);
+  }, py::arg("x"), py::arg("step"), py::arg("seed"), py::arg("offset"), py::arg("bits"),
+     "round_to_grid of a float32 vector into Z_2^bits (uint32), with the integers' squared L2 norm: "
+     "(ring, norm2, ok).");
   m.def("philox4x32_10", [](std::array<std::uint32_t, 4> c, std::array<std::uint32_t, 2> k) {
     fedagg::philox::philox4x32_10(c[0], c[1], c[2], c[3], k[0], k[1]);
     return c;

@@ -107,10 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--bandwidth-gb", type=_float_at_least(0, False), default=1.0,
                    help="size of the arrays of the copy-bandwidth test (default 1; 0 skips it)")
     b.add_argument("--sections", nargs="+",
-                   choices=["rules", "compression", "privacy", "transport", "server", "distributed"],
+                   choices=["rules", "compression", "privacy", "transport", "server", "distributed", "secagg"],
                    default=["rules", "compression", "privacy"],
                    help="what to benchmark (default: rules compression privacy; transport and server need "
-                        "pyzmq, distributed needs torch)")
+                        "pyzmq, distributed needs torch, secagg needs cryptography and compares with Flower's "
+                        "SecAgg+ where flwr[simulation] is installed)")
     b.add_argument("--transport-mb", type=_float_at_least(0, True), default=400.0,
                    help="transport section: size of the single update in MB (default 400)")
     b.add_argument("--transport-n", type=_int_at_least(1), default=16,
@@ -119,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--transport-d", type=_int_at_least(1), default=25_000_000,
                    help="transport and server sections: parameters per participant in the round "
                         "(default 25,000,000)")
+    b.add_argument("--secagg-n", nargs="+", type=_int_at_least(2), default=[16, 64], metavar="N",
+                   help="secagg section: participants per round (default 16 64)")
+    b.add_argument("--secagg-d", nargs="+", type=_int_at_least(1), default=[100_000, 1_000_000], metavar="D",
+                   help="secagg section: coordinates per update (default 100,000 1,000,000)")
     b.add_argument("--shards", nargs="+", type=_int_at_least(1), default=[1, 2], metavar="K",
                    help="distributed section: shard counts, each run as K gloo processes here (default 1 2)")
     b.add_argument("--shard-d", type=_int_at_least(1), default=2_000_000,
@@ -245,6 +250,12 @@ def _bench(args) -> int:
                                         shards=args.shards, rules=args.rules, repeat=args.repeat,
                                         threads=args.threads or 1, seed=args.seed)
         for line in dbench.lines(res["distributed"]):
+            _print(con, line, report)
+    if "secagg" in args.sections:
+        from .secure import bench as sbench
+
+        res["secagg"] = sbench.run(ns=args.secagg_n, ds=args.secagg_d, flower=args.compare)
+        for line in sbench.lines(res["secagg"]):
             _print(con, line, report)
     if args.json == "-":
         json.dump(res, sys.stdout, indent=2, default=_jsonable)

@@ -22,5 +22,10 @@ void discrete_gaussian(std::int64_t* out, std::size_t d, std::uint64_t num, std:
 // Coordinate j uses uniform number offset + j of the seed's stream (a shard passes its first coordinate).
 bool round_to_grid(const double* x, std::size_t d, double step, std::uint64_t seed, std::uint64_t offset,
                    std::int64_t* out);
+// round_to_grid's rounding of float32 x (the same uniforms for the same seed and offset) into the
+// ring Z_{2^bits} (two's complement), with the squared L2 norm of the integers, summed in float64
+// in a fixed order. False on NaN, Inf or integers beyond int64.
+bool round_to_ring(const float* x, std::size_t d, double step, std::uint64_t seed, std::uint64_t offset, int bits,
+                   std::uint32_t* out, double* norm2);
 
 }  // namespace fedagg

@@ -29,7 +29,8 @@ def assign(ids: Sequence[Hashable], size: int, seed: bytes) -> List[List[Hashabl
     if not isinstance(seed, (bytes, bytearray)) or len(seed) < 16:
         raise ValueError("the bucket seed must be at least 16 bytes, fixed before the round")
     order = sorted(ids, key=repr)
-    rng = np.random.Generator(np.random.PCG64(int.from_bytes(hashlib.sha256(b"fedagg buckets" + bytes(seed)).digest(), "big")))
+    digest = hashlib.sha256(b"fedagg buckets" + bytes(seed)).digest()
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest, "big")))
     perm = [order[int(i)] for i in rng.permutation(len(order))]
     count = len(perm) // size
     out = [perm[b * size:(b + 1) * size] for b in range(count)]

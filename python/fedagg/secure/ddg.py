@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 
@@ -26,11 +26,31 @@ RDP_ORDERS = tuple(range(2, 129)) + (256, 512, 1024)
 MAX_ROUNDING_TRIES = 1000
 
 
-def _block(d: int) -> int:
-    b = 2
-    while b < d and b < 1 << 20:
-        b <<= 1
-    return b
+MIN_BLOCK, MAX_BLOCK = 256, 1 << 20
+
+
+def segments(d: int) -> List[int]:
+    """The rotation's blocks: d rounded up to a multiple of 256, written as powers of two (at
+    most 2^20 each), largest first. Padding is under 256 coordinates, so the ring vector costs
+    4 bytes per coordinate (a single power-of-two block would cost up to 8)."""
+    total = -(-d // MIN_BLOCK) * MIN_BLOCK
+    out = [MAX_BLOCK] * (total // MAX_BLOCK)
+    rest = total % MAX_BLOCK
+    b = MAX_BLOCK >> 1
+    while rest:
+        if rest >= b:
+            out.append(b)
+            rest -= b
+        b >>= 1
+    return out
+
+
+def _rotate(y: np.ndarray, seed: int, inverse: bool) -> None:
+    pos = 0
+    for i, b in enumerate(segments(y.size)):
+        # each segment its own signs (a seed per segment, all from the group's seed)
+        _core.hadamard_rotate(y[pos:pos + b], b, (seed * 1_000_003 + i) % (1 << 64), inverse)
+        pos += b
 
 
 @dataclass(frozen=True)
@@ -39,7 +59,8 @@ class Encoding:
     (the sum carries sqrt(n) sigma); gamma: the integer grid's step, in update units; n: the
     participants whose encodings are summed; bits: the ring Z_{2^bits}; beta: the conditional
     rounding's slack (the chance a plain randomized rounding exceeds the norm bound); seed: the
-    rotation, shared by the group (public)."""
+    rotation, shared by the group (public). The rotation works on power-of-two segments of the
+    update padded to a multiple of 256 coordinates (``segments``)."""
 
     clip: float
     sigma: float
@@ -65,13 +86,9 @@ class Encoding:
             raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
 
     @property
-    def block(self) -> int:
-        return _block(self.d)
-
-    @property
     def padded(self) -> int:
-        """Coordinates on the wire: d rounded up to a multiple of the rotation block."""
-        return -(-self.d // self.block) * self.block
+        """Coordinates on the wire: d rounded up to a multiple of 256."""
+        return -(-self.d // MIN_BLOCK) * MIN_BLOCK
 
     @property
     def norm_bound(self) -> float:
@@ -85,33 +102,37 @@ class Encoding:
 
     def encode(self, x, *, seed: Optional[int] = None) -> np.ndarray:
         """One participant's update (float, d) -> its ring element (uint32, padded)."""
-        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        x = np.asarray(x).reshape(-1)
         if x.size != self.d:
             raise ValueError(f"the update has {x.size} coordinates, the encoding d = {self.d}")
-        if not np.all(np.isfinite(x)):
-            raise ValueError("the update holds NaN or Inf")
-        norm = float(np.linalg.norm(x))
-        if norm > self.clip:
-            x = x * (self.clip / norm)
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)  # the ring's grid is far coarser than float32's rounding
+        norm2 = float(_core.sqnorms([x])[0])  # float64 accumulation; NaN/Inf make it non-finite
+        if not math.isfinite(norm2):
+            raise ValueError("the update holds NaN or Inf (or is beyond float32)")
+        scale = min(1.0, self.clip / math.sqrt(norm2)) if norm2 > 0 else 1.0
         y = np.zeros(self.padded, dtype=np.float32)
-        y[: self.d] = x
-        _core.hadamard_rotate(y, self.block, self.seed, False)
-        z = y.astype(np.float64) / self.gamma
-        rng = np.random.default_rng(new_seed() if seed is None else seed)
+        np.multiply(x, np.float32(scale), out=y[: self.d])
+        _rotate(y, self.seed, False)
+        rseed = new_seed() if seed is None else seed
         bound2 = self.norm_bound ** 2
-        lo = np.floor(z)
-        frac = z - lo
-        for _ in range(MAX_ROUNDING_TRIES):
-            r = lo + (rng.random(z.size) < frac)
-            if float(np.dot(r, r)) <= bound2:
+        for attempt in range(MAX_ROUNDING_TRIES):
+            # native unbiased randomized rounding (Philox uniforms), one fresh stream per try, and
+            # the rounded vector's squared norm in the same pass
+            ring, qnorm2, ok = _core.round_to_ring(y, self.gamma, rseed, attempt * self.padded, self.bits)
+            if not ok:
+                raise ValueError("the update does not fit the integer grid (gamma too small for clip)")
+            if qnorm2 <= bound2:
                 break
         else:  # pragma: no cover - probability beta^1000
             raise RuntimeError("conditional rounding did not meet its norm bound")
-        q = r.astype(np.int64)
         if self.sigma > 0:
-            q += discrete_gaussian(q.size, (self.sigma / self.gamma) ** 2,
-                                   seed=new_seed() if seed is None else seed + 1)
-        return (q & ((1 << self.bits) - 1)).astype(np.uint32)
+            noise = discrete_gaussian(ring.size, (self.sigma / self.gamma) ** 2,
+                                      seed=new_seed() if seed is None else seed + 1)
+            ring += noise.astype(np.uint32)  # both mod 2^32: uint32 adds wrap
+            if self.bits < 32:
+                ring &= np.uint32((1 << self.bits) - 1)
+        return ring
 
     def decode(self, total: np.ndarray, count: Optional[int] = None) -> np.ndarray:
         """The ring sum of `count` (default n) encodings -> their mean (float64, d)."""
@@ -125,7 +146,7 @@ class Encoding:
         half = 1 << (self.bits - 1)
         v[v >= half] -= 1 << self.bits
         y = (v.astype(np.float64) * self.gamma).astype(np.float32)
-        _core.hadamard_rotate(y, self.block, self.seed, True)
+        _rotate(y, self.seed, True)
         return y[: self.d].astype(np.float64) / count
 
     def tau(self) -> float:
@@ -163,10 +184,11 @@ class Encoding:
 
         Per coordinate, in grid units: the n rotated, clipped updates add to at most n clip /
         gamma in norm, and a randomized Hadamard coordinate of a vector of norm r is sub-Gaussian
-        with variance proxy r^2 / d; rounding moves each by < 1; the noise is sub-Gaussian with
-        variance sigma^2 / gamma^2 each (discrete Gaussians are). Union bound over coordinates."""
+        with variance proxy r^2 / b in a segment of b coordinates (the whole norm may sit in the
+        smallest segment); rounding moves each by < 1; the noise is sub-Gaussian with variance
+        sigma^2 / gamma^2 each (discrete Gaussians are). Union bound over coordinates."""
         d = self.padded
-        var = (self.n * self.clip / self.gamma) ** 2 / d + self.n * (self.sigma / self.gamma) ** 2
+        var = (self.n * self.clip / self.gamma) ** 2 / min(segments(self.d)) + self.n * (self.sigma / self.gamma) ** 2
         room = (1 << (self.bits - 1)) - self.n
         if room <= 0:
             return 1.0

@@ -21,7 +21,8 @@ def neighbours(n: int, k: int, seed: bytes) -> Dict[int, Set[int]]:
         return {i: set(range(n)) - {i} for i in range(n)}
     if not (2 <= k < n - 1 and k % 2 == 0):
         raise ValueError(f"k must be even with 2 <= k < n - 1, or k = n - 1; got k = {k}, n = {n}")
-    rng = np.random.Generator(np.random.PCG64(int.from_bytes(hashlib.sha256(b"fedagg secagg graph" + seed).digest(), "big")))
+    digest = hashlib.sha256(b"fedagg secagg graph" + seed).digest()
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest, "big")))
     order: List[int] = [int(i) for i in rng.permutation(n)]
     out: Dict[int, Set[int]] = {i: set() for i in range(n)}
     for pos, i in enumerate(order):

@@ -49,7 +49,12 @@ class RoundRefused(RuntimeError):
     """The server cannot produce the sum safely (too few survivors, a secret it cannot rebuild)."""
 
 
+_CRYPTO: Dict[str, object] = {}
+
+
 def _crypto():
+    if _CRYPTO:
+        return _CRYPTO
     try:
         from cryptography.exceptions import InvalidSignature, InvalidTag
         from cryptography.hazmat.primitives import hashes
@@ -59,9 +64,11 @@ def _crypto():
         from cryptography.hazmat.primitives.kdf.hkdf import HKDF
     except ImportError as e:  # pragma: no cover - the extra is missing
         raise ImportError("secure aggregation needs the `cryptography` package: pip install 'fedagg[secure]'") from e
-    return dict(InvalidSignature=InvalidSignature, InvalidTag=InvalidTag, hashes=hashes, Ed25519PrivateKey=Ed25519PrivateKey,
-                Ed25519PublicKey=Ed25519PublicKey, X25519PrivateKey=X25519PrivateKey, X25519PublicKey=X25519PublicKey,
-                ChaCha20Poly1305=ChaCha20Poly1305, HKDF=HKDF)
+    _CRYPTO.update(InvalidSignature=InvalidSignature, InvalidTag=InvalidTag, hashes=hashes,
+                   Ed25519PrivateKey=Ed25519PrivateKey, Ed25519PublicKey=Ed25519PublicKey,
+                   X25519PrivateKey=X25519PrivateKey, X25519PublicKey=X25519PublicKey,
+                   ChaCha20Poly1305=ChaCha20Poly1305, HKDF=HKDF)
+    return _CRYPTO
 
 
 ROUND_ID_BYTES = 32
@@ -96,8 +103,8 @@ class Params:
             raise ValueError(f"secure aggregation needs n >= 2 participants, got {self.n}")
         neighbours(self.n, self.k, b"")  # validates k
         if not (2 * self.t > self.k and self.t <= self.k):
-            raise ValueError(f"the threshold needs k / 2 < t <= k (a server asking both shares must not reach t twice); "
-                             f"got t = {self.t}, k = {self.k}")
+            raise ValueError("the threshold needs k / 2 < t <= k (a server asking both shares must not reach t "
+                             f"twice); got t = {self.t}, k = {self.k}")
         if not 1 <= self.bits <= 32:
             raise ValueError(f"bits must be in [1, 32], got {self.bits}")
         if not 1 <= self.d <= 1 << 36:
@@ -108,7 +115,8 @@ class Params:
         object.__setattr__(self, "min_survivors", int(ms))
 
     @classmethod
-    def for_group(cls, n: int, d: int, *, k: Optional[int] = None, bits: int = 32, max_dropout: float = 0.2) -> "Params":
+    def for_group(cls, n: int, d: int, *, k: Optional[int] = None, bits: int = 32,
+                  max_dropout: float = 0.2) -> "Params":
         """Bell et al.'s shape: k about 2 log2(n) (all others for small n), t just above k / 2
         plus room for the tolerated dropouts among the neighbours."""
         if not 0 <= max_dropout < 0.5:
@@ -132,7 +140,8 @@ class Advertisement:
     signature: bytes = b""
 
     def signed_bytes(self, round_id: bytes) -> bytes:
-        return b"fedagg secagg advertise" + round_id + self.index.to_bytes(4, "big") + self.c_pk + self.s_pk + self.commitment
+        return (b"fedagg secagg advertise" + round_id + self.index.to_bytes(4, "big") + self.c_pk + self.s_pk
+                + self.commitment)
 
 
 @dataclass(frozen=True)
@@ -247,9 +256,12 @@ class Participant:
         self._held: Dict[int, tuple] = {}  # v -> (share of b_v, share of s_v)
         self._u3: Optional[FrozenSet[int]] = None
 
+    def _abort(self, why: str) -> RoundAborted:
+        return RoundAborted(f"participant {self.index}: {why}")
+
     def _step(self, phase: int, what: str) -> None:
         if self._phase != phase:
-            raise RoundAborted(f"participant {self.index}: {what} out of order (at phase {self._phase})")
+            raise self._abort(f"{what} out of order (at phase {self._phase})")
         self._phase = phase + 1
 
     def advertise(self) -> Advertisement:
@@ -257,7 +269,8 @@ class Participant:
         raw = lambda k: k.public_key().public_bytes_raw()  # noqa: E731
         ad = Advertisement(self.index, raw(self._c), raw(self._s), hashlib.sha256(self._b).digest())
         if self._sign is not None:
-            ad = Advertisement(ad.index, ad.c_pk, ad.s_pk, ad.commitment, self._sign.sign(ad.signed_bytes(self.round_id)))
+            signature = self._sign.sign(ad.signed_bytes(self.round_id))
+            ad = Advertisement(ad.index, ad.c_pk, ad.s_pk, ad.commitment, signature)
         return ad
 
     def share_keys(self, roster: Mapping[int, Advertisement]) -> List[Ciphertext]:
@@ -271,24 +284,25 @@ class Participant:
                 continue
             vk = None if self._verify is None else self._verify.get(v)
             if self._verify is not None and vk is None:
-                raise RoundAborted(f"participant {self.index}: no identity key for neighbour {v}")
+                raise self._abort(f"no identity key for neighbour {v}")
             why = _check_ad(ad, self.round_id, vk)
             if why is not None or ad.index != v:
-                raise RoundAborted(f"participant {self.index}: neighbour {v}'s advertisement: {why or 'wrong index'}")
+                raise self._abort(f"neighbour {v}'s advertisement: {why or 'wrong index'}")
             live[v] = ad
         if len(live) < self.params.t:
-            raise RoundAborted(f"participant {self.index}: {len(live)} neighbours advertised keys, fewer than t = {self.params.t}")
+            raise self._abort(f"{len(live)} neighbours advertised keys, fewer than t = {self.params.t}")
         mine = [(self._c.public_key().public_bytes_raw(), self._s.public_key().public_bytes_raw())]
-        if any((ad.c_pk, ad.s_pk) == mine[0] or ad.s_pk in mine[0] or ad.c_pk in mine[0] for ad in live.values()) or \
-                len({ad.s_pk for ad in live.values()}) != len(live) or len({ad.c_pk for ad in live.values()}) != len(live):
-            raise RoundAborted(f"participant {self.index}: repeated public keys in the roster")
+        keys = [k for ad in live.values() for k in (ad.c_pk, ad.s_pk)] + list(mine[0])
+        if len(set(keys)) != len(keys):
+            raise self._abort("repeated public keys in the roster")
         self._roster = live
         xs = [v + 1 for v in live]
         sb = shamir.split(self._b, self.params.t, xs)
         ss = shamir.split(self._s.private_bytes_raw(), self.params.t, xs)
         out = []
         for v, ad in live.items():
-            key = share_key(self._c.exchange(c["X25519PublicKey"].from_public_bytes(ad.c_pk)), self.round_id, self.index, v)
+            shared = self._c.exchange(c["X25519PublicKey"].from_public_bytes(ad.c_pk))
+            key = share_key(shared, self.round_id, self.index, v)
             nonce = os.urandom(12)
             body = c["ChaCha20Poly1305"](key).encrypt(
                 nonce, shamir.to_bytes(sb[v + 1]) + shamir.to_bytes(ss[v + 1]), _aad(self.round_id, self.index, v))
@@ -303,22 +317,23 @@ class Participant:
         c = _crypto()
         for ct in inbox:
             if not isinstance(ct, Ciphertext) or ct.receiver != self.index or ct.sender not in self._roster:
-                raise RoundAborted(f"participant {self.index}: a share ciphertext not meant for it or from no neighbour")
+                raise self._abort("a share ciphertext not meant for it or from no neighbour")
             if ct.sender in self._held:
-                raise RoundAborted(f"participant {self.index}: two share ciphertexts from {ct.sender}")
+                raise self._abort(f"two share ciphertexts from {ct.sender}")
             ad = self._roster[ct.sender]
             key = share_key(self._c.exchange(c["X25519PublicKey"].from_public_bytes(ad.c_pk)), self.round_id, ct.sender,
                             self.index)
             try:
-                plain = c["ChaCha20Poly1305"](key).decrypt(ct.nonce, ct.body, _aad(self.round_id, ct.sender, self.index))
+                aead = c["ChaCha20Poly1305"](key)
+                plain = aead.decrypt(ct.nonce, ct.body, _aad(self.round_id, ct.sender, self.index))
             except (c["InvalidTag"], ValueError):
-                raise RoundAborted(f"participant {self.index}: the share ciphertext from {ct.sender} does not authenticate "
+                raise self._abort(f"the share ciphertext from {ct.sender} does not authenticate "
                                    "(forged, altered, or from another round)") from None
             if len(plain) != 2 * shamir.SHARE_BYTES:
-                raise RoundAborted(f"participant {self.index}: a share message of the wrong size from {ct.sender}")
+                raise self._abort(f"a share message of the wrong size from {ct.sender}")
             self._held[ct.sender] = (plain[:shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES:])
         if len(self._held) < p.t:
-            raise RoundAborted(f"participant {self.index}: shares from {len(self._held)} neighbours, fewer than t = {p.t} "
+            raise self._abort(f"shares from {len(self._held)} neighbours, fewer than t = {p.t} "
                                "(a server withholding them could unmask this input)")
         keys, signs = [self_key(self._b, self.round_id, self.index)], [1]
         for v in sorted(self._held):
@@ -343,16 +358,16 @@ class Participant:
         p = self.params
         u3, dropped = frozenset(request.survivors), frozenset(request.dropped)
         if u3 & dropped:
-            raise RoundAborted(f"participant {self.index}: asked for both shares of {sorted(u3 & dropped)[:5]}: refused")
+            raise self._abort(f"asked for both shares of {sorted(u3 & dropped)[:5]}: refused")
         if u3 != self._u3:
-            raise RoundAborted(f"participant {self.index}: the survivors differ from those it was shown")
+            raise self._abort("the survivors differ from those it was shown")
         if self.index not in u3:
-            raise RoundAborted(f"participant {self.index}: told it did not survive")
+            raise self._abort("told it did not survive")
         if len(u3) < p.min_survivors:
-            raise RoundAborted(f"participant {self.index}: {len(u3)} survivors, fewer than {p.min_survivors}")
+            raise self._abort(f"{len(u3)} survivors, fewer than {p.min_survivors}")
         mine = set(self._held)
         if (u3 | dropped) & mine != mine:
-            raise RoundAborted(f"participant {self.index}: the request leaves neighbours {sorted(mine - (u3 | dropped))[:5]} "
+            raise self._abort(f"the request leaves neighbours {sorted(mine - (u3 | dropped))[:5]} "
                                "without a status")
         if self._sign is not None:
             # t neighbours must have been shown these same survivors: a server telling each
@@ -371,7 +386,7 @@ class Participant:
                 except _crypto()["InvalidSignature"]:
                     pass
             if ok < p.t:
-                raise RoundAborted(f"participant {self.index}: {ok} neighbours signed the survivors it was shown, "
+                raise self._abort(f"{ok} neighbours signed the survivors it was shown, "
                                    f"fewer than t = {p.t}")
         self_shares = {v: self._held[v][0] for v in mine & u3}
         key_shares = {v: self._held[v][1] for v in mine & dropped}
@@ -535,7 +550,8 @@ class Server:
     def _rebuild(self, u: int, shares: Dict[int, int], valid, what: str) -> bytes:
         t = self.params.t
         if len(shares) < t:
-            raise RoundRefused(f"{len(shares)} shares of participant {u}'s {what}, fewer than t = {t}: the sum cannot be unmasked")
+            raise RoundRefused(f"{len(shares)} shares of participant {u}'s {what}, fewer than t = {t}: "
+                               "the sum cannot be unmasked")
         pts = sorted(shares.items())
         # The first t shares, then every other window: a bad share (a Byzantine neighbour) spoils
         # the windows it is in; a secret that passes its check is the right one.

@@ -50,7 +50,7 @@ def combine(shares: Iterable[Tuple[int, int]]) -> bytes:
             if i != j:
                 num = num * xj % P
                 den = den * (xj - xi) % P
-        s = (s + yi * num * pow(den, P - 2, P)) % P
+        s = (s + yi * num * pow(den, -1, P)) % P
     if s >= 1 << 256:
         raise ValueError("the shares do not combine to a 32-byte secret")
     return s.to_bytes(32, "big")

@@ -1,0 +1,52 @@
+"""pytest-benchmark suite of secure aggregation: the native ChaCha20 masks against OpenSSL's
+ChaCha20 keystream (the `cryptography` package) plus a NumPy add, and one fedagg SecAgg+ round.
+
+    FEDAGG_BENCH_D=10000000 python -m pytest bench/test_bench_secagg.py
+    python -m pytest bench --benchmark-disable        # answers checked only
+
+Size from FEDAGG_BENCH_D (default 1,000,000). Flower's SecAgg+ round needs its Simulation
+Runtime (minutes): `fedagg bench --sections secagg` runs it in the same run as fedagg's.
+"""
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cryptography")
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms  # noqa: E402
+
+from fedagg.secure import apply_masks, bench  # noqa: E402
+
+D = int(os.environ.get("FEDAGG_BENCH_D", "1000000"))
+
+
+@pytest.mark.parametrize("impl", ["fedagg", "openssl+numpy"])
+def test_mask_expand_and_add(benchmark, impl):
+    benchmark.group = "ChaCha20 mask expanded and added, uint32"
+    key, x = hashlib.sha256(b"key").digest(), np.arange(D, dtype=np.uint32)
+    y = x.copy()
+
+    def fedagg_mask():
+        y[:] = x
+        apply_masks(y, [key], [1], 32)
+        return y
+
+    def openssl_mask():
+        ks = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(4 * D))
+        return x + np.frombuffer(ks, dtype="<u4")  # uint32 wraps
+
+    got = benchmark(fedagg_mask if impl == "fedagg" else openssl_mask)
+    want = openssl_mask()
+    np.testing.assert_array_equal(got, want)
+    if benchmark.stats is not None:
+        benchmark.extra_info["gbps"] = 4 * D / benchmark.stats.stats.median / 1e9
+
+
+def test_secure_round(benchmark):
+    benchmark.group = "SecAgg+ round, n = 16"
+    d = min(D, 200_000)
+    res = benchmark.pedantic(lambda: bench._fedagg_round(16, d, 2), rounds=1, iterations=1)
+    # the masked vector: 4 bytes per coordinate (d padded by < 256); keys and shares: a few KB
+    assert res["max_abs_error"] < 1e-3 and res["up_bytes_per_participant"] < 4 * (d + 256) + 8192
