@@ -279,6 +279,52 @@ def test_a_wrong_share_is_outvoted_when_enough_shares_remain():
     np.testing.assert_array_equal(total, ring_sum(xs, range(9), 32))
 
 
+@pytest.mark.parametrize("liar", range(8))
+def test_a_wrong_share_from_any_neighbour_is_outvoted(liar):
+    # every position of the wrong share among the ones the server gets (k = 8, t = 5: 3 spare)
+    p = Params(n=9, k=8, t=5, d=32, min_survivors=5)
+    xs = inputs(9, p.d, 32, 20 + liar)
+    r = Round(p, tag=f"liar {liar}")
+    honest = r.parts[liar].unmask
+
+    def bad(req):
+        res = honest(req)
+        sh = {v: shamir.to_bytes((shamir.from_bytes(s) + 2**300) % shamir.P) for v, s in res.self_shares.items()}
+        return type(res)(res.index, sh, res.key_shares)
+
+    r.parts[liar].unmask = bad
+    total, u3 = r.run(xs)
+    np.testing.assert_array_equal(total, ring_sum(xs, range(9), 32))
+
+
+def test_three_wrong_shares_are_outvoted_with_spares():
+    p = Params(n=15, k=14, t=8, d=32, min_survivors=8)
+    xs = inputs(15, p.d, 32, 30)
+    r = Round(p, tag="three liars")
+    for i in (0, 6, 13):
+        honest = r.parts[i].unmask
+
+        def bad(req, honest=honest):
+            res = honest(req)
+            sh = {v: shamir.to_bytes((shamir.from_bytes(s) + 1) % shamir.P) for v, s in res.self_shares.items()}
+            return type(res)(res.index, sh, res.key_shares)
+
+        r.parts[i].unmask = bad
+    total, u3 = r.run(xs)
+    np.testing.assert_array_equal(total, ring_sum(xs, range(15), 32))
+
+
+def test_hostile_containers_are_refused_not_crashing_the_server():
+    p = Params(n=6, k=4, t=3, d=16, min_survivors=3)
+    r = Round(p)
+    roster = r.server.collect_advertisements([q.advertise() for q in r.parts.values()])
+    shares = {i: q.share_keys(roster) for i, q in r.parts.items()}
+    shares[0] = "not a list"
+    shares[1] = [None, 5]
+    r.server.route_shares(shares)
+    assert {0, 1} <= set(r.server.refused) and r.server.u2 == set(range(2, 6))
+
+
 def test_wrong_shares_beyond_the_slack_refuse_the_round():
     p = Params(n=5, k=4, t=3, d=64, min_survivors=3)
     xs = inputs(5, p.d, 32, 12)

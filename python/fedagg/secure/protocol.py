@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import random
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set
 
@@ -72,6 +73,7 @@ def _crypto():
 
 
 ROUND_ID_BYTES = 32
+REBUILD_TRIES = 2000  # random t-subsets tried per secret when shares disagree
 ZERO_NONCE = bytes(12)
 
 
@@ -462,8 +464,8 @@ class Server:
                 continue
             want = self.graph[i] & set(self.roster)
             got = {}
-            ok = True
-            for ct in cts:
+            ok = isinstance(cts, (list, tuple))
+            for ct in cts if ok else ():
                 if not isinstance(ct, Ciphertext) or ct.sender != i or ct.receiver not in want or ct.receiver in got:
                     ok = False
                     break
@@ -553,13 +555,19 @@ class Server:
             raise RoundRefused(f"{len(shares)} shares of participant {u}'s {what}, fewer than t = {t}: "
                                "the sum cannot be unmasked")
         pts = sorted(shares.items())
-        # The first t shares, then every other window: a bad share (a Byzantine neighbour) spoils
-        # the windows it is in; a secret that passes its check is the right one.
-        for start in range(0, len(pts) - t + 1):
+        # The first t shares, then random t-subsets: wrong shares (a Byzantine neighbour's) spoil
+        # the subsets they are in, and a secret that passes its check is the right one. With e
+        # wrong among m, a subset is clean with probability C(m - e, t) / C(m, t).
+        rng = random.Random(u)
+        for attempt in range(REBUILD_TRIES):
+            sub = pts[:t] if attempt == 0 else rng.sample(pts, t)
             try:
-                s = shamir.combine(pts[start:start + t])
+                s = shamir.combine(sub)
             except ValueError:
                 continue
             if valid(s):
                 return s
-        raise RoundRefused(f"participant {u}'s {what} does not match its commitment from any t of {len(pts)} shares")
+            if len(pts) == t:
+                break
+        raise RoundRefused(f"participant {u}'s {what} does not match its commitment from any t of the "
+                           f"{len(pts)} shares tried")
