@@ -411,3 +411,13 @@ def test_keys_are_fresh_per_round():
     a = Participant(p, 0, rid("a"), rid("g")).advertise()
     b = Participant(p, 0, rid("a"), rid("g")).advertise()
     assert a.c_pk != b.c_pk and a.s_pk != b.s_pk and a.commitment != b.commitment
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 12, 13, 16, 64, 100, 1000])
+def test_for_group_gives_valid_parameters(n):
+    p = Params.for_group(n, d=10, max_dropout=0.2)
+    assert 2 * p.t > p.k and p.t <= p.k and p.min_survivors >= max(2, p.t)
+    assert p.k == n - 1 or (p.k % 2 == 0 and p.k < n - 1)
+    assert p.min_survivors >= 0.8 * n - 1e-9
+    with pytest.raises(ValueError, match="max_dropout"):
+        Params.for_group(n, d=10, max_dropout=0.5)
