@@ -259,40 +259,27 @@ def test_a_bad_masked_input_is_left_out_and_the_rest_summed(bad):
     np.testing.assert_array_equal(total, ring_sum(xs, set(range(8)) - {2}, 16))
 
 
-def test_a_wrong_share_is_outvoted_when_enough_shares_remain():
-    # participant 1 answers phase 4 with a corrupted share of a neighbour's seed: the server tries
-    # other windows of t shares and keeps the secret that matches the advertised commitment.
-    p = Params(n=9, k=8, t=5, d=64, min_survivors=5)
-    xs = inputs(9, p.d, 32, 9)
-    r = Round(p, tag="wrong share")
-    honest_unmask = r.parts[1].unmask
+def lie_in_phase_4(r, liars, delta=1):
+    """The liars answer phase 4 with every seed share they give moved by delta (another polynomial)."""
+    for i in liars:
+        honest = r.parts[i].unmask
 
-    def bad_unmask(req):
-        res = honest_unmask(req)
-        sh = dict(res.self_shares)
-        for v in sh:
-            sh[v] = shamir.to_bytes((shamir.from_bytes(sh[v]) + 1) % shamir.P)
-        return type(res)(res.index, sh, res.key_shares)
+        def bad(req, honest=honest):
+            res = honest(req)
+            sh = {v: shamir.to_bytes((shamir.from_bytes(s) + delta) % shamir.P) for v, s in res.self_shares.items()}
+            return type(res)(res.index, sh, res.key_shares)
 
-    r.parts[1].unmask = bad_unmask
-    total, u3 = r.run(xs)
-    np.testing.assert_array_equal(total, ring_sum(xs, range(9), 32))
+        r.parts[i].unmask = bad
 
 
 @pytest.mark.parametrize("liar", range(8))
 def test_a_wrong_share_from_any_neighbour_is_outvoted(liar):
-    # every position of the wrong share among the ones the server gets (k = 8, t = 5: 3 spare)
+    # every position of the wrong share among the ones the server gets (k = 8, t = 5: 3 spare):
+    # the server tries other t-subsets and keeps the secret that matches the commitment
     p = Params(n=9, k=8, t=5, d=32, min_survivors=5)
     xs = inputs(9, p.d, 32, 20 + liar)
     r = Round(p, tag=f"liar {liar}")
-    honest = r.parts[liar].unmask
-
-    def bad(req):
-        res = honest(req)
-        sh = {v: shamir.to_bytes((shamir.from_bytes(s) + 2**300) % shamir.P) for v, s in res.self_shares.items()}
-        return type(res)(res.index, sh, res.key_shares)
-
-    r.parts[liar].unmask = bad
+    lie_in_phase_4(r, [liar], delta=2**300 if liar % 2 else 1)
     total, u3 = r.run(xs)
     np.testing.assert_array_equal(total, ring_sum(xs, range(9), 32))
 
@@ -301,17 +288,18 @@ def test_three_wrong_shares_are_outvoted_with_spares():
     p = Params(n=15, k=14, t=8, d=32, min_survivors=8)
     xs = inputs(15, p.d, 32, 30)
     r = Round(p, tag="three liars")
-    for i in (0, 6, 13):
-        honest = r.parts[i].unmask
-
-        def bad(req, honest=honest):
-            res = honest(req)
-            sh = {v: shamir.to_bytes((shamir.from_bytes(s) + 1) % shamir.P) for v, s in res.self_shares.items()}
-            return type(res)(res.index, sh, res.key_shares)
-
-        r.parts[i].unmask = bad
+    lie_in_phase_4(r, [0, 6, 13])
     total, u3 = r.run(xs)
     np.testing.assert_array_equal(total, ring_sum(xs, range(15), 32))
+
+
+def test_wrong_shares_beyond_the_slack_refuse_the_round():
+    p = Params(n=5, k=4, t=3, d=64, min_survivors=3)
+    xs = inputs(5, p.d, 32, 12)
+    r = Round(p, tag="too many wrong shares")
+    lie_in_phase_4(r, [1, 2])
+    with pytest.raises(RoundRefused, match="does not match its commitment"):
+        r.run(xs)
 
 
 def test_hostile_containers_are_refused_not_crashing_the_server():
@@ -323,23 +311,6 @@ def test_hostile_containers_are_refused_not_crashing_the_server():
     shares[1] = [None, 5]
     r.server.route_shares(shares)
     assert {0, 1} <= set(r.server.refused) and r.server.u2 == set(range(2, 6))
-
-
-def test_wrong_shares_beyond_the_slack_refuse_the_round():
-    p = Params(n=5, k=4, t=3, d=64, min_survivors=3)
-    xs = inputs(5, p.d, 32, 12)
-    r = Round(p, tag="too many wrong shares")
-    for i in (1, 2):
-        honest = r.parts[i].unmask
-
-        def bad(req, honest=honest):
-            res = honest(req)
-            sh = {v: shamir.to_bytes((shamir.from_bytes(s) + 1) % shamir.P) for v, s in res.self_shares.items()}
-            return type(res)(res.index, sh, res.key_shares)
-
-        r.parts[i].unmask = bad
-    with pytest.raises(RoundRefused, match="does not match its commitment"):
-        r.run(xs)
 
 
 def test_the_servers_view_does_not_reveal_one_input():
