@@ -7,12 +7,13 @@
 - ``ddg``: ``Encoding``, updates into the ring and back with the distributed discrete Gaussian
   (Kairouz, Liu, Steinke 2021), its epsilon (dp-accounting) and wrap-around bound.
 - ``buckets``: buckets drawn from a public seed, for a robust rule over secure bucket sums.
+- ``wire``: the messages' bytes, parsed strictly (for a transport to carry).
 """
 
-from . import buckets, ddg, graph, shamir
+from . import buckets, ddg, graph, shamir, wire
 from .ddg import Encoding
 from .protocol import (Advertisement, Ciphertext, Params, Participant, RoundAborted, RoundRefused, Server,
                        UnmaskRequest, UnmaskResponse, apply_masks)
 
 __all__ = ["Advertisement", "Ciphertext", "Encoding", "Params", "Participant", "RoundAborted", "RoundRefused", "Server",
-           "UnmaskRequest", "UnmaskResponse", "apply_masks", "buckets", "ddg", "graph", "shamir"]
+           "UnmaskRequest", "UnmaskResponse", "apply_masks", "buckets", "ddg", "graph", "shamir", "wire"]
