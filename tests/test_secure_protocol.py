@@ -293,6 +293,23 @@ def test_three_wrong_shares_are_outvoted_with_spares():
     np.testing.assert_array_equal(total, ring_sum(xs, range(15), 32))
 
 
+def test_shares_for_only_some_neighbours_are_refused():
+    # a Byzantine participant that sends t of its k ciphertexts would be masked against neighbours
+    # that do not hold its shares: the server takes it out at phase 1, and the rest sums exactly
+    p = Params(n=8, k=6, t=4, d=32, min_survivors=4)
+    xs = inputs(8, p.d, 32, 40)
+    r = Round(p, tag="partial shares")
+
+    def partial(shares):
+        shares[5] = shares[5][: p.t]
+        return shares
+
+    total, u3 = r.run(xs, tamper={"shares": partial})
+    assert 5 not in r.server.u2 and "not one for every neighbour" in r.server.refused[5]
+    assert u3 == set(range(8)) - {5}
+    np.testing.assert_array_equal(total, ring_sum(xs, u3, 32))
+
+
 def test_wrong_shares_beyond_the_slack_refuse_the_round():
     p = Params(n=5, k=4, t=3, d=64, min_survivors=3)
     xs = inputs(5, p.d, 32, 12)

@@ -470,8 +470,12 @@ class Server:
                     ok = False
                     break
                 got[ct.receiver] = ct
-            if not ok or len(got) < self.params.t:
-                self._refuse(i, "share ciphertexts: malformed, misaddressed or fewer than t")
+            # One for every neighbour in the roster, no fewer: a participant that left out some
+            # would be masked against them without their holding its shares (nor it theirs), and
+            # the sum would not unmask.
+            if not ok or set(got) != want or len(got) < self.params.t:
+                self._refuse(i, "share ciphertexts: malformed, misaddressed, or not one for every neighbour "
+                                "in the roster")
                 continue
             self.u2.add(i)
             for v, ct in got.items():
