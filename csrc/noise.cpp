@@ -227,34 +227,15 @@ void discrete_gaussian(std::int64_t* out, std::size_t d, std::uint64_t num, std:
   });
 }
 
-bool round_to_grid(const double* x, std::size_t d, double step, std::uint64_t seed, std::uint64_t offset,
-                   std::int64_t* out) {
+namespace {
+// floor(x[j] / step + u_j) for every j, u_j = uniform01(seed, offset + j), in parallel chunks;
+// put(j, q) stores the integer and returns what it adds to its chunk's sum (summed in chunk
+// order, so the total does not depend on the thread count). False on NaN, Inf or beyond int64.
+template <class T, class Put>
+bool round_chunks(const T* x, std::size_t d, double step, std::uint64_t seed, std::uint64_t offset, Put put,
+                  double* total) {
   FEDAGG_CHECK(std::isfinite(step) && step > 0.0, "grid step must be finite and > 0");
   const double inv = 1.0 / step;
-  constexpr std::size_t kChunk = std::size_t(1) << 15;
-  const std::size_t nt = (d + kChunk - 1) / kChunk;
-  std::vector<char> ok(nt, 1);
-  parallel_for(nt, [&](std::size_t c, int) {
-    const std::size_t j1 = std::min(d, (c + 1) * kChunk);
-    for (std::size_t j = c * kChunk; j < j1; ++j) {
-      const double v = x[j] * inv + uniform01(seed, offset + j);
-      if (!(std::fabs(v) < 4.0e18)) {  // NaN, Inf, or beyond int64
-        ok[c] = 0;
-        out[j] = 0;
-        continue;
-      }
-      out[j] = static_cast<std::int64_t>(std::floor(v));
-    }
-  });
-  return std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; });
-}
-
-bool round_to_ring(const float* x, std::size_t d, double step, std::uint64_t seed, std::uint64_t offset, int bits,
-                   std::uint32_t* out, double* norm2) {
-  FEDAGG_CHECK(std::isfinite(step) && step > 0.0, "grid step must be finite and > 0");
-  FEDAGG_CHECK(bits >= 1 && bits <= 32, "the ring needs 1 <= bits <= 32");
-  const double inv = 1.0 / step;
-  const std::uint32_t mask = bits == 32 ? 0xffffffffu : ((std::uint32_t(1) << bits) - 1);
   constexpr std::size_t kChunk = std::size_t(1) << 15;
   const std::size_t nt = (d + kChunk - 1) / kChunk;
   std::vector<char> ok(nt, 1);
@@ -264,22 +245,40 @@ bool round_to_ring(const float* x, std::size_t d, double step, std::uint64_t see
     double s = 0.0;
     for (std::size_t j = c * kChunk; j < j1; ++j) {
       const double v = static_cast<double>(x[j]) * inv + uniform01(seed, offset + j);
-      if (!(std::fabs(v) < 4.0e18)) {
+      if (!(std::fabs(v) < 4.0e18)) {  // NaN, Inf, or beyond int64
         ok[c] = 0;
-        out[j] = 0;
+        put(j, 0.0);
         continue;
       }
-      const double q = std::floor(v);
-      // two's complement: the integer mod 2^32, then mod 2^bits
-      out[j] = static_cast<std::uint32_t>(static_cast<std::uint64_t>(static_cast<std::int64_t>(q))) & mask;
-      s += q * q;
+      s += put(j, std::floor(v));
     }
     part[c] = s;
   });
-  double total = 0.0;
-  for (double p : part) total += p;  // chunk order: the same sum whatever the thread count
-  *norm2 = total;
+  double sum = 0.0;
+  for (double p : part) sum += p;
+  *total = sum;
   return std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; });
+}
+}  // namespace
+
+bool round_to_grid(const double* x, std::size_t d, double step, std::uint64_t seed, std::uint64_t offset,
+                   std::int64_t* out) {
+  double unused;
+  return round_chunks(x, d, step, seed, offset, [out](std::size_t j, double q) {
+    out[j] = static_cast<std::int64_t>(q);
+    return 0.0;
+  }, &unused);
+}
+
+bool round_to_ring(const float* x, std::size_t d, double step, std::uint64_t seed, std::uint64_t offset, int bits,
+                   std::uint32_t* out, double* norm2) {
+  FEDAGG_CHECK(bits >= 1 && bits <= 32, "the ring needs 1 <= bits <= 32");
+  const std::uint32_t mask = bits == 32 ? 0xffffffffu : ((std::uint32_t(1) << bits) - 1);
+  return round_chunks(x, d, step, seed, offset, [out, mask](std::size_t j, double q) {
+    // two's complement: the integer mod 2^32, then mod 2^bits
+    out[j] = static_cast<std::uint32_t>(static_cast<std::uint64_t>(static_cast<std::int64_t>(q))) & mask;
+    return q * q;
+  }, norm2);
 }
 
 }  // namespace fedagg

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .. import _core
-from . import shamir
+from . import wire
 from .ddg import Encoding
 from .protocol import Params, Participant, Server
 
@@ -94,55 +94,46 @@ def _fedagg_round(n: int, d: int, cores: int) -> Dict[str, Any]:
     X = rng.uniform(-1, 1, size=(n, d)).astype(np.float32)
     server = Server(p, rid, seed)
     parts = [Participant(p, i, rid, seed) for i in range(n)]
-    part_s = 0.0
-    wire = {"up": 0, "down": 0}
-
+    spent = {"participants": 0.0, "server": 0.0}
+    wire_bytes = {"up": 0, "down": 0}  # the messages as secure.wire writes them
     threads = _core.num_threads()
 
-    def timed(fn):  # a participant's work: one thread (the cores are shared among participants)
-        nonlocal part_s
-        _core.set_num_threads(1)
+    def clock(who, fn):  # a participant's work on one thread (the cores are shared among them)
+        _core.set_num_threads(1 if who == "participants" else threads)
         try:
             t0 = time.perf_counter()
             r = fn()
-            part_s += time.perf_counter() - t0
+            spent[who] += time.perf_counter() - t0
         finally:
             _core.set_num_threads(threads)
         return r
 
-    t_server = 0.0
-
-    def on_server(fn):
-        nonlocal t_server
-        t0 = time.perf_counter()
-        r = fn()
-        t_server += time.perf_counter() - t0
-        return r
-
-    ads = [timed(q.advertise) for q in parts]
-    wire["up"] += sum(4 + 32 * 3 + len(a.signature) for a in ads)
-    roster = on_server(lambda: server.collect_advertisements(ads))
-    wire["down"] += n * len(roster) * (4 + 32 * 3)
-    cts = {q.index: timed(lambda q=q: q.share_keys(roster)) for q in parts}
-    wire["up"] += sum(8 + len(c.nonce) + len(c.body) for v in cts.values() for c in v)
-    inbox = on_server(lambda: server.route_shares(cts))
-    wire["down"] += sum(8 + len(c.nonce) + len(c.body) for v in inbox.values() for c in v)
-    masked = {q.index: timed(lambda q=q: q.masked_input(enc.encode(X[q.index]), inbox[q.index])) for q in parts}
-    wire["up"] += sum(y.nbytes for y in masked.values())
-    on_server(lambda: server.collect_masked(masked))
-    req = on_server(server.unmask_request)
-    wire["down"] += n * 4 * (len(req.survivors) + len(req.dropped))
-    resp = [timed(lambda q=q: q.unmask(req)) for q in parts]
-    wire["up"] += sum(4 + (4 + shamir.SHARE_BYTES) * (len(r.self_shares) + len(r.key_shares)) for r in resp)
-    total = on_server(lambda: server.finish(resp))
-    mean = on_server(lambda: enc.decode(total, n))
+    ads = [clock("participants", q.advertise) for q in parts]
+    wire_bytes["up"] += sum(len(wire.advertisement(a)) for a in ads)
+    roster = clock("server", lambda: server.collect_advertisements(ads))
+    wire_bytes["down"] += n * len(wire.roster(roster))
+    cts = {q.index: clock("participants", lambda q=q: q.share_keys(roster)) for q in parts}
+    wire_bytes["up"] += sum(len(wire.ciphertexts(v)) for v in cts.values())
+    inbox = clock("server", lambda: server.route_shares(cts))
+    wire_bytes["down"] += sum(len(wire.ciphertexts(v)) for v in inbox.values())
+    masked = {q.index: clock("participants", lambda q=q: q.masked_input(enc.encode(X[q.index]), inbox[q.index]))
+              for q in parts}
+    wire_bytes["up"] += sum(y.nbytes for y in masked.values())
+    clock("server", lambda: server.collect_masked(masked))
+    req = clock("server", server.unmask_request)
+    wire_bytes["down"] += n * len(wire.unmask_request(req))
+    resp = [clock("participants", lambda q=q: q.unmask(req)) for q in parts]
+    wire_bytes["up"] += sum(len(wire.unmask_response(r)) for r in resp)
+    total = clock("server", lambda: server.finish(resp))
+    mean = clock("server", lambda: enc.decode(total, n))
     err = float(np.abs(mean - X.astype(np.float64).mean(axis=0)).max())
     t0 = time.perf_counter()
     _core.weighted_sum(X, np.full(n, 1.0 / n))
     plain_s = time.perf_counter() - t0
+    part_s, t_server = spent["participants"], spent["server"]
     return {"params": {"k": p.k, "t": p.t, "bits": p.bits, "padded": enc.padded}, "participants_s": part_s,
             "per_participant_s": part_s / n, "server_s": t_server, "round_s": t_server + part_s / cores,
-            "up_bytes_per_participant": wire["up"] / n, "down_bytes_per_participant": wire["down"] / n,
+            "up_bytes_per_participant": wire_bytes["up"] / n, "down_bytes_per_participant": wire_bytes["down"] / n,
             "max_abs_error": err, "plain_s": plain_s}
 
 
