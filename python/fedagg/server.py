@@ -12,9 +12,10 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from .transport.config import SecureConfig
 from .transport.server import Server, ServerConfig
 
-__all__ = ["Server", "ServerConfig", "serve"]
+__all__ = ["SecureConfig", "Server", "ServerConfig", "serve"]
 
 
 def serve(model: np.ndarray, config: ServerConfig, **kwargs: Any) -> List[Dict[str, Any]]:

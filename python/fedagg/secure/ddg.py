@@ -85,6 +85,25 @@ class Encoding:
         if not 0 <= self.beta < 1:
             raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
 
+    @classmethod
+    def for_ring(cls, clip: float, sigma: float, n: int, d: int, *, bits: int = 32, wrap: float = 1e-9,
+                 seed: int = 0) -> "Encoding":
+        """The finest grid (smallest gamma) whose wrap-around bound (``wrap_probability``) is at most
+        `wrap` (the sum of n encodings stays in Z_{2^bits} with probability >= 1 - wrap), and no
+        finer than sigma / 2^19 (the exact noise sampler's range)."""
+        if not 0 < wrap < 1:
+            raise ValueError(f"wrap must be in (0, 1), got {wrap!r}")
+        probe = cls(clip=clip, sigma=sigma, gamma=1.0, n=n, d=d, bits=bits, seed=seed)  # validates the rest
+        room = (1 << (bits - 1)) - n
+        if room <= 0:
+            raise ValueError(f"a ring of {bits} bits cannot hold the sum of {n} encodings")
+        spread = (n * clip) ** 2 / min(segments(d)) + n * sigma ** 2  # gamma^2 x the variance proxy
+        gamma = math.sqrt(spread * 2 * math.log(2 * probe.padded / wrap)) / room
+        # no finer than the exact noise sampler takes (sigma / gamma < 2^19.5): a finer grid adds
+        # nothing the noise does not drown
+        gamma = max(gamma * (1 + 1e-9), sigma / (1 << 19), clip * 1e-30)
+        return cls(clip=clip, sigma=sigma, gamma=gamma, n=n, d=d, bits=bits, seed=seed)
+
     @property
     def padded(self) -> int:
         """Coordinates on the wire: d rounded up to a multiple of 256."""

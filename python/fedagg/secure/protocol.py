@@ -483,24 +483,37 @@ class Server:
         self._need(len(self.u2), "sent their shares")
         return {v: [ct for ct in cts if ct.sender in self.u2] for v, cts in inbox.items() if v in self.u2}
 
-    def collect_masked(self, inputs: Mapping[int, np.ndarray]) -> FrozenSet[int]:
-        """The masked inputs (phase 2): summed mod 2^bits as they come; returns U3."""
-        self._step(2, "collect_masked")
-        p = self.params
-        acc = np.zeros(p.d, dtype=np.uint32)
-        for i, y in inputs.items():
-            if i not in self.u2:
-                continue
-            try:
-                check_ring(y, p, f"the masked input of {i}")
-            except (TypeError, ValueError) as e:
-                self._refuse(i, str(e))
-                continue
-            np.add(acc, y, out=acc)  # uint32 wraps: the sum mod 2^32
-            self.u3.add(i)
+    def add_masked(self, i: int, y: np.ndarray) -> Optional[str]:
+        """One masked input (phase 2), added to the sum mod 2^bits as it arrives (a transport keeps one
+        sum, not n inputs); returns why it was refused, or None: i is in U3."""
+        if self._phase != 2:
+            raise RoundRefused(f"server: a masked input out of order (at phase {self._phase})")
+        if i not in self.u2:
+            return f"{i} sent no shares (not in U2)"
+        if i in self.u3:
+            return f"{i} sent its masked input already"
+        try:
+            check_ring(y, self.params, f"the masked input of {i}")
+        except (TypeError, ValueError) as e:
+            self._refuse(i, str(e))
+            return str(e)
+        if self._sum is None:
+            self._sum = np.zeros(self.params.d, dtype=np.uint32)
+        np.add(self._sum, y, out=self._sum)  # uint32 wraps: the sum mod 2^32
+        self.u3.add(i)
+        return None
+
+    def close_masked(self) -> FrozenSet[int]:
+        """The end of phase 2: U3, or RoundRefused with too few masked inputs."""
+        self._step(2, "close_masked")
         self._need(len(self.u3), "sent a masked input")
-        self._sum = acc
         return frozenset(self.u3)
+
+    def collect_masked(self, inputs: Mapping[int, np.ndarray]) -> FrozenSet[int]:
+        """All of phase 2 at once: add_masked for each input, then close_masked."""
+        for i, y in inputs.items():
+            self.add_masked(i, y)
+        return self.close_masked()
 
     def collect_signatures(self, signatures: Mapping[int, bytes]) -> None:
         """Phase 3: the participants' signatures over U3 (identity keys only)."""

@@ -7,6 +7,7 @@ The protocol (two frames per message, chunked updates, credits) is in
 
 from .client import Client, TransportError
 from .protocol import Kind, ProtocolError
+from .config import SecureConfig
 from .server import Server, ServerConfig
 
-__all__ = ["Client", "Kind", "ProtocolError", "Server", "ServerConfig", "TransportError"]
+__all__ = ["Client", "Kind", "ProtocolError", "SecureConfig", "Server", "ServerConfig", "TransportError"]

@@ -51,7 +51,8 @@ class Client:
 
     def __init__(self, endpoint: str, id: Optional[str] = None, *, server_key: Optional[bytes] = None,
                  public_key: Optional[bytes] = None, secret_key: Optional[bytes] = None, timeout: float = 30.0,
-                 heartbeat: float = 2.0, address: Optional[str] = None, _one_shard: bool = False):
+                 heartbeat: float = 2.0, address: Optional[str] = None, secure: bool = False,
+                 _one_shard: bool = False):
         import zmq
 
         self.zmq = zmq
@@ -65,6 +66,8 @@ class Client:
         if not id:
             raise ValueError("a participant needs an id")
         self.endpoint, self.id, self.timeout = endpoint, id, float(timeout)
+        self.secure = bool(secure)  # only ever submit through a secure round
+        self.last_secure: Optional[Dict[str, Any]] = None  # the group and privacy of the last secure round
         self.address = address  # the ledger address, when the server admits by ledger and CURVE both
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -314,6 +317,16 @@ class Client:
         reason if it is refused. A sharded server gets each range from its own thread, and the
         update is in the round if every shard accepted its range.
         """
+        if self.state.get("secure"):
+            if isinstance(update, Payload) or signature is not None:
+                raise TypeError("a secure round takes a raw float32 update (no compressed payload, no ledger "
+                                "signature): the participant encodes and masks it itself")
+            from .secure_client import submit_secure
+
+            return submit_secure(self, update, round)
+        if self.secure:
+            raise TransportError("secure", f"{self.endpoint} runs plain rounds; this client was made with "
+                                           "secure=True and sends no update in the clear")
         if self.shards:
             return self._submit_sharded(update, round, chunk_delay, signature)
         return self._submit_one(update, round, chunk_delay, signature)
@@ -338,8 +351,13 @@ class Client:
         else:
             arr = np.ascontiguousarray(np.asarray(update), dtype=np.float32).reshape(-1)
             blob, codec, dtype = arr.view(np.uint8), Codec.RAW, Dtype.FLOAT32
-        total = blob.size
         rnd = self.status()["round"] if round is None else int(round)
+        return self._send_update(blob, codec, dtype, rnd, chunk_delay, signature)
+
+    def _send_update(self, blob: np.ndarray, codec: Codec, dtype: Dtype, rnd: int, chunk_delay: float,
+                signature: Optional[bytes]) -> Dict[str, Any]:
+        """Stream the bytes of blob as the update of round rnd, resuming until ACCEPTED or a refusal."""
+        total = blob.size
         attempts, backoff = 0, 0.5
         busy_until = time.monotonic() + 20 * self.timeout  # refusals `busy` are waited out this long at most
         while True:

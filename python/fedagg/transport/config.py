@@ -29,6 +29,56 @@ def is_local(endpoint: str) -> bool:
 
 
 @dataclass
+class SecureConfig:
+    """Secure rounds (SecAgg+ over buckets; docs/secure.md, "Secure rounds"): the round's participants
+    are split into buckets of `bucket_size` by a seed drawn after they joined; each bucket's masked
+    sum is unmasked and decoded into its mean; the server's rule runs over the bucket means (its f
+    counts buckets: f Byzantine participants spoil at most f of them).
+
+    Each participant clips its update to L2 norm `clip` and adds discrete Gaussian noise of
+    stddev `sigma` (update units) before masking: a bucket's sum carries sqrt(s) sigma. `gamma`:
+    the integer grid (None: the finest that keeps a bucket's sum in the ring with probability
+    1 - 1e-9, secure.Encoding.for_ring). `k`: neighbours per participant in its bucket's graph
+    (None: Bell et al.'s choice, all others for buckets up to 12); `max_dropout`: the share of a
+    bucket that may drop out and still be unmasked. Each key phase ends when everyone answered or
+    after `phase_seconds`; `delta`: the delta of the epsilon each round reports."""
+
+    bucket_size: int = 8
+    clip: float = 1.0
+    sigma: float = 0.0
+    gamma: Optional[float] = None
+    bits: int = 32
+    k: Optional[int] = None
+    max_dropout: float = 0.2
+    phase_seconds: float = 30.0
+    delta: float = 1e-5
+
+    def check(self) -> None:
+        if not (isinstance(self.bucket_size, int) and not isinstance(self.bucket_size, bool) and self.bucket_size >= 3):
+            raise ValueError(f"bucket_size must be an integer >= 3 (a bucket of 2 shows each member the other's "
+                             f"update: its sum minus its own), got {self.bucket_size!r}")
+        for name in ("clip", "phase_seconds"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
+                raise ValueError(f"secure {name} must be a positive number, got {v!r}")
+        if not (isinstance(self.sigma, (int, float)) and 0 <= self.sigma < float("inf")):
+            raise ValueError(f"secure sigma must be >= 0, got {self.sigma!r}")
+        if self.gamma is not None and not (isinstance(self.gamma, (int, float)) and 0 < self.gamma < float("inf")):
+            raise ValueError(f"secure gamma must be a positive number or None, got {self.gamma!r}")
+        if not (isinstance(self.bits, int) and 8 <= self.bits <= 32):
+            raise ValueError(f"secure bits must be in [8, 32], got {self.bits!r}")
+        if not 0 <= self.max_dropout < 0.5:
+            raise ValueError(f"max_dropout must be in [0, 0.5), got {self.max_dropout!r}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        from ..secure import Params
+
+        for n in (self.bucket_size, 2 * self.bucket_size - 1):  # the sizes a bucket can have
+            Params.for_group(n, 256, k=self.k if self.k is None else min(self.k, n - 1), bits=self.bits,
+                             max_dropout=self.max_dropout)
+
+
+@dataclass
 class ServerConfig:
     """How the server runs rounds. Sizes in bytes, times in seconds."""
 
@@ -62,6 +112,7 @@ class ServerConfig:
     ledger: Any = None  # fedagg.ledger.LedgerGate: registered, staked, committed, signed updates only
     admission: Optional[str] = None  # "federated", "ledger" or "both" (default: "ledger" with a ledger)
     shard: Any = None  # transport.shards.ShardSpec: this server owns one coordinate range of a sharded round
+    secure: Optional[SecureConfig] = None  # secure rounds: the server learns bucket sums, never one update
 
     def check(self) -> None:
         if self.chunk_bytes < 4096 or self.chunk_bytes > (4 << 20) or self.chunk_bytes % 4:
@@ -104,6 +155,9 @@ class ServerConfig:
                                  "each update, and the chain holds the hash of the whole")
         if self.min_updates > self.quorum:
             raise ValueError("min_updates must be <= quorum")
+        smallest = self.min_updates
+        if self.secure is not None:
+            smallest = self._check_secure()
         # The pipeline must work on the smallest round the server may close: try it now,
         # on zeros, rather than fail at the first close.
         from .. import aggregate
@@ -111,9 +165,37 @@ class ServerConfig:
         kw = dict(self.rule_params)
         if self.clip_norm is not None:
             kw["clip_norm"] = self.clip_norm
+        what = "bucket means" if self.secure is not None else "updates"
         try:
-            aggregate(np.zeros((self.min_updates, 4), dtype=np.float32), self.rule, self.f, **kw)
+            aggregate(np.zeros((smallest, 4), dtype=np.float32), self.rule, self.f, **kw)
         except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(f"the aggregation pipeline cannot run on {self.min_updates} updates: {e}") from None
+            raise ValueError(f"the aggregation pipeline cannot run on {smallest} {what}: {e}") from None
         if self.dp is not None:
             self.dp.check_weights(self.rule, None)
+
+    def _check_secure(self) -> int:
+        """What secure rounds cannot be combined with (yet), said plainly; returns the fewest buckets."""
+        if not isinstance(self.secure, SecureConfig):
+            raise TypeError("secure must be a fedagg.transport.SecureConfig")
+        self.secure.check()
+        refused = [(self.ledger is not None, "a ledger (the chain would need each update's hash, which a secure "
+                    "round never shows the server)"),
+                   (self.shard is not None, "shards (each shard would need its own masks and key shares)"),
+                   (self.dp is not None, "central DP (secure rounds add noise on the participants: SecureConfig.sigma)"),
+                   (self.clip_norm is not None, "clip_norm (participants clip: SecureConfig.clip)"),
+                   (self.device != "cpu", "a GPU device (the ring sums run on the host)")]
+        for bad, what in refused:
+            if bad:
+                raise ValueError(f"secure rounds cannot be combined with {what}")
+        if self.min_updates < self.secure.bucket_size:
+            raise ValueError(f"min_updates ({self.min_updates}) must fill one bucket of {self.secure.bucket_size}")
+        from ..secure import wire
+        from ..secure.protocol import Params
+
+        big = 2 * self.secure.bucket_size - 1
+        need = max(wire.sizes(Params.for_group(big, 256, bits=self.secure.bits, k=self.secure.k
+                                                if self.secure.k is None else min(self.secure.k, big - 1)))) + 1024
+        if self.chunk_bytes < need:
+            raise ValueError(f"chunk_bytes must be >= {need} for secure messages of buckets up to {big}")
+        return self.min_updates // self.secure.bucket_size
+

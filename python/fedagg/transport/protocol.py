@@ -7,7 +7,7 @@ frame (possibly empty). The header, little-endian:
      0     4     magic     b"FAGW"
      4     1     version   2 (2: STATE lists the shards; a version 1 message is refused, answered in version 1)
      5     1     kind      Kind below
-     6     1     dtype     0 none, 1 float32
+     6     1     dtype     0 none, 1 float32, 2 uint32 (a secure round's masked input)
      7     1     codec     0 raw, 1 a fedagg.compress payload (FAGP frames, length-prefixed)
      8     4     length    payload bytes (== the payload frame's size)
     12     4     aux       per kind: credits granted, chunk count asked, ...
@@ -49,6 +49,7 @@ class Kind(enum.IntEnum):
     COMMIT = 4  # the update of `round` is complete (total = its size in bytes)
     HEARTBEAT = 5  # alive, training
     STATUS = 6  # answered by STATE
+    SECAGG = 7  # a secure round's step (aux = Step): its payload, answered by SECAGG_REPLY once the step opens
     # server -> participant
     STATE = 10  # JSON: round, phase, model size, chunk size, credits, bytes of this participant's update held
     MODEL = 11  # a slice of the global model of `round`
@@ -56,11 +57,13 @@ class Kind(enum.IntEnum):
     ACCEPTED = 13  # JSON {"round", "id"}: the update is in this round (and on disk)
     REJECTED = 14  # JSON {"reason", "detail"}: this message or update was refused
     ROUND = 15  # JSON: a new round started (the model of `round` is ready)
+    SECAGG_REPLY = 16  # the answer to SECAGG step aux: the group, roster, inbox or unmask request
 
 
 class Dtype(enum.IntEnum):
     NONE = 0
     FLOAT32 = 1
+    UINT32 = 2  # a secure round's masked input: elements of the ring Z_2^bits
 
 
 class Codec(enum.IntEnum):

@@ -41,6 +41,7 @@ from .peers import Peer, PeerTable
 from .protocol import (HEADER, Codec, Dtype, Kind, ProtocolError, VersionError, endpoint_host, json_message,
                        message, parse, parse_json, unpack_frames)
 from .rounds import Job, collector_for
+from .secure_round import SecureRound
 from .shards import decide, group_of
 
 log = logging.getLogger("fedagg.server")
@@ -98,6 +99,10 @@ class Server:
                         "to the previous session; participants commit and upload again", restored[0],
                         len(saved["entries"]), extra={"event": "recovered", "round": restored[0]})
             saved = None
+        if saved is not None and config.secure is not None and saved["entries"]:
+            log.warning("round %d: %d plain updates saved before the restart are dropped: this server runs secure "
+                        "rounds", restored[0], len(saved["entries"]), extra={"event": "recovered", "round": restored[0]})
+            saved = None
         if saved is not None:
             if saved["kind"] != self.collector.kind:
                 raise ValueError(f"{config.state_dir} holds round {self.round}'s updates for another rule "
@@ -125,7 +130,8 @@ class Server:
         self.bytes_in = 0
         self._failed_at = -1
         self.gate = config.ledger
-        self.phase = "upload"  # with a ledger each round starts with a commit phase
+        self.phase = "upload"  # with a ledger each round starts with a commit phase; a secure round with "join"
+        self.secure: Optional[SecureRound] = None  # the secure round in progress (config.secure)
         self._commit_poll = 0.0  # when to next ask the chain whether everyone has committed
         self.history: "deque[Dict[str, Any]]" = deque(maxlen=MAX_HISTORY)  # the latest rounds' records
         self.rounds_done = 0
@@ -236,7 +242,8 @@ class Server:
                 "accepted": pid in self.accepted and pid not in self._deferred if pid else False,
                 "rule": self.cfg.rule, "f": self.cfg.f, "server_lr": self.cfg.server_lr, "previous": self.previous,
                 "shards": shards, "shard": index, "d_total": d_total,
-                "excluded": self.excluded.get(pid) if pid else None}
+                "excluded": self.excluded.get(pid) if pid else None,
+                "secure": None if self.secure is None else self.secure.public()}
 
     def _reject(self, rid: bytes, reason: str, detail: str = "", pid: Optional[str] = None, rnd: Optional[int] = None,
                 record: bool = True, seq: int = 0, retry_after: Optional[float] = None) -> None:
@@ -276,6 +283,7 @@ class Server:
         self.group = group_of(self.shard)
         self.round_started = time.monotonic()  # the deadline and commit phase count from here, not __init__
         self._start_ledger_round()
+        self._start_secure_round()
         linger_until = None
         try:
             while not self._stop:
@@ -372,6 +380,12 @@ class Server:
             self._commit(rid, peer, head, body)
         elif head.kind == Kind.GET_MODEL:
             self._get_model(rid, peer, head)
+        elif head.kind == Kind.SECAGG:
+            if self.secure is None:
+                self._reject(rid, "secure", "this server runs plain rounds (no SECAGG steps)", peer.pid, head.round,
+                             seq=head.seq)
+            else:
+                self.secure.on_message(rid, peer.pid, head, body)
         elif head.kind in (Kind.STATUS, Kind.HEARTBEAT):
             if head.kind == Kind.STATUS:
                 self._send(rid, json_message(Kind.STATE, self._state(peer.pid), round=self.round,
@@ -492,9 +506,20 @@ class Server:
                          head.round, record=False, seq=head.seq)
             return
         if self.phase != "upload":
-            self._reject(rid, "phase", "commit your update on chain; uploads open after the commit phase", pid,
+            self._reject(rid, "phase", f"uploads are taken in the upload phase; the round is in its {self.phase} "
+                         "phase" + (" (commit your update on chain first)" if self.phase == "commit" else ""), pid,
                          head.round, record=False, seq=head.seq)
             return
+        if self.secure is not None:
+            why = self.secure.upload_check(pid)
+            if why is None and (head.codec != Codec.RAW or head.dtype != Dtype.UINT32
+                                or head.total != self.secure.ring_bytes):
+                why = (f"a secure round takes masked inputs: raw uint32, {self.secure.ring_bytes} bytes; got "
+                       f"{head.total} bytes of {head.dtype.name} (codec {head.codec.name})")
+            if why is not None:
+                self._abandon(pid)
+                self._reject(rid, "secure", why, pid, head.round, seq=head.seq)
+                return
         if pid in self.committing or pid in self._deferred:
             self._busy(rid, pid, head, "your update is being made durable: ask again (STATUS) in a moment")
             return
@@ -505,7 +530,7 @@ class Server:
         if head.length == 0 or head.total == 0:
             self._reject(rid, "malformed", "a chunk carries at least one byte", pid, head.round, seq=head.seq)
             return
-        if head.codec == Codec.RAW:
+        if head.codec == Codec.RAW and self.secure is None:
             if head.dtype != Dtype.FLOAT32 or head.total != self.model_bytes:
                 self._abandon(pid)
                 self._reject(rid, "size", f"a raw update is {self.model_bytes} float32 bytes, got {head.total} "
@@ -527,6 +552,8 @@ class Server:
                 self._free(self.uploads.pop(pid))
             # a compressed upload holds at least a decoded update's worth: it becomes one at COMMIT
             need = self.model_bytes if head.codec == Codec.RAW else max(head.total, self.model_bytes)
+            if self.secure is not None:  # a masked input: host bytes, added to its bucket's sum at COMMIT
+                need = head.total
             inflight = len(self.uploads) + len(self.committing)
             if inflight >= self.cfg.max_inflight:
                 self._busy(rid, pid, head, f"{inflight} uploads in flight, max_inflight {self.cfg.max_inflight}")
@@ -535,7 +562,7 @@ class Server:
                 self._busy(rid, pid, head, f"receive memory full: {self.buffers.held} of {self.buffers.budget} bytes "
                            f"held by {len(self.uploads)} uploads and {len(self.accepted)} accepted updates")
                 return
-            if head.codec == Codec.RAW:
+            if head.codec == Codec.RAW and self.secure is None:
                 buf = self.buffers.take_raw()
             else:
                 buf = self.buffers.take_bytes(head.total, need)
@@ -546,7 +573,7 @@ class Server:
             self._reject(rid, "order", f"expected offset {up.received}, got {head.offset}", pid, head.round,
                          record=False, seq=head.seq)
             return
-        raw = up.codec == Codec.RAW
+        raw = up.codec == Codec.RAW and self.secure is None
         if raw:  # into the update's buffer on the server's device
             crc, finite = self.device.write(up.buf, up.received, body, True)
         else:
@@ -601,6 +628,16 @@ class Server:
                          head.round, record=False, seq=head.seq)
             return
         del self.uploads[pid]
+        if self.secure is not None:  # into its bucket's sum now; the buffer is free at once
+            why = self.secure.add_masked(pid, up.buf)
+            self._free(up)
+            if why is not None:
+                self._reject(rid, "secure", why, pid, head.round, seq=head.seq)
+                return
+            self.accepted[pid] = None
+            self._send(rid, json_message(Kind.ACCEPTED, {"round": self.round, "id": pid}, round=self.round,
+                                         session=self.session))
+            return
         why, detail = None, ""
         if self.gate is not None:
             try:
@@ -754,6 +791,9 @@ class Server:
         self.collector = collector_for(cfg.rule, cfg.rule_params, self.device, self._clip_norm)
 
     def _maybe_close(self) -> None:
+        if self.secure is not None:
+            self._secure_tick()
+            return
         if self.phase == "commit":
             now = time.monotonic()
             if now < self._commit_poll:  # the chain is asked at most every poll_seconds
@@ -845,24 +885,10 @@ class Server:
         # into the old model's buffer: MODEL frames still queued keep referencing it. The
         # aggregate comes back from the server's device once, straight into that buffer.
         self._drop_accepted()
-        new_model = self.buffers.spare(agg, self.model)
-        self.device.to_host(agg, new_model)
+        prev_model = self.model
+        failed = self._move_model(agg)
         del agg
         t_agg = time.monotonic() - t0
-        with np.errstate(over="ignore", invalid="ignore"):  # checked right below
-            if self.cfg.server_lr != 1.0:
-                new_model *= np.float32(self.cfg.server_lr)
-            new_model += self.model
-        failed = None
-        prev_model = self.model
-        finite = not _core.nonfinite_rows([new_model])[0]
-        if self.group is not None:  # one shard's overflow keeps the model on every shard
-            finite = self.group.all(finite)
-        if not finite:  # e.g. finite but huge updates overflowing the sum
-            failed = "the aggregate is not finite: the model is kept (set clip_norm)"
-            log.error("round %d: %s", self.round, failed, extra={"event": "aggregate_failed", "round": self.round})
-        else:
-            self.model = new_model
         excluded = [ids[i] for i in info.excluded]
         if info.selected is not None:
             chosen = {int(i) for i in info.selected}
@@ -888,6 +914,80 @@ class Server:
                                 "gas": dict(self.gate.cost.gas), "call_seconds": dict(self.gate.cost.call_seconds),
                                 "calls": self.gate.cost.calls, "addresses": addresses, "scores": scores,
                                 "published": published}
+        self._next_round(record)
+
+    def _move_model(self, agg) -> Optional[str]:
+        """model += server_lr * agg, unless that is not finite (then the model stays; returns why)."""
+        new_model = self.buffers.spare(agg, self.model)
+        self.device.to_host(agg, new_model)
+        with np.errstate(over="ignore", invalid="ignore"):  # checked right below
+            if self.cfg.server_lr != 1.0:
+                new_model *= np.float32(self.cfg.server_lr)
+            new_model += self.model
+        finite = not _core.nonfinite_rows([new_model])[0]
+        if self.group is not None:  # one shard's overflow keeps the model on every shard
+            finite = self.group.all(finite)
+        if not finite:  # e.g. finite but huge updates overflowing the sum
+            failed = "the aggregate is not finite: the model is kept (set clip_norm)"
+            log.error("round %d: %s", self.round, failed, extra={"event": "aggregate_failed", "round": self.round})
+            return failed
+        self.model = new_model
+        return None
+
+    # ---------------------------------------------------------------- secure rounds
+    def _start_secure_round(self) -> None:
+        if self.cfg.secure is None:
+            return
+        from ..rules import RULES as SPECS
+
+        self.secure = SecureRound(
+            self.cfg.secure, d=self.d, round=self.round, session=self.session, quorum=self.cfg.quorum,
+            min_updates=self.cfg.min_updates, deadline=self.cfg.deadline,
+            min_buckets=max(1, SPECS[self.cfg.rule].min_n(self.cfg.f)), started=self.round_started, send=self._send,
+            reject=lambda rid, reason, detail, pid, seq: self._reject(rid, reason, detail, pid, self.round, seq=seq))
+        self.phase = self.secure.phase
+
+    def _secure_tick(self) -> None:
+        now = time.monotonic()
+        self._sweep(now)
+        before = self.secure.phase
+        outcome = self.secure.tick(now)
+        self.phase = self.secure.phase
+        if before == "upload" and self.phase != "upload":  # masked inputs still streaming are too late
+            for pid in list(self.uploads):
+                self._abandon(pid)
+        if outcome is None:
+            return
+        if outcome.failed is not None:
+            self._close_without_model(outcome.failed, outcome.left_out)
+            return
+        self._close_secure(outcome)
+
+    def _close_secure(self, out) -> None:
+        """The rule over the bucket means (the mean: weighted by each bucket's survivors)."""
+        from .. import aggregate
+
+        t0 = time.monotonic()
+        kw = dict(self.cfg.rule_params)
+        if self.cfg.rule == "mean":
+            kw["weights"] = np.array(out.counts, dtype=np.float64)
+        ids = [pid for members in out.members for pid in members]
+        try:
+            agg, info = aggregate(out.means, self.cfg.rule, self.cfg.f, return_info=True, **kw)
+        except Exception as e:  # noqa: BLE001 - the round closes without a model, and says why
+            self._close_without_model(f"the rule failed on {len(out.counts)} bucket means: {e}", out.left_out)
+            return
+        self._drop_accepted()
+        failed = self._move_model(np.ascontiguousarray(agg, dtype=np.float32))
+        out_buckets = set(info.excluded)
+        if info.selected is not None:
+            chosen = {int(i) for i in info.selected}
+            out_buckets |= {b for b in range(len(out.counts)) if b not in chosen}
+        record = self._record("secure", ids, failed, out.left_out)
+        record.update({"excluded_by_rule": sorted(p for b in out_buckets for p in out.members[b]),
+                       "aggregate_seconds": time.monotonic() - t0, "privacy": out.privacy,
+                       "buckets": [{"members": m, "excluded_by_rule": b in out_buckets}
+                                   for b, m in enumerate(out.members)]})
         self._next_round(record)
 
     def _run(self, info, weights) -> Dict[str, Any]:
@@ -965,6 +1065,7 @@ class Server:
         self.round_started = time.monotonic()
         if self.cfg.rounds is None or self.rounds_done < self.cfg.rounds:  # no chain round that never runs
             self._start_ledger_round()
+            self._start_secure_round()
         note = json_message(Kind.ROUND, {"round": self.round, "previous": self.previous}, round=self.round,
                             session=self.session)
         for peer in self.peers:
