@@ -106,6 +106,8 @@ def submit_secure(c, update: Any, round: Optional[int] = None, *,
     params, enc, index, round_id, graph_seed = _group(group, arr.size)
     try:
         me = Participant(params, index, round_id, graph_seed)
+        if group.get("neighbours") != sorted(me.nbrs):
+            raise TransportError("protocol", "the group's neighbours are not those of its graph seed")
         roster = wire.parse_roster(bytes(_ask(c, Step.ADVERTISE, wire.advertisement(me.advertise()), rnd,
                                               phase_wait)), params)
         shares = wire.ciphertexts(me.share_keys(roster))

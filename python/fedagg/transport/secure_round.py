@@ -85,7 +85,7 @@ class Bucket:
         p, e = self.params, self.encoding
         return {"bucket": self.number, "index": index, "n": p.n, "k": p.k, "t": p.t, "bits": p.bits,
                 "d": p.d, "min_survivors": p.min_survivors, "round_id": self.round_id.hex(),
-                "graph_seed": self.graph_seed.hex(),
+                "graph_seed": self.graph_seed.hex(), "neighbours": sorted(self.server.graph[index]),
                 "encoding": {"clip": e.clip, "sigma": e.sigma, "gamma": e.gamma, "n": e.n, "d": e.d, "bits": e.bits,
                              "beta": e.beta, "seed": e.seed}}
 
@@ -398,4 +398,7 @@ class SecureRound:
 
     def _fail(self, why: str) -> Outcome:
         self.phase = "closing"
+        for pid, (_, rid, seq) in self.parked.items():  # waiting for a phase that will not come: say why
+            self.reject(rid, "secure", f"the secure round closes without a model: {why}", pid, seq)
+        self.parked = {}
         return Outcome(failed=why, left_out=dict(self.left_out))

@@ -130,7 +130,8 @@ class Server:
         self.bytes_in = 0
         self._failed_at = -1
         self.gate = config.ledger
-        self.phase = "upload"  # with a ledger each round starts with a commit phase; a secure round with "join"
+        # with a ledger each round starts with a commit phase; a secure round with "join"
+        self.phase = "join" if config.secure is not None else "upload"
         self.secure: Optional[SecureRound] = None  # the secure round in progress (config.secure)
         self._commit_poll = 0.0  # when to next ask the chain whether everyone has committed
         self.history: "deque[Dict[str, Any]]" = deque(maxlen=MAX_HISTORY)  # the latest rounds' records
@@ -959,7 +960,7 @@ class Server:
         if outcome is None:
             return
         if outcome.failed is not None:
-            self._close_without_model(outcome.failed, outcome.left_out)
+            self._close_without_model(outcome.failed)
             return
         self._close_secure(outcome)
 
@@ -983,8 +984,9 @@ class Server:
         if info.selected is not None:
             chosen = {int(i) for i in info.selected}
             out_buckets |= {b for b in range(len(out.counts)) if b not in chosen}
-        record = self._record("secure", ids, failed, out.left_out)
-        record.update({"excluded_by_rule": sorted(p for b in out_buckets for p in out.members[b]),
+        record = self._record("secure", ids, failed)
+        self.excluded = dict(out.left_out)  # STATE tells each why it was left out
+        record.update({"left_out": dict(out.left_out), "excluded_by_rule": sorted(p for b in out_buckets for p in out.members[b]),
                        "aggregate_seconds": time.monotonic() - t0, "privacy": out.privacy,
                        "buckets": [{"members": m, "excluded_by_rule": b in out_buckets}
                                    for b, m in enumerate(out.members)]})
