@@ -142,3 +142,45 @@ def test_linger_reaches_the_server_config(monkeypatch):
         cli.main(["serve", "--d", "4", "--bind", "tcp://127.0.0.1:0", "--max-peers", "50", "--receive-memory-gb",
                   "1.5", "--upload-timeout", "5"])
     assert limits[-1] == (50, 1_500_000_000, 5.0)
+
+
+def test_secure_rounds_from_the_shell():
+    """fedagg serve --secure with three fedagg join processes: the round closes by its secure phases,
+    and the model moved by the participants' mean (fedagg join's honest update)."""
+    pytest.importorskip("cryptography")
+    p = fedagg_proc("serve", "--d", 1000, "--bind", "tcp://127.0.0.1:0", "--rounds", 1, "--quorum", 3,
+                    "--min-updates", 3, "--linger", 0, "--secure", "--bucket-size", 3, "--secure-clip", 100,
+                    "--phase-seconds", 10)
+    joins = []
+    try:
+        endpoint = listening(p)
+        joins = [subprocess.Popen([sys.executable, "-m", "fedagg", "join", "--connect", endpoint, "--id", f"p{i}"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                 for i in range(3)]
+        for j in joins:
+            out, err = j.communicate(timeout=60)
+            assert j.returncode == 0, err
+        closed = json.loads(p.stdout.readline())["round_closed"]
+        assert closed["closed_by"] == "secure" and sorted(closed["accepted"]) == ["p0", "p1", "p2"]
+        assert [len(b["members"]) for b in closed["buckets"]] == [3] and closed["model_updated"]
+        rc, _, err = finish(p)
+        assert rc == 0, err
+    finally:
+        for proc in [p, *joins]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+def test_secure_options_reach_the_server_config():
+    from fedagg import cli
+    from fedagg.transport.cli import _config
+
+    args = cli._parser().parse_args(
+        ["serve", "--d", "8", "--secure", "--bucket-size", "5", "--secure-clip", "2.5", "--secure-sigma", "0.1",
+         "--secure-k", "4", "--max-dropout", "0.3", "--phase-seconds", "7", "--min-updates", "5", "--quorum", "5"])
+    cfg = _config(args)
+    s = cfg.secure
+    assert (s.bucket_size, s.clip, s.sigma, s.k, s.max_dropout, s.phase_seconds) == (5, 2.5, 0.1, 4, 0.3, 7.0)
+    cfg.check()
+    assert _config(cli._parser().parse_args(["serve", "--d", "8"])).secure is None

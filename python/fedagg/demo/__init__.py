@@ -37,7 +37,8 @@ def run(opts: Options, view=None) -> List[RunResult]:
     results = []
     for rule, rf in runs:
         view.start_run(f"{rule} (f={rf}): {opts.participants} participants, Byzantine ({opts.attack}): {bad}; "
-                       f"admission: {'ledger' if opts.ledger else 'federated'}; codec: {opts.codec}", opts.rounds)
+                       f"admission: {'ledger' if opts.ledger else 'federated'}; codec: {opts.codec}"
+                       + (f"; secure: SecAgg+ buckets of {opts.bucket_size}" if opts.secure else ""), opts.rounds)
         try:
             results.append(run_one(opts, rule, rf, view.row, on_step=view.step))
         finally:

@@ -30,6 +30,12 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
     d.add_argument("--plot", default="fedagg-demo.png", help="PNG to write (default fedagg-demo.png; '' for none)")
     d.add_argument("--bundles", default=None, help="folder for each ledger round's bundle (default: a temporary "
                                                    "one); `fedagg audit` reads them")
+    d.add_argument("--secure", action="store_true",
+                   help="secure rounds: participants are split into buckets, each bucket summed by SecAgg+ (the "
+                        "server never sees one update), the rule runs over the bucket means; --dp-noise and "
+                        "--dp-clip become each participant's own clipping and noise; runs without the ledger")
+    d.add_argument("--bucket-size", type=int_at_least(3), default=3,
+                   help="participants per bucket with --secure (default 3)")
     d.add_argument("--keep-chain", action="store_true",
                    help="after the runs, keep each run's chain serving and print the `fedagg audit` command for "
                         "it, until Ctrl-C (needs --bundles)")
@@ -47,7 +53,8 @@ def _demo(args) -> int:
 
     opts = Options(participants=args.participants, byzantine=args.byzantine, attack=args.attack, rule=args.rule,
                    f=args.f, rounds=args.rounds, codec=args.codec, dp_noise=args.dp_noise, dp_clip=args.dp_clip,
-                   ledger=args.ledger, compare=args.compare, seed=args.seed, plot=args.plot or None,
-                   bundles=args.bundles, keep_chain=args.keep_chain)
+                   ledger=args.ledger and not args.secure, compare=args.compare, seed=args.seed,
+                   plot=args.plot or None, bundles=args.bundles, keep_chain=args.keep_chain, secure=args.secure,
+                   bucket_size=args.bucket_size)
     run(opts)
     return 0

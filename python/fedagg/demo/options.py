@@ -35,6 +35,8 @@ class Options:
     plot: Optional[str] = "fedagg-demo.png"
     bundles: Optional[str] = None  # folder for each ledger round's bundle (<bundles>/<rule>/); None: a temporary one
     keep_chain: bool = False  # after the runs, keep each run's chain serving (to audit) until interrupted
+    secure: bool = False  # secure rounds: SecAgg+ over buckets, the rule over the bucket means (no ledger)
+    bucket_size: int = 3  # participants per bucket (secure)
 
     def check(self) -> None:
         from .. import RULES
@@ -68,11 +70,30 @@ class Options:
         if self.attack == "none" and self.byzantine:
             raise ValueError("byzantine participants need an attack (or set byzantine to 0)")
         honest = self.participants - self.byzantine
+        if self.secure:
+            self._check_secure()
+            return
         for rule, f in self.runs():
             need = min_updates(rule, f, honest)
             if need > self.participants:
                 raise ValueError(f"{rule} with f = {f} needs rounds of at least {need} updates: "
                                  f"give at least {need} participants (or a smaller f)")
+
+    def _check_secure(self) -> None:
+        from ..rules import RULES as SPECS
+
+        if self.ledger:
+            raise ValueError("secure rounds run without the ledger (docs/secure.md): set ledger=False (--no-ledger)")
+        if self.codec != "none":
+            raise ValueError("secure rounds send masked ring vectors: codec must be 'none'")
+        if self.bucket_size < 3:
+            raise ValueError("bucket_size must be >= 3")
+        buckets = self.participants // self.bucket_size
+        for rule, f in self.runs():
+            if buckets < SPECS[rule].min_n(f):
+                raise ValueError(f"{rule} with f = {f} runs over bucket means: it needs {SPECS[rule].min_n(f)} "
+                                 f"buckets, and {self.participants} participants make {buckets} of "
+                                 f"{self.bucket_size} (give more participants or a smaller bucket_size)")
 
     def runs(self) -> List[Tuple[str, int]]:
         """(rule, f) of each run: the chosen rule, then the plain mean (with compare)."""

@@ -139,13 +139,22 @@ def run_one(opts: Options, rule: str, f: int, on_row: Callable[[RoundRow], None]
                 abi_file = Path(tmp) / "registry-abi.json"
                 abi_file.write_text(json.dumps(compiled()[0]))
                 chain_args = ["--chain", url, "--contract", chain.address, "--abi", str(abi_file)]
-            dp = None
-            if opts.dp_noise > 0:
+            dp = secure = None
+            need = min_updates(rule, f, opts.participants - opts.byzantine)
+            if opts.secure:  # each bucket's sum carries dp_noise x dp_clip, as central DP's sum would
+                from ..rules import RULES as SPECS
+                from ..transport import SecureConfig
+
+                secure = SecureConfig(bucket_size=opts.bucket_size, clip=opts.dp_clip,
+                                      sigma=opts.dp_noise * opts.dp_clip / np.sqrt(opts.bucket_size),
+                                      phase_seconds=30.0)
+                need = min(opts.participants, max(need, opts.bucket_size * SPECS[rule].min_n(f)))
+            elif opts.dp_noise > 0:
                 dp = privacy.CentralDP(noise_multiplier=opts.dp_noise, clip_norm=opts.dp_clip,
                                        expected_participants=opts.participants)
             cfg = ServerConfig(bind="tcp://127.0.0.1:0", rule=rule, f=f, quorum=opts.participants,
-                               min_updates=min_updates(rule, f, opts.participants - opts.byzantine),
-                               deadline=opts.commit_seconds + 20.0, rounds=opts.rounds, ledger=gate, dp=dp)
+                               min_updates=need, deadline=opts.commit_seconds + 20.0, rounds=opts.rounds,
+                               ledger=gate, dp=dp, secure=secure)
             rows: "queue.Queue[Any]" = queue.Queue()
             # The model as the round left it (the server moves on while the row is built).
             step(f"starting the aggregation server ({rule}, f = {f})")
@@ -237,6 +246,8 @@ def _wait_registered(chain, n: int, procs: _Processes, timeout: float,
 def _row(rec: Dict[str, Any], model: np.ndarray, net, Xt, yt, labels: Dict[str, str]) -> RoundRow:
     name = lambda pid: labels.get(pid, pid)  # noqa: E731
     priv = rec.get("privacy") or {}
+    if rec.get("buckets") is not None:  # a secure round reports its own release; the run has made round + 1
+        priv = {"epsilon": _secure_epsilon(priv, int(rec["round"]) + 1)}
     return RoundRow(
         round=int(rec["round"]), accuracy=task.accuracy(net, model, Xt, yt),
         excluded=sorted((name(p) for p in rec.get("excluded_by_rule", [])), key=lambda s: int(s[1:].rstrip("*"))
@@ -244,3 +255,14 @@ def _row(rec: Dict[str, Any], model: np.ndarray, net, Xt, yt, labels: Dict[str, 
         refused={name(r.get("id", "?")): r.get("reason", "?") for r in rec.get("rejected", [])},
         epsilon=priv.get("epsilon"), bytes_in=int(rec.get("bytes_in", 0)), seconds=float(rec.get("seconds", 0.0)),
         ledger_seconds=float((rec.get("ledger") or {}).get("seconds", 0.0)))
+
+
+def _secure_epsilon(priv: Dict[str, Any], rounds: int) -> Optional[float]:
+    """Epsilon of `rounds` secure releases like this round's (its smallest bucket: the least noise)."""
+    if not priv or not priv.get("sigma"):
+        return None
+    from ..secure import Encoding
+
+    enc = Encoding(clip=priv["clip"], sigma=priv["sigma"], gamma=priv["gamma"], n=min(priv["bucket_sizes"]),
+                   d=priv["d"])
+    return enc.epsilon(priv["delta"], rounds)

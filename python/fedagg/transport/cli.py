@@ -94,6 +94,24 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
                         "endpoint in rank order, this one binding its own (default: not a shard)")
     s.add_argument("--max-restarts", type=int_at_least(0), default=3,
                    help="with --shards: times torchrun restarts the shards after one failed (default 3)")
+    sec = s.add_argument_group("secure rounds", "SecAgg+ over buckets: the server learns bucket sums, never one "
+                                "update (docs/secure.md)")
+    sec.add_argument("--secure", action="store_true",
+                     help="run secure rounds: participants join, are split into buckets, mask their encoded updates; "
+                          "--rule runs over the bucket means with --f counting buckets")
+    sec.add_argument("--bucket-size", type=int_at_least(3), default=8,
+                     help="participants per bucket (default 8; larger: more privacy, fewer inputs to the rule)")
+    sec.add_argument("--secure-clip", type=float_at_least(0, True), default=1.0,
+                     help="each participant clips its update to this L2 norm (default 1)")
+    sec.add_argument("--secure-sigma", type=float_at_least(0, False), default=0.0,
+                     help="each participant's discrete Gaussian noise stddev, in update units (default 0: no DP)")
+    sec.add_argument("--secure-k", type=int_at_least(2), default=None,
+                     help="neighbours per participant in its bucket (default: all for buckets up to 12, else "
+                          "about 2 log2 n)")
+    sec.add_argument("--max-dropout", type=float_at_least(0, False), default=0.2,
+                     help="share of a bucket that may drop out and still be unmasked (default 0.2)")
+    sec.add_argument("--phase-seconds", type=float_at_least(0, True), default=30.0,
+                     help="each key phase ends once everyone answered, or after this long (default 30)")
     s.add_argument("--log-json", action="store_true",
                    help="structured logs (one JSON object per line) on stderr (default: text)")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -188,6 +206,11 @@ def _config(args, shard=None):
                        receive_memory=None if args.receive_memory_gb is None else int(args.receive_memory_gb * 1e9),
                        max_inflight=args.max_inflight, device=args.device,
                        upload_timeout=args.upload_timeout, shard=shard)
+    if args.secure:
+        from .config import SecureConfig
+
+        cfg.secure = SecureConfig(bucket_size=args.bucket_size, clip=args.secure_clip, sigma=args.secure_sigma,
+                                  k=args.secure_k, max_dropout=args.max_dropout, phase_seconds=args.phase_seconds)
     if args.curve_secret is not None:
         from zmq.auth import load_certificate
 

@@ -391,7 +391,8 @@ class SecureRound:
             return self._fail(f"{len(means)} buckets unmasked; the rule needs {self.min_buckets}")
         worst = max(eps.values()) if eps else math.inf
         privacy = {"mechanism": "distributed discrete Gaussian (per bucket sum)", "epsilon": worst,
-                   "delta": self.cfg.delta, "sigma": self.cfg.sigma, "clip": self.cfg.clip,
+                   "delta": self.cfg.delta, "sigma": self.cfg.sigma, "clip": self.cfg.clip, "d": self.d,
+                   "gamma": max(b.encoding.gamma for b in self.buckets if b.refused is None),
                    "bucket_sizes": counts,
                    "wrap_probability": max(b.encoding.wrap_probability() for b in self.buckets if b.refused is None)}
         return Outcome(np.stack(means), counts, members, privacy=privacy, left_out=dict(self.left_out))
