@@ -50,3 +50,19 @@ def test_secure_round(benchmark):
     res = benchmark.pedantic(lambda: bench._fedagg_round(16, d, 2), rounds=1, iterations=1)
     # the masked vector: 4 bytes per coordinate (d padded by < 256); keys and shares: a few KB
     assert res["max_abs_error"] < 1e-3 and res["up_bytes_per_participant"] < 4 * (d + 256) + 8192
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
+def test_round_through_the_server(benchmark, secure):
+    """One round through fedagg serve, n = 16 participant processes on the same cores: plain against
+    secure (buckets of 8) in the same run."""
+    pytest.importorskip("zmq")
+    benchmark.group = "a round through the server, n = 16"
+    d = min(D, 200_000)
+    res = benchmark.pedantic(lambda: bench.serve_round(16, d, secure=secure), rounds=1, iterations=1)
+    assert res["accepted"] == 16 and res["max_abs_error"] < 1e-6
+    assert res["bytes_in"] <= 16 * 4 * (d + 256) + (16 * 8192 if secure else 0)
+    if secure:
+        assert res["buckets"] == 2 and list(res["phases_ended"]) == ["join", "advertise", "share", "upload", "unmask"]
+    if benchmark.stats is not None:
+        benchmark.extra_info.update(dedicated_s=res["dedicated_s"], server_cpu_s=res["server_cpu_s"])

@@ -12,7 +12,7 @@ starts the nodes' actors, the median of the later ones is reported (the Simulati
 start-up is not counted); its plain round is FedAvg's default fit step.
 
 >>> from fedagg.secure import bench
->>> r = bench.run(ns=(4,), ds=(1000,), flower=False)
+>>> r = bench.run(ns=(4,), ds=(1000,), flower=False, serve=False)
 >>> [(row["n"], row["d"], row["impl"]) for row in r["rows"]][:2]
 [(4, 1000, 'fedagg SecAgg+'), (4, 1000, 'fedagg plain mean')]
 """
@@ -160,8 +160,88 @@ def _flower_round(n: int, d: int, secure: bool, shares: int, threshold: int, tim
                 "note": f"round 1 (nodes starting) {times[0]:.2f} s; process {wall:.1f} s"}
 
 
+def _serve_participant(endpoint: str, pid: str, x: np.ndarray, ready, go, out) -> None:
+    from ..transport import Client, secure_client
+    from .protocol import _crypto
+
+    _crypto()  # a running participant has these loaded: not a round's cost
+    _ = secure_client.submit_secure
+    with Client(endpoint, pid, timeout=120) as c:
+        rnd = c.status()["round"]
+        ready.put(pid)
+        go.wait()
+        cpu = time.process_time()  # this process's CPU, its libzmq I/O thread included
+        c.submit(x, rnd)
+        out.put(time.process_time() - cpu)
+
+
+def serve_round(n: int, d: int, *, secure: bool, bucket_size: int = 8, sigma: float = 0.0) -> Dict[str, Any]:
+    """One round through fedagg's server (a thread here) with n participant processes (forked,
+    updates ready) released together: seconds from the release to the round's close. Plain: the
+    mean of raw float32 uploads; secure: SecAgg+ over buckets of bucket_size, the mean over the
+    bucket means, each participant clipping (at a norm above its update's), rotating, rounding,
+    adding noise of stddev sigma and masking.
+
+    The participants share this machine's cores with the server: "participants_cpu_s" is their
+    CPU time in the round (all of them), "server_cpu_s" this process's. "dedicated_s" estimates
+    the round with each participant on its own machine: the measured round, less the
+    participants' CPU spread over the cores, plus the busiest participant's CPU."""
+    import multiprocessing as mp
+    import resource
+    import threading
+
+    from ..transport import SecureConfig, Server, ServerConfig
+
+    fork = mp.get_context("fork")
+    X = np.random.default_rng(0).uniform(-1, 1, size=(n, d)).astype(np.float32) / np.sqrt(d)
+    cfg = ServerConfig(bind="tcp://127.0.0.1:0", quorum=n, min_updates=n, rounds=1, deadline=600.0, rate=1e6,
+                       secure=SecureConfig(bucket_size=bucket_size, clip=2.0, sigma=sigma, phase_seconds=120)
+                       if secure else None)
+    closed: Dict[str, float] = {}
+    if secure and sigma > 0:  # the accountant's import, once per server process: not a round's cost
+        Encoding(clip=1.0, sigma=sigma, gamma=1e-3, n=bucket_size, d=256).epsilon(1e-5)
+    server = Server(np.zeros(d, np.float32), cfg, on_round=lambda rec: closed.setdefault("t", time.perf_counter()))
+    th = threading.Thread(target=server.serve, daemon=True)
+    th.start()
+    ready, out, go = fork.Queue(), fork.Queue(), fork.Event()
+    procs = [fork.Process(target=_serve_participant, args=(server.endpoint, f"p{i}", X[i], ready, go, out))
+             for i in range(n)]
+    try:
+        for p in procs:
+            p.start()
+        for _ in range(n):
+            ready.get(timeout=120)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        released = time.monotonic() - server.round_started  # the round's phases count from its start
+        go.set()
+        cpu = [out.get(timeout=600) for _ in range(n)]
+        th.join(600)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+        if th.is_alive():
+            server.stop()
+            th.join(10)
+    rec = server.history[0]
+    err = float(np.abs(server.model.astype(np.float64) - X.astype(np.float64).mean(axis=0)).max())
+    seconds, cores = closed["t"] - t0, _core.num_threads()
+    phases = {k: v - released for k, v in (rec.get("phases_ended") or {}).items()}  # from the release
+    server_cpu = (after.ru_utime + after.ru_stime) - (usage.ru_utime + usage.ru_stime)
+    return {"seconds": seconds, "aggregate_seconds": rec["aggregate_seconds"], "bytes_in": rec["bytes_in"],
+            "accepted": len(rec["accepted"]), "max_abs_error": err, "buckets": len(rec.get("buckets") or []),
+            "phases_ended": phases, "participants_cpu_s": float(sum(cpu)), "max_participant_cpu_s": float(max(cpu)),
+            "server_cpu_s": server_cpu, "dedicated_s": seconds - sum(cpu) / cores + max(cpu)}
+
+
 def run(ns: Sequence[int] = (16, 64), ds: Sequence[int] = (100_000, 1_000_000), *, flower: bool = True,
-        flower_timeout: float = 600.0, cores: Optional[int] = None) -> Dict[str, Any]:
+        flower_timeout: float = 600.0, cores: Optional[int] = None, serve: bool = True,
+        repeats: int = 3) -> Dict[str, Any]:
+    """In-process rounds against Flower's (flower), and (serve) rounds through fedagg's server, secure
+    and plain, with participant processes: the median of `repeats` of each, alternating."""
     cores = cores or _core.num_threads()
     rows: List[Dict[str, Any]] = []
     have_flower, flower_note = flower, "" if flower else "not compared (--no-compare)"
@@ -178,6 +258,23 @@ def run(ns: Sequence[int] = (16, 64), ds: Sequence[int] = (100_000, 1_000_000), 
             rows.append({"n": n, "d": d, "impl": "fedagg plain mean", "seconds": ours["plain_s"],
                          "per_participant_s": None, "server_s": ours["plain_s"], "up_bytes": 4 * d, "down_bytes": None,
                          "note": "the same float32 updates averaged, in process"})
+            if serve:
+                got: Dict[bool, List[Dict[str, Any]]] = {True: [], False: []}
+                for _ in range(repeats):
+                    for secure in (False, True):
+                        got[secure].append(serve_round(n, d, secure=secure, bucket_size=min(8, n)))
+                for secure in (True, False):
+                    runs = sorted(got[secure], key=lambda r: r["seconds"])
+                    mid = runs[len(runs) // 2]
+                    times = ", ".join(f"{r['seconds']:.2f}" for r in runs)
+                    rows.append({"n": n, "d": d, "impl": "fedagg serve, secure" if secure else "fedagg serve, plain",
+                                 "seconds": mid["seconds"], "per_participant_s": mid["participants_cpu_s"] / n,
+                                 "server_s": mid["server_cpu_s"], "up_bytes": mid["bytes_in"] / n, "down_bytes": None,
+                                 "dedicated_s": mid["dedicated_s"], "phases_ended": mid["phases_ended"],
+                                 "note": (f"buckets of {min(8, n)}; " if secure else "")
+                                 + f"median of {repeats}: {times} s; "
+                                 f"participants' CPU {mid['participants_cpu_s']:.2f} s on the same cores; "
+                                 f"dedicated estimate {mid['dedicated_s']:.2f} s"})
             if have_flower:
                 for secure in (True, False):
                     fl = _flower_round(n, d, secure, k + 1, t, flower_timeout)
@@ -186,12 +283,27 @@ def run(ns: Sequence[int] = (16, 64), ds: Sequence[int] = (100_000, 1_000_000), 
                                  "up_bytes": (8 if secure else 4) * d, "down_bytes": None,
                                  "note": (f"num_shares = {k + 1}, threshold = {t}; " if secure else "") + fl["note"]})
     return {"ns": list(ns), "ds": list(ds), "cores": cores, "flower": have_flower, "flower_note": flower_note,
-            "rows": rows}
+            "rows": rows, "cpu": _cpu_model()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def lines(res: Dict[str, Any]) -> List[str]:
-    out = [f"secagg: one round, {res['cores']} cores; fedagg in process (round = server + participants / cores), "
-           "Flower in its Simulation Runtime" + ("" if res["flower"] else f" ({res['flower_note']})"),
+    out = [f"secagg: one round, {res['cores']} cores ({res.get('cpu', '?')}, kernels {_core.isa()}); fedagg in "
+           "process (round = server + participants / cores), and through its server (participant processes on the "
+           "same cores; participant = its CPU, server = the server process's CPU), Flower in its Simulation Runtime"
+           + ("" if res["flower"] else f" ({res['flower_note']})"),
            f"{'n':>4s} {'d':>10s} {'impl':22s} {'round':>10s} {'participant':>12s} {'server':>10s} "
            f"{'up B/coord':>10s}  note"]
     for r in res["rows"]:

@@ -161,10 +161,12 @@ class Encoding:
         count = self.n if count is None else count
         if not (isinstance(count, int) and count >= 1):
             raise ValueError(f"count must be a positive integer, got {count!r}")
-        v = t.astype(np.int64)
-        half = 1 << (self.bits - 1)
-        v[v >= half] -= 1 << self.bits
-        y = (v.astype(np.float64) * self.gamma).astype(np.float32)
+        if self.bits < 32:  # sign-extend the ring's top bit: the signed lift, as int32
+            shift = np.uint32(32 - self.bits)
+            t = np.left_shift(t, shift).view(np.int32) >> np.int32(shift)
+        y = np.empty(t.size, dtype=np.float32)
+        # the signed lift (int32 for bits = 32) times gamma in float64, rounded once to float32, one pass
+        np.multiply(t.view(np.int32), self.gamma, out=y, casting="unsafe")
         _rotate(y, self.seed, True)
         return y[: self.d].astype(np.float64) / count
 

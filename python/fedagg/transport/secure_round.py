@@ -100,6 +100,7 @@ class Outcome:
     failed: Optional[str] = None
     privacy: Optional[Dict[str, Any]] = None
     left_out: Dict[str, str] = field(default_factory=dict)  # participant -> why its update is not in
+    timeline: Dict[str, float] = field(default_factory=dict)  # phase -> seconds from the round's start to its end
 
 
 class SecureRound:
@@ -119,6 +120,7 @@ class SecureRound:
         self.member: Dict[str, Tuple[Bucket, int]] = {}
         self.ring_bytes = 4 * Encoding(clip=1.0, sigma=0.0, gamma=1.0, n=1, d=d).padded
         self.left_out: Dict[str, str] = {}
+        self.timeline: Dict[str, float] = {}  # seconds from the round's start to each phase's end
 
     # ------------------------------------------------------------------ public facts
     def public(self) -> Dict[str, Any]:
@@ -288,8 +290,9 @@ class SecureRound:
         return None
 
     def _open(self, phase: str, now_answered: Step) -> None:
-        self.phase = phase
         self.phase_started = time.monotonic()
+        self.timeline[self.phase] = self.phase_started - self.started
+        self.phase = phase
         for pid, (step, rid, seq) in list(self.parked.items()):
             if step == now_answered:
                 del self.parked[pid]
@@ -395,7 +398,9 @@ class SecureRound:
                    "gamma": max(b.encoding.gamma for b in self.buckets if b.refused is None),
                    "bucket_sizes": counts,
                    "wrap_probability": max(b.encoding.wrap_probability() for b in self.buckets if b.refused is None)}
-        return Outcome(np.stack(means), counts, members, privacy=privacy, left_out=dict(self.left_out))
+        self.timeline["unmask"] = time.monotonic() - self.started
+        return Outcome(np.stack(means), counts, members, privacy=privacy, left_out=dict(self.left_out),
+                       timeline=dict(self.timeline))
 
     def _fail(self, why: str) -> Outcome:
         self.phase = "closing"

@@ -986,7 +986,7 @@ class Server:
             out_buckets |= {b for b in range(len(out.counts)) if b not in chosen}
         record = self._record("secure", ids, failed)
         self.excluded = dict(out.left_out)  # STATE tells each why it was left out
-        record.update({"left_out": dict(out.left_out), "excluded_by_rule": sorted(p for b in out_buckets for p in out.members[b]),
+        record.update({"left_out": dict(out.left_out), "phases_ended": out.timeline, "excluded_by_rule": sorted(p for b in out_buckets for p in out.members[b]),
                        "aggregate_seconds": time.monotonic() - t0, "privacy": out.privacy,
                        "buckets": [{"members": m, "excluded_by_rule": b in out_buckets}
                                    for b, m in enumerate(out.members)]})
