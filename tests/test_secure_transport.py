@@ -405,24 +405,33 @@ def test_a_server_asking_for_both_shares_learns_nothing(secure, monkeypatch):
 
 
 def test_a_late_joiner_waits_for_the_next_round(secure):
+    """p0 joins and goes silent, holding the round in its advertise phase for phase_seconds: a
+    participant that arrives then is told `phase` (join the next round), not taken in."""
     n = 3
-    s = secure(quorum=n, min_updates=3, secure=SecureConfig(bucket_size=3, clip=10.0, phase_seconds=3))
+    s = secure(quorum=n, min_updates=3, linger=5, secure=SecureConfig(bucket_size=3, clip=10.0, phase_seconds=3))
     X = np.zeros((n, D), np.float32)
-    late = {}
+    late, clients = {}, []
 
     def work(i):
+        if i == 0:
+            clients.append(partial(s.endpoint, "p0", X[0], "advertise", {}))
+            return None
         if i < n:
             return honest(s.endpoint, X)(i)
         deadline = time.monotonic() + 20
         while s.server.phase == "join" and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert s.server.phase == "advertise"
         with Client(s.endpoint, "late", timeout=5) as c:
             with pytest.raises(TransportError) as e:
                 c.submit(X[0])
             late["reason"] = e.value.reason
     res = run_all(work, n + 1)
-    s.join()
-    assert late["reason"] == "phase" and all(isinstance(r, dict) for r in res[:n]), res
+    for c in clients:
+        c.close()
+    s.stop()
+    assert late.get("reason") == "phase", res
+    assert s.records[0]["model_updated"] is False  # a bucket of 3 without p0 is below min_survivors
 
 
 @pytest.mark.parametrize("bad, match", [
