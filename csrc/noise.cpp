@@ -270,15 +270,59 @@ bool round_to_grid(const double* x, std::size_t d, double step, std::uint64_t se
   }, &unused);
 }
 
+namespace {
+constexpr int kRingLanes = 8;
+
+// round_to_grid's floor(x / step + u) for n values into the ring, written to vectorize: the
+// integer's low 32 bits come from the double's own (q + 1.5 x 2^52 holds q in its low mantissa
+// bits, two's complement, for |q| < 2^51), and the squared norm goes into kRingLanes partial sums
+// (lane j % kRingLanes), so every instruction set adds the same numbers in the same order.
+// False if some value is NaN, Inf or beyond 2^51 in grid units.
+FEDAGG_CLONES bool ring_range(const float* x, std::size_t n, double inv, std::uint64_t seed, std::uint64_t offset,
+                              std::uint32_t mask, std::uint32_t* out, double* lanes) {
+  constexpr double kLimit = 2251799813685248.0;  // 2^51
+  constexpr double kShift = 6755399441055744.0;  // 1.5 x 2^52
+  bool ok = true;
+  for (std::size_t j0 = 0; j0 < n; j0 += kRingLanes) {
+    const std::size_t m = std::min<std::size_t>(kRingLanes, n - j0);
+    for (std::size_t k = 0; k < m; ++k) {
+      const std::size_t j = j0 + k;
+      const double v = static_cast<double>(x[j]) * inv + static_cast<double>(uniform01(seed, offset + j));
+      ok &= std::fabs(v) < kLimit;  // false for NaN too
+      const double q = std::floor(v);
+      const double t = q + kShift;
+      std::uint64_t bits;
+      std::memcpy(&bits, &t, sizeof bits);
+      out[j] = static_cast<std::uint32_t>(bits) & mask;
+      lanes[k] += q * q;
+    }
+  }
+  return ok;
+}
+}  // namespace
+
 bool round_to_ring(const float* x, std::size_t d, double step, std::uint64_t seed, std::uint64_t offset, int bits,
                    std::uint32_t* out, double* norm2) {
   FEDAGG_CHECK(bits >= 1 && bits <= 32, "the ring needs 1 <= bits <= 32");
+  FEDAGG_CHECK(std::isfinite(step) && step > 0.0, "grid step must be finite and > 0");
   const std::uint32_t mask = bits == 32 ? 0xffffffffu : ((std::uint32_t(1) << bits) - 1);
-  return round_chunks(x, d, step, seed, offset, [out, mask](std::size_t j, double q) {
-    // two's complement: the integer mod 2^32, then mod 2^bits
-    out[j] = static_cast<std::uint32_t>(static_cast<std::uint64_t>(static_cast<std::int64_t>(q))) & mask;
-    return q * q;
-  }, norm2);
+  const double inv = 1.0 / step;
+  constexpr std::size_t kChunk = std::size_t(1) << 15;  // a multiple of kRingLanes: lanes line up
+  const std::size_t nt = (d + kChunk - 1) / kChunk;
+  std::vector<char> ok(nt, 1);
+  std::vector<double> part(nt, 0.0);
+  parallel_for(nt, [&](std::size_t c, int) {
+    const std::size_t j0 = c * kChunk, j1 = std::min(d, j0 + kChunk);
+    double lanes[kRingLanes] = {};
+    ok[c] = ring_range(x + j0, j1 - j0, inv, seed, offset + j0, mask, out + j0, lanes);
+    double s = 0.0;
+    for (double l : lanes) s += l;
+    part[c] = s;
+  });
+  double sum = 0.0;
+  for (double p : part) sum += p;  // in chunk order: the same total on any thread count
+  *norm2 = sum;
+  return std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; });
 }
 
 }  // namespace fedagg

@@ -91,14 +91,62 @@ void check_layout(int bits, std::size_t bucket) {
   FEDAGG_CHECK(bucket >= 8 && bucket % 8 == 0 && bucket <= (1u << 20), "bucket must be a multiple of 8 in [8, 2^20]");
 }
 
-FEDAGG_CLONES void fwht(float* x, std::size_t B) {
-  for (std::size_t h = 1; h < B; h <<= 1)
-    for (std::size_t i = 0; i < B; i += 2 * h)
-      for (std::size_t j = i; j < i + h; ++j) {
-        const float a = x[j], b = x[j + h];
-        x[j] = a + b;
-        x[j + h] = a - b;
-      }
+// One butterfly level at distance h over n values (n a multiple of 2h).
+FEDAGG_CLONES void fwht_level(float* x, std::size_t n, std::size_t h) {
+  for (std::size_t i = 0; i < n; i += 2 * h)
+    for (std::size_t j = i; j < i + h; ++j) {
+      const float a = x[j], b = x[j + h];
+      x[j] = a + b;
+      x[j + h] = a - b;
+    }
+}
+
+// Levels h and 2h in one pass: each value goes through the same two additions, in the same order,
+// as with two fwht_level calls (the same bits), reading and writing the data once.
+FEDAGG_CLONES void fwht_levels2(float* x, std::size_t n, std::size_t h) {
+  for (std::size_t i = 0; i < n; i += 4 * h)
+    for (std::size_t j = i; j < i + h; ++j) {
+      const float a = x[j], b = x[j + h], c = x[j + 2 * h], d = x[j + 3 * h];
+      const float s0 = a + b, s1 = a - b, s2 = c + d, s3 = c - d;
+      x[j] = s0 + s2;
+      x[j + 2 * h] = s0 - s2;
+      x[j + h] = s1 + s3;
+      x[j + 3 * h] = s1 - s3;
+    }
+}
+
+// Levels 1, 2 and 4 on each run of 8 values, in registers.
+FEDAGG_CLONES void fwht_first3(float* x, std::size_t n) {
+  for (std::size_t i = 0; i < n; i += 8) {
+    float* p = x + i;
+    const float a0 = p[0] + p[1], a1 = p[0] - p[1], a2 = p[2] + p[3], a3 = p[2] - p[3];
+    const float a4 = p[4] + p[5], a5 = p[4] - p[5], a6 = p[6] + p[7], a7 = p[6] - p[7];
+    const float b0 = a0 + a2, b2 = a0 - a2, b1 = a1 + a3, b3 = a1 - a3;
+    const float b4 = a4 + a6, b6 = a4 - a6, b5 = a5 + a7, b7 = a5 - a7;
+    p[0] = b0 + b4, p[4] = b0 - b4, p[1] = b1 + b5, p[5] = b1 - b5;
+    p[2] = b2 + b6, p[6] = b2 - b6, p[3] = b3 + b7, p[7] = b3 - b7;
+  }
+}
+
+void fwht_levels(float* x, std::size_t n, std::size_t h, std::size_t end) {  // levels h, 2h, ... < end
+  for (; 2 * h < end; h <<= 2) fwht_levels2(x, n, h);
+  if (h < end) fwht_level(x, n, h);
+}
+
+// The unnormalized Walsh-Hadamard transform (Sylvester order) of B values, B a power of two. The
+// levels below 4096 run on 16 KB runs (in L1), the rest two levels per pass: about half the time
+// of level by level, with every value computed by the same additions in the same order.
+void fwht(float* x, std::size_t B) {
+  if (B < 8) {
+    fwht_levels(x, B, 1, B);
+    return;
+  }
+  const std::size_t S = std::min<std::size_t>(B, 4096);
+  for (std::size_t base = 0; base < B; base += S) {
+    fwht_first3(x + base, S);
+    fwht_levels(x + base, S, 8, S);
+  }
+  fwht_levels(x, B, S, B);
 }
 
 }  // namespace
