@@ -1,0 +1,368 @@
+"""LoRA adapters aggregated with any fedagg rule: the factors averaged (FedIT), the products
+aggregated exactly and re-factored to rank r, or the factors stacked (FLoRA).
+
+An update is a mapping name -> array as PEFT's ``get_peft_model_state_dict`` gives it: for every
+adapted layer X, ``X.lora_A.weight`` (r x in) and ``X.lora_B.weight`` (out x r), whose update of
+the layer's weight is ``scaling * B @ A``; any other entry (biases, ``modules_to_save``) is dense
+and taken as it is. Arrays are NumPy or torch (CPU; float32, float64, float16 or bfloat16);
+results come back in the first update's type and dtype. Computation is float64 NumPy, layer by
+layer (a layer's n factors at a time, never n dense d_out x d_in products, except for
+coordinate-wise rules in ``"exact"`` mode, which need them a block of rows at a time).
+
+Modes (``LoraAggregator(mode=...)``):
+
+``"factors"``
+    Each tensor aggregated on its own, A with A and B with B (FedIT, Zhang et al. 2023;
+    OpenFedLLM). Cheap, and not the aggregate of the updates: mean(B) mean(A) != mean(B A).
+    Needs one rank and one scaling for all.
+``"exact"``
+    The rule over the updates' products dW_i = s_i B_i A_i (and dense entries), then the
+    aggregate's best rank-r factorization (truncated SVD, Eckart-Young): ``info.discarded``
+    gives, per layer, the share of the aggregate's squared Frobenius norm left out.
+``"stacked"``
+    FLoRA (Wang et al. 2024): the participants' factors concatenated, [c_1 s_1 A_1; ...] and
+    [B_1, ...], so B A is the aggregate exactly, at rank sum(r_i). Heterogeneous ranks welcome.
+    Rules whose result combines whole updates only (not median, trimmed mean, Bulyan).
+
+How the rules see the updates: a rule that decides from distances (mean, Krum, Multi-Krum,
+geometric median, centered clipping; Bulyan's selection) runs on an n x n embedding of the
+updates with the same inner products (the Gram matrix of all their layers, from the factors:
+<B_i A_i, B_j A_j> = sum((B_i^T B_j) * (A_i A_j^T))), so one participant is in or out for the
+whole model and no dense product is formed; the aggregate is then the combination its weights
+give. Coordinate-wise rules (median, trimmed mean, Bulyan's averaging) run on the tensors
+themselves ("factors") or on the products a block of rows at a time ("exact").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .rules import RULES, AggregationInfo
+
+MODES = ("factors", "exact", "stacked")
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+_COORDINATE = ("median", "trimmed_mean", "bulyan")  # rules that look at each coordinate
+_ROW_BLOCK = 1 << 18  # entries of a product formed at once per participant ("exact", coordinate-wise rules)
+
+
+@dataclass
+class LoraResult:
+    """The new adapters (``adapters``: name -> array, the inputs' type and dtype; LoRA layers at
+    ``rank`` with scaling ``scaling``: load them with lora_alpha = rank * scaling), the rule's
+    ``info`` (its weights or selection, indices as the updates were given), and for ``"exact"``
+    the share of each layer's aggregate its truncation left out (``discarded``)."""
+
+    adapters: Dict[str, Any]
+    info: AggregationInfo
+    rank: Dict[str, int]
+    scaling: float
+    discarded: Dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _to_float64(x: Any, where: str) -> np.ndarray:
+    if hasattr(x, "detach") and hasattr(x, "dtype") and type(x).__module__.startswith("torch"):
+        x = x.detach().to("cpu")
+        import torch
+
+        x = x.to(torch.float64).numpy()  # bfloat16 and float16 widen exactly
+    a = np.asarray(x)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{where}: floating-point values expected, got {a.dtype}")
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{where} holds NaN or Inf")
+    return a
+
+
+def _like(a: np.ndarray, ref: Any) -> Any:
+    """a (float64) in the type and dtype of ref."""
+    if hasattr(ref, "detach") and type(ref).__module__.startswith("torch"):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dtype=ref.dtype, device=ref.device)
+    return a.astype(np.asarray(ref).dtype)
+
+
+@dataclass
+class _Layer:
+    name: str  # the prefix X of X.lora_A.weight
+    A: List[np.ndarray]  # per participant, r_i x in
+    B: List[np.ndarray]  # per participant, out x r_i
+
+    @property
+    def ranks(self) -> List[int]:
+        return [a.shape[0] for a in self.A]
+
+
+def _split(updates: Sequence[Mapping[str, Any]]) -> Tuple[List[_Layer], Dict[str, List[np.ndarray]]]:
+    if isinstance(updates, Mapping) or not isinstance(updates, Sequence) or len(updates) == 0:
+        raise TypeError("updates must be a non-empty sequence of mappings name -> array (one per participant)")
+    keys = None
+    for i, u in enumerate(updates):
+        if not isinstance(u, Mapping):
+            raise TypeError(f"update {i} is a {type(u).__name__}, not a mapping name -> array")
+        if keys is None:
+            keys = list(u)
+        elif set(u) != set(keys):
+            diff = sorted(set(u) ^ set(keys))[:3]
+            raise ValueError(f"update {i} has other entries than update 0 (e.g. {diff})")
+    names = sorted({k[: -len(_A)] for k in keys if k.endswith(_A)} | {k[: -len(_B)] for k in keys if k.endswith(_B)})
+    layers = []
+    for name in names:
+        if name + _A not in keys or name + _B not in keys:
+            raise ValueError(f"layer {name!r} needs both {name + _A!r} and {name + _B!r}")
+        A = [_to_float64(u[name + _A], f"update {i}'s {name + _A}") for i, u in enumerate(updates)]
+        B = [_to_float64(u[name + _B], f"update {i}'s {name + _B}") for i, u in enumerate(updates)]
+        for i, (a, b) in enumerate(zip(A, B)):
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+                raise ValueError(f"update {i}'s layer {name!r}: A {a.shape} and B {b.shape} are not r x in and "
+                                 "out x r")
+            if (a.shape[1], b.shape[0]) != (A[0].shape[1], B[0].shape[0]):
+                raise ValueError(f"update {i}'s layer {name!r} maps {a.shape[1]} -> {b.shape[0]}, update 0's "
+                                 f"{A[0].shape[1]} -> {B[0].shape[0]}")
+        layers.append(_Layer(name, A, B))
+    lora = {n + s for n in names for s in (_A, _B)}
+    dense: Dict[str, List[np.ndarray]] = {}
+    for k in keys:
+        if k in lora:
+            continue
+        if k.endswith("lora_magnitude_vector") or ".lora_magnitude_vector." in k:
+            raise ValueError(f"{k!r}: DoRA adapters are not a product B A; LoraAggregator refuses them")
+        vals = [_to_float64(u[k], f"update {i}'s {k}") for i, u in enumerate(updates)]
+        if any(v.shape != vals[0].shape for v in vals):
+            raise ValueError(f"entry {k!r} has different shapes across updates")
+        dense[k] = vals
+    return layers, dense
+
+
+# --------------------------------------------------------------------------- the rule on a Gram matrix
+
+def _embedding(G: np.ndarray) -> np.ndarray:
+    """Rows e_i with <e_i, e_j> = G_ij (G symmetric positive semi-definite)."""
+    w, V = np.linalg.eigh((G + G.T) / 2)
+    return V * np.sqrt(np.clip(w, 0.0, None))
+
+
+def _rule_on_gram(G: np.ndarray, rule: str, f: int, weights, params: Dict[str, Any]):
+    """The rule run on an embedding of the updates: (coefficients, selection, info). Coefficients
+    are None for a coordinate-wise rule (then `selection` is Bulyan's, or None)."""
+    from . import aggregate
+
+    rows = _embedding(G).astype(np.float32)  # not rescaled: tau and nu are absolute distances
+    if rule in ("median", "trimmed_mean"):
+        # for the precondition checks and the info (n, f) only
+        _, info = aggregate(rows, rule, f, weights=weights, return_info=True, **params)
+        return None, None, info
+    _, info = aggregate(rows, rule, f, weights=weights, return_info=True, **params)
+    if rule == "bulyan":
+        return None, np.asarray(info.selected, dtype=np.int64), info
+    n = G.shape[0]
+    if info.weights is not None:
+        coef = np.asarray(info.weights, dtype=np.float64)
+    elif info.selected is not None:  # Krum: the selected update itself
+        coef = np.zeros(n)
+        coef[np.asarray(info.selected, dtype=np.int64)] = 1.0 / len(info.selected)
+    else:  # pragma: no cover - every non-coordinate rule reports weights or a selection
+        raise ValueError(f"rule {rule!r} reports no weights")
+    return coef, None, info
+
+
+def _product_gram(layer: _Layer, s: np.ndarray) -> np.ndarray:
+    """<s_i B_i A_i, s_j B_j A_j>_F for all i, j, from the factors."""
+    n = len(layer.A)
+    G = np.empty((n, n))
+    for i in range(n):
+        for j in range(i, n):
+            v = float(np.sum((layer.B[i].T @ layer.B[j]) * (layer.A[i] @ layer.A[j].T))) * s[i] * s[j]
+            G[i, j] = G[j, i] = v
+    return G
+
+
+def _tensor_gram(vals: List[np.ndarray]) -> np.ndarray:
+    F = np.stack([v.reshape(-1) for v in vals])
+    return F @ F.T
+
+
+# --------------------------------------------------------------------------- re-factorization
+
+def _truncate(Bs: np.ndarray, As: np.ndarray, rank: int) -> Tuple[np.ndarray, np.ndarray, float]:
+    """The best rank-`rank` factorization B' A' of M = Bs @ As (out x R, R x in) without forming M:
+    A = L Q^T from the eigendecomposition of As As^T, then the SVD of Bs L through its Gram
+    matrix. Returns (B', A', share of ||M||_F^2 discarded); the singular values split evenly."""
+    lam, V = np.linalg.eigh(As @ As.T)
+    keep = lam > lam.max() * 1e-13 if lam.size and lam.max() > 0 else np.zeros(lam.size, bool)
+    lam, V = lam[keep], V[:, keep]
+    if lam.size == 0:
+        return np.zeros((Bs.shape[0], rank)), np.zeros((rank, As.shape[1])), 0.0
+    L = V * np.sqrt(lam)  # As = L Q^T, Q = As^T V / sqrt(lam) orthonormal
+    C = Bs @ L  # out x R'
+    sig2, W = np.linalg.eigh(C.T @ C)
+    order = np.argsort(sig2)[::-1]
+    sig2, W = np.clip(sig2[order], 0.0, None), W[:, order]
+    total = float(sig2.sum())
+    k = min(rank, int(np.sum(sig2 > 0)))
+    sig = np.sqrt(sig2[:k])
+    Wk = W[:, :k]
+    # U_k = C W_k / sig; V_k^T = W_k^T Q^T = (W_k^T / sqrt(lam)) V^T As
+    B = np.zeros((Bs.shape[0], rank))
+    A = np.zeros((rank, As.shape[1]))
+    B[:, :k] = (C @ Wk) / np.sqrt(sig)
+    A[:k] = (np.sqrt(sig)[:, None] * ((Wk.T / np.sqrt(lam)) @ V.T)) @ As
+    discarded = float(sig2[k:].sum()) / total if total > 0 else 0.0
+    return B, A, discarded
+
+
+# --------------------------------------------------------------------------- the aggregator
+
+class LoraAggregator:
+    """Aggregates LoRA adapter updates (module doc). ``rule``, ``f`` and rule options as in
+    ``fedagg.aggregate`` (``clip_norm``: each update scaled to that L2 norm at most, the norm of
+    its whole product set in ``"exact"``/``"stacked"``, of its factors in ``"factors"``).
+    ``rank``: the output rank of ``"exact"`` (default: the largest input rank). ``scaling``: the
+    output factors' scaling (their update is ``scaling * B @ A``; default 1, i.e. lora_alpha =
+    rank)."""
+
+    def __init__(self, mode: str = "exact", rule: str = "mean", f: int = 0, *, rank: Optional[int] = None,
+                 scaling: float = 1.0, clip_norm: Optional[float] = None, **rule_params: Any):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; one of {sorted(RULES)}")
+        if mode == "stacked" and rule in _COORDINATE:
+            raise ValueError(f"'stacked' keeps whole updates: {rule} (coordinate-wise) has no stacked form; use "
+                             "'exact'")
+        for bad in ("nnm", "dp", "center", "nonfinite"):
+            if bad in rule_params:
+                raise ValueError(f"LoraAggregator does not take {bad!r} (yet)")
+        if rank is not None and not (isinstance(rank, int) and rank >= 1):
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if not (isinstance(scaling, (int, float)) and np.isfinite(scaling) and scaling > 0):
+            raise ValueError(f"scaling must be a positive number, got {scaling!r}")
+        if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
+            raise ValueError(f"clip_norm must be a positive number, got {clip_norm!r}")
+        self.mode, self.rule, self.f, self.rank, self.scaling = mode, rule, int(f), rank, float(scaling)
+        self.clip_norm, self.params = clip_norm, dict(rule_params)
+
+    def aggregate(self, updates: Sequence[Mapping[str, Any]], *, weights: Any = None,
+                  scalings: Any = 1.0) -> LoraResult:
+        """`updates`: one mapping per participant; `weights`: per participant (rules that take them);
+        `scalings`: each participant's LoRA scaling (lora_alpha / r), one number or one per update."""
+        layers, dense = _split(updates)
+        n = len(updates)
+        s = np.broadcast_to(np.asarray(scalings, dtype=np.float64), (n,)).copy()
+        if not (np.isfinite(s).all() and (s > 0).all()):
+            raise ValueError("scalings must be positive numbers")
+        w = None if weights is None else np.asarray(weights, dtype=np.float64)
+        if w is not None and w.shape != (n,):
+            raise ValueError(f"weights must have one entry per update ({n}), got shape {w.shape}")
+        if self.mode == "factors":
+            if any(len(set(layer.ranks)) > 1 for layer in layers):
+                raise ValueError("'factors' averages A with A and B with B: every update needs the same rank per "
+                                 "layer (use 'exact' or 'stacked' for heterogeneous ranks)")
+            if len(set(s)) > 1:
+                raise ValueError("'factors' needs one scaling for all updates (their factors are averaged as they "
+                                 "are); use 'exact' or 'stacked'")
+            return self._factors(updates, layers, dense, w, float(s[0]))
+        return self._products(updates, layers, dense, w, s)
+
+    # ------------------------------------------------------------------ factors
+    def _factors(self, updates, layers, dense, w, s0) -> LoraResult:
+        tensors: Dict[str, List[np.ndarray]] = {}
+        for layer in layers:
+            tensors[layer.name + _A], tensors[layer.name + _B] = layer.A, layer.B
+        tensors.update(dense)
+        G = sum(_tensor_gram(v) for v in tensors.values())
+        scale = self._clip_scales(G)
+        G = G * np.outer(scale, scale)
+        coef, sel, info = _rule_on_gram(G, self.rule, self.f, w, self.params)
+        ref = updates[0]
+        out: Dict[str, Any] = {}
+        for k, vals in tensors.items():
+            vals = [v * c for v, c in zip(vals, scale)]
+            if coef is not None:
+                agg = sum((c * v for c, v in zip(coef, vals)), np.zeros_like(vals[0]))
+            else:
+                agg = self._coordinatewise(vals, sel, w)
+            if k.endswith(_B):  # the factors' product carries s0; the output's carries self.scaling
+                agg = agg * (s0 / self.scaling)
+            out[k] = _like(agg, ref[k])
+        return LoraResult(out, info, {layer.name: layer.ranks[0] for layer in layers}, self.scaling)
+
+    def _coordinatewise(self, vals: List[np.ndarray], sel: Optional[np.ndarray], w) -> np.ndarray:
+        from . import aggregate
+
+        shape = vals[0].shape
+        X = np.stack([v.reshape(-1) for v in vals])
+        if self.rule == "bulyan":  # the selection (from the whole update), then the trimmed mean of it
+            res = aggregate(X[sel].astype(np.float32), "trimmed_mean", self.f)
+        else:
+            res = aggregate(X.astype(np.float32), self.rule, self.f, **self.params)
+        return np.asarray(res, dtype=np.float64).reshape(shape)
+
+    def _clip_scales(self, G: np.ndarray) -> np.ndarray:
+        norms = np.sqrt(np.clip(np.diag(G), 0.0, None))
+        if self.clip_norm is None:
+            return np.ones(len(norms))
+        return np.minimum(1.0, self.clip_norm / np.maximum(norms, np.finfo(np.float64).tiny))
+
+    # ------------------------------------------------------------------ products
+    def _products(self, updates, layers, dense, w, s) -> LoraResult:
+        G = sum((_product_gram(layer, s) for layer in layers), np.zeros((len(s), len(s))))
+        G = G + sum((_tensor_gram(v) for v in dense.values()), np.zeros_like(G))
+        scale = self._clip_scales(G)
+        G = G * np.outer(scale, scale)
+        cs = s * scale  # each update's factor: its LoRA scaling and its clipping
+        coef, sel, info = _rule_on_gram(G, self.rule, self.f, w, self.params)
+        ref = updates[0]
+        out: Dict[str, Any] = {}
+        ranks: Dict[str, int] = {}
+        discarded: Dict[str, float] = {}
+        for layer in layers:
+            if coef is not None:
+                use = [i for i in range(len(s)) if coef[i] != 0]
+                Bs = np.concatenate([layer.B[i] for i in use], axis=1)
+                As = np.concatenate([layer.A[i] * (coef[i] * cs[i]) for i in use], axis=0)
+                if self.mode == "stacked":
+                    B, A, lost = Bs, As, 0.0
+                else:
+                    B, A, lost = _truncate(Bs, As, self.rank or max(layer.ranks))
+            else:
+                M = self._dense_product(layer, cs, sel)
+                B, A, lost = _svd_truncate(M, self.rank or max(layer.ranks))
+            root = np.sqrt(self.scaling)  # scaling * B' A' = the aggregate
+            out[layer.name + _A] = _like(A / root, ref[layer.name + _A])
+            out[layer.name + _B] = _like(B / root, ref[layer.name + _B])
+            ranks[layer.name], discarded[layer.name] = A.shape[0], lost
+        for k, vals in dense.items():
+            vals = [v * c for v, c in zip(vals, scale)]
+            agg = (sum((c * v for c, v in zip(coef, vals)), np.zeros_like(vals[0])) if coef is not None
+                   else self._coordinatewise(vals, sel, w))
+            out[k] = _like(np.asarray(agg, dtype=np.float64), ref[k])
+        return LoraResult(out, info, ranks, self.scaling, discarded if self.mode == "exact" else {})
+
+    def _dense_product(self, layer: _Layer, cs: np.ndarray, sel: Optional[np.ndarray]) -> np.ndarray:
+        """A coordinate-wise rule over the products s_i B_i A_i, a block of rows at a time."""
+        out_dim, in_dim = layer.B[0].shape[0], layer.A[0].shape[1]
+        M = np.empty((out_dim, in_dim))
+        step = max(1, _ROW_BLOCK // in_dim)
+        for r0 in range(0, out_dim, step):
+            rows = [cs[i] * (layer.B[i][r0:r0 + step] @ layer.A[i]) for i in range(len(cs))]
+            M[r0:r0 + step] = self._coordinatewise(rows, sel, None)
+        return M
+
+
+def _svd_truncate(M: np.ndarray, rank: int) -> Tuple[np.ndarray, np.ndarray, float]:
+    U, S, Vt = np.linalg.svd(M, full_matrices=False)
+    total = float(np.sum(S ** 2))
+    k = min(rank, S.size)
+    B = np.zeros((M.shape[0], rank))
+    A = np.zeros((rank, M.shape[1]))
+    root = np.sqrt(S[:k])
+    B[:, :k] = U[:, :k] * root
+    A[:k] = root[:, None] * Vt[:k]
+    return B, A, (float(np.sum(S[k:] ** 2)) / total if total > 0 else 0.0)
