@@ -374,6 +374,48 @@ def test_a_masked_input_of_the_wrong_size_is_refused(secure):
     assert all(isinstance(r, TransportError) and r.reason == "secure" for r in res[1:]), res
 
 
+def test_a_masked_input_outside_the_ring_is_refused_and_may_be_sent_again(secure):
+    """A 16-bit ring: a masked input with a value >= 2^16 is refused `secure` (never added), and the
+    same participant's correct masked input, sent after, is taken: the sum stays exact."""
+    from fedagg.secure import Participant, wire
+
+    n = 3
+    X = np.random.default_rng(10).normal(size=(n, D)).astype(np.float32) * 0.02
+    s = secure(quorum=n, min_updates=3, secure=SecureConfig(bucket_size=3, clip=1.0, bits=16, phase_seconds=5))
+    store = {}
+
+    def work(i):
+        if i:
+            return honest(s.endpoint, X, store)(i)
+        with Client(s.endpoint, "p0", timeout=10) as c:
+            rnd = c.status()["round"]
+            group = secure_client.parse_json(secure_client._ask(c, Step.JOIN, b"", rnd, 60))
+            params, enc, index, round_id, graph_seed = secure_client._group(group, D)
+            me = Participant(params, index, round_id, graph_seed)
+            roster = wire.parse_roster(bytes(secure_client._ask(c, Step.ADVERTISE, wire.advertisement(me.advertise()),
+                                                                rnd, 20)), params)
+            inbox = wire.parse_ciphertexts(bytes(secure_client._ask(
+                c, Step.SHARES, wire.ciphertexts(me.share_keys(roster)), rnd, 20)), params)
+            store["p0"] = enc.encode(X[0])
+            y = me.masked_input(store["p0"], inbox)
+            bad = y.copy()
+            bad[5] = 1 << 16  # outside Z_2^16
+            with pytest.raises(TransportError) as e:
+                c._send_update(bad.view(np.uint8), Codec.RAW, Dtype.UINT32, rnd, 0.0, None)
+            assert e.value.reason == "secure" and "outside the ring" in e.value.detail
+            c._send_update(y.view(np.uint8), Codec.RAW, Dtype.UINT32, rnd, 0.0, None)
+            req = wire.parse_unmask_request(bytes(secure_client._ask(c, Step.UNMASK, b"", rnd, 20)), params)
+            secure_client._ask(c, Step.RESPONSE, wire.unmask_response(me.unmask(req)), rnd, 20)
+            return "ok"
+    res = run_all(work, n)
+    s.join()
+    assert res[0] == "ok" and all(isinstance(r, dict) for r in res[1:]), res
+    assert s.records[0]["closed_by"] == "secure"
+    b = s.server.secure.buckets[0]
+    ref = sum(store[b.ids[i]].astype(np.uint64) for i in b.server.u3) % (1 << 16)
+    np.testing.assert_array_equal(b.server._sum, ref.astype(np.uint32))
+
+
 def test_too_few_joined_closes_the_round_without_a_model(secure):
     s = secure(quorum=4, min_updates=4, deadline=1.5, secure=SecureConfig(bucket_size=4, phase_seconds=2))
     X = np.zeros((2, D), np.float32)

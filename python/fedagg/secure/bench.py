@@ -160,6 +160,9 @@ def _flower_round(n: int, d: int, secure: bool, shares: int, threshold: int, tim
                 "note": f"round 1 (nodes starting) {times[0]:.2f} s; process {wall:.1f} s"}
 
 
+SERVE_MAX_COORDS = 64 << 20  # n x d of the rounds through the server: n processes each hold a few d-vectors
+
+
 def _serve_participant(endpoint: str, pid: str, x: np.ndarray, ready, go, out) -> None:
     from ..transport import Client, secure_client
     from .protocol import _crypto
@@ -169,7 +172,8 @@ def _serve_participant(endpoint: str, pid: str, x: np.ndarray, ready, go, out) -
     with Client(endpoint, pid, timeout=120) as c:
         rnd = c.status()["round"]
         ready.put(pid)
-        go.wait()
+        if not go.wait(600):  # the parent is gone (or stuck): no orphan waits forever
+            return
         cpu = time.process_time()  # this process's CPU, its libzmq I/O thread included
         c.submit(x, rnd)
         out.put(time.process_time() - cpu)
@@ -258,7 +262,12 @@ def run(ns: Sequence[int] = (16, 64), ds: Sequence[int] = (100_000, 1_000_000), 
             rows.append({"n": n, "d": d, "impl": "fedagg plain mean", "seconds": ours["plain_s"],
                          "per_participant_s": None, "server_s": ours["plain_s"], "up_bytes": 4 * d, "down_bytes": None,
                          "note": "the same float32 updates averaged, in process"})
-            if serve:
+            if serve and n * d > SERVE_MAX_COORDS:
+                rows.append({"n": n, "d": d, "impl": "fedagg serve", "seconds": None, "per_participant_s": None,
+                             "server_s": None, "up_bytes": None, "down_bytes": None,
+                             "note": f"not run: {n} participant processes x d = {d:,} need more memory than "
+                                     f"n x d <= {SERVE_MAX_COORDS:,} allows on one machine"})
+            elif serve:
                 got: Dict[bool, List[Dict[str, Any]]] = {True: [], False: []}
                 for _ in range(repeats):
                     for secure in (False, True):

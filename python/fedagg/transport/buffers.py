@@ -87,6 +87,7 @@ class ReceiveBuffers:
         self.pool: List[Any] = []
         self._pooled: set = set()  # data pointers of the pooled buffers: each enters once
         self._owned: set = set()  # data pointers of the raw buffers this pool allocated
+        self.spent_bytes: List[np.ndarray] = []  # byte buffers given back (a secure round's masked inputs)
 
     @property
     def held(self) -> int:
@@ -113,10 +114,22 @@ class ReceiveBuffers:
         return buf
 
     def take_bytes(self, nbytes: int, charge: int) -> np.ndarray:
-        """A byte buffer for a compressed upload, holding `charge` (>= nbytes) bytes of the budget."""
+        """A byte buffer for a compressed upload or a masked input, holding `charge` (>= nbytes) bytes of
+        the budget: one given back (recycle_bytes) of that size if there is one (faulted in already)."""
         self.held += charge
+        for i in range(len(self.spent_bytes) - 1, -1, -1):
+            if self.spent_bytes[i].nbytes == nbytes:
+                buf = self.spent_bytes.pop(i)
+                self._trim()
+                return buf
         self._trim()
         return np.empty(nbytes, dtype=np.uint8)
+
+    def recycle_bytes(self, buf: np.ndarray) -> None:
+        """A byte buffer from take_bytes back, kept while the budget has room for it (the next upload
+        of its size reuses it)."""
+        if self.held + self._pooled_bytes() + buf.nbytes <= self.budget:
+            self.spent_bytes.append(buf)
 
     def release(self, nbytes: int) -> None:
         """An upload or accepted update of nbytes is gone (its buffer may be recycled separately)."""
@@ -147,14 +160,19 @@ class ReceiveBuffers:
                     return buf
         return np.empty(self.d, dtype=np.float32)
 
+    def _pooled_bytes(self) -> int:
+        return len(self.pool) * self.model_bytes + sum(b.nbytes for b in self.spent_bytes)
+
     def _trim(self) -> None:
+        while self.spent_bytes and self.held + self._pooled_bytes() > self.budget:
+            self.spent_bytes.pop()
         while self.pool and self.held + len(self.pool) * self.model_bytes > self.budget:
             key = _ptr(self.pool.pop())
             self._pooled.discard(key)
             self._owned.discard(key)
 
     def stats(self) -> Dict[str, Any]:
-        return {"held_bytes": self.held, "peak_bytes": self.peak, "pooled_bytes": len(self.pool) * self.model_bytes,
+        return {"held_bytes": self.held, "peak_bytes": self.peak, "pooled_bytes": self._pooled_bytes(),
                 "budget": self.budget}
 
 

@@ -454,7 +454,9 @@ class Server:
 
     def _free(self, up: Upload) -> None:
         self.buffers.release(up.charge)
-        if up.codec == Codec.RAW:
+        if self.secure is not None:  # a masked input's bytes: the next one reuses them
+            self.buffers.recycle_bytes(up.buf)
+        elif up.codec == Codec.RAW:
             self.buffers.recycle([up.buf])
 
     def _sweep(self, now: float) -> None:
