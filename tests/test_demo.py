@@ -276,3 +276,47 @@ def test_secure_demo_end_to_end():
     assert all(np.isfinite(eps)) and eps == sorted(eps) and eps[0] < eps[-1]
     assert res.rows[-1].accuracy > 0.2  # from 10% (chance) at the start
     assert any("secure: SecAgg+ buckets of 3" in line for line in view.lines)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_lora_demo_exact_robust_and_attacked():
+    """fedagg demo --task lora at a small size: the attackers' flipped adapters hurt the exact mean,
+    Multi-Krum leaves them out every round and stays with the unattacked runs; perplexity falls."""
+    pytest.importorskip("peft")
+    from fedagg.demo.lora import LoraOptions, entropy_rate, run_lora
+
+    opts = LoraOptions(participants=6, byzantine=1, rule="multi_krum", rounds=3, steps=8)
+    runs, floor = run_lora(opts)
+    by = {r.label: r for r in runs}
+    assert list(by) == ["factors, mean", "exact, mean", "exact, mean, attacked", "exact, multi_krum f=1, attacked"]
+    for r in runs:
+        assert len(r.perplexity) == 3 and all(1.0 < p < 10 * opts.vocab for p in r.perplexity)
+    clean, attacked, robust = by["exact, mean"], by["exact, mean, attacked"], by["exact, multi_krum f=1, attacked"]
+    assert clean.perplexity[-1] < clean.perplexity[0] < opts.vocab  # it learns from a uniform guess
+    assert all(ex == [5] for ex in robust.excluded)  # the last participant is the attacker
+    assert attacked.perplexity[-1] > 1.2 * robust.perplexity[-1]
+    assert robust.perplexity[-1] < 1.1 * clean.perplexity[-1]
+    assert all(0.0 <= x < 1.0 for x in clean.discarded) and by["factors, mean"].discarded == [0.0] * 3
+    assert 1.0 <= floor < clean.perplexity[-1]
+    P = np.full((4, 4), 0.25)  # a uniform chain: entropy ln 4
+    assert entropy_rate(P) == pytest.approx(np.log(4))
+
+
+@pytest.mark.parametrize("change, message", [(dict(participants=1), "participants"), (dict(byzantine=8), "byzantine"),
+                                             (dict(rule="krum", byzantine=3), "needs at least"),
+                                             (dict(steps=0), "steps"), (dict(lr=0.0), "lr")])
+def test_lora_demo_options_are_checked(change, message):
+    from fedagg.demo.lora import LoraOptions
+
+    with pytest.raises(ValueError, match=message):
+        LoraOptions(**change).check()
+
+
+def test_cli_lora_demo():
+    pytest.importorskip("peft")
+    out = subprocess.run([sys.executable, "-m", "fedagg", "demo", "--task", "lora", "--participants", "6",
+                          "--byzantine", "1", "--rounds", "1", "--lora-rank", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("final perplexity") == 4 and "rank 2 on 7 projections" in out.stdout
+    assert "excluded p5" in out.stdout  # Multi-Krum's view of the attacker

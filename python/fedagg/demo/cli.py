@@ -13,6 +13,11 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
                                    "loopback; participants register and stake on chain, train a small MLP on "
                                    "scikit-learn's digits, commit and sign their updates; some attack. Runs "
                                    "the robust rule, then the plain mean under the same attack, and plots both.")
+    d.add_argument("--task", choices=["digits", "lora"], default="digits",
+                   help="digits: the MLP on scikit-learn's digits over the server (default); lora: federated LoRA "
+                        "fine-tuning of a small Llama (peft extra), in one process: FedIT's averaged factors vs "
+                        "exact aggregation vs the robust rule under attack, perplexity per round")
+    d.add_argument("--lora-rank", type=int_at_least(1), default=4, help="LoRA rank with --task lora (default 4)")
     d.add_argument("--participants", type=int_at_least(1), default=10, help="participant processes (default 10)")
     d.add_argument("--byzantine", type=int_at_least(0), default=3, help="how many of them attack (default 3)")
     d.add_argument("--attack", choices=ATTACKS, default="signflip", help="what they send (default signflip)")
@@ -50,6 +55,12 @@ def _demo(args) -> int:
 
     # SIGTERM unwinds like Ctrl-C: the server stops and the child processes are ended.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.task == "lora":
+        from .lora import LoraOptions, main
+
+        main(LoraOptions(participants=args.participants, byzantine=args.byzantine, rule=args.rule, f=args.f,
+                         rounds=args.rounds, rank=args.lora_rank, seed=args.seed))
+        return 0
 
     opts = Options(participants=args.participants, byzantine=args.byzantine, attack=args.attack, rule=args.rule,
                    f=args.f, rounds=args.rounds, codec=args.codec, dp_noise=args.dp_noise, dp_clip=args.dp_clip,
