@@ -88,18 +88,38 @@ def _like(a: np.ndarray, ref: Any) -> Any:
     return a.astype(np.asarray(ref).dtype)
 
 
+def _shape(x: Any, where: str) -> Tuple[int, ...]:
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        x = np.asarray(x)
+        shape = x.shape
+    dtype = getattr(x, "dtype", None)
+    floating = getattr(dtype, "is_floating_point", None)  # torch
+    if floating is None:
+        floating = np.dtype(dtype).kind == "f" if dtype is not None else False
+    if not floating:
+        raise TypeError(f"{where}: floating-point values expected, got {dtype}")
+    return tuple(int(v) for v in shape)
+
+
 @dataclass
 class _Layer:
+    """One adapted layer across the updates: the inputs as given, widened to float64 when used (a
+    layer at a time: the whole set is never held in float64)."""
+
     name: str  # the prefix X of X.lora_A.weight
-    A: List[np.ndarray]  # per participant, r_i x in
-    B: List[np.ndarray]  # per participant, out x r_i
+    raw_A: List[Any]  # per participant, r_i x in
+    raw_B: List[Any]  # per participant, out x r_i
+    ranks: List[int]
+    shape: Tuple[int, int]  # (out, in)
 
-    @property
-    def ranks(self) -> List[int]:
-        return [a.shape[0] for a in self.A]
+    def factors(self) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+        A = [_to_float64(a, f"update {i}'s {self.name + _A}") for i, a in enumerate(self.raw_A)]
+        B = [_to_float64(b, f"update {i}'s {self.name + _B}") for i, b in enumerate(self.raw_B)]
+        return A, B
 
 
-def _split(updates: Sequence[Mapping[str, Any]]) -> Tuple[List[_Layer], Dict[str, List[np.ndarray]]]:
+def _split(updates: Sequence[Mapping[str, Any]]) -> Tuple[List[_Layer], Dict[str, List[Any]]]:
     if isinstance(updates, Mapping) or not isinstance(updates, Sequence) or len(updates) == 0:
         raise TypeError("updates must be a non-empty sequence of mappings name -> array (one per participant)")
     keys = None
@@ -116,27 +136,27 @@ def _split(updates: Sequence[Mapping[str, Any]]) -> Tuple[List[_Layer], Dict[str
     for name in names:
         if name + _A not in keys or name + _B not in keys:
             raise ValueError(f"layer {name!r} needs both {name + _A!r} and {name + _B!r}")
-        A = [_to_float64(u[name + _A], f"update {i}'s {name + _A}") for i, u in enumerate(updates)]
-        B = [_to_float64(u[name + _B], f"update {i}'s {name + _B}") for i, u in enumerate(updates)]
-        for i, (a, b) in enumerate(zip(A, B)):
-            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
-                raise ValueError(f"update {i}'s layer {name!r}: A {a.shape} and B {b.shape} are not r x in and "
-                                 "out x r")
-            if (a.shape[1], b.shape[0]) != (A[0].shape[1], B[0].shape[0]):
-                raise ValueError(f"update {i}'s layer {name!r} maps {a.shape[1]} -> {b.shape[0]}, update 0's "
-                                 f"{A[0].shape[1]} -> {B[0].shape[0]}")
-        layers.append(_Layer(name, A, B))
+        sa = [_shape(u[name + _A], f"update {i}'s {name + _A}") for i, u in enumerate(updates)]
+        sb = [_shape(u[name + _B], f"update {i}'s {name + _B}") for i, u in enumerate(updates)]
+        for i, (a, b) in enumerate(zip(sa, sb)):
+            if len(a) != 2 or len(b) != 2 or a[0] != b[1] or a[0] < 1:
+                raise ValueError(f"update {i}'s layer {name!r}: A {a} and B {b} are not r x in and out x r")
+            if (a[1], b[0]) != (sa[0][1], sb[0][0]):
+                raise ValueError(f"update {i}'s layer {name!r} maps {a[1]} -> {b[0]}, update 0's "
+                                 f"{sa[0][1]} -> {sb[0][0]}")
+        layers.append(_Layer(name, [u[name + _A] for u in updates], [u[name + _B] for u in updates],
+                             [a[0] for a in sa], (sb[0][0], sa[0][1])))
     lora = {n + s for n in names for s in (_A, _B)}
-    dense: Dict[str, List[np.ndarray]] = {}
+    dense: Dict[str, List[Any]] = {}
     for k in keys:
         if k in lora:
             continue
         if k.endswith("lora_magnitude_vector") or ".lora_magnitude_vector." in k:
             raise ValueError(f"{k!r}: DoRA adapters are not a product B A; LoraAggregator refuses them")
-        vals = [_to_float64(u[k], f"update {i}'s {k}") for i, u in enumerate(updates)]
-        if any(v.shape != vals[0].shape for v in vals):
+        shapes = [_shape(u[k], f"update {i}'s {k}") for i, u in enumerate(updates)]
+        if any(sh != shapes[0] for sh in shapes):
             raise ValueError(f"entry {k!r} has different shapes across updates")
-        dense[k] = vals
+        dense[k] = [u[k] for u in updates]
     return layers, dense
 
 
@@ -173,18 +193,25 @@ def _rule_on_gram(G: np.ndarray, rule: str, f: int, weights, params: Dict[str, A
 
 
 def _product_gram(layer: _Layer, s: np.ndarray) -> np.ndarray:
-    """<s_i B_i A_i, s_j B_j A_j>_F for all i, j, from the factors."""
-    n = len(layer.A)
+    """<s_i B_i A_i, s_j B_j A_j>_F for all i, j, from the factors: the blocks of the stacked
+    factors' Gram matrices, multiplied entrywise and summed per block."""
+    A, B = layer.factors()
+    edges = np.concatenate([[0], np.cumsum(layer.ranks)])
+    KA = np.concatenate(A, axis=0)
+    KA = KA @ KA.T
+    KB = np.concatenate(B, axis=1)
+    KB = KB.T @ KB
+    n = len(A)
     G = np.empty((n, n))
     for i in range(n):
         for j in range(i, n):
-            v = float(np.sum((layer.B[i].T @ layer.B[j]) * (layer.A[i] @ layer.A[j].T))) * s[i] * s[j]
-            G[i, j] = G[j, i] = v
+            a, b = slice(edges[i], edges[i + 1]), slice(edges[j], edges[j + 1])
+            G[i, j] = G[j, i] = float(np.sum(KB[a, b] * KA[a, b])) * s[i] * s[j]
     return G
 
 
-def _tensor_gram(vals: List[np.ndarray]) -> np.ndarray:
-    F = np.stack([v.reshape(-1) for v in vals])
+def _tensor_gram(raw: List[Any], where: str) -> np.ndarray:
+    F = np.stack([_to_float64(v, f"update {i}'s {where}").reshape(-1) for i, v in enumerate(raw)])
     return F @ F.T
 
 
@@ -271,19 +298,27 @@ class LoraAggregator:
         return self._products(updates, layers, dense, w, s)
 
     # ------------------------------------------------------------------ factors
+    def _needs_gram(self) -> bool:
+        """The mean and the coordinate-wise median and trimmed mean decide nothing from distances:
+        no Gram matrix for them (one pass over the updates), unless clip_norm needs the norms."""
+        return self.rule not in ("mean", "median", "trimmed_mean") or self.clip_norm is not None
+
     def _factors(self, updates, layers, dense, w, s0) -> LoraResult:
-        tensors: Dict[str, List[np.ndarray]] = {}
+        tensors: Dict[str, List[Any]] = {}
         for layer in layers:
-            tensors[layer.name + _A], tensors[layer.name + _B] = layer.A, layer.B
+            tensors[layer.name + _A], tensors[layer.name + _B] = layer.raw_A, layer.raw_B
         tensors.update(dense)
-        G = sum(_tensor_gram(v) for v in tensors.values())
+        n = len(updates)
+        G = np.zeros((n, n))
+        if self._needs_gram():
+            G = sum((_tensor_gram(v, k) for k, v in tensors.items()), G)
         scale = self._clip_scales(G)
         G = G * np.outer(scale, scale)
         coef, sel, info = _rule_on_gram(G, self.rule, self.f, w, self.params)
         ref = updates[0]
         out: Dict[str, Any] = {}
-        for k, vals in tensors.items():
-            vals = [v * c for v, c in zip(vals, scale)]
+        for k, raw in tensors.items():
+            vals = [_to_float64(v, f"update {i}'s {k}") * c for i, (v, c) in enumerate(zip(raw, scale))]
             if coef is not None:
                 agg = sum((c * v for c, v in zip(coef, vals)), np.zeros_like(vals[0]))
             else:
@@ -312,8 +347,10 @@ class LoraAggregator:
 
     # ------------------------------------------------------------------ products
     def _products(self, updates, layers, dense, w, s) -> LoraResult:
-        G = sum((_product_gram(layer, s) for layer in layers), np.zeros((len(s), len(s))))
-        G = G + sum((_tensor_gram(v) for v in dense.values()), np.zeros_like(G))
+        G = np.zeros((len(s), len(s)))
+        if self._needs_gram():
+            G = sum((_product_gram(layer, s) for layer in layers), G)
+            G = G + sum((_tensor_gram(v, k) for k, v in dense.items()), np.zeros_like(G))
         scale = self._clip_scales(G)
         G = G * np.outer(scale, scale)
         cs = s * scale  # each update's factor: its LoRA scaling and its clipping
@@ -325,8 +362,10 @@ class LoraAggregator:
         for layer in layers:
             if coef is not None:
                 use = [i for i in range(len(s)) if coef[i] != 0]
-                Bs = np.concatenate([layer.B[i] for i in use], axis=1)
-                As = np.concatenate([layer.A[i] * (coef[i] * cs[i]) for i in use], axis=0)
+                A64, B64 = layer.factors()
+                Bs = np.concatenate([B64[i] for i in use], axis=1)
+                As = np.concatenate([A64[i] * (coef[i] * cs[i]) for i in use], axis=0)
+                del A64, B64
                 if self.mode == "stacked":
                     B, A, lost = Bs, As, 0.0
                 else:
@@ -338,8 +377,8 @@ class LoraAggregator:
             out[layer.name + _A] = _like(A / root, ref[layer.name + _A])
             out[layer.name + _B] = _like(B / root, ref[layer.name + _B])
             ranks[layer.name], discarded[layer.name] = A.shape[0], lost
-        for k, vals in dense.items():
-            vals = [v * c for v, c in zip(vals, scale)]
+        for k, raw in dense.items():
+            vals = [_to_float64(v, f"update {i}'s {k}") * c for i, (v, c) in enumerate(zip(raw, scale))]
             agg = (sum((c * v for c, v in zip(coef, vals)), np.zeros_like(vals[0])) if coef is not None
                    else self._coordinatewise(vals, sel, w))
             out[k] = _like(np.asarray(agg, dtype=np.float64), ref[k])
@@ -347,11 +386,12 @@ class LoraAggregator:
 
     def _dense_product(self, layer: _Layer, cs: np.ndarray, sel: Optional[np.ndarray]) -> np.ndarray:
         """A coordinate-wise rule over the products s_i B_i A_i, a block of rows at a time."""
-        out_dim, in_dim = layer.B[0].shape[0], layer.A[0].shape[1]
+        out_dim, in_dim = layer.shape
+        A, B = layer.factors()
         M = np.empty((out_dim, in_dim))
         step = max(1, _ROW_BLOCK // in_dim)
         for r0 in range(0, out_dim, step):
-            rows = [cs[i] * (layer.B[i][r0:r0 + step] @ layer.A[i]) for i in range(len(cs))]
+            rows = [cs[i] * (B[i][r0:r0 + step] @ A[i]) for i in range(len(cs))]
             M[r0:r0 + step] = self._coordinatewise(rows, sel, None)
         return M
 
