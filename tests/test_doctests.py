@@ -12,6 +12,7 @@ import fedagg.distributed.bench
 import fedagg.privacy
 import fedagg.privacy.bench
 import fedagg.ledger.bench
+import fedagg.lora.bench
 import fedagg.secure.bench
 import fedagg.server
 import fedagg.transport.bench
@@ -21,7 +22,7 @@ import fedagg.rules
 @pytest.mark.parametrize("module", [fedagg, fedagg.rules, fedagg.aggregator, fedagg.compress,
                                     fedagg.compress.bench, fedagg.privacy, fedagg.privacy.bench,
                                     fedagg.server, fedagg.transport.bench, fedagg.ledger.bench,
-                                    fedagg.distributed.bench, fedagg.secure.bench],
+                                    fedagg.distributed.bench, fedagg.secure.bench, fedagg.lora.bench],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False, report=True)

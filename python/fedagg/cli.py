@@ -107,11 +107,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--bandwidth-gb", type=_float_at_least(0, False), default=1.0,
                    help="size of the arrays of the copy-bandwidth test (default 1; 0 skips it)")
     b.add_argument("--sections", nargs="+",
-                   choices=["rules", "compression", "privacy", "transport", "server", "distributed", "secagg"],
+                   choices=["rules", "compression", "privacy", "transport", "server", "distributed", "secagg",
+                            "lora"],
                    default=["rules", "compression", "privacy"],
                    help="what to benchmark (default: rules compression privacy; transport and server need "
                         "pyzmq, distributed needs torch, secagg needs cryptography and compares with Flower's "
-                        "SecAgg+ where flwr[simulation] is installed)")
+                        "SecAgg+ where flwr[simulation] is installed; lora times a 7B-shaped adapter set)")
+    b.add_argument("--lora-layers", type=_int_at_least(1), default=32,
+                   help="lora section: layers of the Llama-7B layout (default 32, all; about 5 GB of adapters for "
+                        "32 participants)")
     b.add_argument("--transport-mb", type=_float_at_least(0, True), default=400.0,
                    help="transport section: size of the single update in MB (default 400)")
     b.add_argument("--transport-n", type=_int_at_least(1), default=16,
@@ -256,6 +260,12 @@ def _bench(args) -> int:
 
         res["secagg"] = sbench.run(ns=args.secagg_n, ds=args.secagg_d, flower=args.compare)
         for line in sbench.lines(res["secagg"]):
+            _print(con, line, report)
+    if "lora" in args.sections:
+        from .lora import bench as lbench
+
+        res["lora"] = lbench.run(n=32, layers=args.lora_layers, seed=args.seed)
+        for line in lbench.lines(res["lora"]):
             _print(con, line, report)
     if args.json == "-":
         json.dump(res, sys.stdout, indent=2, default=_jsonable)

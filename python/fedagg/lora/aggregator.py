@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .rules import RULES, AggregationInfo
+from ..rules import RULES, AggregationInfo
 
 MODES = ("factors", "exact", "stacked")
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -171,7 +171,7 @@ def _embedding(G: np.ndarray) -> np.ndarray:
 def _rule_on_gram(G: np.ndarray, rule: str, f: int, weights, params: Dict[str, Any]):
     """The rule run on an embedding of the updates: (coefficients, selection, info). Coefficients
     are None for a coordinate-wise rule (then `selection` is Bulyan's, or None)."""
-    from . import aggregate
+    from .. import aggregate
 
     rows = _embedding(G).astype(np.float32)  # not rescaled: tau and nu are absolute distances
     if rule in ("median", "trimmed_mean"):
@@ -329,7 +329,7 @@ class LoraAggregator:
         return LoraResult(out, info, {layer.name: layer.ranks[0] for layer in layers}, self.scaling)
 
     def _coordinatewise(self, vals: List[np.ndarray], sel: Optional[np.ndarray], w) -> np.ndarray:
-        from . import aggregate
+        from .. import aggregate
 
         shape = vals[0].shape
         X = np.stack([v.reshape(-1) for v in vals])
