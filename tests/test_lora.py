@@ -224,3 +224,13 @@ def test_options_are_checked():
         LoraAggregator().aggregate(ups, weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="f"):  # Krum needs n > 2f + 2
         LoraAggregator("exact", "krum", 1).aggregate(ups)
+
+
+def test_repeated_updates_rank_deficient_stack():
+    """Three copies of one update: the stacked factors are rank-deficient (the Cholesky path cannot
+    be used); the exact mean is that update's product, at its rank, nothing discarded."""
+    (u,) = make(12, 1)
+    res = LoraAggregator("exact", "mean").aggregate([u, u, u])
+    for name in SHAPES:
+        np.testing.assert_allclose(product_of(res, name), products(u)[name], rtol=1e-8, atol=1e-8)
+        assert res.discarded[name] == pytest.approx(0.0, abs=1e-10)

@@ -218,28 +218,39 @@ def _tensor_gram(raw: List[Any], where: str) -> np.ndarray:
 # --------------------------------------------------------------------------- re-factorization
 
 def _truncate(Bs: np.ndarray, As: np.ndarray, rank: int) -> Tuple[np.ndarray, np.ndarray, float]:
-    """The best rank-`rank` factorization B' A' of M = Bs @ As (out x R, R x in) without forming M:
-    A = L Q^T from the eigendecomposition of As As^T, then the SVD of Bs L through its Gram
-    matrix. Returns (B', A', share of ||M||_F^2 discarded); the singular values split evenly."""
-    lam, V = np.linalg.eigh(As @ As.T)
-    keep = lam > lam.max() * 1e-13 if lam.size and lam.max() > 0 else np.zeros(lam.size, bool)
-    lam, V = lam[keep], V[:, keep]
-    if lam.size == 0:
-        return np.zeros((Bs.shape[0], rank)), np.zeros((rank, As.shape[1])), 0.0
-    L = V * np.sqrt(lam)  # As = L Q^T, Q = As^T V / sqrt(lam) orthonormal
-    C = Bs @ L  # out x R'
-    sig2, W = np.linalg.eigh(C.T @ C)
+    """The best rank-`rank` factorization B' A' of M = Bs @ As (out x R, R x in) without forming M,
+    from the two R x R Gram matrices (one pass over each factor: (out + in) R^2 multiply-adds):
+    As = L Q^T (L the Cholesky factor of As As^T, or its eigenvectors where As is rank-deficient;
+    Q orthonormal), so M = (Bs L) Q^T, and the SVD of Bs L comes from its Gram matrix
+    L^T (Bs^T Bs) L. Returns (B', A', share of ||M||_F^2
+    discarded); the singular values split evenly between B' and A'."""
+    KA = As @ As.T
+    try:  # As of full row rank (the usual case): As = L Q^T with L its Cholesky factor
+        L = np.linalg.cholesky(KA)
+        Linv = None
+    except np.linalg.LinAlgError:  # rank-deficient (repeated updates): its eigenvectors instead
+        L = None
+    if L is not None and np.all(np.diag(L) > np.sqrt(max(float(np.max(np.diag(KA))), 0.0)) * 1e-7):
+        Linv = np.linalg.solve(L, np.eye(L.shape[0]))  # Q^T = L^-1 As
+    else:
+        lam, V = np.linalg.eigh(KA)
+        keep = lam > lam.max() * 1e-13 if lam.size and lam.max() > 0 else np.zeros(lam.size, bool)
+        lam, V = lam[keep], V[:, keep]
+        if lam.size == 0:
+            return np.zeros((Bs.shape[0], rank)), np.zeros((rank, As.shape[1])), 0.0
+        L, Linv = V * np.sqrt(lam), (V / np.sqrt(lam)).T  # As = L Q^T, Q^T = Linv As
+    sig2, W = np.linalg.eigh(L.T @ (Bs.T @ Bs) @ L)  # the Gram matrix of Bs L
     order = np.argsort(sig2)[::-1]
     sig2, W = np.clip(sig2[order], 0.0, None), W[:, order]
     total = float(sig2.sum())
     k = min(rank, int(np.sum(sig2 > 0)))
-    sig = np.sqrt(sig2[:k])
+    root = np.sqrt(np.sqrt(sig2[:k]))  # sqrt of each singular value
     Wk = W[:, :k]
-    # U_k = C W_k / sig; V_k^T = W_k^T Q^T = (W_k^T / sqrt(lam)) V^T As
+    # U_k = Bs L W_k / sig and V_k^T = W_k^T Q^T = W_k^T Linv As
     B = np.zeros((Bs.shape[0], rank))
     A = np.zeros((rank, As.shape[1]))
-    B[:, :k] = (C @ Wk) / np.sqrt(sig)
-    A[:k] = (np.sqrt(sig)[:, None] * ((Wk.T / np.sqrt(lam)) @ V.T)) @ As
+    B[:, :k] = Bs @ ((L @ Wk) / root)
+    A[:k] = (root[:, None] * (Wk.T @ Linv)) @ As
     discarded = float(sig2[k:].sum()) / total if total > 0 else 0.0
     return B, A, discarded
 
