@@ -67,20 +67,7 @@ def secure():
 
 def run_all(work, count, timeout=60):
     """work(i) for i < count in threads; returns each result or exception."""
-    out = [None] * count
-
-    def one(i):
-        try:
-            out[i] = work(i)
-        except BaseException as e:  # noqa: BLE001 - returned to the test
-            out[i] = e
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads), "a participant did not finish"
-    return out
+    return run_all_async(work, count, timeout)()
 
 
 def capture(store, pid):
@@ -527,14 +514,15 @@ def test_a_restarted_server_starts_the_secure_round_over(tmp_path):
         t2.join(10)
 
 
-def run_all_async(work, count):
-    """Start work(i) in threads now; the returned function joins them and gives the results."""
+def run_all_async(work, count, timeout=60):
+    """Start work(i) for i < count in threads now; the returned function joins them (each within
+    `timeout`) and gives each result or exception."""
     out = [None] * count
 
     def one(i):
         try:
             out[i] = work(i)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 - returned to the test
             out[i] = e
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(count)]
     for t in threads:
@@ -542,7 +530,8 @@ def run_all_async(work, count):
 
     def finish():
         for t in threads:
-            t.join(60)
+            t.join(timeout)
+        assert not any(t.is_alive() for t in threads), "a participant did not finish"
         return out
     return finish
 
