@@ -463,6 +463,21 @@ def test_a_late_joiner_waits_for_the_next_round(secure):
     assert s.records[0]["model_updated"] is False  # a bucket of 3 without p0 is below min_survivors
 
 
+def test_secure_steps_after_the_last_round_are_refused_finished(secure):
+    n = 3
+    s = secure(quorum=n, min_updates=3, linger=10, secure=SecureConfig(bucket_size=3, clip=10.0, phase_seconds=5))
+    res = run_all(honest(s.endpoint, np.zeros((n, D), np.float32)), n)
+    assert all(isinstance(r, dict) for r in res), res
+    with Client(s.endpoint, "after", timeout=5) as c:
+        c.wait_round(0, timeout=20)
+        assert c.status()["phase"] == "finished"
+        for rnd in (0, 1):  # the closed round, and the one that will never run
+            with pytest.raises(TransportError) as e:
+                secure_client._ask(c, Step.JOIN, b"", rnd, 3)
+            assert e.value.reason == "finished"
+    s.stop()
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"n": 3}, "not valid"),  # fields missing
     (dict(bucket=0, index=5, n=3, k=2, t=2, bits=32, d=768, min_survivors=3, round_id="00" * 32,

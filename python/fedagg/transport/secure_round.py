@@ -142,6 +142,9 @@ class SecureRound:
             self.reject(rid, why, f"round {head.round} of session {head.session}: the server is in round "
                         f"{self.round} of session {self.session}", pid, head.seq)
             return
+        if self.phase not in PHASES:  # closed without a model: the next round (if any) takes over
+            self.reject(rid, "phase", "this secure round is over", pid, head.seq)
+            return
         if step == Step.JOIN:
             self._join(rid, pid, head)
             return

@@ -382,7 +382,10 @@ class Server:
         elif head.kind == Kind.GET_MODEL:
             self._get_model(rid, peer, head)
         elif head.kind == Kind.SECAGG:
-            if self.secure is None:
+            if self.phase == "finished":
+                self._reject(rid, "finished", "the server ran its last round; fetch the final model", peer.pid,
+                             head.round, record=False, seq=head.seq)
+            elif self.secure is None:
                 self._reject(rid, "secure", "this server runs plain rounds (no SECAGG steps)", peer.pid, head.round,
                              seq=head.seq)
             else:
