@@ -27,3 +27,21 @@ def threads_restored():
         yield
     finally:
         fedagg.set_num_threads(0)
+
+
+@pytest.fixture
+def running():
+    """running(**ServerConfig fields) -> helpers.Running; every server made is stopped after the test."""
+    from helpers import Running
+
+    made = []
+
+    def make(**kw):
+        r = Running(**kw)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        if r.thread.is_alive():
+            r.stop()

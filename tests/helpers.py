@@ -89,3 +89,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Running:
+    """A transport Server in a thread of this process (on a free loopback port unless `bind` says otherwise)."""
+
+    def __init__(self, d=1000, model=None, **cfg):
+        import threading
+
+        from fedagg.transport import Server, ServerConfig
+
+        cfg.setdefault("bind", "tcp://127.0.0.1:0")
+        cfg.setdefault("deadline", 30.0)
+        self.server = Server(np.zeros(d, np.float32) if model is None else model, ServerConfig(**cfg))
+        self.endpoint = self.server.endpoint
+        self.thread = threading.Thread(target=self.server.serve, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()

@@ -15,7 +15,7 @@ zmq = pytest.importorskip("zmq")
 
 from fedagg.transport import Client, Server, ServerConfig, TransportError  # noqa: E402
 from fedagg.transport.protocol import Dtype, Kind, json_message, message, parse, parse_json  # noqa: E402
-from test_transport import running, wait_for  # noqa: E402,F401 - the in-thread server fixture
+from test_transport import wait_for  # noqa: E402
 
 
 def _peer(endpoint):

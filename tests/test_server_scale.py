@@ -168,10 +168,10 @@ def test_the_update_completing_the_quorum_is_acknowledged_once_the_close_is_on_d
     gate = threading.Event()
     real_round, real_fold, folds = RoundStore.save_round, RoundStore.save_fold, []
 
-    def slow_round(self, rnd, model):
+    def slow_round(self, rnd, model, extra=None):
         if rnd == 1:
             assert gate.wait(20)
-        return real_round(self, rnd, model)
+        return real_round(self, rnd, model, extra)
 
     def fold(self, rnd, gen, acc, meta, cancelled=None):
         folds.append([e["id"] for e in meta["accepted"]])

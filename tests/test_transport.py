@@ -22,41 +22,7 @@ from fedagg.transport import participant  # noqa: E402
 from fedagg.transport.protocol import (Codec, Dtype, Header, Kind, ProtocolError, json_message,  # noqa: E402
                                        message, pack_frames, parse, parse_json, unpack_frames)
 from fedagg.transport.server import is_local  # noqa: E402
-from helpers import free_port  # noqa: E402
-
-
-
-
-class Running:
-    """A Server in a thread of this process."""
-
-    def __init__(self, d=1000, **cfg):
-        cfg.setdefault("bind", "tcp://127.0.0.1:0")
-        cfg.setdefault("deadline", 30.0)
-        self.server = Server(np.zeros(d, np.float32), ServerConfig(**cfg))
-        self.endpoint = self.server.endpoint
-        self.thread = threading.Thread(target=self.server.serve, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.server.stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-
-
-@pytest.fixture
-def running():
-    made = []
-
-    def make(**kw):
-        r = Running(**kw)
-        made.append(r)
-        return r
-
-    yield make
-    for r in made:
-        if r.thread.is_alive():
-            r.stop()
+from helpers import Running, free_port  # noqa: E402
 
 
 def join_cmd(endpoint, pid, behaviour="honest", rounds=1, **kw):

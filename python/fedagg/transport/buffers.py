@@ -64,6 +64,7 @@ class Upload:
     received: int = 0
     finite: bool = True
     sha256: Any = None  # with a ledger: the running hash of the bytes received, chunk by chunk
+    base: int = 0  # the round (buffered mode: the model version) its CHUNKs name
     started: float = field(default_factory=time.monotonic)
     last_chunk: float = field(default_factory=time.monotonic)
 

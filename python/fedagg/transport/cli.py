@@ -94,6 +94,18 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
                         "endpoint in rank order, this one binding its own (default: not a shard)")
     s.add_argument("--max-restarts", type=int_at_least(0), default=3,
                    help="with --shards: times torchrun restarts the shards after one failed (default 3)")
+    buf = s.add_argument_group("buffered mode", "asynchronous FedBuff rounds: updates computed on any of the last "
+                               "S + 1 model versions, a new version every K accepted updates (docs/protocol.md, "
+                               "\"Buffered servers\")")
+    buf.add_argument("--mode", choices=("sync", "buffered"), default="sync",
+                     help="sync: rounds in step (default); buffered: asynchronous (FedBuff)")
+    buf.add_argument("--buffer", type=int_at_least(1), default=None, metavar="K",
+                     help="buffered: accepted updates per model version (sets --quorum; default: --quorum)")
+    buf.add_argument("--max-staleness", type=int_at_least(0), default=10, metavar="S",
+                     help="buffered: take updates computed on versions up to S old (default 10)")
+    buf.add_argument("--staleness", default="sqrt", metavar="WEIGHT",
+                     help="buffered: staleness weight: sqrt (FedBuff's 1/sqrt(1+s), default), constant, poly:A "
+                          "((1+s)^-A) or hinge:A:B")
     sec = s.add_argument_group("secure rounds", "SecAgg+ over buckets: the server learns bucket sums, never one "
                                 "update (docs/secure.md)")
     sec.add_argument("--secure", action="store_true",
@@ -170,6 +182,32 @@ def add_commands(sub, int_at_least, float_at_least) -> None:
                          "memory), so that sending is not paced by generating them (benchmarks)")
     ld.set_defaults(func=_load)
 
+    dv = sub.add_parser("devices", help="simulate thousands of cross-device participants (buffered servers)",
+                        description="Simulated phones (fedagg.transport.devices): N connections, each in sessions "
+                                    "of idle -> fetch the current model version -> train -> upload, some dropping "
+                                    "mid-upload, some Byzantine, for --seconds. Prints one JSON report: accepted "
+                                    "updates per second, COMMIT-to-ACCEPTED latency p50/p99, refusals by reason.")
+    dv.add_argument("--connect", default="tcp://127.0.0.1:5555",
+                    help="the server's endpoint (default tcp://127.0.0.1:5555)")
+    dv.add_argument("--n", type=int_at_least(1), default=1000, help="devices (default 1000)")
+    dv.add_argument("--d", type=int_at_least(1), required=True, help="float32 values per update (the model's d)")
+    dv.add_argument("--seconds", type=float_at_least(0, True), default=60.0,
+                    help="how long devices start sessions (default 60); the run ends when the last finishes")
+    dv.add_argument("--idle", type=float_at_least(0, True), default=1.0,
+                    help="mean seconds offline between sessions, exponential (default 1)")
+    dv.add_argument("--train", type=float_at_least(0, True), default=0.5,
+                    help="median seconds of training, log-normal (default 0.5)")
+    dv.add_argument("--drop", type=float_at_least(0, False), default=0.1,
+                    help="share of uploads abandoned after their first chunk (default 0.1)")
+    dv.add_argument("--byzantine", type=float_at_least(0, False), default=0.01,
+                    help="share of devices sending -10 x their update (default 0.01)")
+    dv.add_argument("--processes", type=int_at_least(1), default=1, help="processes to spread devices over "
+                                                                         "(default 1)")
+    dv.add_argument("--no-model", action="store_true", help="skip the model download of each session")
+    dv.add_argument("--seed", type=int_at_least(0), default=0, help="seed of updates and behaviour (default 0)")
+    dv.add_argument("--details", action="store_true", help="list every accepted update in the report")
+    dv.set_defaults(func=_devices)
+
     k = sub.add_parser("keys", help="CurveZMQ key pairs: generate, list",
                        description="CurveZMQ key pairs for fedagg serve --curve-secret/--allow and fedagg join "
                                    "--server-key/--keys.")
@@ -205,7 +243,13 @@ def _config(args, shard=None):
                        insecure=args.insecure, io_threads=args.io_threads, linger=linger, max_peers=args.max_peers,
                        receive_memory=None if args.receive_memory_gb is None else int(args.receive_memory_gb * 1e9),
                        max_inflight=args.max_inflight, device=args.device,
-                       upload_timeout=args.upload_timeout, shard=shard)
+                       upload_timeout=args.upload_timeout, shard=shard, mode=args.mode,
+                       max_staleness=args.max_staleness, staleness=args.staleness)
+    if args.buffer is not None:
+        if args.mode != "buffered":
+            raise ValueError("--buffer is the buffer size of --mode buffered (sync rounds close at --quorum)")
+        cfg.quorum = args.buffer
+        cfg.min_updates = min(cfg.min_updates, cfg.quorum)
     if args.secure:
         from .config import SecureConfig
 
@@ -363,6 +407,21 @@ def _load(args) -> int:
                   start=args.start, timeout=args.timeout, concurrency=args.concurrency,
                   pregenerate=args.pregenerate).run()
     print(json.dumps(asdict(report)))
+    return 0
+
+
+def _devices(args) -> int:
+    from .devices import Devices
+
+    if not (args.drop < 1 and args.byzantine < 1):
+        raise ValueError("--drop and --byzantine are shares in [0, 1)")
+    report = Devices(args.connect, args.n, args.d, seconds=args.seconds, idle=args.idle, train=args.train,
+                     drop=args.drop, byzantine=args.byzantine, processes=args.processes,
+                     fetch_model=not args.no_model, seed=args.seed).run()
+    out = report.as_dict()
+    if args.details:
+        out["updates"] = report.accepted
+    print(json.dumps(out))
     return 0
 
 

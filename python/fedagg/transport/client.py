@@ -315,7 +315,10 @@ class Client:
         uploaded bytes) by the registered key (fedagg.ledger.LedgerParticipant.commit gives it); the
         upload waits for the round's commit phase to end. Raises TransportError with the server's
         reason if it is refused. A sharded server gets each range from its own thread, and the
-        update is in the round if every shard accepted its range.
+        update is in the round if every shard accepted its range. A buffered server
+        (``state["mode"] == "buffered"``) takes an update computed on any of its last
+        ``max_staleness + 1`` model versions: `round` is the version (from ``model()``) it was
+        computed on, and ACCEPTED says which version's buffer took it and with what weight.
         """
         if self.state.get("secure"):
             if isinstance(update, Payload) or signature is not None:
@@ -364,16 +367,28 @@ class Client:
             attempts += 1
             if attempts > 20:
                 raise TransportError("gave up", "too many resumptions")
-            # The first attempt goes by what the last STATE and ROUND said (no round trip): if the
-            # server holds something else (bytes, another phase or session), its first refusal says so.
-            st = dict(self.state) if attempts == 1 and "session" in self.state else self.status()
+            # The first attempt goes by what the last STATE and ROUND said when they name this round (no
+            # round trip): if the server holds something else (bytes, another phase or session), its
+            # first refusal says so.
+            fresh = attempts == 1 and "session" in self.state and self.state.get("round") == rnd
+            st = dict(self.state) if fresh else self.status()
             if st.get("phase") == "finished":
                 raise TransportError("finished", "the server ran its last round; it takes no more updates")
             if st.get("phase", "upload") != "upload":
                 st = self.wait_phase("upload")
-            if st["round"] != rnd:
+            if st.get("mode") == "buffered":  # any of the last max_staleness + 1 versions is taken
+                if rnd > st["round"]:
+                    raise TransportError("future", f"the server's model is version {st['round']}, this update is "
+                                                   f"computed on {rnd}")
+                if rnd < st["round"] - st["max_staleness"]:
+                    raise TransportError("stale", f"the server's model is version {st['round']}; an update computed "
+                                                  f"on {rnd} is older than max_staleness {st['max_staleness']}")
+                done = st.get("last_base") is not None and st["last_base"] >= rnd
+            elif st["round"] != rnd:
                 raise TransportError("late", f"the server is in round {st['round']}, this update is for {rnd}")
-            if st.get("accepted"):
+            else:
+                done = st.get("accepted")
+            if done:
                 if attempts > 1:  # our COMMIT got through; its answer was lost
                     return {"round": rnd, "id": self.id}
                 raise TransportError("duplicate", "already accepted this round")

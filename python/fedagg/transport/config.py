@@ -113,6 +113,13 @@ class ServerConfig:
     admission: Optional[str] = None  # "federated", "ledger" or "both" (default: "ledger" with a ledger)
     shard: Any = None  # transport.shards.ShardSpec: this server owns one coordinate range of a sharded round
     secure: Optional[SecureConfig] = None  # secure rounds: the server learns bucket sums, never one update
+    # "sync": rounds (every participant on the same model); "buffered": FedBuff, asynchronous. A
+    # buffered server takes updates computed on any of the last max_staleness + 1 model versions,
+    # each weighted by `staleness` (transport/staleness.py), and publishes a new version every
+    # `quorum` (K) accepted updates; deadline and min_updates do not apply.
+    mode: str = "sync"
+    max_staleness: int = 10
+    staleness: str = "sqrt"
 
     def check(self) -> None:
         if self.chunk_bytes < 4096 or self.chunk_bytes > (4 << 20) or self.chunk_bytes % 4:
@@ -158,6 +165,10 @@ class ServerConfig:
         smallest = self.min_updates
         if self.secure is not None:
             smallest = self._check_secure()
+        if self.mode not in ("sync", "buffered"):
+            raise ValueError(f"mode must be 'sync' or 'buffered', got {self.mode!r}")
+        if self.mode == "buffered":
+            smallest = self._check_buffered()
         # The pipeline must work on the smallest round the server may close: try it now,
         # on zeros, rather than fail at the first close.
         from .. import aggregate
@@ -172,6 +183,22 @@ class ServerConfig:
             raise ValueError(f"the aggregation pipeline cannot run on {smallest} {what}: {e}") from None
         if self.dp is not None:
             self.dp.check_weights(self.rule, None)
+
+    def _check_buffered(self) -> int:
+        """What buffered mode cannot be combined with (yet); returns the buffer size K (every buffer's)."""
+        from .staleness import staleness_weight
+
+        if not (isinstance(self.max_staleness, int) and not isinstance(self.max_staleness, bool)
+                and self.max_staleness >= 0):
+            raise ValueError(f"max_staleness must be an integer >= 0 (model versions), got {self.max_staleness!r}")
+        staleness_weight(self.staleness)
+        refused = [(self.ledger is not None, "a ledger (its commitments are tied to rounds, not model versions)"),
+                   (self.secure is not None, "secure rounds (SecAgg+ needs every member of a bucket at once)"),
+                   (self.shard is not None, "shards (the shards agree on rounds, not on a stream of versions)")]
+        for bad, what in refused:
+            if bad:
+                raise ValueError(f"buffered mode cannot be combined with {what}")
+        return self.quorum
 
     def _check_secure(self) -> int:
         """What secure rounds cannot be combined with (yet), said plainly; returns the fewest buckets."""

@@ -73,6 +73,10 @@ class HostDevice:
     def accumulator(self):
         return np.zeros(self.d)
 
+    def scale(self, x, c: float) -> None:
+        """x *= c in place (float32: c rounded to float32, each product rounded once)."""
+        np.multiply(x, np.float32(c), out=x)
+
     def fold(self, acc, xs, c: np.ndarray) -> None:
         """acc += c[0] * xs[0], then += c[1] * xs[1], ... (float64, each product rounded, no FMA)."""
         _core.fold_f64(acc, xs, c)
@@ -148,6 +152,10 @@ class CudaDevice:
 
     def accumulator(self):
         return self.backend.zeros_f64(self.d)
+
+    def scale(self, x, c: float) -> None:
+        with self.backend.computing():
+            x.mul_(float(np.float32(c)))
 
     def fold(self, acc, xs, c: np.ndarray) -> None:
         for x, ci in zip(xs, c):  # one at a time, in order: the rounding of the CPU's one-pass fold

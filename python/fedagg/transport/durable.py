@@ -79,14 +79,16 @@ class RoundStore:
     def __init__(self, directory: os.PathLike):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.extra: Dict[str, Any] = {}  # what save_round's `extra` held, once load() ran
 
     def _rdir(self, rnd: int) -> Path:
         return self.dir / f"round-{rnd}"
 
     # ---------------------------------------------------------------- round and model
-    def save_round(self, rnd: int, model: np.ndarray) -> None:
+    def save_round(self, rnd: int, model: np.ndarray, extra: Optional[Dict[str, Any]] = None) -> None:
+        """The model of round `rnd` (and `extra`, small JSON the server keeps across rounds)."""
         _atomic_write(self.dir / "model.npy", lambda fh: _save_npy(fh, model))
-        meta = {"round": rnd, "d": int(model.size)}
+        meta = {"round": rnd, "d": int(model.size), "extra": extra or {}}
         _atomic_write(self.dir / "server.json", lambda fh: fh.write(json.dumps(meta).encode()))
         for old in self.dir.glob("round-*"):
             if old.is_dir() and old.name != f"round-{rnd}":
@@ -104,6 +106,7 @@ class RoundStore:
             return None
         meta = json.loads(meta_path.read_text())
         rnd, d = int(meta["round"]), int(meta["d"])
+        self.extra = dict(meta.get("extra") or {})
         self._forget_metrics_from(rnd)
         model = np.load(self.dir / "model.npy", allow_pickle=False)
         if model.dtype != np.float32 or model.ndim != 1 or model.size != d:

@@ -2,6 +2,9 @@
 
 Two forms, chosen by the rule (``collector_for``):
 
+In buffered mode (transport/staleness.py) an update enters as ``scale * update``, its staleness
+weight applied before any clipping, so a round's mean is FedBuff's (1 / K) sum of s(tau_i) Delta_i.
+
 - ``MeanFold``: rule ``mean`` (weighted, clipped, or with ``CentralDP``; not ``nnm``). Each
   accepted update is folded into a float64 sum on the server's device as it is accepted,
   ``acc += (w * s) * x`` with w its weight and s its clipping factor, and its buffer is free
@@ -44,6 +47,9 @@ class Job:
     seq: int = 0  # the COMMIT's seq (a refusal names it)
     deferred: bool = False  # it completed the quorum: durable (and acknowledged) with the round's close
     started: float = 0.0  # when the upload's first chunk arrived
+    base: Optional[int] = None  # buffered mode: the model version the update was computed on
+    staleness: int = 0  # buffered mode: versions published since `base` when it was committed
+    scale: float = 1.0  # buffered mode: its staleness weight; the round takes scale * update
 
 
 def is_foldable(rule: str, rule_params: Dict[str, Any]) -> bool:
@@ -57,7 +63,10 @@ def collector_for(rule: str, rule_params: Dict[str, Any], device, clip_norm, hel
 
 
 def _entry(job: Job) -> Dict[str, Any]:
-    return {"id": job.pid, "address": job.address, "weight": job.weight}
+    entry = {"id": job.pid, "address": job.address, "weight": job.weight}
+    if job.base is not None:
+        entry.update(base=job.base, staleness=job.staleness, scale=job.scale)
+    return entry
 
 
 class MeanFold:
@@ -95,9 +104,10 @@ class MeanFold:
         for job in jobs:
             self.device.ready(job.update)
             s = 1.0
-            if C is not None:
-                s = min(1.0, C / max(math.sqrt(self.device.sqnorm(job.update)), np.finfo(np.float64).tiny))
-            coef.append(job.weight * s)
+            if C is not None:  # the clip applies to what enters the round: scale * update
+                norm = job.scale * math.sqrt(self.device.sqnorm(job.update))
+                s = min(1.0, C / max(norm, np.finfo(np.float64).tiny))
+            coef.append(job.weight * job.scale * s)
             self.clipped += s < 1.0
         self.device.fold(self.acc, [job.update for job in jobs], np.array(coef, dtype=np.float64))
         for job in jobs:
@@ -159,6 +169,8 @@ class HeldUpdates:
     def add(self, jobs: List[Job]) -> None:
         for job in jobs:
             self.device.ready(job.update)
+            if job.scale != 1.0:  # buffered: the row is the weighted update (its buffer is the round's)
+                self.device.scale(job.update, job.scale)
             self.rows.append(job.update)
             self.entries.append(_entry(job))
 

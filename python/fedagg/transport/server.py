@@ -43,6 +43,7 @@ from .protocol import (HEADER, Codec, Dtype, Kind, ProtocolError, VersionError, 
 from .rounds import Job, collector_for
 from .secure_round import SecureRound
 from .shards import decide, group_of
+from .staleness import staleness_weight
 
 log = logging.getLogger("fedagg.server")
 
@@ -91,6 +92,12 @@ class Server:
         self.collector = collector_for(config.rule, config.rule_params, self.device, self._clip_norm,
                                        held=self.shard is not None)
         self.accepted: Dict[str, None] = {}  # ids acknowledged this round, in the collector's order
+        # buffered mode (transport/staleness.py): each round is one model version's buffer
+        self.buffered = config.mode == "buffered"
+        self.weigh = staleness_weight(config.staleness) if self.buffered else None
+        self.last_base: Dict[str, int] = {}  # id -> the version its latest accepted update was computed on
+        self._based: Dict[int, List[str]] = {}  # version -> ids whose last_base it is (pruned when too stale)
+        self._previous_model: Optional[tuple] = None  # (version, model): still served, for uploads built on it
         self.committing: Dict[str, Job] = {}  # COMMITs in the commit threads, not acknowledged yet
         if saved is not None and config.ledger is not None and saved["entries"]:
             # checked against the commitments of the previous session's round key: this session
@@ -103,6 +110,9 @@ class Server:
             log.warning("round %d: %d plain updates saved before the restart are dropped: this server runs secure "
                         "rounds", restored[0], len(saved["entries"]), extra={"event": "recovered", "round": restored[0]})
             saved = None
+        if restored is not None and self.buffered:
+            for pid, base in (self.store.extra.get("last_base") or {}).items():
+                self._note_base(pid, int(base))
         if saved is not None:
             if saved["kind"] != self.collector.kind:
                 raise ValueError(f"{config.state_dir} holds round {self.round}'s updates for another rule "
@@ -110,6 +120,9 @@ class Server:
                                  "same rule")
             self.collector.restore(saved)
             self.accepted = {e["id"]: None for e in self.collector.entries}
+            for e in self.collector.entries:
+                if "base" in e:
+                    self._note_base(e["id"], int(e["base"]))
             if self.collector.keeps_updates:
                 self.buffers.held += self.model_bytes * self.collector.count
         if restored is not None:
@@ -118,7 +131,7 @@ class Server:
         self.committer = GroupCommit(self._apply, self._snapshot)
         self._upload_seconds = 1.0  # running mean of an upload's duration (for busy's retry_after)
         self._first_byte = self._last_byte = 0.0  # when the round's first and last chunks arrived
-        self._deferred: Dict[str, bytes] = {}  # id -> routing id: accepted, durable once the round's close is written
+        self._deferred: Dict[str, tuple] = {}  # id -> (routing id, ACCEPTED's body): durable once the close is written
         self.uploads: Dict[str, Upload] = {}
         self.abandoned: Dict[str, None] = {}  # uploads given up this round (the first MAX_REJECTED_LISTED ids)
         self.abandoned_count = 0
@@ -137,7 +150,7 @@ class Server:
         self.history: "deque[Dict[str, Any]]" = deque(maxlen=MAX_HISTORY)  # the latest rounds' records
         self.rounds_done = 0
         self.previous: Optional[Dict[str, Any]] = None  # how the last round closed (STATE, ROUND)
-        self._model_crcs: tuple = (None, {})  # (model, {offset: CRC32C of its chunk}): computed once per model
+        self._model_crcs: Dict[int, Dict[int, int]] = {}  # round -> {offset: CRC32C of its model's chunk}
         self._throttle = LogThrottle()
         self._swept = 0.0
         self._stop = False
@@ -146,7 +159,7 @@ class Server:
         self._next_tick = 0.0
         self.excluded: Dict[str, str] = {}  # the last round's participants left out by a shard, and why
         if self.store and restored is None:
-            self.store.save_round(self.round, self.model)
+            self.store.save_round(self.round, self.model, self._extra())
         if config.curve_secret_key is None and not is_local(config.bind):
             log.warning("plain mode on %s: no authentication, anyone who can reach it can submit updates under "
                         "any id (use CURVE keys: fedagg keys generate)", config.bind, extra={"event": "insecure"})
@@ -244,7 +257,9 @@ class Server:
                 "rule": self.cfg.rule, "f": self.cfg.f, "server_lr": self.cfg.server_lr, "previous": self.previous,
                 "shards": shards, "shard": index, "d_total": d_total,
                 "excluded": self.excluded.get(pid) if pid else None,
-                "secure": None if self.secure is None else self.secure.public()}
+                "secure": None if self.secure is None else self.secure.public(), "mode": self.cfg.mode,
+                **({"buffer": self.cfg.quorum, "max_staleness": self.cfg.max_staleness, "staleness": self.cfg.staleness,
+                    "last_base": self.last_base.get(pid) if pid else None} if self.buffered else {})}
 
     def _reject(self, rid: bytes, reason: str, detail: str = "", pid: Optional[str] = None, rnd: Optional[int] = None,
                 record: bool = True, seq: int = 0, retry_after: Optional[float] = None) -> None:
@@ -442,6 +457,25 @@ class Server:
                      extra={"event": "hello", "participant": pid})
         self._send(rid, json_message(Kind.STATE, self._state(pid), round=self.round, session=self.session))
 
+    def _note_base(self, pid: str, base: int) -> None:
+        """pid's latest accepted update was computed on version `base` (an older one is a duplicate)."""
+        if base > self.last_base.get(pid, -1):
+            self.last_base[pid] = base
+            self._based.setdefault(base, []).append(pid)
+
+    def _forget_stale_bases(self) -> None:
+        """Bases older than max_staleness are refused as stale anyway: their entries go (amortized: each
+        accepted update is noted once and forgotten once)."""
+        oldest = self.round - self.cfg.max_staleness
+        for version in [v for v in self._based if v < oldest]:
+            for pid in self._based.pop(version):
+                if self.last_base.get(pid) == version:
+                    del self.last_base[pid]
+
+    def _extra(self) -> Dict[str, Any]:
+        """What a state directory keeps across versions besides the model (buffered: who sent what)."""
+        return {"last_base": dict(self.last_base)} if self.buffered else {}
+
     def _upload_owner(self, pid: str):
         up = self.uploads.get(pid)
         return (False, None) if up is None else (True, up.secret)
@@ -474,34 +508,32 @@ class Server:
                 self._abandon(pid)
 
     def _get_model(self, rid: bytes, peer: Peer, head) -> None:
+        model = self.model
         if head.round != self.round:
-            self._reject(rid, "round", f"the model of round {self.round} is served, not {head.round}",
-                         peer.pid, head.round, record=False, seq=head.seq)
-            return
+            if self._previous_model is None or head.round != self._previous_model[0]:
+                self._reject(rid, "round", f"the model of round {self.round} is served, not {head.round}",
+                             peer.pid, head.round, record=False, seq=head.seq)
+                return
+            model = self._previous_model[1]  # buffered: a download begun before the last version finishes
         step = self.cfg.chunk_bytes
         if head.offset % step or head.offset >= self.model_bytes:
             self._reject(rid, "malformed", "GET_MODEL offset must be a chunk boundary inside the model",
                          peer.pid, record=False, seq=head.seq)
             return
-        view = memoryview(self.model).cast("B")  # all peers share this buffer: no per-peer copy
-        if self._model_crcs[0] is not self.model:  # a new model: its chunks' checksums, once each
-            self._model_crcs = (self.model, {})
-        crcs = self._model_crcs[1]
+        view = memoryview(model).cast("B")  # all peers share this buffer: no per-peer copy
+        crcs = self._model_crcs.setdefault(head.round, {})  # each chunk's checksum, once per model
         count = max(1, min(int(head.aux), self.cfg.credits))
         for off in range(head.offset, min(self.model_bytes, head.offset + count * step), step):
             part = view[off:off + step]
             crc = crcs.get(off)
             if crc is None:
                 crc = crcs[off] = _core.crc32c(part)
-            self._send(rid, message(Kind.MODEL, part, checksum=crc, round=self.round, offset=off,
+            self._send(rid, message(Kind.MODEL, part, checksum=crc, round=head.round, offset=off,
                                     total=self.model_bytes, dtype=Dtype.FLOAT32, session=self.session))
 
     def _chunk(self, rid: bytes, peer: Peer, head, body) -> None:
         pid = peer.pid
-        if head.round != self.round:
-            why = "late" if head.round < self.round else "future"
-            self._reject(rid, why, f"round {head.round}, the server is in round {self.round}", pid,
-                         head.round, seq=head.seq)
+        if self._off_version(rid, pid, head):
             return
         if head.session != self.session:
             self._reject(rid, "session", "the server restarted: resume from 'held'", pid, head.round,
@@ -529,7 +561,12 @@ class Server:
         if pid in self.committing or pid in self._deferred:
             self._busy(rid, pid, head, "your update is being made durable: ask again (STATUS) in a moment")
             return
-        if pid in self.accepted:
+        if self.buffered and self.last_base.get(pid, -1) >= head.round:
+            self._reject(rid, "duplicate", f"an update of this participant computed on version "
+                         f"{self.last_base[pid]} is accepted already (one update per participant per version)",
+                         pid, head.round, seq=head.seq)
+            return
+        if pid in self.accepted and not self.buffered:  # buffered: it may stream its next one (COMMIT waits)
             self._reject(rid, "duplicate", "an update of this participant is already in the round", pid,
                          head.round, seq=head.seq)
             return
@@ -550,7 +587,7 @@ class Server:
             self._reject(rid, "malformed", "raw chunks hold whole float32 values", pid, head.round, seq=head.seq)
             return
         up = self.uploads.get(pid)
-        if up is None or up.codec != head.codec or up.total != head.total:
+        if up is None or up.codec != head.codec or up.total != head.total or up.base != head.round:
             if head.offset != 0:
                 self._reject(rid, "order", "an upload starts at offset 0", pid, head.round, record=False, seq=head.seq)
                 return
@@ -572,7 +609,7 @@ class Server:
                 buf = self.buffers.take_raw()
             else:
                 buf = self.buffers.take_bytes(head.total, need)
-            up = self.uploads[pid] = Upload(head.codec, buf, head.total, need, peer.secret)
+            up = self.uploads[pid] = Upload(head.codec, buf, head.total, need, peer.secret, base=head.round)
             if self.gate is not None:
                 up.sha256 = hashlib.sha256()
         if head.offset != up.received:
@@ -611,14 +648,41 @@ class Server:
             return "signature"
         return self.gate.check(peer.address, up.sha256.digest(), sig, session=self.session)
 
+    def _off_version(self, rid: bytes, pid: str, head) -> bool:
+        """Refuse a CHUNK or COMMIT for a round (a buffered server: a model version) not taken now."""
+        if head.round == self.round:
+            return False
+        if not self.buffered:
+            why, detail = "late" if head.round < self.round else "future", ""
+        elif head.round > self.round:
+            why, detail = "future", ""
+        elif head.round >= self.round - self.cfg.max_staleness:
+            return False
+        else:
+            why, detail = "stale", (f": computed on version {head.round}, {self.round - head.round} versions old; "
+                                    f"max_staleness is {self.cfg.max_staleness} (fetch the model again)")
+        self._reject(rid, why, f"round {head.round}, the server is in round {self.round}{detail}", pid, head.round,
+                     seq=head.seq)
+        return True
+
     def _commit(self, rid: bytes, peer: Peer, head, body=b"") -> None:
         pid = peer.pid
-        if head.round != self.round:
-            self._reject(rid, "late" if head.round < self.round else "future",
-                         f"round {head.round}, the server is in round {self.round}", pid, head.round, seq=head.seq)
+        if self._off_version(rid, pid, head):
             return
         if pid in self.committing or pid in self._deferred:
             self._busy(rid, pid, head, "your update is being made durable: ask again (STATUS) in a moment")
+            return
+        if self.buffered and self.last_base.get(pid, -1) >= head.round:
+            self._reject(rid, "duplicate", f"an update of this participant computed on version "
+                         f"{self.last_base[pid]} is accepted already (one update per participant per version)",
+                         pid, head.round, seq=head.seq)
+            return
+        if self.buffered and pid in self.accepted:  # one row per participant per buffer: it waits for the next
+            self._busy(rid, pid, head, f"your previous update is in the buffer of version {self.round}: send this "
+                       "one once that version is published")
+            return
+        if self.buffered and len(self.accepted) + len(self.committing) >= self.cfg.quorum:
+            self._busy(rid, pid, head, f"the buffer of version {self.round} is full: it is being aggregated")
             return
         if pid in self.accepted:
             self._reject(rid, "duplicate", "an update of this participant is already in the round", pid,
@@ -629,7 +693,8 @@ class Server:
                          head.round, record=False, seq=head.seq)
             return
         up = self.uploads.get(pid)
-        if up is None or up.received != up.total or head.session != self.session or head.total != up.total:
+        if (up is None or up.received != up.total or head.session != self.session or head.total != up.total
+                or up.base != head.round):
             self._reject(rid, "incomplete", f"holding {self._held(pid)} of {up.total if up else '?'} bytes", pid,
                          head.round, record=False, seq=head.seq)
             return
@@ -664,6 +729,9 @@ class Server:
         # Decoding, the fold (or keeping the update) and the disk happen in the commit threads;
         # ACCEPTED goes out when it hands the job back (_acknowledge).
         job = Job(pid, rid, peer.address or pid, weight, up, seq=head.seq, started=up.started)
+        if self.buffered:
+            job.base, job.staleness = head.round, self.round - head.round
+            job.scale = float(self.weigh(job.staleness))
         self.committing[pid] = job
         self.committer.submit(job)
 
@@ -720,8 +788,8 @@ class Server:
             self._ack_deferred(self.round)
 
     def _ack_deferred(self, rnd: int) -> None:
-        for pid, rid in self._deferred.items():
-            self._send(rid, json_message(Kind.ACCEPTED, {"round": rnd, "id": pid}, round=rnd, session=self.session))
+        for rid, body in self._deferred.values():
+            self._send(rid, json_message(Kind.ACCEPTED, body, round=rnd, session=self.session))
         self._deferred = {}
 
     def _acknowledge(self, jobs: List[Job]) -> None:
@@ -741,14 +809,17 @@ class Server:
                 self.buffers.held += self.model_bytes
             self.accepted[job.pid] = None
             self._upload_seconds += 0.1 * (now - job.started - self._upload_seconds)
+            body = {"round": self.round, "id": job.pid}
+            if job.base is not None:  # buffered: the version it was computed on, and how it counts
+                self._note_base(job.pid, job.base)
+                body.update(round=job.base, version=self.round, staleness=job.staleness, scale=job.scale)
             if job.deferred:  # durable with the round's close: ACCEPTED then (_ack_deferred)
-                self._deferred[job.pid] = job.rid
+                self._deferred[job.pid] = (job.rid, body)
                 continue
             if self._throttle.allow("accepted", now) is not None:
                 log.info("accepted %s (%d this round)", job.pid, len(self.accepted),
                          extra={"event": "accepted", "participant": job.pid, "round": self.round})
-            self._send(job.rid, json_message(Kind.ACCEPTED, {"round": self.round, "id": job.pid}, round=self.round,
-                                             session=self.session))
+            self._send(job.rid, json_message(Kind.ACCEPTED, body, round=self.round, session=self.session))
 
     def _decode(self, up: Upload):
         from ..compress import Payload, decode
@@ -831,7 +902,7 @@ class Server:
                 return
             self._next_tick = now + self.shard.tick
         self._sweep(now)
-        late = now - self.round_started >= self.cfg.deadline
+        late = not self.buffered and now - self.round_started >= self.cfg.deadline
         if self.committing and (late or len(self.accepted) + len(self.committing) >= self.cfg.quorum):
             # COMMITs in the commit threads belong to the round: the ones not yet durable become
             # durable with the close's write (a snapshot being written for them is given up)
@@ -853,9 +924,9 @@ class Server:
             if pid not in excluded and pid not in set(decision.participants):
                 excluded[pid] = "accepted by this shard after the shards agreed to close the round: left out of it"
         for pid, why in excluded.items():
-            rid = self._deferred.pop(pid, None)
-            if rid is not None:  # its ACCEPTED was waiting for the close: it is not in the round
-                self._send(rid, json_message(Kind.REJECTED, {"reason": "excluded", "detail": why, "held": 0,
+            waiting = self._deferred.pop(pid, None)
+            if waiting is not None:  # its ACCEPTED was waiting for the close: it is not in the round
+                self._send(waiting[0], json_message(Kind.REJECTED, {"reason": "excluded", "detail": why, "held": 0,
                                                              "seq": 0}, round=self.round, session=self.session))
         if decision.action == "close":
             self._close_round(decision.reason, decision.participants, excluded)
@@ -900,6 +971,9 @@ class Server:
             chosen = {int(i) for i in info.selected}
             excluded += [ids[i] for i in range(len(ids)) if i not in chosen]
         record = self._record(reason, ids, failed, left_out)
+        if self.buffered:  # each accepted update's version, staleness and weight, in the order of "accepted"
+            record.update({"bases": [e["base"] for e in entries], "staleness": [e["staleness"] for e in entries],
+                           "scales": [e["scale"] for e in entries]})
         record.update({"excluded_by_rule": sorted(set(excluded)), "aggregate_seconds": t_agg,
                        "last_byte_to_model_seconds": time.monotonic() - self._last_byte if self._last_byte else None,
                        "receive_seconds": self._last_byte - self._first_byte if self._last_byte else None,
@@ -937,6 +1011,8 @@ class Server:
             failed = "the aggregate is not finite: the model is kept (set clip_norm)"
             log.error("round %d: %s", self.round, failed, extra={"event": "aggregate_failed", "round": self.round})
             return failed
+        if self.buffered:  # downloads of the old version in progress finish (uploads built on it count)
+            self._previous_model = (self.round, self.model)
         self.model = new_model
         return None
 
@@ -1035,11 +1111,19 @@ class Server:
                 "excluded_by_shards": dict(self.excluded), "excluded_by_rule": [], "rule": self.cfg.rule,
                 "f": self.cfg.f,
                 "seconds": time.monotonic() - self.round_started, "aggregate_seconds": 0.0,
-                "bytes_in": self.bytes_in, "abandoned_count": self.abandoned_count + len(self.uploads),
-                "abandoned_uploads": sorted(set(self.abandoned) | set(list(self.uploads)[:MAX_REJECTED_LISTED])),
+                "bytes_in": self.bytes_in, "abandoned_count": self.abandoned_count + len(self._ending_uploads()),
+                "abandoned_uploads": sorted(set(self.abandoned) | set(self._ending_uploads()[:MAX_REJECTED_LISTED])),
                 "privacy": None, "rejected_counts": dict(self.rejected_counts), "messages": dict(self.messages),
                 "failed": failed, "device": self.device.name, "last_byte_to_model_seconds": None, "receive_seconds": None,
                 "model_updated": failed is None}
+
+    def _ending_uploads(self) -> List[str]:
+        """Uploads in progress that the round's end gives up: all of them, or in buffered mode those whose
+        version becomes too stale with the next one (the others go on streaming into the next buffer)."""
+        if not self.buffered:
+            return list(self.uploads)
+        oldest = self.round + 1 - self.cfg.max_staleness
+        return [pid for pid, up in self.uploads.items() if up.base < oldest]
 
     def _next_round(self, record: Dict[str, Any]) -> None:
         """Report the closed round, reset the round's state and tell every connection."""
@@ -1058,21 +1142,29 @@ class Server:
             log.error("round %d: reporting failed: %s", self.round, e, extra={"event": "report_failed"})
         self.previous = {"round": self.round, "model_updated": record["model_updated"],
                          "closed_by": record["closed_by"], "accepted": len(record["accepted"])}
+        ending = self._ending_uploads()
         self.round += 1
         self._failed_at = -1
-        for pid in list(self.uploads):  # unfinished uploads are over: their buffers go back to the pool
+        for pid in ending:  # unfinished uploads are over: their buffers go back to the pool
             self._free(self.uploads.pop(pid))
+        if self.buffered:
+            self._forget_stale_bases()
+            self._model_crcs = {r: c for r, c in self._model_crcs.items() if r >= self.round - 1}
+        else:
+            self._model_crcs = {}
         self.rejected, self.rejected_counts, self.abandoned, self.abandoned_count = [], {}, {}, 0
         self.messages = {}
         self.bytes_in = 0
         self._first_byte = self._last_byte = 0.0
         if self.store:
-            self.store.save_round(self.round, self.model)
+            self.store.save_round(self.round, self.model, self._extra())
         self._ack_deferred(self.round - 1)  # the closed round's last updates are durable now
         self.round_started = time.monotonic()
         if self.cfg.rounds is None or self.rounds_done < self.cfg.rounds:  # no chain round that never runs
             self._start_ledger_round()
             self._start_secure_round()
+        if self.buffered:  # no broadcast: participants ask for versions when they want one (STATUS)
+            return
         note = json_message(Kind.ROUND, {"round": self.round, "previous": self.previous}, round=self.round,
                             session=self.session)
         for peer in self.peers:
