@@ -226,10 +226,10 @@ def test_group_commit_groups_jobs_and_settle_gives_up_the_write_in_progress():
     gc = GroupCommit(applied.extend, snapshot)
     try:
         jobs = [_Job(k) for k in range(5)]
-        gc.submit(jobs[0])
+        gc.submit(jobs[:1])
         assert writing.wait(5)  # j0's write is in progress...
         for j in jobs[1:]:
-            gc.submit(j)  # ...the others are applied meanwhile, waiting for the next snapshot
+            gc.submit([j])  # ...the others are applied meanwhile, waiting for the next snapshot
         t0 = time.monotonic()
         done = gc.settle(timeout=10)
         assert time.monotonic() - t0 < 2  # the write was given up, not waited out

@@ -210,12 +210,13 @@ class GroupCommit:
     def pending(self) -> int:
         return self._pending
 
-    def submit(self, job: Any) -> None:
+    def submit(self, jobs: List[Any]) -> None:
+        """Hand jobs (in order) to the applier: one lock and one wake-up for a burst of COMMITs."""
         with self._cv:
             if self._failed is not None:
                 raise StorageError(str(self._failed))
-            self._jobs.append(job)
-            self._pending += 1
+            self._jobs.extend(jobs)
+            self._pending += len(jobs)
             self._cv.notify_all()
 
     def completed(self) -> List[Any]:

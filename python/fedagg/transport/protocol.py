@@ -71,6 +71,11 @@ class Codec(enum.IntEnum):
     FAGP = 1
 
 
+_KINDS = {int(k): k for k in Kind}  # header bytes -> enum members: a dict lookup, not Enum.__call__
+_DTYPES = {int(k): k for k in Dtype}
+_CODECS = {int(k): k for k in Codec}
+
+
 class ProtocolError(ValueError):
     """A message that is malformed, inconsistent or not ours: never reaches the state."""
 
@@ -142,10 +147,9 @@ def parse(frames: Sequence[Any], max_payload: int, *, verify: bool = True) -> Tu
         raise ProtocolError("bad magic: not a fedagg message")
     if version != VERSION:
         raise VersionError(version)
-    try:
-        kind, dtype, codec = Kind(kind), Dtype(dtype), Codec(codec)
-    except ValueError as e:
-        raise ProtocolError(f"unknown field value: {e}") from None
+    kind, dtype, codec = _KINDS.get(kind, kind), _DTYPES.get(dtype, dtype), _CODECS.get(codec, codec)
+    if type(kind) is int or type(dtype) is int or type(codec) is int:
+        raise ProtocolError(f"unknown field value: kind {kind}, dtype {dtype}, codec {codec}")
     if reserved != 0:
         raise ProtocolError("reserved header bytes must be 0")
     if length != body.nbytes:
