@@ -28,8 +28,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 from .. import _core, _json
 
@@ -90,8 +89,7 @@ class VersionError(ProtocolError):
         self.version = version
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):  # a named tuple: made for every message, 4x cheaper than a frozen dataclass
     kind: Kind
     round: int = 0
     seq: int = 0
@@ -106,7 +104,7 @@ class Header:
     version: int = VERSION
 
     def pack(self) -> bytes:
-        return HEADER.pack(MAGIC, self.version, int(self.kind), int(self.dtype), int(self.codec), self.length,
+        return HEADER.pack(MAGIC, self.version, self.kind, self.dtype, self.codec, self.length,
                            self.aux, self.round, self.seq, self.offset, self.total, self.checksum, 0, self.session)
 
 
