@@ -108,11 +108,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="size of the arrays of the copy-bandwidth test (default 1; 0 skips it)")
     b.add_argument("--sections", nargs="+",
                    choices=["rules", "compression", "privacy", "transport", "server", "distributed", "secagg",
-                            "lora"],
+                            "lora", "crossdevice"],
                    default=["rules", "compression", "privacy"],
                    help="what to benchmark (default: rules compression privacy; transport and server need "
                         "pyzmq, distributed needs torch, secagg needs cryptography and compares with Flower's "
-                        "SecAgg+ where flwr[simulation] is installed; lora times a 7B-shaped adapter set)")
+                        "SecAgg+ where flwr[simulation] is installed; lora times a 7B-shaped adapter set; crossdevice runs "
+                        "thousands of simulated devices against fedagg serve, buffered and synchronous)")
+    b.add_argument("--crossdevice-n", type=_int_at_least(1), default=10_000,
+                   help="crossdevice section: simulated devices (default 10,000)")
+    b.add_argument("--crossdevice-seconds", type=_float_at_least(0, True), default=30.0,
+                   help="crossdevice section: seconds measured per case, after the devices' arrival (default 30)")
     b.add_argument("--lora-layers", type=_int_at_least(1), default=32,
                    help="lora section: layers of the Llama-7B layout (default 32, all; about 5 GB of adapters for "
                         "32 participants)")
@@ -266,6 +271,12 @@ def _bench(args) -> int:
 
         res["lora"] = lbench.run(n=32, layers=args.lora_layers, seed=args.seed)
         for line in lbench.lines(res["lora"]):
+            _print(con, line, report)
+    if "crossdevice" in args.sections:
+        from .transport import crossdevice_bench as xbench
+
+        res["crossdevice"] = xbench.run(n=args.crossdevice_n, seconds=args.crossdevice_seconds, seed=args.seed)
+        for line in xbench.lines(res["crossdevice"]):
             _print(con, line, report)
     if args.json == "-":
         json.dump(res, sys.stdout, indent=2, default=_jsonable)

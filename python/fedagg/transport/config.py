@@ -107,7 +107,7 @@ class ServerConfig:
     curve_public_key: Optional[bytes] = None
     allowed_keys: Optional[List[bytes]] = None  # z85 public keys of participants
     insecure: bool = False  # allow plain mode on a non-local endpoint (never by default)
-    heartbeat: float = 2.0  # ZMTP heartbeat interval; a peer silent for 5 intervals is dropped
+    heartbeat: float = 2.0  # TCP keepalive: a connection silent 5 intervals is probed each interval, 5 misses drop it
     io_threads: Optional[int] = None  # libzmq I/O threads; None: one per 4 cores, 1 to 4 (about 1 GB/s each)
     ledger: Any = None  # fedagg.ledger.LedgerGate: registered, staked, committed, signed updates only
     admission: Optional[str] = None  # "federated", "ledger" or "both" (default: "ledger" with a ledger)
@@ -130,8 +130,8 @@ class ServerConfig:
         for name in ("quorum", "min_updates", "credits", "max_peers", "io_threads", "max_inflight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if not self.deadline > 0 or not self.rate > 0 or not self.upload_timeout > 0:
-            raise ValueError("deadline, rate and upload_timeout must be positive")
+        if not self.deadline > 0 or not self.rate > 0 or not self.upload_timeout > 0 or not self.heartbeat > 0:
+            raise ValueError("deadline, rate, upload_timeout and heartbeat must be positive")
         if not self.linger >= 0:
             raise ValueError("linger must be >= 0 seconds")
         if self.receive_memory is not None and self.receive_memory < 1:

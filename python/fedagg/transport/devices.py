@@ -22,6 +22,7 @@ is bounded by ``seconds`` plus ``grace``.
 
 from __future__ import annotations
 
+import heapq
 import math
 import multiprocessing as mp
 import os
@@ -43,7 +44,8 @@ def pool_update(seed: int, k: int, d: int) -> np.ndarray:
 
 @dataclass
 class DevicesReport:
-    accepted: List[Dict[str, Any]] = field(default_factory=list)  # ACCEPTED bodies + "pool", "byzantine", "latency"
+    # ACCEPTED bodies + "pool", "byzantine", "latency" (s from COMMIT), "t" (s since the run started)
+    accepted: List[Dict[str, Any]] = field(default_factory=list)
     refused: Dict[str, int] = field(default_factory=dict)  # reason -> count
     dropped: int = 0  # uploads abandoned mid-way on purpose
     sessions: int = 0  # sessions started (STATUS sent)
@@ -76,7 +78,18 @@ class _Device:
                  "credits", "model_bytes", "off", "got", "inflight", "blob", "pool", "byzantine", "drop", "t_commit",
                  "await_seq", "k")
 
-    def __init__(self, ctx, endpoint: str, index: int, pid: str, byzantine: bool):
+    def __init__(self, index: int, pid: str, byzantine: bool):
+        self.sock: Any = None  # connected when its turn in the arrival ramp comes
+        self.fd = -1
+        self.index, self.pid, self.secret = index, pid, os.urandom(8).hex()
+        self.seq = time.time_ns()
+        self.state, self.wake = "new", 0.0
+        self.version = self.session = self.off = self.got = self.inflight = self.await_seq = self.k = 0
+        self.chunk, self.credits, self.model_bytes = 1 << 20, 1, 0
+        self.blob: Optional[np.ndarray] = None
+        self.pool, self.byzantine, self.drop, self.t_commit = 0, byzantine, False, 0.0
+
+    def connect(self, ctx, endpoint: str) -> None:
         import zmq
 
         self.sock = ctx.socket(zmq.DEALER)
@@ -85,13 +98,6 @@ class _Device:
         self.sock.setsockopt(zmq.RCVBUF, 1 << 20)
         self.sock.connect(endpoint)
         self.fd = self.sock.getsockopt(zmq.FD)
-        self.index, self.pid, self.secret = index, pid, os.urandom(8).hex()
-        self.seq = time.time_ns()
-        self.state, self.wake = "hello", 0.0
-        self.version = self.session = self.off = self.got = self.inflight = self.await_seq = self.k = 0
-        self.chunk, self.credits, self.model_bytes = 1 << 20, 1, 0
-        self.blob: Optional[np.ndarray] = None
-        self.pool, self.byzantine, self.drop, self.t_commit = 0, byzantine, False, 0.0
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -104,10 +110,11 @@ class Devices:
     def __init__(self, endpoint: str, n: int, d: int, *, seconds: float = 60.0, seed: int = 0, idle: float = 1.0,
                  train: float = 0.5, train_sigma: float = 0.5, drop: float = 0.1, byzantine: float = 0.01,
                  fetch_model: bool = True, pool: int = 64, prefix: str = "dev", start: int = 0, grace: float = 30.0,
-                 processes: int = 1):
+                 processes: int = 1, arrivals: float = 1000.0):
         if n < 1 or d < 1 or pool < 1 or processes < 1:
             raise ValueError("n, d, pool and processes must be >= 1")
-        for name, v in (("seconds", seconds), ("idle", idle), ("train", train), ("grace", grace)):
+        for name, v in (("seconds", seconds), ("idle", idle), ("train", train), ("grace", grace),
+                        ("arrivals", arrivals)):
             if not (isinstance(v, (int, float)) and 0 < v < math.inf):
                 raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
         if not (0 <= train_sigma < math.inf and 0 <= drop < 1 and 0 <= byzantine < 1):
@@ -116,6 +123,7 @@ class Devices:
         self.idle, self.train, self.train_sigma = float(idle), float(train), float(train_sigma)
         self.drop, self.byzantine, self.fetch_model, self.pool = drop, byzantine, fetch_model, pool
         self.prefix, self.start, self.grace, self.processes = prefix, start, float(grace), processes
+        self.arrivals = float(arrivals)  # devices connecting per second, all processes together (a ramp)
 
     def is_byzantine(self, index: int) -> bool:
         """Whether device `index` attacks (fixed by the seed: the same in every process)."""
@@ -145,36 +153,39 @@ class Devices:
         self._attacks = [(pool_update(self.seed, k, self.d) * np.float32(-10)).view(np.uint8) for k in range(self.pool)]
         ctx = zmq.Context()
         ctx.set(zmq.MAX_SOCKETS, count + 64)
-        devices = [_Device(ctx, self.endpoint, i, f"{self.prefix}-{i}", self.is_byzantine(i))
-                   for i in range(first, first + count)]
-        by_fd = {dev.fd: dev for dev in devices}
+        devices = [_Device(i, f"{self.prefix}-{i}", self.is_byzantine(i)) for i in range(first, first + count)]
+        by_fd: Dict[int, _Device] = {}
+        timers: List[Tuple[float, int]] = []  # (when, device index): arrivals, idle and training ends, HELLOs
+        self._timers = timers
         ep = select.epoll(sizehint=count)
-        for dev in devices:
-            ep.register(dev.fd, select.EPOLLIN | select.EPOLLET)
-            dev.sock.send_multipart(json_message(Kind.HELLO, {"id": dev.pid, "secret": dev.secret},
-                                                 seq=dev.next_seq()), copy=False)
-        t0 = time.monotonic()
+        t0 = self._t0 = time.monotonic()
         end, hard_end = t0 + self.seconds, t0 + self.seconds + self.grace
-        timers: List[Tuple[float, int]] = []  # (when, index into devices): idle and training ends, backoffs
-        import heapq
-
-        self._timers, self._heapq = timers, heapq
-        touched = set(devices)
+        per_second = self.arrivals * count / self.n  # this process's share of the arrival ramp
+        for k, dev in enumerate(devices):  # thousands connecting in one burst overflow the listen backlog
+            self._later(dev, k / per_second)
+        touched: set = set()
         sweep_at = t0 + 1.0
         try:
             while True:
                 now = time.monotonic()
                 if now >= hard_end:
                     break
-                if now >= end and all(dev.state in ("idle", "hello", "done") for dev in devices):
+                if now >= end and all(dev.state in ("new", "idle", "hello", "done") for dev in devices):
                     break
                 while timers and timers[0][0] <= now:
-                    _, i = heapq.heappop(timers)
+                    when, i = heapq.heappop(timers)
                     dev = devices[i - first]
+                    if when != dev.wake:  # overtaken by a later timer of the device
+                        continue
+                    if dev.state == "new":
+                        dev.connect(ctx, self.endpoint)
+                        by_fd[dev.fd] = dev
+                        ep.register(dev.fd, select.EPOLLIN | select.EPOLLET)
+                        dev.state = "hello"
                     self._timer(dev, now, end)
                     touched.add(dev)
                 if now >= sweep_at:  # ZMQ_FD is edge-triggered: once a second, look at every socket
-                    touched.update(devices)
+                    touched.update(by_fd.values())
                     sweep_at = now + 1.0
                 for dev in list(touched):
                     self._drain(dev, end)
@@ -187,11 +198,19 @@ class Devices:
         finally:
             ep.close()
             for dev in devices:
-                dev.sock.close(0)
+                if dev.sock is not None:
+                    dev.sock.close(0)
             ctx.term()
 
+    def _hello(self, dev: _Device) -> None:
+        """HELLO, asked again every 10 s until answered (a connection made late, a reply lost)."""
+        dev.sock.send_multipart(json_message(Kind.HELLO, {"id": dev.pid, "secret": dev.secret},
+                                             seq=dev.next_seq()), copy=False)
+        self._later(dev, 10.0)
+
     def _later(self, dev: _Device, seconds: float) -> None:
-        self._heapq.heappush(self._timers, (time.monotonic() + seconds, dev.index))
+        dev.wake = time.monotonic() + seconds
+        heapq.heappush(self._timers, (dev.wake, dev.index))
 
     def _drain(self, dev: _Device, end: float) -> None:
         import zmq
@@ -224,7 +243,10 @@ class Devices:
         self._later(dev, self._rng.expovariate(1.0 / self.idle))
 
     def _timer(self, dev: _Device, now: float, end: float) -> None:
-        if dev.state == "idle":
+        if dev.state == "hello":  # just connected, or its HELLO is unanswered: (again) HELLO
+            if now < end:
+                self._hello(dev)
+        elif dev.state == "idle":
             if now >= end:
                 dev.state = "done"
                 return
@@ -235,6 +257,9 @@ class Devices:
             self._upload(dev)
         elif dev.state == "backoff":  # told busy at COMMIT: the bytes are held, COMMIT again
             self._commit(dev)
+        elif dev.state == "reupload":  # told busy at the first chunk: nothing is held, start again
+            dev.state, dev.off, dev.inflight = "upload", 0, 0
+            self._pump(dev)
 
     def _trained(self, dev: _Device) -> None:
         dev.state = "train"
@@ -305,7 +330,8 @@ class Devices:
             self._pump(dev)
         elif kind == Kind.ACCEPTED and dev.state == "commit":
             got = parse_json(body)
-            got.update(pool=dev.pool, byzantine=dev.byzantine, latency=time.monotonic() - dev.t_commit)
+            now = time.monotonic()
+            got.update(pool=dev.pool, byzantine=dev.byzantine, latency=now - dev.t_commit, t=now - self._t0)
             self._report.accepted.append(got)
             self._idle(dev)
         elif kind == Kind.REJECTED and dev.state in ("status", "model", "upload", "commit"):
@@ -317,10 +343,10 @@ class Devices:
             if reason == "unknown":  # the server dropped our entry (or restarted): HELLO, then carry on
                 dev.state, dev.await_seq = "status", dev.next_seq()
                 self._send(dev, json_message(Kind.HELLO, {"id": dev.pid, "secret": dev.secret}, seq=dev.await_seq))
-            elif reason == "busy" and dev.state == "commit":
+            elif reason == "busy" and dev.state in ("commit", "upload"):  # wait as asked, then again
                 ra = r.get("retry_after")
-                pause = float(ra) if isinstance(ra, (int, float)) and 0 < ra <= 60 else 0.1
-                dev.state = "backoff"
-                self._later(dev, min(pause, 0.2) * self._rng.uniform(0.5, 1.5))
+                pause = float(ra) if isinstance(ra, (int, float)) and 0 < ra <= 60 else 0.5
+                dev.state = "backoff" if dev.state == "commit" else "reupload"
+                self._later(dev, pause * self._rng.uniform(0.5, 1.5))
             else:  # the session is over (stale, late, round, busy before the upload, ...)
                 self._idle(dev)
