@@ -328,3 +328,31 @@ def test_buffered_refuses_what_it_cannot_do_yet():
         ServerConfig(mode="buffered", quorum=8, min_updates=8, secure=SecureConfig()).check()
     with pytest.raises(ValueError, match="buffered mode cannot be combined with shards"):
         ServerConfig(mode="buffered", shard=ShardSpec(0, ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2"), 10)).check()
+
+
+def test_central_dp_is_accounted_per_buffer(running):
+    """Each published version is one DP release: its epsilon composes one more event, the same as a
+    CentralDP that released the same number of buffers through fedagg.aggregate."""
+    import fedagg
+    from fedagg.privacy import CentralDP
+
+    d, K = 32, 3
+    kw = dict(noise_multiplier=1.0, clip_norm=1.0, expected_participants=K, seed=5)
+    r = running(d=d, mode="buffered", quorum=K, max_staleness=2, dp=CentralDP(**kw))
+    clients = [Client(r.endpoint, f"p{i}", timeout=20) for i in range(K)]
+    try:
+        for v in range(3):
+            for c in clients:
+                c.submit(np.full(d, 0.01, np.float32), v)
+            wait = time.monotonic() + 10
+            while r.server.round < v + 1 and time.monotonic() < wait:
+                time.sleep(0.02)
+        eps = [rec["privacy"]["epsilon"] for rec in r.server.history]
+        assert len(eps) == 3 and eps[0] < eps[1] < eps[2]
+        ref = CentralDP(**kw)
+        want = [fedagg.aggregate(np.full((K, d), 0.01, np.float32), "mean", dp=ref, return_info=True)[1]
+                .privacy.epsilon for _ in range(3)]
+        np.testing.assert_allclose(eps, want, rtol=1e-9)
+    finally:
+        for c in clients:
+            c.close()
