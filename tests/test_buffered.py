@@ -356,3 +356,29 @@ def test_central_dp_is_accounted_per_buffer(running):
     finally:
         for c in clients:
             c.close()
+
+
+def test_a_waiting_commit_outlives_the_upload_timeout(running):
+    """A COMMIT waiting for the next buffer holds a complete upload: the sweep of silent uploads
+    leaves it alone, however slowly the buffer fills."""
+    d, K = 8, 2
+    r = running(d=d, mode="buffered", quorum=K, max_staleness=4, upload_timeout=1.0)
+    a, b, c = (Client(r.endpoint, pid, timeout=20) for pid in ("a", "b", "c"))
+    try:
+        b.submit(np.ones(d, np.float32), 0)
+        c.submit(np.ones(d, np.float32), 0)  # version 1
+        a.submit(np.ones(d, np.float32), 0)  # in version 1's buffer
+        out = {}
+        t = threading.Thread(target=lambda: out.update(a.submit(np.full(d, 3, np.float32), 1)))
+        t.start()
+        wait = time.monotonic() + 10
+        while "a" not in r.server._parked and time.monotonic() < wait:
+            time.sleep(0.01)
+        time.sleep(2.5)  # more than the upload timeout, with the sweep running each second
+        assert "a" in r.server.uploads and r.server.abandoned_count == 0
+        b.submit(np.ones(d, np.float32), 1)  # version 2: a's waiting COMMIT goes in
+        t.join(20)
+        assert out["version"] == 2 and out["round"] == 1
+    finally:
+        for x in (a, b, c):
+            x.close()

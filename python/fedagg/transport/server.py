@@ -536,12 +536,13 @@ class Server:
             self.buffers.recycle([up.buf])
 
     def _sweep(self, now: float) -> None:
-        """Once a second: uploads that received nothing for upload_timeout are abandoned."""
+        """Once a second: uploads that received nothing for upload_timeout are abandoned (not those whose
+        COMMIT waits for the next buffer: they are complete)."""
         if now - self._swept < 1.0:
             return
         self._swept = now
         for pid, up in list(self.uploads.items()):
-            if now - up.last_chunk > self.cfg.upload_timeout:
+            if now - up.last_chunk > self.cfg.upload_timeout and pid not in self._parked:
                 log.info("upload of %s abandoned: nothing received for %.0f s", pid, now - up.last_chunk,
                          extra={"event": "abandoned", "participant": pid, "round": self.round})
                 self._abandon(pid)
