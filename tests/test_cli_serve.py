@@ -184,3 +184,46 @@ def test_secure_options_reach_the_server_config():
     assert (s.bucket_size, s.clip, s.sigma, s.k, s.max_dropout, s.phase_seconds) == (5, 2.5, 0.1, 4, 0.3, 7.0)
     cfg.check()
     assert _config(cli._parser().parse_args(["serve", "--d", "8"])).secure is None
+
+
+def test_buffered_server_and_simulated_devices_from_the_shell():
+    """The README's two commands, small: fedagg serve --mode buffered and fedagg devices. Every
+    update the devices were told is accepted is in a published version or the open buffer."""
+    p = fedagg_proc("serve", "--d", 1000, "--bind", "tcp://127.0.0.1:0", "--mode", "buffered", "--buffer", 10,
+                    "--max-staleness", 5, "--clip-norm", 1, "--no-progress")
+    try:
+        endpoint = listening(p)
+        args = ["--connect", endpoint, "--n", 40, "--d", 1000, "--seconds", 4, "--idle", 0.2, "--train", 0.1,
+                "--details"]
+        dv = subprocess.run([sys.executable, "-m", "fedagg", "devices", *map(str, args)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+        assert dv.returncode == 0, dv.stderr
+        report = json.loads(dv.stdout)
+        assert report["connected"] == 40 and report["accepted"] > 20 and report["p99_ms"] is not None
+        p.send_signal(signal.SIGTERM)
+        rc, out, err = finish(p)
+        assert rc == 0, err
+        records = [json.loads(line)["round_closed"] for line in out.splitlines() if "round_closed" in line]
+        published = {(pid, r["round"]) for r in records for pid in r["accepted"]}
+        told = {(u["id"], u["version"]) for u in report["updates"]}
+        assert records and published <= told and len(told - published) < 10
+        assert all(len(r["accepted"]) == 10 for r in records)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def test_buffered_options_reach_the_server_config():
+    from fedagg import cli
+    from fedagg.transport.cli import _config
+
+    cfg = _config(cli._parser().parse_args(["serve", "--d", "8", "--mode", "buffered", "--buffer", "7",
+                                            "--max-staleness", "3", "--staleness", "poly:0.5"]))
+    assert (cfg.mode, cfg.quorum, cfg.max_staleness, cfg.staleness) == ("buffered", 7, 3, "poly:0.5")
+    cfg.check()
+    with pytest.raises(ValueError, match="--buffer is the buffer size of --mode buffered"):
+        _config(cli._parser().parse_args(["serve", "--d", "8", "--buffer", "7"]))
+    p = fedagg_proc("serve", "--d", 8, "--bind", "tcp://127.0.0.1:0", "--mode", "buffered", "--staleness", "bogus")
+    rc, out, err = finish(p)
+    assert rc != 0 and "unknown staleness weight 'bogus'" in err and err.count("\n") <= 2
