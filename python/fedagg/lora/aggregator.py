@@ -227,7 +227,6 @@ def _truncate(Bs: np.ndarray, As: np.ndarray, rank: int) -> Tuple[np.ndarray, np
     KA = As @ As.T
     try:  # As of full row rank (the usual case): As = L Q^T with L its Cholesky factor
         L = np.linalg.cholesky(KA)
-        Linv = None
     except np.linalg.LinAlgError:  # rank-deficient (repeated updates): its eigenvectors instead
         L = None
     if L is not None and np.all(np.diag(L) > np.sqrt(max(float(np.max(np.diag(KA))), 0.0)) * 1e-7):
@@ -333,13 +332,13 @@ class LoraAggregator:
             if coef is not None:
                 agg = sum((c * v for c, v in zip(coef, vals)), np.zeros_like(vals[0]))
             else:
-                agg = self._coordinatewise(vals, sel, w)
+                agg = self._coordinatewise(vals, sel)
             if k.endswith(_B):  # the factors' product carries s0; the output's carries self.scaling
                 agg = agg * (s0 / self.scaling)
             out[k] = _like(agg, ref[k])
         return LoraResult(out, info, {layer.name: layer.ranks[0] for layer in layers}, self.scaling)
 
-    def _coordinatewise(self, vals: List[np.ndarray], sel: Optional[np.ndarray], w) -> np.ndarray:
+    def _coordinatewise(self, vals: List[np.ndarray], sel: Optional[np.ndarray]) -> np.ndarray:
         from .. import aggregate
 
         shape = vals[0].shape
@@ -391,7 +390,7 @@ class LoraAggregator:
         for k, raw in dense.items():
             vals = [_to_float64(v, f"update {i}'s {k}") * c for i, (v, c) in enumerate(zip(raw, scale))]
             agg = (sum((c * v for c, v in zip(coef, vals)), np.zeros_like(vals[0])) if coef is not None
-                   else self._coordinatewise(vals, sel, w))
+                   else self._coordinatewise(vals, sel))
             out[k] = _like(np.asarray(agg, dtype=np.float64), ref[k])
         return LoraResult(out, info, ranks, self.scaling, discarded if self.mode == "exact" else {})
 
@@ -403,7 +402,7 @@ class LoraAggregator:
         step = max(1, _ROW_BLOCK // in_dim)
         for r0 in range(0, out_dim, step):
             rows = [cs[i] * (B[i][r0:r0 + step] @ A[i]) for i in range(len(cs))]
-            M[r0:r0 + step] = self._coordinatewise(rows, sel, None)
+            M[r0:r0 + step] = self._coordinatewise(rows, sel)
         return M
 
 

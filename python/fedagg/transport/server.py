@@ -550,8 +550,10 @@ class Server:
     def _get_model(self, rid: bytes, peer: Peer, head) -> None:
         model = self.model if head.round == self.round else self._old_models.get(head.round)
         if model is None:  # (buffered: a download begun before the last versions were published finishes)
-            self._reject(rid, "round", f"the model of round {self.round} is served, not {head.round}",
-                         peer.pid, head.round, record=False, seq=head.seq)
+            served = (f"versions {min(self._old_models, default=self.round)} to {self.round} are served"
+                      if self.buffered else f"the model of round {self.round} is served")
+            self._reject(rid, "round", f"{served}, not {head.round}", peer.pid, head.round, record=False,
+                         seq=head.seq)
             return
         step = self.cfg.chunk_bytes
         if head.offset % step or head.offset >= self.model_bytes:
