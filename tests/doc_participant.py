@@ -207,6 +207,23 @@ def is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def check_rejected(m, reason, seq):
+    """A REJECTED with this reason; its header seq is the refused message's seq."""
+    assert m.kind == REJECTED, m
+    body = m.json()
+    assert body["reason"] == reason, body
+    assert isinstance(body["detail"], str)
+    assert is_int(body["held"]) and body["held"] >= 0
+    assert is_int(body["seq"])
+    assert m.h["seq"] == seq, (m.h, seq)
+    assert body["seq"] == m.h["seq"]
+    return body
+
+
+def raw(update):
+    return np.ascontiguousarray(update, dtype="<f4").tobytes()
+
+
 
 
 # ----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 from doc_participant import ctx  # noqa: F401 - a fixture
 from doc_participant import (ACCEPTED, CHUNK, CHUNK_BYTES, COMMIT, CREDIT, GET_MODEL, MODEL, Peer, RECV_TIMEOUT,
-                            REJECTED, ROUND, STATE, crc32c, is_int, serve_factory, stop_servers)
+                            REJECTED, ROUND, STATE, check_rejected, crc32c, is_int, raw, serve_factory, stop_servers)
 
 CREDITS = 2
 D = 3001  # 12004 bytes: 2 full chunks and a short one, two credit windows
@@ -130,18 +130,6 @@ def check_state(m, *, k, s, spec, lr, d=D, credits=CREDITS):
     return st
 
 
-def check_rejected(m, reason, seq):
-    """A REJECTED with this reason; its header seq is the refused message's seq."""
-    assert m.kind == REJECTED, m
-    body = m.json()
-    assert body["reason"] == reason, body
-    assert isinstance(body["detail"], str)
-    assert is_int(body["held"]) and body["held"] >= 0
-    assert m.h["seq"] == seq, (m.h, seq)
-    assert body["seq"] == m.h["seq"]
-    return body
-
-
 def download(peer, rnd, aux=CREDITS, *, model_bytes=MODEL_BYTES, chunk_bytes=CHUNK_BYTES,
              credits=CREDITS):
     """The model of version rnd through GET_MODEL windows of aux chunks."""
@@ -208,10 +196,6 @@ def settle(peer, timeout=0.3):
     """Let the answers to a refused window's other chunks arrive, and forget them."""
     peer.drain(timeout)
     peer.backlog = [m for m in peer.backlog if m.kind not in (CREDIT, REJECTED)]
-
-
-def raw(update):
-    return np.ascontiguousarray(update, dtype="<f4").tobytes()
 
 
 def wait_version(peer, v, timeout=RECV_TIMEOUT):

@@ -17,8 +17,8 @@ import pytest
 
 from doc_participant import ctx  # noqa: F401 - a fixture
 from doc_participant import (ACCEPTED, CHUNK, CHUNK_BYTES, COMMIT, CREDIT, FIELDS, GET_MODEL, HEADER, HELLO, MODEL,
-                            Peer, RECV_TIMEOUT, REJECTED, ROUND, STATE, STATUS, VERSION, crc32c, is_int,
-                            serve_factory, stop_servers)
+                            Peer, RECV_TIMEOUT, REJECTED, ROUND, STATE, STATUS, VERSION, check_rejected, crc32c,
+                            is_int, raw, serve_factory, stop_servers)
 
 CREDITS = 3
 D = 6001  # 24004 bytes: 5 full chunks and a short one, two credit windows
@@ -78,19 +78,6 @@ def check_previous(prev):
     assert isinstance(prev["model_updated"], bool)
     assert prev["closed_by"] in ("quorum", "deadline")
     assert is_int(prev["accepted"])
-
-
-def check_rejected(m, reason, seq):
-    """A REJECTED with this reason; its header seq is the refused message's seq."""
-    assert m.kind == REJECTED, m
-    body = m.json()
-    assert body["reason"] == reason, body
-    assert isinstance(body["detail"], str)
-    assert is_int(body["held"]) and body["held"] >= 0
-    assert is_int(body["seq"])
-    assert m.h["seq"] == seq, (m.h, seq)
-    assert body["seq"] == m.h["seq"]
-    return body
 
 
 def download(peer, rnd, aux, *, model_bytes=MODEL_BYTES, chunk_bytes=CHUNK_BYTES,
@@ -176,10 +163,6 @@ def full_upload(peer, data, rnd, **kw):
     assert body == {"round": rnd, "id": peer.pid}, body
     assert m.h["round"] == rnd and m.h["session"] == peer.session
     return m
-
-
-def raw(update):
-    return np.ascontiguousarray(update, dtype="<f4").tobytes()
 
 
 def initial_model(seed=0, d=D):

@@ -291,8 +291,8 @@ class Server:
                 common.update(buffer=self.cfg.quorum, max_staleness=self.cfg.max_staleness,
                               staleness=self.cfg.staleness)
             self._state_cache = (key, json.dumps(common, separators=(",", ":")).encode()[:-1])
-        own = {"held": self._held(pid), "accepted": pid in self.accepted and pid not in self._deferred if pid else False,
-               "excluded": self.excluded.get(pid) if pid else None}
+        own = {"held": self._held(pid), "excluded": self.excluded.get(pid) if pid else None,
+               "accepted": pid in self.accepted and pid not in self._deferred if pid else False}
         if self.buffered:
             own["last_base"] = self.last_base.get(pid) if pid else None
         return self._state_cache[1] + b"," + json.dumps(own, separators=(",", ":")).encode()[1:]
