@@ -382,3 +382,30 @@ def test_a_waiting_commit_outlives_the_upload_timeout(running):
     finally:
         for x in (a, b, c):
             x.close()
+
+
+def test_new_uploads_are_refused_busy_while_a_whole_buffer_waits():
+    """Overload: with K complete updates waiting for the next buffer, a new upload is told `busy` at
+    its first chunk (nothing held) rather than queued behind them. Driven message by message on a
+    server that is not serving (its loop would hand the full buffer's COMMITs on at once)."""
+    from fedagg.transport import Server
+    from fedagg.transport.protocol import json_message
+
+    d, K = 8, 2
+    server = Server(np.zeros(d, np.float32), ServerConfig(bind="tcp://127.0.0.1:0", mode="buffered", quorum=K))
+    try:
+        def send(k, frames):
+            server._handle([zmq.Frame(bytes([0, 1, 2, 3, k]))] + [zmq.Frame(bytes(f)) for f in frames])
+
+        one = np.ones(d, np.float32).view(np.uint8)
+        for k in range(5):
+            send(k, json_message(Kind.HELLO, {"id": f"p{k}"}, seq=1))
+        for k in range(4):  # p0, p1 fill the buffer (their COMMITs in the commit threads); p2, p3 wait
+            send(k, message(Kind.CHUNK, one, round=0, offset=0, total=4 * d, seq=2, dtype=1, session=server.session))
+            send(k, message(Kind.COMMIT, b"", round=0, total=4 * d, seq=3, session=server.session))
+        assert sorted(server.committing) == ["p0", "p1"] and list(server._parked) == ["p2", "p3"]
+        send(4, message(Kind.CHUNK, one, round=0, offset=0, total=4 * d, seq=2, dtype=1, session=server.session))
+        assert "p4" not in server.uploads and server.rejected_counts == {"busy": 1}
+        assert sorted(server.uploads) == ["p2", "p3"]  # the waiting ones keep their bytes
+    finally:
+        server.close()

@@ -641,6 +641,10 @@ class Server:
             if inflight >= self.cfg.max_inflight:
                 self._busy(rid, pid, head, f"{inflight} uploads in flight, max_inflight {self.cfg.max_inflight}")
                 return
+            if self.buffered and len(self._parked) >= self.cfg.quorum:  # a whole next buffer waits already:
+                # more would only wait longer and grow staler (overload: shed it here, before it is held)
+                self._busy(rid, pid, head, f"{len(self._parked)} complete updates wait for the next buffer")
+                return
             if not self.buffers.room(need):
                 self._busy(rid, pid, head, f"receive memory full: {self.buffers.held} of {self.buffers.budget} bytes "
                            f"held by {len(self.uploads)} uploads and {len(self.accepted)} accepted updates")
