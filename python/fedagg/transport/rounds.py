@@ -50,6 +50,7 @@ class Job:
     base: Optional[int] = None  # buffered mode: the model version the update was computed on
     staleness: int = 0  # buffered mode: versions published since `base` when it was committed
     scale: float = 1.0  # buffered mode: its staleness weight; the round takes scale * update
+    committed: float = 0.0  # when its COMMIT arrived (the first time, for one that waited for its buffer)
 
 
 def is_foldable(rule: str, rule_params: Dict[str, Any]) -> bool:

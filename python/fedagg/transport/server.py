@@ -136,7 +136,8 @@ class Server:
         self.committer = GroupCommit(self._apply, self._snapshot)
         self._upload_seconds = 1.0  # running mean of an upload's duration (for busy's retry_after)
         self._first_byte = self._last_byte = 0.0  # when the round's first and last chunks arrived
-        self._deferred: Dict[str, tuple] = {}  # id -> (routing id, ACCEPTED's body): durable once the close is written
+        self._deferred: Dict[str, tuple] = {}  # id -> (routing id, ACCEPTED's body, COMMIT's time): durable at the close
+        self._latencies: List[float] = []  # seconds from each COMMIT's arrival to its ACCEPTED, this round
         self.uploads: Dict[str, Upload] = {}
         self.abandoned: Dict[str, None] = {}  # uploads given up this round (the first MAX_REJECTED_LISTED ids)
         self.abandoned_count = 0
@@ -709,7 +710,8 @@ class Server:
                      seq=head.seq)
         return True
 
-    def _commit(self, rid: bytes, peer: Peer, head, body=b"") -> None:
+    def _commit(self, rid: bytes, peer: Peer, head, body=b"", first: Optional[float] = None) -> None:
+        """A COMMIT (`first`: when it first arrived, for one that waited for its buffer)."""
         pid = peer.pid
         if self._off_version(rid, pid, head):
             return
@@ -724,7 +726,9 @@ class Server:
         if self.buffered and (pid in self.accepted or len(self.accepted) + len(self.committing) >= self.cfg.quorum):
             # the buffer is full, or holds this participant's previous update (one row per participant per
             # buffer): the COMMIT waits, its bytes held, and is taken up again when the next buffer opens
-            self._parked[pid] = (rid, peer, head, body)  # a resent COMMIT keeps its place
+            waiting = self._parked.get(pid)  # a resent COMMIT keeps its place and its arrival time
+            self._parked[pid] = (rid, peer, head, body,
+                                 waiting[4] if waiting else first if first is not None else time.monotonic())
             return
         if pid in self.accepted:
             self._reject(rid, "duplicate", "an update of this participant is already in the round", pid,
@@ -770,7 +774,8 @@ class Server:
             weight = float(self.gate.weights([peer.address])[0])
         # Decoding, the fold (or keeping the update) and the disk happen in the commit threads;
         # ACCEPTED goes out when it hands the job back (_acknowledge).
-        job = Job(pid, rid, peer.address or pid, weight, up, seq=head.seq, started=up.started)
+        job = Job(pid, rid, peer.address or pid, weight, up, seq=head.seq, started=up.started,
+                  committed=time.monotonic() if first is None else first)
         if self.buffered:
             job.base, job.staleness = head.round, self.round - head.round
             job.scale = float(self.weigh(job.staleness))
@@ -830,8 +835,10 @@ class Server:
             self._ack_deferred(self.round)
 
     def _ack_deferred(self, rnd: int) -> None:
-        for rid, body in self._deferred.values():
+        now = time.monotonic()
+        for rid, body, committed in self._deferred.values():
             self._send(rid, json_message(Kind.ACCEPTED, body, round=rnd, session=self.session))
+            self._latencies.append(now - committed)
         self._deferred = {}
 
     def _acknowledge(self, jobs: List[Job]) -> None:
@@ -856,8 +863,9 @@ class Server:
                 self._note_base(job.pid, job.base)
                 body.update(round=job.base, version=self.round, staleness=job.staleness, scale=job.scale)
             if job.deferred:  # durable with the round's close: ACCEPTED then (_ack_deferred)
-                self._deferred[job.pid] = (job.rid, body)
+                self._deferred[job.pid] = (job.rid, body, job.committed)
                 continue
+            self._latencies.append(now - job.committed)
             if self._throttle.allow("accepted", now) is not None:
                 log.info("accepted %s (%d this round)", job.pid, len(self.accepted),
                          extra={"event": "accepted", "participant": job.pid, "round": self.round})
@@ -1158,6 +1166,7 @@ class Server:
                 "abandoned_uploads": sorted(set(self.abandoned) | set(self._ending_uploads()[:MAX_REJECTED_LISTED])),
                 "privacy": None, "rejected_counts": dict(self.rejected_counts), "messages": dict(self.messages),
                 "failed": failed, "device": self.device.name, "last_byte_to_model_seconds": None, "receive_seconds": None,
+                "accepted_latency_ms": _percentiles(self._latencies),
                 "model_updated": failed is None}
 
     def _ending_uploads(self) -> List[str]:
@@ -1196,6 +1205,7 @@ class Server:
         else:
             self._model_crcs = {}
         self.rejected, self.rejected_counts, self.abandoned, self.abandoned_count = [], {}, {}, 0
+        self._latencies = []
         self.messages = {}
         self.bytes_in = 0
         self._first_byte = self._last_byte = 0.0
@@ -1208,13 +1218,22 @@ class Server:
             self._start_secure_round()
         if self.buffered:  # no broadcast: participants ask for versions when they want one (STATUS)
             parked, self._parked = self._parked, {}
-            for rid, peer, head, body in parked.values():  # in arrival order; a full buffer parks the rest again
-                self._commit(rid, peer, head, body)
+            for rid, peer, head, body, first in parked.values():  # in arrival order; a full buffer parks again
+                self._commit(rid, peer, head, body, first)
             return
         note = json_message(Kind.ROUND, {"round": self.round, "previous": self.previous}, round=self.round,
                             session=self.session)
         for peer in self.peers:
             self._send(peer.routing_id, note)
+
+
+def _percentiles(seconds: List[float]) -> Optional[Dict[str, float]]:
+    """p50, p99 and max of `seconds`, in milliseconds, and how many (None if none)."""
+    if not seconds:
+        return None
+    ms = np.asarray(seconds) * 1e3
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "max": float(ms.max()),
+            "n": int(ms.size)}
 
 
 def _scores(info, n: int) -> List[int]:
