@@ -113,6 +113,8 @@ def test_buffered_mean_equals_fedbuff_reference(running, staleness):
             assert rec["bases"] == [b for _, b, _, _ in buf]
             assert rec["staleness"] == [s for _, _, s, _ in buf]
             np.testing.assert_allclose(rec["scales"], [WEIGHTS[staleness](s) for _, _, s, _ in buf], rtol=1e-15)
+            lat = rec["accepted_latency_ms"]  # every ACCEPTED of the version, COMMIT to answer, at the server
+            assert lat["n"] == K and 0 <= lat["p50"] <= lat["p99"] <= lat["max"] < 20_000
     finally:
         fleet.close()
 

@@ -136,8 +136,10 @@ class Server:
         self.committer = GroupCommit(self._apply, self._snapshot)
         self._upload_seconds = 1.0  # running mean of an upload's duration (for busy's retry_after)
         self._first_byte = self._last_byte = 0.0  # when the round's first and last chunks arrived
-        self._deferred: Dict[str, tuple] = {}  # id -> (routing id, ACCEPTED's body, COMMIT's time): durable at the close
-        self._latencies: List[float] = []  # seconds from each COMMIT's arrival to its ACCEPTED, this round
+        self._deferred: Dict[str, tuple] = {}  # id -> (routing id, ACCEPTED's body): durable once the close is written
+        # seconds from each COMMIT's arrival to its update's acceptance, this round (its ACCEPTED goes
+        # out then, or for the updates that complete a round once the close is on disk)
+        self._latencies: List[float] = []
         self.uploads: Dict[str, Upload] = {}
         self.abandoned: Dict[str, None] = {}  # uploads given up this round (the first MAX_REJECTED_LISTED ids)
         self.abandoned_count = 0
@@ -835,10 +837,8 @@ class Server:
             self._ack_deferred(self.round)
 
     def _ack_deferred(self, rnd: int) -> None:
-        now = time.monotonic()
-        for rid, body, committed in self._deferred.values():
+        for rid, body in self._deferred.values():
             self._send(rid, json_message(Kind.ACCEPTED, body, round=rnd, session=self.session))
-            self._latencies.append(now - committed)
         self._deferred = {}
 
     def _acknowledge(self, jobs: List[Job]) -> None:
@@ -862,10 +862,10 @@ class Server:
             if job.base is not None:  # buffered: the version it was computed on, and how it counts
                 self._note_base(job.pid, job.base)
                 body.update(round=job.base, version=self.round, staleness=job.staleness, scale=job.scale)
-            if job.deferred:  # durable with the round's close: ACCEPTED then (_ack_deferred)
-                self._deferred[job.pid] = (job.rid, body, job.committed)
-                continue
             self._latencies.append(now - job.committed)
+            if job.deferred:  # durable with the round's close: ACCEPTED then (_ack_deferred)
+                self._deferred[job.pid] = (job.rid, body)
+                continue
             if self._throttle.allow("accepted", now) is not None:
                 log.info("accepted %s (%d this round)", job.pid, len(self.accepted),
                          extra={"event": "accepted", "participant": job.pid, "round": self.round})
