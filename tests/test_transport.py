@@ -606,6 +606,8 @@ def test_untrusted_json_bounds():
     with pytest.raises(_json.UntrustedJSONError, match="deeper than 32"):
         _json.loads(b"[" * 33 + b"]" * 33, 1000)
     assert _json.loads(b"[" * 32 + b"]" * 32, 1000)
+    # brackets inside strings count toward the quick bound but not the depth
+    assert _json.loads(b'{"a": "' + b"[{" * 40 + b'"}', 1000) == {"a": "[{" * 40}
     with pytest.raises(_json.UntrustedJSONError, match="at most 10"):
         _json.loads(b"[1,2,3,4,5,6]", 10)
     for bad in (b"\xff", b"{", b"1" * 5000):

@@ -44,7 +44,9 @@ def loads(data: bytes, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:
         raise UntrustedJSONError(f"{len(data)} bytes of JSON, at most {max_bytes}")
     try:
         text = bytes(data).decode("utf-8")
-        if _depth(text) > max_depth:
+        # every opening bracket, quoted or not, bounds the depth from above: the character scan
+        # runs only for text that could be too deep (a control message has a handful)
+        if text.count("[") + text.count("{") > max_depth and _depth(text) > max_depth:
             raise UntrustedJSONError(f"JSON nested deeper than {max_depth} levels")
         return json.loads(text)
     except UntrustedJSONError:
