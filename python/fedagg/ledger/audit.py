@@ -26,7 +26,6 @@ server gave (``left_out``).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
@@ -118,12 +117,24 @@ def audit_round(chain, folder, *, recompute: bool = True) -> AuditReport:
             "the recorded Merkle root is not the root of the bundle's leaves")
 
     snapshot = chain.snapshot(addrs) if addrs else {}
+    run, policy = manifest.get("run", {}), manifest.get("policy", {})
+    buffered = run.get("mode") == "buffered"
+    weigh = _staleness(rep, run, rnd) if buffered else None
     rep.checks["reveals"] = rep.checks["evidence"] = True
     rows: Dict[str, bytes] = {}
     for e, a in zip(leaves, addrs):
         code = int(e["code"])
         if code in (merkle.AGGREGATED, merkle.EXCLUDED):
             digest = bytes.fromhex(e["update_sha256"])
+            base = None
+            if buffered:  # the version it was computed on is in its hash: the staleness weight must follow
+                base, scale = e.get("base"), e.get("scale")
+                if not (isinstance(base, int) and weigh is not None
+                        and rnd - int(run.get("max_staleness", 0)) <= base <= rnd and scale == weigh(rnd - base)):
+                    rep.fail("staleness", f"{a}: computed on version {base!r}, weighed {scale!r} in version {rnd}: "
+                             f"not what staleness {run.get('staleness')!r} with max_staleness "
+                             f"{run.get('max_staleness')!r} gives")
+                    base = None if not isinstance(base, int) or not 0 <= base < 1 << 64 else base
             if crypto.commitment(key, a, digest) != on_chain.get(a):
                 rep.fail("reveals", f"{a}: the update aggregated is not the one it committed")
             if manifest.get("updates_kept"):
@@ -131,7 +142,7 @@ def audit_round(chain, folder, *, recompute: bool = True) -> AuditReport:
                 data = path.read_bytes() if path.is_file() else None
                 if data is None:
                     rep.fail("reveals", f"{a}: its update is missing from the bundle")
-                elif hashlib.sha256(data).digest() != digest:
+                elif crypto.update_hash(data, base) != digest:
                     rep.fail("reveals", f"{a}: its update's bytes do not match its commitment")
                 else:
                     rows[a] = data
@@ -148,14 +159,26 @@ def audit_round(chain, folder, *, recompute: bool = True) -> AuditReport:
             if not good:
                 rep.fail("evidence", f"{a}: marked as contradicting its commitment without valid evidence")
 
-    run, policy = manifest.get("run", {}), manifest.get("policy", {})
     _expect(rep, "policy", not policy.get("rule") or (run.get("rule") == policy["rule"] and
                                                       int(run.get("f", 0)) == int(policy.get("f", 0))),
             f"the server ran {run.get('rule')!r} with f = {run.get('f')}; the chain's policy says "
             f"{policy.get('rule')!r} with f = {policy.get('f')}")
-    if recompute and manifest.get("updates_kept") and rep.checks["reveals"]:
+    if recompute and manifest.get("updates_kept") and rep.checks["reveals"] and rep.checks.get("staleness", True):
         _recompute(rep, manifest, prev, model, rows, leaves)
     return rep
+
+
+def _staleness(rep: AuditReport, run, rnd: int):
+    """A buffered round's staleness weight function (None, and a failed check, if the manifest's is unknown)."""
+    from ..transport.staleness import staleness_weight
+
+    try:
+        weigh = staleness_weight(run.get("staleness"))
+    except (TypeError, ValueError) as e:
+        rep.fail("staleness", f"the round's staleness weight is unknown: {e}")
+        return None
+    rep.checks.setdefault("staleness", True)
+    return weigh
 
 
 def _expect(rep: AuditReport, check: str, ok: bool, why: str) -> None:
@@ -189,14 +212,16 @@ def _recompute(rep: AuditReport, manifest, prev, model, rows, leaves) -> None:
         return
     d = int(manifest["d"])
     stack = np.stack([_decode(rows[a], by[a].get("encoding", "float32"), d) for a in order])
+    scales = np.array([float(by[a].get("scale", 1.0)) for a in order])
     kw = dict(run.get("rule_params") or {})
     if run.get("clip_norm") is not None:
         kw["clip_norm"] = float(run["clip_norm"])
     if run.get("stake_weighted"):
         kw["weights"] = np.array([float(by[a]["weight"]) for a in order])
     if run.get("streamed_mean"):
-        agg = _streamed_mean(stack, kw.get("weights"), kw.get("clip_norm"))
+        agg = _streamed_mean(stack, kw.get("weights"), kw.get("clip_norm"), scales)
     else:
+        stack *= scales.astype(np.float32)[:, None]  # a buffered server's rows: scale * update, in float32
         agg = np.asarray(aggregate(stack, run["rule"], int(run.get("f", 0)), **kw), dtype=np.float32)
     lr = np.float32(run.get("server_lr", 1.0))
     with np.errstate(over="ignore", invalid="ignore"):
@@ -215,17 +240,19 @@ def _recompute(rep: AuditReport, manifest, prev, model, rows, leaves) -> None:
         rep.fail("model", f"the recorded model is not what the rule gives on the updates (max difference {err:.3g})")
 
 
-def _streamed_mean(stack: np.ndarray, weights, clip_norm) -> np.ndarray:
-    """The server's streaming mean (transport/rounds.py MeanFold): acc += (w_i s_i) * x_i in float64,
-    in aggregation order, each product rounded; then acc / sum(w) as float32."""
+def _streamed_mean(stack: np.ndarray, weights, clip_norm, scales) -> np.ndarray:
+    """The server's streaming mean (transport/rounds.py MeanFold): acc += (w_i k_i s_i) * x_i in
+    float64, in aggregation order, each product rounded (k_i: a buffered server's staleness scale,
+    s_i: the clip of k_i x_i); then acc / sum(w) as float32."""
     w = np.ones(len(stack)) if weights is None else np.asarray(weights, dtype=np.float64)
     acc = np.zeros(stack.shape[1], dtype=np.float64)
-    for x, wi in zip(stack, w):
+    for x, wi, k in zip(stack, w, scales):
         x64 = x.astype(np.float64)
         s = 1.0
         if clip_norm is not None:
-            s = min(1.0, float(clip_norm) / max(float(np.sqrt(np.dot(x64, x64))), np.finfo(np.float64).tiny))
-        acc += np.float64(wi * s) * x64
+            norm = k * float(np.sqrt(np.dot(x64, x64)))
+            s = min(1.0, float(clip_norm) / max(norm, np.finfo(np.float64).tiny))
+        acc += np.float64(wi * k * s) * x64
     return (acc / float(np.sum(w))).astype(np.float32)
 
 

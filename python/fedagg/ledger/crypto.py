@@ -1,6 +1,9 @@
 """Hashes, commitments and Ed25519 signatures of updates (PyNaCl).
 
-    update_hash = SHA-256(update bytes)
+    update_hash = SHA-256(update bytes)                       (synchronous rounds)
+                  SHA-256(b"fedagg-base" | base as uint64 | update bytes)
+                                                          (buffered servers: `base` is the model
+                                                           version the update was computed on)
     round_key   = session << 64 | round   (the round's id on chain)
     commitment  = keccak256(round_key as uint256 | participant address (20 bytes) | update_hash)
     signature   = Ed25519 over b"fedagg-update" | chain id as uint256 | registry address (20 bytes)
@@ -22,18 +25,34 @@ from typing import Any, Tuple
 import numpy as np
 
 DOMAIN = b"fedagg-update"
+BASE_DOMAIN = b"fedagg-base"
 
 
-def update_hash(update: Any) -> bytes:
+def base_prefix(base: int) -> bytes:
+    """What a buffered server's update hash starts with: the version the update was computed on,
+    so the commitment fixes the staleness the update is weighed by (the aggregator cannot change it)."""
+    if not 0 <= int(base) < 1 << 64:
+        raise ValueError(f"a model version is an integer in [0, 2**64), got {base!r}")
+    return BASE_DOMAIN + int(base).to_bytes(8, "big")
+
+
+def hasher(base=None):
+    """A SHA-256 object fed what precedes the update's bytes (nothing, or base_prefix(base))."""
+    return hashlib.sha256(b"" if base is None else base_prefix(base))
+
+
+def update_hash(update: Any, base=None) -> bytes:
     """SHA-256 of the bytes uploaded: a float32 array's, a compress.Payload's frames as packed for
-    the wire, or any buffer's."""
+    the wire, or any buffer's; for a buffered server, preceded by base_prefix(base)."""
     if hasattr(update, "to_frames"):  # a fedagg.compress.Payload travels as its packed frames
         from ..transport.protocol import pack_frames
 
         update = pack_frames(update.to_frames())
     if isinstance(update, np.ndarray):
         update = np.ascontiguousarray(update)
-    return hashlib.sha256(memoryview(update).cast("B")).digest()
+    h = hasher(base)
+    h.update(memoryview(update).cast("B"))
+    return h.digest()
 
 
 def _address(address: str) -> bytes:

@@ -128,6 +128,10 @@ class LedgerGate:
         got = self._timed(lambda: self.chain.commitments(self.key, eligible), "commitments")
         return len(got) == len(eligible)
 
+    def commit_count(self) -> int:
+        """How many participants committed in this round so far (one view call)."""
+        return int(self._timed(lambda: self.chain.commit_count(self.key), "commit_count"))
+
     def close_commits(self) -> None:
         """End the commit window and read every commitment in one batched call: the contract takes
         none after this, so the set is final."""
@@ -189,11 +193,14 @@ class LedgerGate:
 
         accepted: the aggregated participants in aggregation order; scores: their weight in the
         aggregate x SCORE_SCALE; run: how the server aggregated (rule, f, rule_params, clip_norm,
-        server_lr, dp, privacy, weights). Returns {"bundle": folder or None, "bundle_hash": hex}."""
+        server_lr, dp, privacy, weights; a buffered server: mode, staleness, max_staleness and each
+        update's base version and staleness scale, in `accepted`'s order). Returns {"bundle": folder
+        or None, "bundle_hash": hex}."""
         accepted = [_checksum(a) for a in accepted]
         excluded = {_checksum(a) for a in excluded_by_rule}
         score = dict(zip(accepted, (int(s) for s in scores)))
         weight = dict(zip(accepted, (float(w) for w in run.get("weights") or [1.0] * len(accepted))))
+        per_update = {k: dict(zip(accepted, run[k])) for k in ("bases", "scales") if run.get(k) is not None}
         committed = dict(self.commitments or {})
         leaves, listing = [], []
         for a in sorted(committed, key=lambda x: int(x, 16)):
@@ -207,6 +214,8 @@ class LedgerGate:
             if a in score:
                 entry.update(update_sha256=self.revealed[a].hex(), score=score[a], weight=weight[a],
                              encoding=self.encodings.get(a, "float32"))
+                if per_update:  # buffered: the version it was computed on (in its hash) and its weight
+                    entry.update(base=int(per_update["bases"][a]), scale=float(per_update["scales"][a]))
             else:
                 entry["refusal"] = self.refusals.get(a, {"reason": "never revealed", "detail": ""})
             leaves.append(entry)
@@ -226,7 +235,8 @@ class LedgerGate:
             "policy": {"rule": self.policy.rule, "f": self.policy.f, "epsilon_micro": self.policy.epsilon_micro,
                        "min_stake": str(self.policy.min_stake), "aggregator": self.policy.aggregator,
                        "max_slash_bps": self.policy.max_slash_bps},
-            "run": {k: v for k, v in run.items() if k != "weights"}, "updates_kept": self.keep_updates,
+            "run": {k: v for k, v in run.items() if k not in ("weights", "bases", "scales")},
+            "updates_kept": self.keep_updates,
         }
         digest = bundle.bundle_hash(manifest)
         self._timed(lambda: self.chain.record_round(self.key, model_hash(model), model_hash(prev_model), root,
@@ -255,16 +265,18 @@ class LedgerParticipant:
     def register(self, stake: int) -> None:
         self.chain.register(self.account, self.public, stake)
 
-    def commit(self, rnd: int, update: Any, *, session: int) -> bytes:
+    def commit(self, rnd: int, update: Any, *, session: int, base: Optional[int] = None) -> bytes:
         """Commit the update's hash for round `rnd` of server session `session` (``Client.state
-        ["session"]``); returns the signature to send with it (bound to the session and round)."""
-        digest = crypto.update_hash(update)
+        ["session"]``); returns the signature to send with it (bound to the session and round).
+        A buffered server's round is the model version being built, and `base` the version the
+        update was computed on (its hash covers it)."""
+        digest = crypto.update_hash(update, base)
         key = crypto.round_key(session, rnd)
         self.chain.commit(self.account, key, crypto.commitment(key, self.account, digest))
         return crypto.sign(self.secret, rnd, digest, session=session, domain=self.chain.signing_domain())
 
-    def sign(self, rnd: int, update: Any, *, session: int) -> bytes:
-        return crypto.sign(self.secret, rnd, crypto.update_hash(update), session=session,
+    def sign(self, rnd: int, update: Any, *, session: int, base: Optional[int] = None) -> bytes:
+        return crypto.sign(self.secret, rnd, crypto.update_hash(update, base), session=session,
                            domain=self.chain.signing_domain())
 
     def window_closed(self, rnd: int, *, session: int) -> bool:
@@ -272,15 +284,18 @@ class LedgerParticipant:
         deadline = self.chain.deadline(crypto.round_key(session, rnd))
         return deadline != 0 and self.chain.block_number() > deadline
 
-    def submit(self, client, update: Any, rnd: int, *, timeout: float = 120.0, poll: float = 0.2) -> Dict[str, Any]:
+    def submit(self, client, update: Any, rnd: int, *, base: Optional[int] = None, timeout: float = 120.0,
+               poll: float = 0.2) -> Dict[str, Any]:
         """The whole participant side of a ledger round on a connected fedagg.transport.Client:
         commit on chain, wait until the chain (never the server's word alone) shows the commit
-        window closed, then upload the update signed. Raises LedgerError when the window does not
-        close on chain within `timeout` seconds (the update is not revealed)."""
+        window closed, then upload the update signed. A buffered server: `rnd` is the version being
+        built (STATE's round in its commit phase), `base` the version the update was computed on.
+        Raises LedgerError when the window does not close on chain within `timeout` seconds (the
+        update is not revealed)."""
         session = int(client.state["session"])
-        signature = self.commit(rnd, update, session=session)
+        signature = self.commit(rnd, update, session=session, base=base)
         self.wait_window_closed(rnd, session=session, timeout=timeout, poll=poll)
-        return client.submit(update, rnd, signature=signature)
+        return client.submit(update, rnd if base is None else base, signature=signature)
 
     def wait_window_closed(self, rnd: int, *, session: int, timeout: float = 120.0, poll: float = 0.2) -> None:
         """Return once the chain shows round `rnd`'s commit window closed; LedgerError after `timeout` s."""

@@ -116,7 +116,10 @@ class ServerConfig:
     # "sync": rounds (every participant on the same model); "buffered": FedBuff, asynchronous. A
     # buffered server takes updates computed on any of the last max_staleness + 1 model versions,
     # each weighted by `staleness` (transport/staleness.py), and publishes a new version every
-    # `quorum` (K) accepted updates; deadline and min_updates do not apply.
+    # `quorum` (K) accepted updates; deadline and min_updates do not apply. With a ledger, each
+    # version opens a commit window that closes at K commitments (or after the gate's
+    # commit_seconds with min_updates), and the version takes every committed reveal, closing
+    # at the deadline (from the window's close) with >= min_updates.
     mode: str = "sync"
     max_staleness: int = 10
     staleness: str = "sqrt"
@@ -185,20 +188,19 @@ class ServerConfig:
             self.dp.check_weights(self.rule, None)
 
     def _check_buffered(self) -> int:
-        """What buffered mode cannot be combined with (yet); returns the buffer size K (every buffer's)."""
+        """What buffered mode cannot be combined with (yet); returns the fewest updates a version takes."""
         from .staleness import staleness_weight
 
         if not (isinstance(self.max_staleness, int) and not isinstance(self.max_staleness, bool)
                 and self.max_staleness >= 0):
             raise ValueError(f"max_staleness must be an integer >= 0 (model versions), got {self.max_staleness!r}")
         staleness_weight(self.staleness)
-        refused = [(self.ledger is not None, "a ledger (its commitments are tied to rounds, not model versions)"),
-                   (self.secure is not None, "secure rounds (SecAgg+ needs every member of a bucket at once)"),
+        refused = [(self.secure is not None, "secure rounds (SecAgg+ needs every member of a bucket at once)"),
                    (self.shard is not None, "shards (the shards agree on rounds, not on a stream of versions)")]
         for bad, what in refused:
             if bad:
                 raise ValueError(f"buffered mode cannot be combined with {what}")
-        return self.quorum
+        return self.quorum if self.ledger is None else self.min_updates
 
     def _check_secure(self) -> int:
         """What secure rounds cannot be combined with (yet), said plainly; returns the fewest buckets."""

@@ -20,7 +20,6 @@ See docs/protocol.md for the messages.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -155,6 +154,7 @@ class Server:
         self.phase = "join" if config.secure is not None else "upload"
         self.secure: Optional[SecureRound] = None  # the secure round in progress (config.secure)
         self._commit_poll = 0.0  # when to next ask the chain whether everyone has committed
+        self._upload_opened = 0.0  # when the commit window closed (a buffered ledger server's deadline counts from it)
         self.history: "deque[Dict[str, Any]]" = deque(maxlen=MAX_HISTORY)  # the latest rounds' records
         self.rounds_done = 0
         self.previous: Optional[Dict[str, Any]] = None  # how the last round closed (STATE, ROUND)
@@ -317,7 +317,8 @@ class Server:
             self.rejected.append({"id": pid, "reason": reason, "detail": detail, "round": rnd})
         if record and self.gate is not None and pid is not None:  # the round's bundle names each refusal
             peer = self.peers.of(pid)
-            if peer is not None and peer.address and (rnd is None or rnd == self.round):
+            # (a buffered server's refusals are all its current version's: that is the key they committed under)
+            if peer is not None and peer.address and (rnd is None or rnd == self.round or self.buffered):
                 self.gate.refused(peer.address, reason, detail)
         body = {"reason": reason, "detail": detail, "held": self._held(pid), "seq": seq}
         if retry_after is not None:
@@ -657,8 +658,10 @@ class Server:
             else:
                 buf = self.buffers.take_bytes(head.total, need)
             up = self.uploads[pid] = Upload(head.codec, buf, head.total, need, peer.secret, base=head.round)
-            if self.gate is not None:
-                up.sha256 = hashlib.sha256()
+            if self.gate is not None:  # a buffered server's hash covers the version it was computed on
+                from ..ledger.crypto import hasher
+
+                up.sha256 = hasher(head.round if self.buffered else None)
         if head.offset != up.received:
             self._reject(rid, "order", f"expected offset {up.received}, got {head.offset}", pid, head.round,
                          record=False, seq=head.seq)
@@ -725,7 +728,8 @@ class Server:
                          f"{self.last_base[pid]} is accepted already (one update per participant per version)",
                          pid, head.round, seq=head.seq)
             return
-        if self.buffered and (pid in self.accepted or len(self.accepted) + len(self.committing) >= self.cfg.quorum):
+        if (self.buffered and self.gate is None
+                and (pid in self.accepted or len(self.accepted) + len(self.committing) >= self.cfg.quorum)):
             # the buffer is full, or holds this participant's previous update (one row per participant per
             # buffer): the COMMIT waits, its bytes held, and is taken up again when the next buffer opens
             waiting = self._parked.get(pid)  # a resent COMMIT keeps its place and its arrival time
@@ -927,16 +931,20 @@ class Server:
                 return
             self._commit_poll = now + self.gate.poll_seconds
             done = now - self.round_started >= self.gate.commit_seconds
-            if not done:  # everyone committed: no need to wait the window out
-                try:
+            try:
+                if self.buffered:  # a buffer's worth of commitments closes the window; the timer, min_updates
+                    count = self.gate.commit_count()
+                    done = count >= self.cfg.quorum or (done and count >= self.cfg.min_updates)
+                elif not done:  # everyone committed: no need to wait the window out
                     done = self.gate.all_committed()
-                except Exception as e:  # noqa: BLE001 - the chain hiccuped: the timer still ends the phase
-                    log.warning("round %d: reading the commitments failed: %s", self.round, e,
-                                extra={"event": "ledger_error", "round": self.round})
+            except Exception as e:  # noqa: BLE001 - the chain hiccuped: the timer still ends the phase
+                log.warning("round %d: reading the commitments failed: %s", self.round, e,
+                            extra={"event": "ledger_error", "round": self.round})
             if done:
                 try:
                     self.gate.close_commits()
                     self.phase = "upload"
+                    self._upload_opened = now
                     log.info("round %d: commit phase over, %d commitments", self.round,
                              len(self.gate.commitments or {}), extra={"event": "upload_phase", "round": self.round})
                 except Exception as e:  # noqa: BLE001 - try again, after a pause
@@ -952,14 +960,19 @@ class Server:
                 return
             self._next_tick = now + self.shard.tick
         self._sweep(now)
-        late = not self.buffered and now - self.round_started >= self.cfg.deadline
-        if self.committing and (late or len(self.accepted) + len(self.committing) >= self.cfg.quorum):
+        quorum, late = self.cfg.quorum, not self.buffered and now - self.round_started >= self.cfg.deadline
+        if self.buffered and self.gate is not None:
+            # a version takes the reveals of those that committed in its window (every one of them,
+            # even past K: each is bound to this version's key), until the deadline from the window's close
+            quorum = max(1, len(self.gate.commitments or {}))
+            late = now - self._upload_opened >= self.cfg.deadline
+        if self.committing and (late or len(self.accepted) + len(self.committing) >= quorum):
             # COMMITs in the commit threads belong to the round: the ones not yet durable become
             # durable with the close's write (a snapshot being written for them is given up)
             self._acknowledge(self.committer.settle())
         view = {"round": self.round, "accepted": list(self.accepted), "late": late, "stop": self._want_stop}
         views = [view] if self.group is None else self.group.gather(view)
-        decision = decide(views, self.cfg.quorum, self.cfg.min_updates, self._failed_at)
+        decision = decide(views, quorum, self.cfg.min_updates, self._failed_at)
         if decision.action == "stop":
             self._stop = True
             return
@@ -1034,8 +1047,9 @@ class Server:
             if failed is None:
                 address_of = dict(zip(ids, addresses))
                 try:
+                    run = self._run(info, weights, record.get("bases"), record.get("scales"))
                     published = self.gate.record(self.model, prev_model, addresses, scores,
-                                                 [address_of[i] for i in set(excluded)], self._run(info, weights))
+                                                 [address_of[i] for i in set(excluded)], run)
                 except Exception as e:  # noqa: BLE001 - the round stands; its record is missing and says so
                     record["ledger_error"] = str(e)
                     log.error("round %d: recording on the ledger failed: %s", self.round, e,
@@ -1124,7 +1138,7 @@ class Server:
                                    for b, m in enumerate(out.members)]})
         self._next_round(record)
 
-    def _run(self, info, weights) -> Dict[str, Any]:
+    def _run(self, info, weights, bases=None, scales=None) -> Dict[str, Any]:
         """How this round was aggregated, for the round's bundle (what an audit recomputes)."""
         dp = self.cfg.dp
         return {"rule": self.cfg.rule, "f": self.cfg.f,
@@ -1133,7 +1147,9 @@ class Server:
                 "dp": None if dp is None else {"mechanism": type(dp).__name__, "repr": repr(dp)[:500]},
                 "privacy": None if info.privacy is None else json.loads(json.dumps(info.privacy.as_dict(), default=str)),
                 "stake_weighted": weights is not None, "streamed_mean": self.collector.kind == "fold",
-                "weights": None if weights is None else [float(w) for w in weights]}
+                "weights": None if weights is None else [float(w) for w in weights],
+                **({"mode": "buffered", "staleness": self.cfg.staleness, "max_staleness": self.cfg.max_staleness,
+                    "bases": bases, "scales": scales} if self.buffered else {})}
 
     def _close_without_model(self, why: str, excluded: Optional[Dict[str, str]] = None) -> None:
         """The deadline passed and no model can be made: the round closes, the model stays, and says why.
