@@ -22,6 +22,7 @@
 #include "fedagg/threadpool.hpp"
 
 namespace py = pybind11;
+using fedagg::Elem;
 using fedagg::Rows;
 
 namespace {
@@ -34,16 +35,29 @@ void require_f32(const py::array& a, const char* what) {
     throw py::type_error(std::string(what) + " must be a float32 array");
 }
 
-// The updates: a 2-D float32 array whose rows are contiguous, or a sequence of
-// contiguous float32 arrays of one size. Keeps borrowed pointers only; the
-// caller keeps the arrays alive for the call.
-Rows to_rows(const py::object& obj) {
+// What an updates array holds: float32; float16 (IEEE binary16); uint16, read as bfloat16 bit
+// patterns (NumPy has no bfloat16: fedagg passes torch's bfloat16 tensors viewed as uint16).
+// Half precision only where `half` (the ops that read it through float32 tiles).
+Elem elem_of(const py::array& a, const std::string& what, bool half) {
+  const char kind = a.dtype().kind();
+  if (kind == 'f' && a.itemsize() == 4) return Elem::F32;
+  if (half && kind == 'f' && a.itemsize() == 2) return Elem::F16;
+  if (half && kind == 'u' && a.itemsize() == 2) return Elem::BF16;
+  throw py::type_error(what + (half ? " must be a float32, float16 or bfloat16 (as uint16) array"
+                                    : " must be a float32 array"));
+}
+
+// The updates: a 2-D array whose rows are contiguous, or a sequence of contiguous arrays of one
+// size and one element type (elem_of). Keeps borrowed pointers only; the caller keeps the
+// arrays alive for the call.
+Rows to_rows(const py::object& obj, bool half = true) {
   Rows rows;
   if (py::isinstance<py::array>(obj)) {
     py::array a = py::reinterpret_borrow<py::array>(obj);
-    require_f32(a, "updates");
+    const Elem e = elem_of(a, "updates", half);
+    if (e != Elem::F32) rows.elem.assign(static_cast<std::size_t>(a.shape(0)), e);
     if (a.ndim() != 2) throw py::value_error("updates must be a 2-D (n, d) array");
-    if (a.shape(1) > 1 && a.strides(1) != 4)
+    if (a.shape(1) > 1 && a.strides(1) != a.itemsize())
       throw py::value_error("updates must be contiguous along the coordinate axis");
     rows.d = static_cast<std::size_t>(a.shape(1));
     const char* base = static_cast<const char*>(a.data());
@@ -57,7 +71,7 @@ Rows to_rows(const py::object& obj) {
       if (!py::isinstance<py::array>(item))
         throw py::type_error("updates[" + std::to_string(i) + "] must be a float32 array");
       py::array a = py::reinterpret_borrow<py::array>(item);
-      require_f32(a, ("updates[" + std::to_string(i) + "]").c_str());
+      rows.elem.push_back(elem_of(a, "updates[" + std::to_string(i) + "]", half));
       if (!(a.flags() & py::array::c_style))
         throw py::value_error("updates[" + std::to_string(i) + "] must be C-contiguous");
       const auto size = static_cast<std::size_t>(a.size());
@@ -69,9 +83,12 @@ Rows to_rows(const py::object& obj) {
       rows.ptr.push_back(static_cast<const float*>(a.data()));
     }
   } else {
-    throw py::type_error("updates must be a 2-D float32 array or a list of float32 arrays");
+    throw py::type_error("updates must be a 2-D array or a list of arrays");
   }
   if (rows.ptr.empty()) throw py::value_error("updates is empty");
+  bool any_half = false;
+  for (Elem e : rows.elem) any_half |= e != Elem::F32;
+  if (!any_half) rows.elem.clear();
   return rows;
 }
 
@@ -127,6 +144,20 @@ PYBIND11_MODULE(_core, m) {
   });
   m.def("_force_isa", [](const std::string& isa) { fedagg::force_isa(isa.c_str()); },
         py::arg("isa"), "Testing: run the kernels of a lower instruction set ('' = best).");
+  m.def("widen", [](const py::array& x) {
+    const Elem e = elem_of(x, "x", true);
+    if (e == Elem::F32 || !(x.flags() & py::array::c_style))
+      throw py::type_error("x must be a C-contiguous float16 or bfloat16 (as uint16) array");
+    py::array_t<float> out(x.request().shape);
+    const auto* src = static_cast<const std::uint16_t*>(x.data());
+    float* dst = out.mutable_data();
+    const auto len = static_cast<std::size_t>(x.size());
+    {
+      py::gil_scoped_release release;
+      fedagg::kernels().widen(src, static_cast<int>(e), dst, len);
+    }
+    return out;
+  }, py::arg("x"), "x widened to float32, exactly: float16, or bfloat16 bit patterns as uint16.");
   m.def("num_threads", &fedagg::num_threads);
   m.def("set_num_threads", [](int n) {
     py::gil_scoped_release release;
@@ -158,7 +189,7 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("acc"), py::arg("x"), py::arg("w"));
 
   m.def("fold_f64", [](py::array_t<double, py::array::c_style> acc, const py::object& updates, const f64& w) {
-    Rows rows = to_rows(updates);
+    Rows rows = to_rows(updates, false);
     if (acc.ndim() != 1 || static_cast<std::size_t>(acc.shape(0)) != rows.d)
       throw py::value_error("acc must be a float64 vector as long as each update");
     if (w.ndim() != 1 || static_cast<std::size_t>(w.shape(0)) != rows.n())

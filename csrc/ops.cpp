@@ -38,6 +38,41 @@ void check_rows(const Rows& rows) {
   for (const float* p : rows.ptr) FEDAGG_CHECK(p != nullptr || rows.d == 0, "null update");
 }
 
+// The rows' coordinates [b, e) as float32 the kernels read: float32 rows as they are
+// (fn(ptr, b, e, 0)); half-precision rows widened a tile at a time into this thread's buffer
+// (fn(ptr, 0, len, origin): the kernel's coordinate j is the rows' origin + j), so a batch is
+// never widened whole. `unit` is the kernel's own chunk (its float32 partial sums, its blocks):
+// tiles are multiples of it, so the kernel sums the same chunks and gives the same bits as on
+// the rows widened beforehand.
+template <class Fn>
+void tiled(const Rows& rows, std::size_t b, std::size_t e, std::size_t unit, Fn&& fn) {
+  if (rows.all_f32()) {
+    fn(rows.ptr.data(), b, e, std::size_t{0});
+    return;
+  }
+  const std::size_t n = rows.n();
+  const std::size_t tile = std::max<std::size_t>(1, (std::size_t(1) << 15) / (n * unit)) * unit;  // ~128 KB: in L2
+  thread_local std::vector<float> buf;
+  thread_local std::vector<const float*> ptr;
+  if (buf.size() < n * tile) buf.resize(n * tile);
+  if (ptr.size() < n) ptr.resize(n);
+  const auto& k = kernels();
+  for (std::size_t t0 = b; t0 < e; t0 += tile) {
+    const std::size_t len = std::min(tile, e - t0);
+    for (std::size_t i = 0; i < n; ++i) {
+      const Elem el = rows.elem[i];
+      if (el == Elem::F32) {  // a float32 row among half ones (a centre, a clipped row) is read in place
+        ptr[i] = rows.ptr[i] + t0;
+        continue;
+      }
+      float* dst = buf.data() + i * len;
+      k.widen(reinterpret_cast<const std::uint16_t*>(rows.ptr[i]) + t0, static_cast<int>(el), dst, len);
+      ptr[i] = dst;
+    }
+    fn(static_cast<const float* const*>(ptr.data()), std::size_t{0}, len, t0);
+  }
+}
+
 NetworkView view(const Network& net) {
   return {net.n, net.block, net.lo.data(), net.hi.data(), net.lo.size()};
 }
@@ -48,7 +83,9 @@ bool sorted_reduce(const Rows& rows, const Network& net, int mode, int f, float*
   const NetworkView nv = view(net);
   const auto& k = kernels();
   for_ranges(rows.d, task_size(rows.d, 4096), [&](std::size_t b, std::size_t e, int) {
-    if (k.sorted_reduce(rows.ptr.data(), nv, mode, f, out, b, e)) bad.store(true);
+    tiled(rows, b, e, 64, [&](const float* const* p, std::size_t kb, std::size_t ke, std::size_t o) {
+      if (k.sorted_reduce(p, nv, mode, f, out + o, kb, ke)) bad.store(true);
+    });
   });
   return bad.load();
 }
@@ -109,11 +146,14 @@ void weighted_sum(const Rows& rows, const double* coef, float* out) {
   const auto& k = kernels();
   const int n = static_cast<int>(rows.n());
   for_ranges(rows.d, task_size(rows.d, 16384), [&](std::size_t b, std::size_t e, int) {
-    k.weighted_sum(rows.ptr.data(), n, coef, out, b, e);
+    tiled(rows, b, e, 1024, [&](const float* const* p, std::size_t kb, std::size_t ke, std::size_t o) {
+      k.weighted_sum(p, n, coef, out + o, kb, ke);
+    });
   });
 }
 
 void fold_f64(double* acc, const Rows& rows, const double* w) {
+  FEDAGG_CHECK(rows.all_f32(), "fold_f64 takes float32 updates");
   const std::size_t d = rows.d, n = rows.n();
   if (n == 0 || d == 0) return;
   for_ranges(d, task_size(d, 65536), [&](std::size_t b, std::size_t e, int) {
@@ -181,7 +221,10 @@ std::vector<double> pairwise_sqdist(const Rows& rows) {
   const auto& k = kernels();
   auto D = reduce_per_worker(rows.d, checked_mul(n, n, "distance matrix"), 16384,
                              [&](double* acc, std::size_t b, std::size_t e) {
-                               k.pairwise_sqdist(rows.ptr.data(), static_cast<int>(n), acc, b, e);
+                               tiled(rows, b, e, pair_chunk(static_cast<int>(n), k.lanes),
+                                     [&](const float* const* p, std::size_t kb, std::size_t ke, std::size_t) {
+                                       k.pairwise_sqdist(p, static_cast<int>(n), acc, kb, ke);
+                                     });
                              });
   symmetrize(D, n);
   if (!all_finite(D) && !any_nonfinite_row(rows)) return pairwise_sqdist_exact(rows);
@@ -192,17 +235,19 @@ std::vector<double> pairwise_sqdist_exact(const Rows& rows) {
   check_rows(rows);
   const std::size_t n = rows.n();
   auto D = reduce_per_worker(rows.d, checked_mul(n, n, "distance matrix"), 16384,
-                             [&](double* acc, std::size_t b, std::size_t e) {
-                               for (std::size_t i = 0; i < n; ++i)
-                                 for (std::size_t k = i + 1; k < n; ++k) {
-                                   double s = 0.0;
-                                   for (std::size_t j = b; j < e; ++j) {
-                                     double t = static_cast<double>(rows.ptr[i][j]) -
-                                                static_cast<double>(rows.ptr[k][j]);
-                                     s += t * t;
+                             [&](double* acc, std::size_t b0, std::size_t e0) {
+                               tiled(rows, b0, e0, 2048, [&](const float* const* p, std::size_t b, std::size_t e,
+                                                             std::size_t) {
+                                 for (std::size_t i = 0; i < n; ++i)
+                                   for (std::size_t k = i + 1; k < n; ++k) {
+                                     double s = 0.0;
+                                     for (std::size_t j = b; j < e; ++j) {
+                                       double t = static_cast<double>(p[i][j]) - static_cast<double>(p[k][j]);
+                                       s += t * t;
+                                     }
+                                     acc[i * n + k] += s;
                                    }
-                                   acc[i * n + k] += s;
-                                 }
+                               });
                              });
   symmetrize(D, n);
   return D;
@@ -211,15 +256,17 @@ std::vector<double> pairwise_sqdist_exact(const Rows& rows) {
 namespace {
 // Row i: sum_j (rows[i][j] - x[j])^2 in float64 throughout (x may be null: zeros).
 std::vector<double> sqdist_rows_exact(const Rows& rows, const float* x) {
-  return reduce_per_worker(rows.d, rows.n(), 16384, [&](double* acc, std::size_t b, std::size_t e) {
-    for (std::size_t i = 0; i < rows.n(); ++i) {
-      double s = 0.0;
-      for (std::size_t j = b; j < e; ++j) {
-        const double t = static_cast<double>(rows.ptr[i][j]) - (x ? static_cast<double>(x[j]) : 0.0);
-        s += t * t;
+  return reduce_per_worker(rows.d, rows.n(), 16384, [&](double* acc, std::size_t b0, std::size_t e0) {
+    tiled(rows, b0, e0, 2048, [&](const float* const* p, std::size_t b, std::size_t e, std::size_t o) {
+      for (std::size_t i = 0; i < rows.n(); ++i) {
+        double s = 0.0;
+        for (std::size_t j = b; j < e; ++j) {
+          const double t = static_cast<double>(p[i][j]) - (x ? static_cast<double>(x[o + j]) : 0.0);
+          s += t * t;
+        }
+        acc[i] += s;
       }
-      acc[i] += s;
-    }
+    });
   });
 }
 }  // namespace
@@ -228,7 +275,9 @@ std::vector<double> sqdist_to(const Rows& rows, const float* x) {
   check_rows(rows);
   const auto& k = kernels();
   auto r = reduce_per_worker(rows.d, rows.n(), 16384, [&](double* acc, std::size_t b, std::size_t e) {
-    k.sqdist_to(rows.ptr.data(), static_cast<int>(rows.n()), x, acc, b, e);
+    tiled(rows, b, e, 2048, [&](const float* const* p, std::size_t kb, std::size_t ke, std::size_t o) {
+      k.sqdist_to(p, static_cast<int>(rows.n()), x + o, acc, kb, ke);
+    });
   });
   if (!all_finite(r) && !any_nonfinite_row(rows) && !any_nonfinite_row(Rows{{x}, rows.d}))
     return sqdist_rows_exact(rows, x);
@@ -239,7 +288,9 @@ std::vector<double> sqnorms(const Rows& rows) {
   check_rows(rows);
   const auto& k = kernels();
   auto r = reduce_per_worker(rows.d, rows.n(), 16384, [&](double* acc, std::size_t b, std::size_t e) {
-    k.sqnorms(rows.ptr.data(), static_cast<int>(rows.n()), acc, b, e);
+    tiled(rows, b, e, 2048, [&](const float* const* p, std::size_t kb, std::size_t ke, std::size_t) {
+      k.sqnorms(p, static_cast<int>(rows.n()), acc, kb, ke);
+    });
   });
   if (!all_finite(r) && !any_nonfinite_row(rows)) return sqdist_rows_exact(rows, nullptr);
   return r;
@@ -280,9 +331,16 @@ std::vector<std::uint8_t> nonfinite_rows(const Rows& rows) {
   check_rows(rows);
   std::vector<std::uint8_t> bad(rows.n(), 0);
   parallel_for(rows.n(), [&](std::size_t i, int) {
-    const float* p = rows.ptr[i];
     bool any = false;
-    for (std::size_t j = 0; j < rows.d; ++j) any |= !std::isfinite(p[j]);
+    // an all-ones exponent: Inf or NaN (binary16: 5 bits, bfloat16: float32's 8)
+    const std::uint16_t ex = rows.elem_of(i) == Elem::F16 ? 0x7c00 : 0x7f80;
+    if (rows.elem_of(i) == Elem::F32) {
+      const float* p = rows.ptr[i];
+      for (std::size_t j = 0; j < rows.d; ++j) any |= !std::isfinite(p[j]);
+    } else {
+      const auto* h = reinterpret_cast<const std::uint16_t*>(rows.ptr[i]);
+      for (std::size_t j = 0; j < rows.d; ++j) any |= (h[j] & ex) == ex;
+    }
     bad[i] = any;
   });
   return bad;
@@ -296,8 +354,9 @@ void mix(const Rows& rows, const double* A, int m, float* const* out) {
   // all m outputs are formed from them.
   std::size_t chunk = std::max<std::size_t>(256, (std::size_t(1) << 17) / rows.n()) / 64 * 64;
   for_ranges(rows.d, chunk, [&](std::size_t b, std::size_t e, int) {
-    for (int i = 0; i < m; ++i)
-      k.weighted_sum(rows.ptr.data(), n, A + static_cast<std::size_t>(i) * n, out[i], b, e);
+    tiled(rows, b, e, 1024, [&](const float* const* p, std::size_t kb, std::size_t ke, std::size_t o) {
+      for (int i = 0; i < m; ++i) k.weighted_sum(p, n, A + static_cast<std::size_t>(i) * n, out[i] + o, kb, ke);
+    });
   });
 }
 

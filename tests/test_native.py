@@ -20,8 +20,8 @@ CHECK = Path(__file__).resolve().parent / "native" / "kernel_check.cpp"
 COMMON = ["-std=gnu++17", "-O2", "-pthread", "-Wno-psabi", f"-I{SRC / 'include'}"]
 # The per-file options of CMakeLists.txt: the x86 kernel files' instruction sets, and no FMA
 # contraction in ops.cpp (its fold must round like the GPU's).
-X86 = {"simd/kernels_avx2.cpp": ["-mavx2", "-mfma"],
-       "simd/kernels_avx512.cpp": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma",
+X86 = {"simd/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+       "simd/kernels_avx512.cpp": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-mf16c",
                                    "-mprefer-vector-width=512"]}
 
 

@@ -2,10 +2,13 @@
 
 Updates arrive as one ``(n, d)`` array or as a sequence of ``n`` arrays of one
 shape: NumPy arrays, torch tensors (CPU or CUDA) or CuPy arrays. float32 input
-whose rows are contiguous reaches the kernels without a copy; float16,
-bfloat16 and float64 input is converted to float32 (one copy, on the input's
-device) and the result is cast back. The result has the caller's type and
-device: torch in, torch out; CUDA in, CUDA out.
+whose rows are contiguous reaches the kernels without a copy. On the CPU,
+float16 and bfloat16 batches do too: the kernels read them through float32
+tiles of a few thousand coordinates (bfloat16 travels as its uint16 bit
+patterns, NumPy having no bfloat16), with the bits of a float32 batch widened
+beforehand. float64 input, half precision on a GPU and single vectors are
+converted to float32 (one copy, on the input's device). The result has the
+caller's type, dtype and device: torch in, torch out; CUDA in, CUDA out.
 """
 
 from __future__ import annotations
@@ -51,8 +54,11 @@ class Batch:
         return Batch(rows, len(rows), self.d, self.wrap, self.keepalive, self.ops)
 
 
-def convert(x: Any, name: str) -> Tuple[Any, Callable[[Any], Any], Any]:
-    """A float32 view (or converted copy) of x, how to turn a float32 result back, and x's ops."""
+def convert(x: Any, name: str, keep_half: bool = False) -> Tuple[Any, Callable[[Any], Any], Any]:
+    """A float32 view (or converted copy) of x, how to turn a float32 result back, and x's ops.
+
+    keep_half: host float16 and bfloat16 stay as they are (a float16 or uint16 view), for the
+    kernels that read them directly (a Batch's rows)."""
     lib = _gpu.library_of(x)
     if lib is not None and not _gpu.compiled():
         raise ValueError(
@@ -66,6 +72,9 @@ def convert(x: Any, name: str) -> Tuple[Any, Callable[[Any], Any], Any]:
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
         dtype = x.dtype
         t = x.detach()
+        if keep_half and lib is None and dtype in (torch.float16, torch.bfloat16):
+            half = t.numpy() if dtype == torch.float16 else t.view(torch.int16).numpy().view(np.uint16)
+            return half, _torch_back(dtype, torch), ops
         if t.dtype != torch.float32:
             t = t.to(torch.float32)
         if lib is not None:  # a CUDA tensor stays on its device
@@ -75,11 +84,7 @@ def convert(x: Any, name: str) -> Tuple[Any, Callable[[Any], Any], Any]:
 
             return t, back_cuda, ops
 
-        def back(out: np.ndarray, dtype=dtype, torch=torch):
-            res = torch.from_numpy(out)
-            return res if dtype == torch.float32 else res.to(dtype)
-
-        return t.numpy(), back, ops
+        return t.numpy(), _torch_back(dtype, torch), ops
     if lib is not None:
         arr = x  # a CuPy array
     elif isinstance(x, np.ndarray):
@@ -92,13 +97,26 @@ def convert(x: Any, name: str) -> Tuple[Any, Callable[[Any], Any], Any]:
     if arr.dtype.name not in _FLOAT_KINDS:
         raise TypeError(f"{name} must be float16, float32 or float64, got dtype {arr.dtype}")
     dtype = arr.dtype
-    if dtype != np.float32:
+    if dtype != np.float32 and not (keep_half and lib is None and dtype == np.float16):
         arr = arr.astype(np.float32)
 
     def back_array(out, dtype=dtype):  # NumPy or CuPy: the same methods
         return out if out.dtype == dtype else out.astype(dtype)
 
     return arr, back_array, ops
+
+
+def _torch_back(dtype, torch) -> Callable[[np.ndarray], Any]:
+    def back(out: np.ndarray, dtype=dtype, torch=torch):
+        res = torch.from_numpy(out)
+        return res if dtype == torch.float32 else res.to(dtype)
+
+    return back
+
+
+def is_half(a: Any) -> bool:
+    """Whether host rows hold float16 or bfloat16 (as uint16) elements."""
+    return isinstance(a, np.ndarray) and a.dtype in (np.float16, np.uint16)
 
 
 def _device_key(ops: Any) -> Any:
@@ -126,7 +144,7 @@ def as_batch(updates: Any, name: str = "updates") -> Batch:
         rows = []
         shape = back = ops = None
         for i, u in enumerate(updates):
-            arr, b, o = convert(u, f"{name}[{i}]")
+            arr, b, o = convert(u, f"{name}[{i}]", keep_half=True)
             if shape is None:
                 shape, back, ops = tuple(arr.shape), b, o
             elif tuple(arr.shape) != shape:
@@ -150,7 +168,7 @@ def as_batch(updates: Any, name: str = "updates") -> Batch:
             f"{name} must be an (n, d) array or tensor, or a list of arrays; "
             f"got {type(updates).__name__}"
         )
-    arr, back, ops = convert(updates, name)
+    arr, back, ops = convert(updates, name, keep_half=True)
     if arr.ndim != 2:
         raise ValueError(
             f"{name} must be 2-D (n updates x d coordinates), got shape {tuple(arr.shape)}; "

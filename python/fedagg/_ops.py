@@ -51,9 +51,14 @@ class CpuOps:
         return np.zeros(d, dtype=np.float32)
 
     def copy(self, x: np.ndarray) -> np.ndarray:
+        """A float32 copy of a row (float16 and bfloat16-as-uint16 rows widened exactly)."""
+        if x.dtype in (np.float16, np.uint16):
+            return _core.widen(np.ascontiguousarray(x)).reshape(-1)
         return np.array(x, dtype=np.float32, copy=True).reshape(-1)
 
     def scaled(self, x: np.ndarray, s: float) -> np.ndarray:
+        if x.dtype in (np.float16, np.uint16):
+            x = self.copy(x)
         return (x * np.float32(s)).astype(np.float32, copy=False)
 
     def to_device(self, x: np.ndarray) -> np.ndarray:

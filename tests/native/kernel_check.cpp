@@ -223,6 +223,65 @@ void check_masks(const std::string& isa) {
     }
 }
 
+// Half precision: every binary16 and bfloat16 bit pattern widened as the plain formula says,
+// and half-precision rows through the ops (tiled) giving the bits of the rows widened beforehand.
+double half_value(std::uint16_t h) {
+  const int sign = h >> 15, ex = (h >> 10) & 31, man = h & 1023;
+  double v = ex == 0 ? std::ldexp(man, -24) : ex == 31 ? (man ? NAN : INFINITY) : std::ldexp(1024 + man, ex - 25);
+  return sign ? -v : v;
+}
+
+void check_half(const std::string& isa) {
+  const auto& k = fedagg::kernels();
+  std::vector<std::uint16_t> all(65536);
+  for (std::size_t i = 0; i < all.size(); ++i) all[i] = static_cast<std::uint16_t>(i);
+  std::vector<float> out(all.size());
+  k.widen(all.data(), 1, out.data(), all.size());
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    const double want = half_value(all[i]);
+    ++checks;
+    if (std::isnan(want) ? !std::isnan(out[i]) : static_cast<double>(out[i]) != want)
+      fail("widen binary16 " + isa + " pattern " + std::to_string(i));
+  }
+  k.widen(all.data(), 2, out.data(), all.size());
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &out[i], 4);
+    ++checks;
+    if (bits != static_cast<std::uint32_t>(i) << 16) fail("widen bfloat16 " + isa + " pattern " + std::to_string(i));
+  }
+  std::mt19937_64 g(5);
+  for (int elem : {1, 2})
+    for (std::size_t d : {std::size_t(1), std::size_t(63), std::size_t(5000)})
+      for (int n : {1, 7, 33}) {
+        std::vector<std::uint16_t> h(static_cast<std::size_t>(n) * d);
+        for (auto& v : h) v = static_cast<std::uint16_t>(g() & (elem == 1 ? 0x3bffu : 0x3f7fu));  // finite, |v| < 1
+        std::vector<float> w(h.size());
+        k.widen(h.data(), elem, w.data(), h.size());
+        fedagg::Rows half, wide;
+        half.d = wide.d = d;
+        for (int i = 0; i < n; ++i) {
+          half.ptr.push_back(reinterpret_cast<const float*>(h.data() + static_cast<std::size_t>(i) * d));
+          half.elem.push_back(static_cast<fedagg::Elem>(elem));
+          wide.ptr.push_back(w.data() + static_cast<std::size_t>(i) * d);
+        }
+        std::vector<double> coef(n, 1.0 / n);
+        std::vector<float> a(d), b(d);
+        fedagg::weighted_sum(half, coef.data(), a.data());
+        fedagg::weighted_sum(wide, coef.data(), b.data());
+        const std::string at = isa + " elem " + std::to_string(elem) + " n=" + std::to_string(n) + " d=" +
+                               std::to_string(d);
+        ++checks;
+        if (std::memcmp(a.data(), b.data(), 4 * d) != 0) fail("weighted_sum of half rows " + at);
+        fedagg::coordinate_median(half, a.data());
+        fedagg::coordinate_median(wide, b.data());
+        ++checks;
+        if (std::memcmp(a.data(), b.data(), 4 * d) != 0) fail("median of half rows " + at);
+        ++checks;
+        if (fedagg::pairwise_sqdist(half) != fedagg::pairwise_sqdist(wide)) fail("distances of half rows " + at);
+      }
+}
+
 int main() {
   // CRC32C's standard check value
   ++checks;
@@ -234,6 +293,7 @@ int main() {
       fedagg::force_isa(isa);
       check_table(isa);
       check_masks(isa);
+      check_half(isa);
       std::printf("%s (%d threads): ok\n", isa, threads);
     }
   }

@@ -37,7 +37,22 @@ struct KernelTable {
   // as little-endian 32-bit words from block counter 0.
   void (*chacha_mask)(const std::uint32_t* key, const std::uint32_t* nonce, std::uint32_t* data,
                       std::size_t begin, std::size_t end, bool subtract, std::uint32_t mask);
+  // dst[j] = src[j] widened to float32, exactly (src: `len` binary16 or bfloat16 bit patterns;
+  // elem 1 or 2 as in Elem). NaN stays NaN, Inf Inf, subnormals their value.
+  void (*widen)(const std::uint16_t* src, int elem, float* dst, std::size_t len);
 };
+
+// Coordinates per chunk of the distance kernel for n rows at `lanes` floats per vector: the n
+// rows of a chunk stay in L2, and each float32 partial sum covers at most 2048 coordinates.
+// (The ops tile half-precision rows in multiples of it so they are summed in the same chunks.)
+inline std::size_t pair_chunk(int n, int lanes) {
+  const std::size_t l = static_cast<std::size_t>(lanes);
+  std::size_t c = (std::size_t(1) << 17) / static_cast<std::size_t>(n > 0 ? n : 1);
+  c = c / l * l;
+  if (c < 8 * l) c = 8 * l;
+  if (c > 2048) c = 2048;
+  return c;
+}
 
 const KernelTable& kernels();
 // Names of the compiled-in instruction sets, best first, and whether this CPU runs each.

@@ -7,10 +7,18 @@
 
 namespace fedagg {
 
+// What a row's elements are. Half-precision rows (IEEE binary16, bfloat16) are read by the ops
+// through float32 tiles of a few thousand coordinates (ops.cpp), never widened whole; `ptr` then
+// holds their addresses (to be read as uint16 bit patterns, never as floats).
+enum class Elem : std::uint8_t { F32 = 0, F16 = 1, BF16 = 2 };
+
 struct Rows {
   std::vector<const float*> ptr;
   std::size_t d = 0;
+  std::vector<Elem> elem;  // per row; empty: every row float32
   std::size_t n() const { return ptr.size(); }
+  bool all_f32() const { return elem.empty(); }
+  Elem elem_of(std::size_t i) const { return elem.empty() ? Elem::F32 : elem[i]; }
 };
 
 // A comparator network on n positions: after applying every (lo, hi) pair in
