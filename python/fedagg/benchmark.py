@@ -537,3 +537,63 @@ def run(n: int = 64, d: int = 10_000_000, f: Optional[int] = None, seed: int = 0
 
 def _join(*parts: str) -> str:
     return "; ".join(p for p in parts if p)
+
+
+# ------------------------------------------------------------------ half precision
+
+HALF_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "bulyan")
+
+
+def run_half(n: int = 64, d: int = 10_000_000, dtype: str = "bfloat16", rules: Optional[List[str]] = None,
+             repeat: int = 3, seed: int = 0, max_seconds: Optional[float] = 30.0) -> Dict[str, Any]:
+    """fedagg on a float16 or bfloat16 batch read in place, against what users do instead, in one run:
+    widen the batch to float32 first (``fedagg.aggregate(T.float())``), torch's own reduction on the
+    half tensor (mean, median), and, for scale, fedagg on the same batch stored as float32. Each
+    in-place result is checked to be the bits of the widened one. Needs torch."""
+    torch, why = optional("torch")
+    if torch is None:
+        raise RuntimeError(f"the half-precision benchmark needs torch: {why}")
+    if dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"dtype must be 'float16' or 'bfloat16', got {dtype!r}")
+    rules = list(HALF_RULES if rules is None else rules)
+    X32 = make_updates(n, d, default_f("bulyan", n), seed)
+    T = torch.from_numpy(X32).to(getattr(torch, dtype))
+    half_bytes = T.numel() * T.element_size()
+    bits = T.view(torch.int16).numpy()
+    rp = min(time_call(lambda: torch.sum(T), repeat)[1], time_call(lambda: np.sum(bits, dtype=np.int64), repeat)[1])
+    rows = []
+    for rule in rules:
+        f = default_f(rule, n)
+        ref = fedagg.aggregate(T.float(), rule, f_used(rule, f))
+        cases = [("fedagg, in place", lambda: fedagg.aggregate(T, rule, f_used(rule, f))),
+                 ("widen, then fedagg", lambda: fedagg.aggregate(T.float(), rule, f_used(rule, f))),
+                 ("fedagg on float32", lambda: fedagg.aggregate(X32, rule, f_used(rule, f)))]
+        if rule == "mean":
+            cases.append(("torch T.mean(0)", lambda: T.mean(0)))
+        elif rule == "median":
+            cases.append(("torch T.median(0)", lambda: T.median(0).values))
+        for impl, fn in cases:
+            out, sec, times, note = time_call(fn, repeat, max_seconds)
+            rec = {"rule": rule, "f": f if RULES[rule].uses_f else None, "impl": impl, "seconds": sec,
+                   "times": times, "gbps": half_bytes / sec / 1e9, "x_read": sec / rp, "note": note}
+            if impl == "fedagg, in place":
+                rec["bitwise_equal_to_widened"] = bool(torch.equal(out, ref.to(T.dtype)))
+            rows.append(rec)
+            out = None
+    return {"machine": machine_info(), "n": n, "d": d, "dtype": dtype, "half_bytes": half_bytes,
+            "read_pass_seconds": rp, "read_pass_gbps": half_bytes / rp / 1e9, "rows": rows}
+
+
+def half_lines(res: Dict[str, Any]) -> List[str]:
+    out = [f"half precision: n = {res['n']}, d = {res['d']:,} {res['dtype']} ({res['half_bytes'] / 1e9:.2f} GB); "
+           f"read pass (torch.sum, or NumPy's sum of the bits) {res['read_pass_seconds'] * 1e3:.1f} ms, "
+           f"{res['read_pass_gbps']:.1f} GB/s",
+           f"{'rule':18s} {'implementation':22s} {'ms':>9s} {'GB/s':>6s} {'x read':>7s}  note"]
+    for r in res["rows"]:
+        note = r["note"]
+        if "bitwise_equal_to_widened" in r:
+            note = ("same bits as widened" if r["bitwise_equal_to_widened"] else "DIFFERS from widened") + (
+                f"; {note}" if note else "")
+        out.append(f"{r['rule']:18s} {r['impl']:22s} {r['seconds'] * 1e3:9.1f} {r['gbps']:6.1f} "
+                   f"{r['x_read']:7.2f}  {note}")
+    return out

@@ -108,12 +108,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="size of the arrays of the copy-bandwidth test (default 1; 0 skips it)")
     b.add_argument("--sections", nargs="+",
                    choices=["rules", "compression", "privacy", "transport", "server", "distributed", "secagg",
-                            "lora", "crossdevice"],
+                            "lora", "crossdevice", "half"],
                    default=["rules", "compression", "privacy"],
                    help="what to benchmark (default: rules compression privacy; transport and server need "
                         "pyzmq, distributed needs torch, secagg needs cryptography and compares with Flower's "
                         "SecAgg+ where flwr[simulation] is installed; lora times a 7B-shaped adapter set; crossdevice runs "
-                        "thousands of simulated devices against fedagg serve, buffered and synchronous)")
+                        "thousands of simulated devices against fedagg serve, buffered and synchronous; half "
+                        "times the rules on a float16/bfloat16 batch read in place, with torch)")
+    b.add_argument("--half-dtype", choices=["bfloat16", "float16"], default="bfloat16",
+                   help="half section: the batch's element type (default bfloat16)")
     b.add_argument("--crossdevice-n", type=_int_at_least(1), default=10_000,
                    help="crossdevice section: simulated devices (default 10,000)")
     b.add_argument("--crossdevice-seconds", type=_float_at_least(0, True), default=30.0,
@@ -271,6 +274,11 @@ def _bench(args) -> int:
 
         res["lora"] = lbench.run(n=32, layers=args.lora_layers, seed=args.seed)
         for line in lbench.lines(res["lora"]):
+            _print(con, line, report)
+    if "half" in args.sections:
+        res["half"] = benchmark.run_half(n=args.n, d=args.d, dtype=args.half_dtype, repeat=args.repeat,
+                                         seed=args.seed, rules=args.rules, max_seconds=args.max_seconds)
+        for line in benchmark.half_lines(res["half"]):
             _print(con, line, report)
     if "crossdevice" in args.sections:
         from .transport import crossdevice_bench as xbench
