@@ -73,6 +73,14 @@ void tiled(const Rows& rows, std::size_t b, std::size_t e, std::size_t unit, Fn&
   }
 }
 
+// The element type every row holds (F32 for float32 rows; F32 too when they differ: not one half type).
+Elem common_half(const Rows& rows) {
+  if (rows.all_f32()) return Elem::F32;
+  for (Elem e : rows.elem)
+    if (e != rows.elem[0]) return Elem::F32;
+  return rows.elem[0];
+}
+
 NetworkView view(const Network& net) {
   return {net.n, net.block, net.lo.data(), net.hi.data(), net.lo.size()};
 }
@@ -145,7 +153,13 @@ void weighted_sum(const Rows& rows, const double* coef, float* out) {
   check_rows(rows);
   const auto& k = kernels();
   const int n = static_cast<int>(rows.n());
+  const Elem half = common_half(rows);
+  const auto* hrows = reinterpret_cast<const std::uint16_t* const*>(rows.ptr.data());
   for_ranges(rows.d, task_size(rows.d, 16384), [&](std::size_t b, std::size_t e, int) {
+    if (!rows.all_f32() && half != Elem::F32) {  // one half type: widened in the kernel's registers
+      k.weighted_sum_half(hrows, static_cast<int>(half), n, coef, out, b, e);
+      return;
+    }
     tiled(rows, b, e, 1024, [&](const float* const* p, std::size_t kb, std::size_t ke, std::size_t o) {
       k.weighted_sum(p, n, coef, out + o, kb, ke);
     });
@@ -353,7 +367,14 @@ void mix(const Rows& rows, const double* A, int m, float* const* out) {
   // Small coordinate chunks so the n input rows of a chunk stay in cache while
   // all m outputs are formed from them.
   std::size_t chunk = std::max<std::size_t>(256, (std::size_t(1) << 17) / rows.n()) / 64 * 64;
+  const Elem half = common_half(rows);
+  const auto* hrows = reinterpret_cast<const std::uint16_t* const*>(rows.ptr.data());
   for_ranges(rows.d, chunk, [&](std::size_t b, std::size_t e, int) {
+    if (!rows.all_f32() && half != Elem::F32) {
+      for (int i = 0; i < m; ++i)
+        k.weighted_sum_half(hrows, static_cast<int>(half), n, A + static_cast<std::size_t>(i) * n, out[i], b, e);
+      return;
+    }
     tiled(rows, b, e, 1024, [&](const float* const* p, std::size_t kb, std::size_t ke, std::size_t o) {
       for (int i = 0; i < m; ++i) k.weighted_sum(p, n, A + static_cast<std::size_t>(i) * n, out[i] + o, kb, ke);
     });

@@ -28,6 +28,7 @@ extern const KernelTable table_avx2 = {"avx2",
                                        &isa_avx2::sqnorms,
                                        &isa_avx2::sorted_reduce,
                                        &isa_avx2::chacha_mask,
+                                       &isa_avx2::weighted_sum_half,
                                        &isa_avx2::widen};
 
 }  // namespace fedagg

@@ -33,6 +33,7 @@ extern const KernelTable table_base = {"base",
                                        &isa_base::sqnorms,
                                        &isa_base::sorted_reduce,
                                        &isa_base::chacha_mask,
+                                       &isa_base::weighted_sum_half,
                                        &isa_base::widen};
 
 }  // namespace fedagg

@@ -37,6 +37,10 @@ struct KernelTable {
   // as little-endian 32-bit words from block counter 0.
   void (*chacha_mask)(const std::uint32_t* key, const std::uint32_t* nonce, std::uint32_t* data,
                       std::size_t begin, std::size_t end, bool subtract, std::uint32_t mask);
+  // weighted_sum of rows that all hold binary16 (elem 1) or bfloat16 (elem 2), widened in
+  // registers: the bits weighted_sum gives on the rows widened beforehand.
+  void (*weighted_sum_half)(const std::uint16_t* const* rows, int elem, int n, const double* coef, float* out,
+                            std::size_t begin, std::size_t end);
   // dst[j] = src[j] widened to float32, exactly (src: `len` binary16 or bfloat16 bit patterns;
   // elem 1 or 2 as in Elem). NaN stays NaN, Inf Inf, subnormals their value.
   void (*widen)(const std::uint16_t* src, int elem, float* dst, std::size_t len);
