@@ -131,6 +131,45 @@ def test_busy_carries_retry_after_and_the_client_waits_it_out():
     assert server.history[0]["rejected_counts"]["busy"] >= 2
 
 
+def test_a_server_at_capacity_asks_for_the_time_its_backlog_takes():
+    """retry_after of a full server: the uploads it holds over its recent acceptance rate (at least
+    one per second), not a fixed fraction of an upload: under a load beyond what it takes, quick
+    retries (each bringing its first chunk again) would spend its time refusing."""
+    import zmq
+
+    from fedagg.transport.protocol import Dtype, Kind, json_message, message, parse, parse_json
+
+    d, held = 20_000, 3
+    server, t = start(d, quorum=8, rounds=1, max_inflight=held, chunk_bytes=16384)
+    x = np.full(d, 1.0, np.float32)
+    ctx = zmq.Context.instance()
+    socks = []
+    try:
+        def first_chunk(pid):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(server.endpoint)
+            socks.append(s)
+            s.send_multipart(json_message(Kind.HELLO, {"id": pid}, seq=1))
+            assert s.poll(5000)
+            st = parse_json(parse(s.recv_multipart(), 1 << 20)[1])
+            s.send_multipart(message(Kind.CHUNK, x.view(np.uint8)[:16384], round=0, offset=0, total=4 * d, seq=2,
+                                     dtype=Dtype.FLOAT32, session=st["session"]))
+            assert s.poll(5000)
+            return parse(s.recv_multipart(), 1 << 20)
+
+        for i in range(held):  # every slot held by a first chunk, nothing accepted yet
+            assert first_chunk(f"p{i}")[0].kind == Kind.CREDIT
+        head, body = first_chunk("late")
+        refusal = parse_json(body)
+        assert head.kind == Kind.REJECTED and refusal["reason"] == "busy"
+        assert refusal["retry_after"] == pytest.approx(held / 1.0)  # 3 held, at <= 1 accepted per second
+    finally:
+        for s in socks:
+            s.close(0)
+        stop(server, t)
+
+
 # ---------------------------------------------------------------- durability
 def test_accepted_is_sent_only_once_the_update_is_durable(tmp_path, monkeypatch):
     d = 20_000

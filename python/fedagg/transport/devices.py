@@ -7,7 +7,9 @@ sockets that are ready, not the number connected). A device's life, in sessions:
     idle (exponential, mean `idle` s) -> STATUS -> GET_MODEL of that version (if fetch_model)
     -> train (log-normal, median `train` s) -> CHUNKs -> COMMIT -> ACCEPTED -> idle ...
 
-A share `drop` of uploads stop after their first chunk and never COMMIT (the server gives them up
+A device told `busy` waits the server's retry_after (jittered), then asks STATUS again before it
+resends (an update grown too stale meanwhile is dropped, as fedagg's Client does). A share `drop`
+of uploads stop after their first chunk and never COMMIT (the server gives them up
 after its upload_timeout); a share `byzantine` of the devices send -10 x their update. Updates
 come from a pool of `pool` seeded vectors (``pool_update``), so a check can recompute every
 accepted update from what the report lists. Works against buffered servers (an update names
@@ -267,9 +269,9 @@ class Devices:
             self._upload(dev)
         elif dev.state == "backoff":  # told busy at COMMIT: the bytes are held, COMMIT again
             self._commit(dev)
-        elif dev.state == "reupload":  # told busy at the first chunk: nothing is held, start again
-            dev.state, dev.off, dev.inflight = "upload", 0, 0
-            self._pump(dev)
+        elif dev.state == "reupload":  # told busy at the first chunk: nothing is held; ask where the server is
+            dev.state, dev.await_seq = "recheck", dev.next_seq()  # (as fedagg's Client: no upload of a stale update)
+            self._send(dev, message(Kind.STATUS, b"", seq=dev.await_seq))
 
     def _trained(self, dev: _Device) -> None:
         dev.state = "train"
@@ -312,7 +314,15 @@ class Devices:
 
     def _step(self, dev: _Device, head, body, end: float) -> None:
         kind = head.kind
-        if kind == Kind.STATE:
+        if kind == Kind.STATE and dev.state == "recheck":
+            st = parse_json(body)
+            if st.get("mode") == "buffered" and st["round"] - dev.version > st.get("max_staleness", 0):
+                self._count("stale_before_upload")  # its update is too old now: this session is over
+                self._idle(dev)
+            else:
+                dev.state, dev.off, dev.inflight = "upload", 0, 0
+                self._pump(dev)
+        elif kind == Kind.STATE:
             st = parse_json(body)
             if dev.state == "hello":
                 self._report.connected += 1
@@ -348,7 +358,7 @@ class Devices:
             got.update(pool=dev.pool, byzantine=dev.byzantine, latency=now - dev.t_commit, t=now - self._t0)
             self._report.accepted.append(got)
             self._idle(dev)
-        elif kind == Kind.REJECTED and dev.state in ("status", "model", "upload", "commit"):
+        elif kind == Kind.REJECTED and dev.state in ("status", "model", "upload", "commit", "recheck"):
             r = parse_json(body)
             reason = r.get("reason", "?")
             if head.seq and head.seq < dev.await_seq:

@@ -134,6 +134,9 @@ class Server:
                      config.state_dir, extra={"event": "recovered", "round": self.round})
         self.committer = GroupCommit(self._apply, self._snapshot)
         self._upload_seconds = 1.0  # running mean of an upload's duration (for busy's retry_after)
+        # accepted updates per second (sampled once a second, smoothed): how fast the server works
+        # through what it holds, for the retry_after of a server at capacity
+        self._accept_rate, self._accepted_total, self._rate_mark = 0.0, 0, (time.monotonic(), 0)
         self._first_byte = self._last_byte = 0.0  # when the round's first and last chunks arrived
         self._deferred: Dict[str, tuple] = {}  # id -> (routing id, ACCEPTED's body): durable once the close is written
         # seconds from each COMMIT's arrival to its update's acceptance, this round (its ACCEPTED goes
@@ -544,6 +547,9 @@ class Server:
         COMMIT waits for the next buffer: they are complete)."""
         if now - self._swept < 1.0:
             return
+        t, count = self._rate_mark
+        self._accept_rate += 0.5 * ((self._accepted_total - count) / (now - t) - self._accept_rate)
+        self._rate_mark = (now, self._accepted_total)
         self._swept = now
         for pid, up in list(self.uploads.items()):
             if now - up.last_chunk > self.cfg.upload_timeout and pid not in self._parked:
@@ -643,15 +649,18 @@ class Server:
                 need = head.total
             inflight = len(self.uploads) + len(self.committing)
             if inflight >= self.cfg.max_inflight:
-                self._busy(rid, pid, head, f"{inflight} uploads in flight, max_inflight {self.cfg.max_inflight}")
+                self._busy(rid, pid, head, f"{inflight} uploads in flight, max_inflight {self.cfg.max_inflight}",
+                           backlog=inflight + len(self._parked))
                 return
             if self.buffered and len(self._parked) >= self.cfg.quorum:  # a whole next buffer waits already:
                 # more would only wait longer and grow staler (overload: shed it here, before it is held)
-                self._busy(rid, pid, head, f"{len(self._parked)} complete updates wait for the next buffer")
+                self._busy(rid, pid, head, f"{len(self._parked)} complete updates wait for the next buffer",
+                           backlog=inflight + len(self._parked))
                 return
             if not self.buffers.room(need):
                 self._busy(rid, pid, head, f"receive memory full: {self.buffers.held} of {self.buffers.budget} bytes "
-                           f"held by {len(self.uploads)} uploads and {len(self.accepted)} accepted updates")
+                           f"held by {len(self.uploads)} uploads and {len(self.accepted)} accepted updates",
+                           backlog=inflight + len(self._parked))
                 return
             if head.codec == Codec.RAW and self.secure is None:
                 buf = self.buffers.take_raw()
@@ -788,10 +797,16 @@ class Server:
         self.committing[pid] = job
         self._to_commit.append(job)  # handed to the commit threads after this burst of messages, together
 
-    def _busy(self, rid: bytes, pid: str, head, detail: str) -> None:
-        """Refuse for now: retry_after (seconds) is about half an upload's recent duration, 0.05 to 10 s."""
+    def _busy(self, rid: bytes, pid: str, head, detail: str, backlog: int = 0) -> None:
+        """Refuse for now: retry_after (seconds) is about half an upload's recent duration, or, for a
+        server at capacity, the time it needs to work through the `backlog` of uploads it holds at
+        its recent acceptance rate (retrying sooner only costs it another refusal: under a load
+        beyond what it takes, quick retries would spend its time refusing); 0.05 to 10 s."""
+        wait = self._upload_seconds / 2
+        if backlog:
+            wait = max(wait, backlog / max(self._accept_rate, 1.0))
         self._reject(rid, "busy", detail, pid, head.round, seq=head.seq, record=False,
-                     retry_after=round(min(10.0, max(0.05, self._upload_seconds / 2)), 3))
+                     retry_after=round(min(10.0, max(0.05, wait)), 3))
 
     # ---------------------------------------------------------------- the commit threads' side
     def _apply(self, jobs: List[Job]) -> None:
@@ -861,6 +876,7 @@ class Server:
                 self.buffers.release(up.charge)
                 self.buffers.held += self.model_bytes
             self.accepted[job.pid] = None
+            self._accepted_total += 1
             self._upload_seconds += 0.1 * (now - job.started - self._upload_seconds)
             body = {"round": self.round, "id": job.pid}
             if job.base is not None:  # buffered: the version it was computed on, and how it counts
