@@ -153,17 +153,21 @@ def test_a_server_at_capacity_asks_for_the_time_its_backlog_takes():
             s.send_multipart(json_message(Kind.HELLO, {"id": pid}, seq=1))
             assert s.poll(5000)
             st = parse_json(parse(s.recv_multipart(), 1 << 20)[1])
+            states.append(st)
             s.send_multipart(message(Kind.CHUNK, x.view(np.uint8)[:16384], round=0, offset=0, total=4 * d, seq=2,
                                      dtype=Dtype.FLOAT32, session=st["session"]))
             assert s.poll(5000)
             return parse(s.recv_multipart(), 1 << 20)
 
+        states = []
         for i in range(held):  # every slot held by a first chunk, nothing accepted yet
             assert first_chunk(f"p{i}")[0].kind == Kind.CREDIT
         head, body = first_chunk("late")
         refusal = parse_json(body)
         assert head.kind == Kind.REJECTED and refusal["reason"] == "busy"
         assert refusal["retry_after"] == pytest.approx(held / 1.0)  # 3 held, at <= 1 accepted per second
+        # STATE says so before any byte is sent: "busy" while full, absent while an upload is taken
+        assert "busy" not in states[0] and states[-1]["busy"] == pytest.approx(held / 1.0)
     finally:
         for s in socks:
             s.close(0)

@@ -396,6 +396,8 @@ class Client:
                 st = dict(st, held=0)
             self._upload = (rnd, int(codec), total)
             try:
+                if not fresh and st.get("busy") and not st.get("held"):  # STATE says full: no bytes sent yet
+                    raise _Busy(float(st["busy"]), self._busy_repeats)
                 accepted = self._stream(blob, total, rnd, codec, dtype, st, chunk_delay, signature)
                 self._busy_repeats = 0
                 return accepted

@@ -265,13 +265,18 @@ class Devices:
             self._report.sessions += 1
             dev.state, dev.await_seq = "status", dev.next_seq()
             self._send(dev, message(Kind.STATUS, b"", seq=dev.await_seq))
-        elif dev.state == "train":
-            self._upload(dev)
+        elif dev.state == "train":  # trained: ask whether the server takes an upload now (STATE's busy)
+            self._recheck(dev)
         elif dev.state == "backoff":  # told busy at COMMIT: the bytes are held, COMMIT again
             self._commit(dev)
-        elif dev.state == "reupload":  # told busy at the first chunk: nothing is held; ask where the server is
-            dev.state, dev.await_seq = "recheck", dev.next_seq()  # (as fedagg's Client: no upload of a stale update)
-            self._send(dev, message(Kind.STATUS, b"", seq=dev.await_seq))
+        elif dev.state == "reupload":  # told busy: nothing is held; ask where the server is
+            self._recheck(dev)
+
+    def _recheck(self, dev: _Device) -> None:
+        """STATUS before the first chunk: an update grown too stale is dropped (as fedagg's Client
+        does), and a server whose STATE says busy is left alone for its retry_after."""
+        dev.state, dev.await_seq = "recheck", dev.next_seq()
+        self._send(dev, message(Kind.STATUS, b"", seq=dev.await_seq))
 
     def _trained(self, dev: _Device) -> None:
         dev.state = "train"
@@ -316,9 +321,16 @@ class Devices:
         kind = head.kind
         if kind == Kind.STATE and dev.state == "recheck":
             st = parse_json(body)
+            busy = st.get("busy")
             if st.get("mode") == "buffered" and st["round"] - dev.version > st.get("max_staleness", 0):
                 self._count("stale_before_upload")  # its update is too old now: this session is over
                 self._idle(dev)
+            elif busy and isinstance(busy, (int, float)) and 0 < busy <= 60:
+                self._count("busy_before_upload")
+                dev.state = "reupload"
+                self._later(dev, busy * self._rng.uniform(0.5, 1.5))
+            elif dev.blob is None:  # just trained
+                self._upload(dev)
             else:
                 dev.state, dev.off, dev.inflight = "upload", 0, 0
                 self._pump(dev)

@@ -301,6 +301,9 @@ class Server:
                "accepted": pid in self.accepted and pid not in self._deferred if pid else False}
         if self.buffered:
             own["last_base"] = self.last_base.get(pid) if pid else None
+        if self.secure is None and self._full(self.model_bytes) is not None:
+            # a new upload would be refused busy now: wait this long before sending its first chunk
+            own["busy"] = self._retry_after(len(self.uploads) + len(self.committing) + len(self._parked))
         return self._state_cache[1] + b"," + json.dumps(own, separators=(",", ":")).encode()[1:]
 
     def _reject(self, rid: bytes, reason: str, detail: str = "", pid: Optional[str] = None, rnd: Optional[int] = None,
@@ -647,20 +650,9 @@ class Server:
             need = self.model_bytes if head.codec == Codec.RAW else max(head.total, self.model_bytes)
             if self.secure is not None:  # a masked input: host bytes, added to its bucket's sum at COMMIT
                 need = head.total
-            inflight = len(self.uploads) + len(self.committing)
-            if inflight >= self.cfg.max_inflight:
-                self._busy(rid, pid, head, f"{inflight} uploads in flight, max_inflight {self.cfg.max_inflight}",
-                           backlog=inflight + len(self._parked))
-                return
-            if self.buffered and len(self._parked) >= self.cfg.quorum:  # a whole next buffer waits already:
-                # more would only wait longer and grow staler (overload: shed it here, before it is held)
-                self._busy(rid, pid, head, f"{len(self._parked)} complete updates wait for the next buffer",
-                           backlog=inflight + len(self._parked))
-                return
-            if not self.buffers.room(need):
-                self._busy(rid, pid, head, f"receive memory full: {self.buffers.held} of {self.buffers.budget} bytes "
-                           f"held by {len(self.uploads)} uploads and {len(self.accepted)} accepted updates",
-                           backlog=inflight + len(self._parked))
+            full = self._full(need)
+            if full is not None:
+                self._busy(rid, pid, head, full, backlog=len(self.uploads) + len(self.committing) + len(self._parked))
                 return
             if head.codec == Codec.RAW and self.secure is None:
                 buf = self.buffers.take_raw()
@@ -797,16 +789,32 @@ class Server:
         self.committing[pid] = job
         self._to_commit.append(job)  # handed to the commit threads after this burst of messages, together
 
+    def _full(self, need: int) -> Optional[str]:
+        """Why a new upload of `need` bytes is refused `busy` now (None: it is taken)."""
+        inflight = len(self.uploads) + len(self.committing)
+        if inflight >= self.cfg.max_inflight:
+            return f"{inflight} uploads in flight, max_inflight {self.cfg.max_inflight}"
+        if self.buffered and len(self._parked) >= self.cfg.quorum:  # a whole next buffer waits already:
+            # more would only wait longer and grow staler (overload: shed it here, before it is held)
+            return f"{len(self._parked)} complete updates wait for the next buffer"
+        if not self.buffers.room(need):
+            return (f"receive memory full: {self.buffers.held} of {self.buffers.budget} bytes held by "
+                    f"{len(self.uploads)} uploads and {len(self.accepted)} accepted updates")
+        return None
+
+    def _retry_after(self, backlog: int = 0) -> float:
+        wait = self._upload_seconds / 2
+        if backlog:
+            wait = max(wait, backlog / max(self._accept_rate, 1.0))
+        return round(min(10.0, max(0.05, wait)), 3)
+
     def _busy(self, rid: bytes, pid: str, head, detail: str, backlog: int = 0) -> None:
         """Refuse for now: retry_after (seconds) is about half an upload's recent duration, or, for a
         server at capacity, the time it needs to work through the `backlog` of uploads it holds at
         its recent acceptance rate (retrying sooner only costs it another refusal: under a load
         beyond what it takes, quick retries would spend its time refusing); 0.05 to 10 s."""
-        wait = self._upload_seconds / 2
-        if backlog:
-            wait = max(wait, backlog / max(self._accept_rate, 1.0))
         self._reject(rid, "busy", detail, pid, head.round, seq=head.seq, record=False,
-                     retry_after=round(min(10.0, max(0.05, wait)), 3))
+                     retry_after=self._retry_after(backlog))
 
     # ---------------------------------------------------------------- the commit threads' side
     def _apply(self, jobs: List[Job]) -> None:
