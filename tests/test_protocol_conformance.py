@@ -547,6 +547,9 @@ def test_busy_carries_retry_after_and_the_upload_resumes_after_it(serve, ctx):
     ua, ub = (rng.standard_normal(D).astype(np.float32) for _ in range(2))
     # a's first chunk takes the only upload slot
     assert upload(a, raw(ua), rnd, stop=CHUNK_BYTES) == ("held", CHUNK_BYTES)
+    # "busy ... present when the server would refuse a new upload's first CHUNK busy now" (STATE)
+    said = check_state(b.status()).get("busy")
+    assert isinstance(said, (int, float)) and 0.05 <= said <= 10, said
     res = upload(b, raw(ub), rnd)
     assert res[0] == "rejected", res
     body = check_rejected(res[1], "busy", res[2])
@@ -561,6 +564,7 @@ def test_busy_carries_retry_after_and_the_upload_resumes_after_it(serve, ctx):
     time.sleep(wait)
     st = check_state(b.status())
     assert st["round"] == rnd and st["held"] == 0  # a refused first chunk is not held
+    assert "busy" not in st  # "(absent when not)": the slot is free
     full_upload(b, raw(ub), rnd)
     body = wait_round(b, rnd)
     assert body["previous"]["accepted"] == 2 and body["previous"]["model_updated"] is True

@@ -8,7 +8,8 @@ sockets that are ready, not the number connected). A device's life, in sessions:
     -> train (log-normal, median `train` s) -> CHUNKs -> COMMIT -> ACCEPTED -> idle ...
 
 A device told `busy` waits the server's retry_after (jittered), then asks STATUS again before it
-resends (an update grown too stale meanwhile is dropped, as fedagg's Client does). A share `drop`
+resends: an update grown too stale meanwhile is dropped (as fedagg's Client does), and while
+STATE says `busy` it waits again without sending a byte. A share `drop`
 of uploads stop after their first chunk and never COMMIT (the server gives them up
 after its upload_timeout); a share `byzantine` of the devices send -10 x their update. Updates
 come from a pool of `pool` seeded vectors (``pool_update``), so a check can recompute every
@@ -265,16 +266,16 @@ class Devices:
             self._report.sessions += 1
             dev.state, dev.await_seq = "status", dev.next_seq()
             self._send(dev, message(Kind.STATUS, b"", seq=dev.await_seq))
-        elif dev.state == "train":  # trained: ask whether the server takes an upload now (STATE's busy)
-            self._recheck(dev)
+        elif dev.state == "train":  # trained: upload at once (a STATUS first would cost every session a round trip)
+            self._upload(dev)
         elif dev.state == "backoff":  # told busy at COMMIT: the bytes are held, COMMIT again
             self._commit(dev)
         elif dev.state == "reupload":  # told busy: nothing is held; ask where the server is
             self._recheck(dev)
 
     def _recheck(self, dev: _Device) -> None:
-        """STATUS before the first chunk: an update grown too stale is dropped (as fedagg's Client
-        does), and a server whose STATE says busy is left alone for its retry_after."""
+        """After a busy: STATUS before the first chunk again. An update grown too stale is dropped (as
+        fedagg's Client does), and a server whose STATE still says busy is left alone for its retry_after."""
         dev.state, dev.await_seq = "recheck", dev.next_seq()
         self._send(dev, message(Kind.STATUS, b"", seq=dev.await_seq))
 
@@ -329,7 +330,7 @@ class Devices:
                 self._count("busy_before_upload")
                 dev.state = "reupload"
                 self._later(dev, busy * self._rng.uniform(0.5, 1.5))
-            elif dev.blob is None:  # just trained
+            elif dev.blob is None:  # nothing chosen yet (defensive: a recheck follows an upload attempt)
                 self._upload(dev)
             else:
                 dev.state, dev.off, dev.inflight = "upload", 0, 0
