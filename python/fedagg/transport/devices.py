@@ -330,8 +330,6 @@ class Devices:
                 self._count("busy_before_upload")
                 dev.state = "reupload"
                 self._later(dev, busy * self._rng.uniform(0.5, 1.5))
-            elif dev.blob is None:  # nothing chosen yet (defensive: a recheck follows an upload attempt)
-                self._upload(dev)
             else:
                 dev.state, dev.off, dev.inflight = "upload", 0, 0
                 self._pump(dev)

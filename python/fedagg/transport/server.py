@@ -303,7 +303,7 @@ class Server:
             own["last_base"] = self.last_base.get(pid) if pid else None
         if self.secure is None and self._full(self.model_bytes) is not None:
             # a new upload would be refused busy now: wait this long before sending its first chunk
-            own["busy"] = self._retry_after(len(self.uploads) + len(self.committing) + len(self._parked))
+            own["busy"] = self._retry_after(full=True)
         return self._state_cache[1] + b"," + json.dumps(own, separators=(",", ":")).encode()[1:]
 
     def _reject(self, rid: bytes, reason: str, detail: str = "", pid: Optional[str] = None, rnd: Optional[int] = None,
@@ -652,7 +652,7 @@ class Server:
                 need = head.total
             full = self._full(need)
             if full is not None:
-                self._busy(rid, pid, head, full, backlog=len(self.uploads) + len(self.committing) + len(self._parked))
+                self._busy(rid, pid, head, full, full=True)
                 return
             if head.codec == Codec.RAW and self.secure is None:
                 buf = self.buffers.take_raw()
@@ -802,19 +802,20 @@ class Server:
                     f"{len(self.uploads)} uploads and {len(self.accepted)} accepted updates")
         return None
 
-    def _retry_after(self, backlog: int = 0) -> float:
+    def _retry_after(self, full: bool = False) -> float:
         wait = self._upload_seconds / 2
-        if backlog:
+        if full:  # the uploads it holds (streaming, being made durable, waiting) at its acceptance rate
+            backlog = len(self.uploads) + len(self.committing) + len(self._parked)
             wait = max(wait, backlog / max(self._accept_rate, 1.0))
         return round(min(10.0, max(0.05, wait)), 3)
 
-    def _busy(self, rid: bytes, pid: str, head, detail: str, backlog: int = 0) -> None:
+    def _busy(self, rid: bytes, pid: str, head, detail: str, full: bool = False) -> None:
         """Refuse for now: retry_after (seconds) is about half an upload's recent duration, or, for a
-        server at capacity, the time it needs to work through the `backlog` of uploads it holds at
+        server at capacity (`full`), the time it needs to work through the uploads it holds at
         its recent acceptance rate (retrying sooner only costs it another refusal: under a load
         beyond what it takes, quick retries would spend its time refusing); 0.05 to 10 s."""
         self._reject(rid, "busy", detail, pid, head.round, seq=head.seq, record=False,
-                     retry_after=self._retry_after(backlog))
+                     retry_after=self._retry_after(full))
 
     # ---------------------------------------------------------------- the commit threads' side
     def _apply(self, jobs: List[Job]) -> None:
