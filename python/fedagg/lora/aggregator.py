@@ -79,6 +79,24 @@ def _to_float64(x: Any, where: str) -> np.ndarray:
     return a
 
 
+def _widen_into(dst: np.ndarray, x: Any, where: str) -> None:
+    """dst[...] = x in float64 (NumPy or torch, float32/float64/float16/bfloat16; exact), refusing
+    non-floating or non-finite values."""
+    if hasattr(x, "detach") and hasattr(x, "dtype") and type(x).__module__.startswith("torch"):
+        import torch
+
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{where}: floating-point values expected, got {x.dtype}")
+        x = x.detach().to("cpu")
+        x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # bfloat16 widens exactly to float32
+    a = np.asarray(x)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{where}: floating-point values expected, got {a.dtype}")
+    if not np.isfinite(a).all():  # checked on the (contiguous) input: dst may be a strided block
+        raise ValueError(f"{where} holds NaN or Inf")
+    np.copyto(dst, a, casting="safe")
+
+
 def _like(a: np.ndarray, ref: Any) -> Any:
     """a (float64) in the type and dtype of ref."""
     if hasattr(ref, "detach") and type(ref).__module__.startswith("torch"):
@@ -117,6 +135,20 @@ class _Layer:
         A = [_to_float64(a, f"update {i}'s {self.name + _A}") for i, a in enumerate(self.raw_A)]
         B = [_to_float64(b, f"update {i}'s {self.name + _B}") for i, b in enumerate(self.raw_B)]
         return A, B
+
+    def stacked(self, use: Sequence[int], coef: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Bs = [B_i, ...] (out x R) and As = [c_i A_i; ...] (R x in) in float64 for the updates in
+        `use`, each factor widened straight into its block (no per-update float64 copy)."""
+        out_dim, in_dim = self.shape
+        edges = np.concatenate([[0], np.cumsum([self.ranks[i] for i in use])]).astype(int)
+        Bs = np.empty((out_dim, edges[-1]), order="F")  # each B_i one contiguous block (2x faster to fill)
+        As = np.empty((edges[-1], in_dim))
+        for k, i in enumerate(use):
+            _widen_into(Bs[:, edges[k]:edges[k + 1]], self.raw_B[i], f"update {i}'s {self.name + _B}")
+            _widen_into(As[edges[k]:edges[k + 1]], self.raw_A[i], f"update {i}'s {self.name + _A}")
+            if coef is not None:
+                As[edges[k]:edges[k + 1]] *= coef[k]
+        return Bs, As
 
 
 def _split(updates: Sequence[Mapping[str, Any]]) -> Tuple[List[_Layer], Dict[str, List[Any]]]:
@@ -195,13 +227,11 @@ def _rule_on_gram(G: np.ndarray, rule: str, f: int, weights, params: Dict[str, A
 def _product_gram(layer: _Layer, s: np.ndarray) -> np.ndarray:
     """<s_i B_i A_i, s_j B_j A_j>_F for all i, j, from the factors: the blocks of the stacked
     factors' Gram matrices, multiplied entrywise and summed per block."""
-    A, B = layer.factors()
+    n = len(layer.ranks)
+    KB, KA = layer.stacked(range(n))
     edges = np.concatenate([[0], np.cumsum(layer.ranks)])
-    KA = np.concatenate(A, axis=0)
     KA = KA @ KA.T
-    KB = np.concatenate(B, axis=1)
     KB = KB.T @ KB
-    n = len(A)
     G = np.empty((n, n))
     for i in range(n):
         for j in range(i, n):
@@ -219,18 +249,19 @@ def _tensor_gram(raw: List[Any], where: str) -> np.ndarray:
 
 def _truncate(Bs: np.ndarray, As: np.ndarray, rank: int) -> Tuple[np.ndarray, np.ndarray, float]:
     """The best rank-`rank` factorization B' A' of M = Bs @ As (out x R, R x in) without forming M,
-    from the two R x R Gram matrices (one pass over each factor: (out + in) R^2 multiply-adds):
-    As = L Q^T (L the Cholesky factor of As As^T, or its eigenvectors where As is rank-deficient;
-    Q orthonormal), so M = (Bs L) Q^T, and the SVD of Bs L comes from its Gram matrix
-    L^T (Bs^T Bs) L. Returns (B', A', share of ||M||_F^2
-    discarded); the singular values split evenly between B' and A'."""
+    from the two R x R Gram matrices (one pass over each factor: (out + in) R^2 / 2 multiply-adds
+    each, BLAS syrk): As = L Q^T (L the Cholesky factor of As As^T, or its eigenvectors where As is
+    rank-deficient; Q orthonormal), so M = (Bs L) Q^T, and the SVD of Bs L comes from its Gram
+    matrix L^T (Bs^T Bs) L. Returns (B', A', share of ||M||_F^2 discarded); the singular values
+    split evenly between B' and A'."""
     KA = As @ As.T
     try:  # As of full row rank (the usual case): As = L Q^T with L its Cholesky factor
         L = np.linalg.cholesky(KA)
     except np.linalg.LinAlgError:  # rank-deficient (repeated updates): its eigenvectors instead
         L = None
     if L is not None and np.all(np.diag(L) > np.sqrt(max(float(np.max(np.diag(KA))), 0.0)) * 1e-7):
-        Linv = np.linalg.solve(L, np.eye(L.shape[0]))  # Q^T = L^-1 As
+        def qt(X):  # X^T Q^T = X^T L^-1 As, from a solve with the few columns of X (no inverse formed)
+            return np.linalg.solve(L.T, X).T @ As
     else:
         lam, V = np.linalg.eigh(KA)
         keep = lam > lam.max() * 1e-13 if lam.size and lam.max() > 0 else np.zeros(lam.size, bool)
@@ -238,6 +269,9 @@ def _truncate(Bs: np.ndarray, As: np.ndarray, rank: int) -> Tuple[np.ndarray, np
         if lam.size == 0:
             return np.zeros((Bs.shape[0], rank)), np.zeros((rank, As.shape[1])), 0.0
         L, Linv = V * np.sqrt(lam), (V / np.sqrt(lam)).T  # As = L Q^T, Q^T = Linv As
+
+        def qt(X):
+            return (X.T @ Linv) @ As
     sig2, W = np.linalg.eigh(L.T @ (Bs.T @ Bs) @ L)  # the Gram matrix of Bs L
     order = np.argsort(sig2)[::-1]
     sig2, W = np.clip(sig2[order], 0.0, None), W[:, order]
@@ -245,11 +279,11 @@ def _truncate(Bs: np.ndarray, As: np.ndarray, rank: int) -> Tuple[np.ndarray, np
     k = min(rank, int(np.sum(sig2 > 0)))
     root = np.sqrt(np.sqrt(sig2[:k]))  # sqrt of each singular value
     Wk = W[:, :k]
-    # U_k = Bs L W_k / sig and V_k^T = W_k^T Q^T = W_k^T Linv As
+    # U_k = Bs L W_k / sig and V_k^T = W_k^T Q^T
     B = np.zeros((Bs.shape[0], rank))
     A = np.zeros((rank, As.shape[1]))
     B[:, :k] = Bs @ ((L @ Wk) / root)
-    A[:k] = (root[:, None] * (Wk.T @ Linv)) @ As
+    A[:k] = root[:, None] * qt(Wk)
     discarded = float(sig2[k:].sum()) / total if total > 0 else 0.0
     return B, A, discarded
 
@@ -372,10 +406,7 @@ class LoraAggregator:
         for layer in layers:
             if coef is not None:
                 use = [i for i in range(len(s)) if coef[i] != 0]
-                A64, B64 = layer.factors()
-                Bs = np.concatenate([B64[i] for i in use], axis=1)
-                As = np.concatenate([A64[i] * (coef[i] * cs[i]) for i in use], axis=0)
-                del A64, B64
+                Bs, As = layer.stacked(use, np.array([coef[i] * cs[i] for i in use]))
                 if self.mode == "stacked":
                     B, A, lost = Bs, As, 0.0
                 else:
