@@ -30,7 +30,7 @@ echo "build: $((SECONDS - start)) s for sm_${arch}"
 $PY -c "import fedagg; print(fedagg.backends())" | tee "$OUT/backends.txt"
 
 start=$SECONDS
-timeout 240 $PY -m pytest tests/test_gpu.py tests/test_gpu_plumbing.py -q -rs -p no:cacheprovider \
+timeout 240 $PY -m pytest tests/test_gpu.py tests/test_gpu_plumbing.py tests/test_lora.py -q -rs -p no:cacheprovider \
   > "$OUT/tests.log" 2>&1
 tests_rc=$?
 grep -E "FAILED|ERROR|Error|passed|failed" "$OUT/tests.log" | tail -30
@@ -90,5 +90,15 @@ distributed_rc=$?
 lscpu | grep -E "Model name|^CPU\(s\)" | tee -a "$OUT/distributed.txt"
 tail -70 "$OUT/distributed.txt"
 echo "distributed: $((SECONDS - start)) s, rc=$distributed_rc"
-echo "tests rc=$tests_rc memcheck rc=$sanitize_rc bench rc=$bench_rc transport rc=$transport_rc distributed rc=$distributed_rc"
-exit $(( tests_rc != 0 || sanitize_rc != 0 || bench_rc != 0 || transport_rc != 0 || distributed_rc != 0 ))
+
+# LoRA adapters of 8 Llama-7B layers from 32 participants: LoraAggregator "exact" on the GPU (its
+# torch backend) against torch's mean of each factor there (the goal: within 3x), with the
+# host rows of the same run for scale.
+start=$SECONDS
+timeout 240 $PY -m fedagg bench --sections lora --lora-layers 8 --lora-device cuda --json "$OUT/lora.json" \
+  > "$OUT/lora.txt" 2>&1
+lora_rc=$?
+tail -10 "$OUT/lora.txt"
+echo "lora: $((SECONDS - start)) s, rc=$lora_rc"
+echo "tests rc=$tests_rc memcheck rc=$sanitize_rc bench rc=$bench_rc transport rc=$transport_rc distributed rc=$distributed_rc lora rc=$lora_rc"
+exit $(( tests_rc != 0 || sanitize_rc != 0 || bench_rc != 0 || transport_rc != 0 || distributed_rc != 0 || lora_rc != 0 ))

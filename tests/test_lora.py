@@ -234,3 +234,70 @@ def test_repeated_updates_rank_deficient_stack():
     for name in SHAPES:
         np.testing.assert_allclose(product_of(res, name), products(u)[name], rtol=1e-8, atol=1e-8)
         assert res.discarded[name] == pytest.approx(0.0, abs=1e-10)
+
+
+# ------------------------------------------------------------------ the torch backend (device=...)
+# The same float64 linear algebra run by torch where the adapters live: forced onto the CPU here
+# (device="cpu"), on a GPU when the tests have one. Every result is held to the NumPy references
+# above, and to the NumPy backend's result.
+
+def _devices():
+    torch = pytest.importorskip("torch")
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("mode", ["exact", "stacked"])
+def test_torch_backend_matches_the_references(device, mode):
+    import torch
+
+    ups = make(21, 6, ranks=[4, 2, 4, 3, 4, 1])
+    w = np.array([1.0, 2.0, 3.0, 1.0, 0.5, 1.5])
+    s = np.array([0.5, 2.0, 1.0, 1.0, 4.0, 1.0])
+    tups = [{k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in u.items()} for u in ups]
+    f32 = [{k: v.astype(np.float32) for k, v in u.items()} for u in ups]  # what the tensors hold
+    res = LoraAggregator(mode, "mean", rank=3, device=device).aggregate(tups, weights=w, scalings=s)
+    host = LoraAggregator(mode, "mean", rank=3).aggregate(f32, weights=w, scalings=s)
+    for name in SHAPES:
+        a = res.adapters[name + ".lora_A.weight"]
+        assert isinstance(a, torch.Tensor) and a.device.type == device and a.dtype == torch.float32
+        ref = sum(wi * products(u, si)[name] for u, wi, si in zip(f32, w, s)) / w.sum()
+        want, lost = truncation(ref, 3) if mode == "exact" else (ref, 0.0)
+        got = res.scaling * (res.adapters[name + ".lora_B.weight"].double() @ a.double()).cpu().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(ref).max())  # float32 out
+        np.testing.assert_allclose(got, product_of(host, name), rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+        if mode == "exact":
+            assert res.discarded[name] == pytest.approx(lost, rel=1e-9, abs=1e-12)
+    assert res.adapters["m.head.bias"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_torch_backend_distance_rule_and_rank_deficient_stack(device):
+    import torch
+
+    ups = make(22, 7)
+    ups[3] = {k: v * 30 for k, v in ups[3].items()}  # an outlier Krum must leave out
+    tups = [{k: torch.tensor(v, device=device) for k, v in u.items()} for u in ups]  # float64 tensors
+    res = LoraAggregator("exact", "multi_krum", 1, device=device).aggregate(tups)
+    host = LoraAggregator("exact", "multi_krum", 1).aggregate(ups)
+    assert res.info.selected.tolist() == host.info.selected.tolist() and 3 not in res.info.selected.tolist()
+    for name in SHAPES:
+        got = res.adapters[name + ".lora_B.weight"] @ res.adapters[name + ".lora_A.weight"]
+        np.testing.assert_allclose(got.cpu().numpy(), product_of(host, name), rtol=1e-9, atol=1e-9)
+    (u,) = make(23, 1)
+    tu = {k: torch.tensor(v, device=device) for k, v in u.items()}
+    res = LoraAggregator("exact", "mean", device=device).aggregate([tu, tu, tu])  # rank-deficient stack
+    for name in SHAPES:
+        got = (res.adapters[name + ".lora_B.weight"] @ res.adapters[name + ".lora_A.weight"]).cpu().numpy()
+        np.testing.assert_allclose(got, products(u)[name], rtol=1e-8, atol=1e-8)
+        assert res.discarded[name] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_torch_backend_refuses_non_finite_and_bad_devices():
+    torch = pytest.importorskip("torch")
+    ups = [{k: torch.tensor(v) for k, v in u.items()} for u in make(24, 3)]
+    ups[2]["m.l0.k_proj.lora_B.weight"][1, 1] = float("nan")
+    with pytest.raises(ValueError, match="update 2's m.l0.k_proj.lora_B.weight holds NaN or Inf"):
+        LoraAggregator("exact", device="cpu").aggregate(ups)
+    with pytest.raises(ValueError, match="device must name a torch device"):
+        LoraAggregator("exact", device="gpu-please")

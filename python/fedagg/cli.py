@@ -124,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--lora-layers", type=_int_at_least(1), default=32,
                    help="lora section: layers of the Llama-7B layout (default 32, all; about 5 GB of adapters for "
                         "32 participants)")
+    b.add_argument("--lora-device", default=None,
+                   help="lora section: also time torch's factor mean and LoraAggregator 'exact' on this torch device "
+                        "(e.g. cuda), the adapters held there")
     b.add_argument("--transport-mb", type=_float_at_least(0, True), default=400.0,
                    help="transport section: size of the single update in MB (default 400)")
     b.add_argument("--transport-n", type=_int_at_least(1), default=16,
@@ -272,7 +275,7 @@ def _bench(args) -> int:
     if "lora" in args.sections:
         from .lora import bench as lbench
 
-        res["lora"] = lbench.run(n=32, layers=args.lora_layers, seed=args.seed)
+        res["lora"] = lbench.run(n=32, layers=args.lora_layers, seed=args.seed, device=args.lora_device)
         for line in lbench.lines(res["lora"]):
             _print(con, line, report)
     if "half" in args.sections:

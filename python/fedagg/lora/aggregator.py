@@ -4,10 +4,13 @@ aggregated exactly and re-factored to rank r, or the factors stacked (FLoRA).
 An update is a mapping name -> array as PEFT's ``get_peft_model_state_dict`` gives it: for every
 adapted layer X, ``X.lora_A.weight`` (r x in) and ``X.lora_B.weight`` (out x r), whose update of
 the layer's weight is ``scaling * B @ A``; any other entry (biases, ``modules_to_save``) is dense
-and taken as it is. Arrays are NumPy or torch (CPU; float32, float64, float16 or bfloat16);
-results come back in the first update's type and dtype. Computation is float64 NumPy, layer by
-layer (a layer's n factors at a time, never n dense d_out x d_in products, except for
-coordinate-wise rules in ``"exact"`` mode, which need them a block of rows at a time).
+and taken as it is. Arrays are NumPy or torch (float32, float64, float16 or bfloat16); results
+come back in the first update's type, dtype and device. Computation is float64, layer by layer (a
+layer's n factors at a time, never n dense d_out x d_in products, except for coordinate-wise rules
+in ``"exact"`` mode, which need them a block of rows at a time, on the host): NumPy on the host, or
+torch where the adapters are when they are CUDA tensors (``device=`` chooses: "cuda:1", or "cpu"
+for torch on the host, slower than NumPy there). On a GPU a layer's stacked factors, their Gram
+matrices and the truncation stay on the device; the rule sees the n x n Gram matrix on the host.
 
 Modes (``LoraAggregator(mode=...)``):
 
@@ -41,6 +44,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..rules import RULES, AggregationInfo
+from . import backend
 
 MODES = ("factors", "exact", "stacked")
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -77,24 +81,6 @@ def _to_float64(x: Any, where: str) -> np.ndarray:
     if not np.isfinite(a).all():
         raise ValueError(f"{where} holds NaN or Inf")
     return a
-
-
-def _widen_into(dst: np.ndarray, x: Any, where: str) -> None:
-    """dst[...] = x in float64 (NumPy or torch, float32/float64/float16/bfloat16; exact), refusing
-    non-floating or non-finite values."""
-    if hasattr(x, "detach") and hasattr(x, "dtype") and type(x).__module__.startswith("torch"):
-        import torch
-
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{where}: floating-point values expected, got {x.dtype}")
-        x = x.detach().to("cpu")
-        x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # bfloat16 widens exactly to float32
-    a = np.asarray(x)
-    if a.dtype.kind != "f":
-        raise TypeError(f"{where}: floating-point values expected, got {a.dtype}")
-    if not np.isfinite(a).all():  # checked on the (contiguous) input: dst may be a strided block
-        raise ValueError(f"{where} holds NaN or Inf")
-    np.copyto(dst, a, casting="safe")
 
 
 def _like(a: np.ndarray, ref: Any) -> Any:
@@ -136,18 +122,22 @@ class _Layer:
         B = [_to_float64(b, f"update {i}'s {self.name + _B}") for i, b in enumerate(self.raw_B)]
         return A, B
 
-    def stacked(self, use: Sequence[int], coef: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """Bs = [B_i, ...] (out x R) and As = [c_i A_i; ...] (R x in) in float64 for the updates in
-        `use`, each factor widened straight into its block (no per-update float64 copy)."""
+    def stacked(self, use: Sequence[int], coef: Optional[np.ndarray], xb) -> Tuple[Any, Any]:
+        """Bs = [B_i, ...] (out x R) and As = [c_i A_i; ...] (R x in) in float64 on backend `xb`, for
+        the updates in `use`: each factor widened straight into its block (no per-update copy)."""
         out_dim, in_dim = self.shape
         edges = np.concatenate([[0], np.cumsum([self.ranks[i] for i in use])]).astype(int)
-        Bs = np.empty((out_dim, edges[-1]), order="F")  # each B_i one contiguous block (2x faster to fill)
-        As = np.empty((edges[-1], in_dim))
+        Bs = xb.empty((out_dim, edges[-1]), fortran=True)  # each B_i one contiguous block (2x faster to fill)
+        As = xb.empty((edges[-1], in_dim))
         for k, i in enumerate(use):
-            _widen_into(Bs[:, edges[k]:edges[k + 1]], self.raw_B[i], f"update {i}'s {self.name + _B}")
-            _widen_into(As[edges[k]:edges[k + 1]], self.raw_A[i], f"update {i}'s {self.name + _A}")
+            xb.put(Bs[:, edges[k]:edges[k + 1]], self.raw_B[i], f"update {i}'s {self.name + _B}")
+            xb.put(As[edges[k]:edges[k + 1]], self.raw_A[i], f"update {i}'s {self.name + _A}")
             if coef is not None:
-                As[edges[k]:edges[k + 1]] *= coef[k]
+                As[edges[k]:edges[k + 1]] *= float(coef[k])
+        if not (xb.check_finite(Bs) and xb.check_finite(As)):
+            for i in use:  # name the first non-finite input (its float64 copy on the host raises)
+                _to_float64(self.raw_B[i], f"update {i}'s {self.name + _B}")
+                _to_float64(self.raw_A[i], f"update {i}'s {self.name + _A}")
         return Bs, As
 
 
@@ -224,20 +214,14 @@ def _rule_on_gram(G: np.ndarray, rule: str, f: int, weights, params: Dict[str, A
     return coef, None, info
 
 
-def _product_gram(layer: _Layer, s: np.ndarray) -> np.ndarray:
+def _product_gram(layer: _Layer, s: np.ndarray, xb) -> np.ndarray:
     """<s_i B_i A_i, s_j B_j A_j>_F for all i, j, from the factors: the blocks of the stacked
     factors' Gram matrices, multiplied entrywise and summed per block."""
     n = len(layer.ranks)
-    KB, KA = layer.stacked(range(n))
-    edges = np.concatenate([[0], np.cumsum(layer.ranks)])
-    KA = KA @ KA.T
-    KB = KB.T @ KB
-    G = np.empty((n, n))
-    for i in range(n):
-        for j in range(i, n):
-            a, b = slice(edges[i], edges[i + 1]), slice(edges[j], edges[j + 1])
-            G[i, j] = G[j, i] = float(np.sum(KB[a, b] * KA[a, b])) * s[i] * s[j]
-    return G
+    Bs, As = layer.stacked(range(n), None, xb)
+    G = xb.block_sums((Bs.T @ Bs) * (As @ As.T), np.concatenate([[0], np.cumsum(layer.ranks)]))
+    G = (G + G.T) / 2
+    return G * np.outer(s, s)
 
 
 def _tensor_gram(raw: List[Any], where: str) -> np.ndarray:
@@ -247,7 +231,7 @@ def _tensor_gram(raw: List[Any], where: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- re-factorization
 
-def _truncate(Bs: np.ndarray, As: np.ndarray, rank: int) -> Tuple[np.ndarray, np.ndarray, float]:
+def _truncate(Bs: Any, As: Any, rank: int, xb) -> Tuple[Any, Any, float]:
     """The best rank-`rank` factorization B' A' of M = Bs @ As (out x R, R x in) without forming M,
     from the two R x R Gram matrices (one pass over each factor: (out + in) R^2 / 2 multiply-adds
     each, BLAS syrk): As = L Q^T (L the Cholesky factor of As As^T, or its eigenvectors where As is
@@ -255,36 +239,35 @@ def _truncate(Bs: np.ndarray, As: np.ndarray, rank: int) -> Tuple[np.ndarray, np
     matrix L^T (Bs^T Bs) L. Returns (B', A', share of ||M||_F^2 discarded); the singular values
     split evenly between B' and A'."""
     KA = As @ As.T
-    try:  # As of full row rank (the usual case): As = L Q^T with L its Cholesky factor
-        L = np.linalg.cholesky(KA)
-    except np.linalg.LinAlgError:  # rank-deficient (repeated updates): its eigenvectors instead
-        L = None
-    if L is not None and np.all(np.diag(L) > np.sqrt(max(float(np.max(np.diag(KA))), 0.0)) * 1e-7):
+    L = xb.cholesky(KA)
+    if L is not None and bool((xb.host(L.diagonal()) > np.sqrt(max(float(xb.host(KA.diagonal()).max()), 0.0))
+                               * 1e-7).all()):
         def qt(X):  # X^T Q^T = X^T L^-1 As, from a solve with the few columns of X (no inverse formed)
-            return np.linalg.solve(L.T, X).T @ As
-    else:
-        lam, V = np.linalg.eigh(KA)
-        keep = lam > lam.max() * 1e-13 if lam.size and lam.max() > 0 else np.zeros(lam.size, bool)
-        lam, V = lam[keep], V[:, keep]
-        if lam.size == 0:
-            return np.zeros((Bs.shape[0], rank)), np.zeros((rank, As.shape[1])), 0.0
-        L, Linv = V * np.sqrt(lam), (V / np.sqrt(lam)).T  # As = L Q^T, Q^T = Linv As
+            return xb.solve_lower_t(L, X).T @ As
+    else:  # rank-deficient (repeated updates): As = V sqrt(lam) (V / sqrt(lam))^T As
+        lam, V = xb.eigh(KA)
+        lam_h = xb.host(lam)
+        keep = np.flatnonzero(lam_h > lam_h.max() * 1e-13) if lam_h.size and lam_h.max() > 0 else np.zeros(0, int)
+        if keep.size == 0:
+            return xb.zeros((Bs.shape[0], rank)), xb.zeros((rank, As.shape[1])), 0.0
+        root_lam = lam[keep] ** 0.5
+        L, Linv = V[:, keep] * root_lam, (V[:, keep] / root_lam).T  # As = L Q^T, Q^T = Linv As
 
         def qt(X):
             return (X.T @ Linv) @ As
-    sig2, W = np.linalg.eigh(L.T @ (Bs.T @ Bs) @ L)  # the Gram matrix of Bs L
-    order = np.argsort(sig2)[::-1]
-    sig2, W = np.clip(sig2[order], 0.0, None), W[:, order]
-    total = float(sig2.sum())
-    k = min(rank, int(np.sum(sig2 > 0)))
-    root = np.sqrt(np.sqrt(sig2[:k]))  # sqrt of each singular value
-    Wk = W[:, :k]
-    # U_k = Bs L W_k / sig and V_k^T = W_k^T Q^T
-    B = np.zeros((Bs.shape[0], rank))
-    A = np.zeros((rank, As.shape[1]))
+    sig2, W = xb.eigh(L.T @ (Bs.T @ Bs) @ L)  # the Gram matrix of Bs L, eigenvalues ascending
+    sig2_h = np.clip(xb.host(sig2)[::-1], 0.0, None)  # largest first
+    total = float(sig2_h.sum())
+    k = min(rank, int(np.sum(sig2_h > 0)))
+    order = list(range(len(sig2_h) - 1, len(sig2_h) - 1 - k, -1))
+    Wk = W[:, order]
+    root = xb.nonneg(sig2[order]) ** 0.25
+    # U_k = Bs L W_k / sig and V_k^T = W_k^T Q^T; each factor takes sqrt(sig)
+    B = xb.zeros((Bs.shape[0], rank))
+    A = xb.zeros((rank, As.shape[1]))
     B[:, :k] = Bs @ ((L @ Wk) / root)
     A[:k] = root[:, None] * qt(Wk)
-    discarded = float(sig2[k:].sum()) / total if total > 0 else 0.0
+    discarded = float(sig2_h[k:].sum()) / total if total > 0 else 0.0
     return B, A, discarded
 
 
@@ -299,7 +282,7 @@ class LoraAggregator:
     rank)."""
 
     def __init__(self, mode: str = "exact", rule: str = "mean", f: int = 0, *, rank: Optional[int] = None,
-                 scaling: float = 1.0, clip_norm: Optional[float] = None, **rule_params: Any):
+                 scaling: float = 1.0, clip_norm: Optional[float] = None, device: Any = None, **rule_params: Any):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if rule not in RULES:
@@ -316,6 +299,16 @@ class LoraAggregator:
             raise ValueError(f"scaling must be a positive number, got {scaling!r}")
         if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
             raise ValueError(f"clip_norm must be a positive number, got {clip_norm!r}")
+        if device is not None:
+            try:
+                import torch
+            except ImportError as e:
+                raise ImportError("LoraAggregator(device=...) computes with torch: pip install 'fedagg[torch]'") from e
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"device must name a torch device ('cpu', 'cuda', 'cuda:1'), got {device!r}") from e
+        self.device = device
         self.mode, self.rule, self.f, self.rank, self.scaling = mode, rule, int(f), rank, float(scaling)
         self.clip_norm, self.params = clip_norm, dict(rule_params)
 
@@ -391,9 +384,10 @@ class LoraAggregator:
 
     # ------------------------------------------------------------------ products
     def _products(self, updates, layers, dense, w, s) -> LoraResult:
+        xb = backend.choose(self.device, [t for layer in layers for t in layer.raw_A + layer.raw_B])
         G = np.zeros((len(s), len(s)))
         if self._needs_gram():
-            G = sum((_product_gram(layer, s) for layer in layers), G)
+            G = sum((_product_gram(layer, s, xb) for layer in layers), G)
             G = G + sum((_tensor_gram(v, k) for k, v in dense.items()), np.zeros_like(G))
         scale = self._clip_scales(G)
         G = G * np.outer(scale, scale)
@@ -406,17 +400,19 @@ class LoraAggregator:
         for layer in layers:
             if coef is not None:
                 use = [i for i in range(len(s)) if coef[i] != 0]
-                Bs, As = layer.stacked(use, np.array([coef[i] * cs[i] for i in use]))
+                Bs, As = layer.stacked(use, np.array([coef[i] * cs[i] for i in use]), xb)
                 if self.mode == "stacked":
                     B, A, lost = Bs, As, 0.0
                 else:
-                    B, A, lost = _truncate(Bs, As, self.rank or max(layer.ranks))
-            else:
+                    B, A, lost = _truncate(Bs, As, self.rank or max(layer.ranks), xb)
+                conv = xb
+            else:  # coordinate-wise rules: dense products a block of rows at a time, on the host
                 M = self._dense_product(layer, cs, sel)
                 B, A, lost = _svd_truncate(M, self.rank or max(layer.ranks))
-            root = np.sqrt(self.scaling)  # scaling * B' A' = the aggregate
-            out[layer.name + _A] = _like(A / root, ref[layer.name + _A])
-            out[layer.name + _B] = _like(B / root, ref[layer.name + _B])
+                conv = backend.NumpyLinalg()
+            root = float(np.sqrt(self.scaling))  # scaling * B' A' = the aggregate
+            out[layer.name + _A] = conv.like(A / root, ref[layer.name + _A])
+            out[layer.name + _B] = conv.like(B / root, ref[layer.name + _B])
             ranks[layer.name], discarded[layer.name] = A.shape[0], lost
         for k, raw in dense.items():
             vals = [_to_float64(v, f"update {i}'s {k}") * c for i, (v, c) in enumerate(zip(raw, scale))]

@@ -7,7 +7,9 @@ from n participants, float32 NumPy inputs, in the same run:
   OpenFedLLM do, and the baseline of the issue's goal;
 * LoraAggregator "factors" (the same, with its validation and the rule machinery);
 * LoraAggregator "stacked" (FLoRA: exact at rank n r, no factorization);
-* LoraAggregator "exact" (the products' mean re-factored to rank r).
+* LoraAggregator "exact" (the products' mean re-factored to rank r);
+* with a device (``--lora-device cuda``): torch's mean of each factor there, and "exact" computed
+  there (LoraAggregator's torch backend), the inputs float32 tensors on the device.
 
 ``layers`` cuts the model to its first layers (the time is per layer, times 32).
 
@@ -20,7 +22,7 @@ from n participants, float32 NumPy inputs, in the same run:
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -48,7 +50,10 @@ def adapters(n: int, layers: int, rank: int, hidden: int, intermediate: int, see
 
 
 def run(n: int = 32, layers: int = 32, rank: int = 16, hidden: int = 4096, intermediate: int = 11008,
-        seed: int = 0) -> Dict[str, Any]:
+        seed: int = 0, device: Optional[str] = None) -> Dict[str, Any]:
+    """The rows of the module doc; with `device` (e.g. "cuda"), two more on the adapters as float32
+    torch tensors there: torch's mean of each factor, and LoraAggregator "exact" computing on the
+    device (its torch backend)."""
     ups = adapters(n, layers, rank, hidden, intermediate, seed)
     params = sum(v.size for v in ups[0].values())
     rows = []
@@ -63,18 +68,37 @@ def run(n: int = 32, layers: int = 32, rank: int = 16, hidden: int = 4096, inter
     timed("LoraAggregator factors", lambda: LoraAggregator("factors", "mean").aggregate(ups))
     timed("LoraAggregator stacked", lambda: LoraAggregator("stacked", "mean").aggregate(ups))
     res = timed("LoraAggregator exact", lambda: LoraAggregator("exact", "mean", rank=rank).aggregate(ups))
+    if device is not None:
+        import torch
+
+        dev = torch.device(device)
+        tups = [{k: torch.from_numpy(v).to(dev) for k, v in u.items()} for u in ups]
+
+        def synced(fn):
+            def call():
+                out = fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                return out
+            return call
+        synced(lambda: LoraAggregator("exact", "mean", rank=rank, device=dev).aggregate(tups[:2]))()  # warm-up
+        timed(f"torch mean of each factor ({dev})",
+              synced(lambda: {k: torch.stack([u[k] for u in tups]).mean(0) for k in tups[0]}))
+        timed(f"LoraAggregator exact ({dev})",
+              synced(lambda: LoraAggregator("exact", "mean", rank=rank, device=dev).aggregate(tups)))
+        del tups
     base = rows[0]["seconds"]
     for r in rows:
         r["vs_numpy_factors"] = r["seconds"] / base
     return {"n": n, "layers": layers, "rank": rank, "params_per_participant": params,
-            "bytes_in": n * params * 4, "rows": rows,
+            "bytes_in": n * params * 4, "rows": rows, "device": device,
             "discarded_mean": float(np.mean(list(res.discarded.values())))}
 
 
 def lines(res: Dict[str, Any]) -> List[str]:
     out = [f"lora: {res['n']} participants x {res['params_per_participant']:,} LoRA parameters (Llama-7B layout, "
            f"{res['layers']} of 32 layers, rank {res['rank']}), float32 in",
-           f"{'impl':28s} {'seconds':>9s} {'x NumPy factors':>16s}"]
+           f"{'impl':34s} {'seconds':>9s} {'x NumPy factors':>16s}"]
     for r in res["rows"]:
-        out.append(f"{r['impl']:28s} {r['seconds']:9.3f} {r['vs_numpy_factors']:16.1f}")
+        out.append(f"{r['impl']:34s} {r['seconds']:9.3f} {r['vs_numpy_factors']:16.1f}")
     return out
