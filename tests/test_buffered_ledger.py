@@ -197,3 +197,70 @@ def test_buffered_ledger_config_checks_the_rule_on_the_smallest_version():
     with pytest.raises(ValueError, match="cannot run on 2"):
         ServerConfig(**kw, admission="ledger", ledger=object()).check()
     ServerConfig(**{**kw, "min_updates": 3}, admission="ledger", ledger=object()).check()
+
+
+def test_buffered_ledger_refuses_replayed_and_borrowed_signatures():
+    """An attacker's replays in a buffered ledger run: participant 0's signed upload accepted in
+    version 0, sent again in version 1 (where it committed nothing) is refused `duplicate` (the
+    server remembers the base each participant uploaded on while that base can be uploaded on, so
+    a replay never reaches the chain's checks; past the window it is `stale`); participant 2's
+    signed update sent by participant 5 as its own (it committed that hash, so only the signature
+    is borrowed) is refused `signature`; neither enters version 1, which takes the two honest
+    updates."""
+    w3 = ledger.embedded()
+    owner, agg, *accounts = w3.eth.accounts
+    chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
+    people = [LedgerParticipant(chain, a) for a in accounts[:6]]
+    for p in people:
+        p.register(2 * ETH)
+    server = Server(np.zeros(D, np.float32),
+                    ServerConfig(bind="tcp://127.0.0.1:0", rule="mean", mode="buffered", quorum=2, min_updates=1,
+                                 max_staleness=1, deadline=4.0, rounds=2,
+                                 ledger=LedgerGate(chain, commit_seconds=60.0, poll_seconds=0.05)))
+    th = threading.Thread(target=server.serve, daemon=True)
+    th.start()
+    got, sigs = {}, {}
+
+    def honest(i: int, version: int):
+        p = people[i]
+        with Client(server.endpoint, p.account, timeout=60) as c:
+            _wait_for_window(c, version)
+            session = c.state["session"]
+            sigs[i] = p.commit(version, delta(i), session=session, base=version)
+            p.wait_window_closed(version, session=session, timeout=60)
+            got[i] = c.submit(delta(i), version, signature=sigs[i])
+
+    def attack(name: str, i: int, update_of: int, version: int, commit: bool):
+        """Participant i sends delta(update_of) with the signature sigs[update_of] in `version`."""
+        p = people[i]
+        try:
+            with Client(server.endpoint, p.account, timeout=60) as c:
+                _wait_for_window(c, version)
+                session = c.state["session"]
+                if commit:  # the hash committed: only the signature is borrowed
+                    p.commit(version, delta(update_of), session=session, base=0)
+                p.wait_window_closed(version, session=session, timeout=60)
+                got[name] = c.submit(delta(update_of), 0, signature=sigs[update_of])
+        except TransportError as e:
+            got[name] = e.reason
+
+    def run(targets):
+        ts = [threading.Thread(target=fn, args=a) for fn, a in targets]
+        [t.start() for t in ts]
+        [t.join(90) for t in ts]
+        assert not any(t.is_alive() for t in ts)
+
+    run([(honest, (0, 0)), (honest, (2, 0))])
+    run([(honest, (3, 1)), (honest, (4, 1)), (attack, ("replay", 0, 0, 1, False)),
+         (attack, ("borrowed", 5, 2, 1, True))])
+    th.join(60)
+    assert not th.is_alive()
+    assert got["replay"] == "duplicate", got
+    assert got["borrowed"] == "signature", got
+    acct = [p.account for p in people]
+    r0, r1 = server.history
+    assert set(r0["accepted"]) == {acct[0], acct[2]} and set(r1["accepted"]) == {acct[3], acct[4]}
+    refused = {x["id"]: x["reason"] for x in r1["rejected"]}
+    # the version's record (and bundle) lists the refusal of the one that committed in it
+    assert refused == {acct[5]: "signature"}, r1["rejected"]
+    np.testing.assert_allclose(server.model, (delta(0) + delta(2)) / 2 + (delta(3) + delta(4)) / 2, atol=1e-6)
