@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
                         "32 participants)")
     b.add_argument("--lora-device", default=None,
                    help="lora section: also time torch's factor mean and LoraAggregator 'exact' on this torch device "
-                        "(e.g. cuda), the adapters held there")
+                        "(e.g. cuda), the adapters held there (default: none, the host's rows only)")
     b.add_argument("--transport-mb", type=_float_at_least(0, True), default=400.0,
                    help="transport section: size of the single update in MB (default 400)")
     b.add_argument("--transport-n", type=_int_at_least(1), default=16,
