@@ -68,28 +68,17 @@ class LoraResult:
 
 # --------------------------------------------------------------------------- inputs
 
+_HOST = backend.NumpyLinalg()
+
+
 def _to_float64(x: Any, where: str) -> np.ndarray:
-    if hasattr(x, "detach") and hasattr(x, "dtype") and type(x).__module__.startswith("torch"):
-        x = x.detach().to("cpu")
-        import torch
-
-        x = x.to(torch.float64).numpy()  # bfloat16 and float16 widen exactly
-    a = np.asarray(x)
-    if a.dtype.kind != "f":
-        raise TypeError(f"{where}: floating-point values expected, got {a.dtype}")
-    a = a.astype(np.float64)
-    if not np.isfinite(a).all():
-        raise ValueError(f"{where} holds NaN or Inf")
-    return a
+    """x widened to a float64 NumPy array (exactly), refusing non-floating or non-finite values."""
+    out = np.empty(tuple(x.shape) if hasattr(x, "shape") else np.shape(x))
+    _HOST.put(out, x, where)
+    return out
 
 
-def _like(a: np.ndarray, ref: Any) -> Any:
-    """a (float64) in the type and dtype of ref."""
-    if hasattr(ref, "detach") and type(ref).__module__.startswith("torch"):
-        import torch
-
-        return torch.from_numpy(np.ascontiguousarray(a)).to(dtype=ref.dtype, device=ref.device)
-    return a.astype(np.asarray(ref).dtype)
+_like = _HOST.like  # a float64 array in the type, dtype and device of a reference
 
 
 def _shape(x: Any, where: str) -> Tuple[int, ...]:
