@@ -206,7 +206,9 @@ def test_buffered_ledger_refuses_replayed_and_borrowed_signatures():
     a replay never reaches the chain's checks; past the window it is `stale`); participant 2's
     signed update sent by participant 5 as its own (it committed that hash, so only the signature
     is borrowed) is refused `signature`; neither enters version 1, which takes the two honest
-    updates."""
+    updates. A version's window closes at K = 3 commitments, so every committer is in before it
+    closes, and the version's uploads wait for the replay's answer, so the replay is refused while
+    version 1 is open (not after the server has stopped)."""
     w3 = ledger.embedded()
     owner, agg, *accounts = w3.eth.accounts
     chain = ledger.EvmLedger.deploy(w3, owner=owner, aggregator=agg, min_stake=ETH)
@@ -214,12 +216,13 @@ def test_buffered_ledger_refuses_replayed_and_borrowed_signatures():
     for p in people:
         p.register(2 * ETH)
     server = Server(np.zeros(D, np.float32),
-                    ServerConfig(bind="tcp://127.0.0.1:0", rule="mean", mode="buffered", quorum=2, min_updates=1,
+                    ServerConfig(bind="tcp://127.0.0.1:0", rule="mean", mode="buffered", quorum=3, min_updates=1,
                                  max_staleness=1, deadline=4.0, rounds=2,
                                  ledger=LedgerGate(chain, commit_seconds=60.0, poll_seconds=0.05)))
     th = threading.Thread(target=server.serve, daemon=True)
     th.start()
     got, sigs = {}, {}
+    replayed = threading.Event()
 
     def honest(i: int, version: int):
         p = people[i]
@@ -228,6 +231,7 @@ def test_buffered_ledger_refuses_replayed_and_borrowed_signatures():
             session = c.state["session"]
             sigs[i] = p.commit(version, delta(i), session=session, base=version)
             p.wait_window_closed(version, session=session, timeout=60)
+            assert version == 0 or replayed.wait(60)
             got[i] = c.submit(delta(i), version, signature=sigs[i])
 
     def attack(name: str, i: int, update_of: int, version: int, commit: bool):
@@ -240,9 +244,14 @@ def test_buffered_ledger_refuses_replayed_and_borrowed_signatures():
                 if commit:  # the hash committed: only the signature is borrowed
                     p.commit(version, delta(update_of), session=session, base=0)
                 p.wait_window_closed(version, session=session, timeout=60)
+                if commit:
+                    assert replayed.wait(60)
                 got[name] = c.submit(delta(update_of), 0, signature=sigs[update_of])
         except TransportError as e:
             got[name] = e.reason
+        finally:
+            if not commit:
+                replayed.set()
 
     def run(targets):
         ts = [threading.Thread(target=fn, args=a) for fn, a in targets]
@@ -250,7 +259,7 @@ def test_buffered_ledger_refuses_replayed_and_borrowed_signatures():
         [t.join(90) for t in ts]
         assert not any(t.is_alive() for t in ts)
 
-    run([(honest, (0, 0)), (honest, (2, 0))])
+    run([(honest, (0, 0)), (honest, (1, 0)), (honest, (2, 0))])
     run([(honest, (3, 1)), (honest, (4, 1)), (attack, ("replay", 0, 0, 1, False)),
          (attack, ("borrowed", 5, 2, 1, True))])
     th.join(60)
@@ -259,8 +268,8 @@ def test_buffered_ledger_refuses_replayed_and_borrowed_signatures():
     assert got["borrowed"] == "signature", got
     acct = [p.account for p in people]
     r0, r1 = server.history
-    assert set(r0["accepted"]) == {acct[0], acct[2]} and set(r1["accepted"]) == {acct[3], acct[4]}
+    assert set(r0["accepted"]) == {acct[0], acct[1], acct[2]} and set(r1["accepted"]) == {acct[3], acct[4]}
     refused = {x["id"]: x["reason"] for x in r1["rejected"]}
     # the version's record (and bundle) lists the refusal of the one that committed in it
     assert refused == {acct[5]: "signature"}, r1["rejected"]
-    np.testing.assert_allclose(server.model, (delta(0) + delta(2)) / 2 + (delta(3) + delta(4)) / 2, atol=1e-6)
+    np.testing.assert_allclose(server.model, (delta(0) + delta(1) + delta(2)) / 3 + (delta(3) + delta(4)) / 2, atol=1e-6)
