@@ -72,11 +72,14 @@ def test_exact_mean_is_the_truncated_mean_of_the_products(rank):
 
 def test_stacked_is_the_exact_aggregate_at_the_summed_rank_with_heterogeneous_ranks():
     ups = make(2, 4, ranks=[1, 3, 4, 2])
-    res = LoraAggregator("stacked", "mean").aggregate(ups)
+    before = [{k: v.copy() for k, v in u.items()} for u in ups]
+    res = LoraAggregator("stacked", "mean", scaling=0.5).aggregate(ups)
     for name in SHAPES:
         ref = sum(products(u)[name] for u in ups) / 4
         np.testing.assert_allclose(product_of(res, name), ref, rtol=1e-12, atol=1e-12)
         assert res.rank[name] == 10
+    # the output factors (rescaled for scaling = 0.5) are new arrays: the inputs are as they were
+    assert all(np.array_equal(u[k], b[k]) for u, b in zip(ups, before) for k in u)
     # exact mode takes heterogeneous ranks too; factors mode refuses them
     LoraAggregator("exact", "mean", rank=3).aggregate(ups)
     with pytest.raises(ValueError, match="same rank"):

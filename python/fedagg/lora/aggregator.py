@@ -400,8 +400,11 @@ class LoraAggregator:
                 B, A, lost = _svd_truncate(M, self.rank or max(layer.ranks))
                 conv = backend.NumpyLinalg()
             root = float(np.sqrt(self.scaling))  # scaling * B' A' = the aggregate
-            out[layer.name + _A] = conv.like(A / root, ref[layer.name + _A])
-            out[layer.name + _B] = conv.like(B / root, ref[layer.name + _B])
+            if root != 1.0:  # in place: A and B are this call's own arrays (stacked: n times the input's size)
+                A /= root
+                B /= root
+            out[layer.name + _A] = conv.like(A, ref[layer.name + _A])
+            out[layer.name + _B] = conv.like(B, ref[layer.name + _B])
             ranks[layer.name], discarded[layer.name] = A.shape[0], lost
         for k, raw in dense.items():
             vals = [_to_float64(v, f"update {i}'s {k}") * c for i, (v, c) in enumerate(zip(raw, scale))]
