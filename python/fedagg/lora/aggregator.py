@@ -398,7 +398,7 @@ class LoraAggregator:
             else:  # coordinate-wise rules: dense products a block of rows at a time, on the host
                 M = self._dense_product(layer, cs, sel)
                 B, A, lost = _svd_truncate(M, self.rank or max(layer.ranks))
-                conv = backend.NumpyLinalg()
+                conv = _HOST
             root = float(np.sqrt(self.scaling))  # scaling * B' A' = the aggregate
             if root != 1.0:  # in place: A and B are this call's own arrays (stacked: n times the input's size)
                 A /= root
