@@ -1,5 +1,5 @@
-"""pytest-benchmark suite of secure aggregation: the native ChaCha20 masks against OpenSSL's
-ChaCha20 keystream (the `cryptography` package) plus a NumPy add, and one fedagg SecAgg+ round.
+"""pytest-benchmark suite of secure aggregation: the native AES-128-CTR masks against OpenSSL's
+AES-128-CTR keystream (the `cryptography` package) plus a NumPy add, and one fedagg SecAgg+ round.
 
     FEDAGG_BENCH_D=10000000 python -m pytest bench/test_bench_secagg.py
     python -m pytest bench --benchmark-disable        # answers checked only
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("cryptography")
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms  # noqa: E402
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # noqa: E402
 
 from fedagg.secure import apply_masks, bench  # noqa: E402
 
@@ -24,7 +24,7 @@ D = int(os.environ.get("FEDAGG_BENCH_D", "1000000"))
 
 @pytest.mark.parametrize("impl", ["fedagg", "openssl+numpy"])
 def test_mask_expand_and_add(benchmark, impl):
-    benchmark.group = "ChaCha20 mask expanded and added, uint32"
+    benchmark.group = "AES-128-CTR mask expanded and added, uint32"
     key, x = hashlib.sha256(b"key").digest(), np.arange(D, dtype=np.uint32)
     y = x.copy()
 
@@ -34,7 +34,7 @@ def test_mask_expand_and_add(benchmark, impl):
         return y
 
     def openssl_mask():
-        ks = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(4 * D))
+        ks = Cipher(algorithms.AES(key[:16]), modes.CTR(key[16:])).encryptor().update(bytes(4 * D))
         return x + np.frombuffer(ks, dtype="<u4")  # uint32 wraps
 
     got = benchmark(fedagg_mask if impl == "fedagg" else openssl_mask)

@@ -584,16 +584,14 @@ PYBIND11_MODULE(_core, m) {
     fedagg::discrete_gaussian(p, d, num, den, seed, offset, add);
   }, py::arg("out"), py::arg("num"), py::arg("den"), py::arg("seed"), py::arg("offset"), py::arg("add"),
      "out[j] (+)= an exact sample of the discrete Gaussian N_Z(0, num / den).");
-  m.def("secagg_apply_masks", [](py::array data, const py::bytes& keys, const std::vector<int>& signs,
-                                  const py::bytes& nonce, int bits) {
+  m.def("secagg_apply_masks", [](py::array data, const py::bytes& seeds, const std::vector<int>& signs, int bits) {
     if (data.ndim() != 1 || !(data.flags() & py::array::c_style) || !data.writeable() ||
         data.dtype().kind() != 'u' || data.itemsize() != 4)
       throw py::type_error("data must be a writable contiguous 1-D uint32 array");
-    const std::string k = keys, nc = nonce;
+    const std::string k = seeds;
     if (k.size() != 32 * signs.size())
-      throw py::value_error("keys must hold 32 bytes per sign (" + std::to_string(signs.size()) + " signs, " +
+      throw py::value_error("seeds must hold 32 bytes per sign (" + std::to_string(signs.size()) + " signs, " +
                             std::to_string(k.size()) + " bytes)");
-    if (nc.size() != 12) throw py::value_error("nonce must be 12 bytes");
     std::vector<std::int8_t> s(signs.size());
     for (std::size_t i = 0; i < signs.size(); ++i) {
       if (signs[i] != 1 && signs[i] != -1) throw py::value_error("signs must be +1 or -1");
@@ -603,11 +601,14 @@ PYBIND11_MODULE(_core, m) {
     auto* p = static_cast<std::uint32_t*>(data.mutable_data());
     const auto d = static_cast<std::size_t>(data.size());
     py::gil_scoped_release release;
-    fedagg::apply_masks(p, d, reinterpret_cast<const std::uint8_t*>(k.data()), s.data(), s.size(),
-                        reinterpret_cast<const std::uint8_t*>(nc.data()), bits);
-  }, py::arg("data"), py::arg("keys"), py::arg("signs"), py::arg("nonce"), py::arg("bits"),
-     "data[j] = (data[j] + sum_i signs[i] * ChaCha20(keys[i], nonce) word j) mod 2^bits, in place: the "
-     "RFC 8439 keystream (block counter from 0) as little-endian uint32 words, every mask fused in one pass.");
+    fedagg::apply_masks(p, d, reinterpret_cast<const std::uint8_t*>(k.data()), s.data(), s.size(), bits);
+  }, py::arg("data"), py::arg("seeds"), py::arg("signs"), py::arg("bits"),
+     "data[j] = (data[j] + sum_i signs[i] * PRG(seeds[i]) word j) mod 2^bits, in place, every mask fused in one "
+     "pass: PRG(seed) is the AES-128-CTR keystream under key seed[:16] from the initial counter block seed[16:32] "
+     "(SP 800-38A, as OpenSSL), as little-endian uint32 words. Raises on a CPU without AES instructions "
+     "(secagg_prg_path() == 'none').");
+  m.def("secagg_prg_path", [] { return std::string(fedagg::prg_path()); },
+        "The AES instructions secagg_apply_masks uses now: 'vaes', 'aesni', 'armv8' or 'none'.");
   m.def("round_to_grid", [](const py::array_t<double, py::array::c_style | py::array::forcecast>& x, double step,
                             std::uint64_t seed, std::uint64_t offset) {
     if (x.ndim() != 1) throw py::value_error("x must be 1-D");

@@ -3,7 +3,7 @@ docs/secure.md alone.
 
 The participant below (``DocParticipant``) imports nothing from fedagg: framing, CRC32C, X25519 /
 HKDF / ChaCha20-Poly1305, Shamir over GF(2^521 - 1), the rotation, the randomized rounding and the
-ChaCha20 masks are written here from the two documents. The server under test runs in a thread of
+AES-128-CTR masks are written here from the two documents. The server under test runs in a thread of
 this process (public API), next to honest ``fedagg.Client`` participants. Every wait is bounded.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import zmq
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -71,8 +71,8 @@ def hkdf(key, info):
 
 
 def prg(key, d):
-    """RFC 8439 ChaCha20 keystream, zero nonce (and block counter), as little-endian uint32 words."""
-    enc = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+    """AES-128-CTR keystream under key[:16] from the counter block key[16:], as little-endian uint32 words."""
+    enc = Cipher(algorithms.AES(key[:16]), modes.CTR(key[16:])).encryptor()
     return np.frombuffer(enc.update(bytes(4 * d)), dtype="<u4").astype(np.uint64)
 
 
@@ -241,6 +241,7 @@ class DocParticipant:
         assert m.kind == SECAGG_REPLY, m
         self.group = g = m.json()
         assert g["d"] == PADDED and 4 * g["d"] == self.state["secure"]["ring_bytes"], (g, self.state)
+        assert self.state["secure"]["prg"] == "aes128-ctr", self.state  # the PRG docs/secure.md defines
         self.me, self.rid = g["index"], bytes.fromhex(g["round_id"])
         self.c_sk, self.s_sk = X25519PrivateKey.generate(), X25519PrivateKey.generate()
         self.b = secrets.token_bytes(32)

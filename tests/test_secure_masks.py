@@ -1,43 +1,71 @@
-"""The native ChaCha20 masks of secure aggregation, and the Shamir sharing and neighbour graph
-they rest on, against RFC 8439 and OpenSSL's ChaCha20 (through `cryptography`)."""
+"""The native masks of secure aggregation (AES-128-CTR on the CPU's AES instructions), and the
+Shamir sharing and neighbour graph they rest on, against NIST SP 800-38A and OpenSSL's AES-CTR
+(through `cryptography`)."""
 
 import numpy as np
 import pytest
 
 from fedagg import _core
-from fedagg.secure import apply_masks, shamir
+from fedagg.secure import apply_masks, protocol, shamir
 from fedagg.secure.graph import neighbours
 
-algorithms = pytest.importorskip("cryptography.hazmat.primitives.ciphers").algorithms
-Cipher = pytest.importorskip("cryptography.hazmat.primitives.ciphers").Cipher
+ciphers = pytest.importorskip("cryptography.hazmat.primitives.ciphers")
+algorithms, modes, Cipher = ciphers.algorithms, ciphers.modes, ciphers.Cipher
+
+needs_aes = pytest.mark.skipif(_core.secagg_prg_path() == "none", reason="this CPU has no AES instructions")
 
 
-def keystream_words(key: bytes, nonce: bytes, d: int) -> np.ndarray:
-    """OpenSSL's ChaCha20 keystream from block counter 0 (its 16-byte nonce: counter || nonce)."""
-    enc = Cipher(algorithms.ChaCha20(key, b"\0\0\0\0" + nonce), mode=None).encryptor()
+def keystream_words(key: bytes, d: int) -> np.ndarray:
+    """OpenSSL's AES-128-CTR keystream under key[:16] from the counter block key[16:], as uint32 words."""
+    enc = Cipher(algorithms.AES(key[:16]), modes.CTR(key[16:])).encryptor()
     return np.frombuffer(enc.update(bytes(4 * d)), dtype="<u4").astype(np.uint32)
 
 
-def test_rfc8439_a1_vector_1(isa):
-    # RFC 8439 A.1, test vector #1: zero key, zero nonce, block counter 0.
-    want = bytes.fromhex("76b8e0ada0f13d90405d6ae55386bd28bdd219b8a08ded1aa836efcc8b770dc7"
-                         "da41597c5157488d7724e03fb8d84a376a43b8f41518a11cc387b669b2ee6586")
+def test_the_instruction_set_picks_the_aes_path(isa):
+    path = _core.secagg_prg_path()
+    assert path in ("vaes", "aesni", "armv8", "none")
+    if isa == "base" and path != "none":  # a forced base table keeps to 128-bit instructions
+        assert path in ("aesni", "armv8")
+
+
+@needs_aes
+def test_sp800_38a_f51_ctr_aes128(isa):
+    # NIST SP 800-38A, F.5.1 CTR-AES128.Encrypt: the keystream is plaintext XOR ciphertext.
+    key = bytes.fromhex("2b7e151628aed2a6abf7158809cf4f3c")
+    counter = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")
+    plain = bytes.fromhex("6bc1bee22e409f96e93d7e117393172a" "ae2d8a571e03ac9c9eb76fac45af8e51"
+                          "30c81c46a35ce411e5fbc1191a0a52ef" "f69f2445df4f9b17ad2b417be66c3710")
+    cipher = bytes.fromhex("874d6191b620e3261bef6864990db6ce" "9806f66b7970fdff8617187bb9fffdff"
+                           "5ae4df3edbd5d35e5b4f09020db03eab" "1e031dda2fbe03d1792170a0f3009cee")
+    want = bytes(p ^ c for p, c in zip(plain, cipher))
     y = np.zeros(16, dtype=np.uint32)
-    _core.secagg_apply_masks(y, bytes(32), [1], bytes(12), 32)
+    _core.secagg_apply_masks(y, key + counter, [1], 32)
     assert y.astype("<u4").tobytes() == want
 
 
-@pytest.mark.parametrize("d", [1, 15, 16, 17, 255, 4096 + 3, 100_003])
+@needs_aes
+@pytest.mark.parametrize("d", [1, 3, 4, 5, 31, 32, 33, 255, 4096 + 3, 100_003])
 def test_mask_is_openssls_keystream(isa, d):
     rng = np.random.default_rng(d)
-    key, nonce = rng.bytes(32), rng.bytes(12)
+    key = rng.bytes(32)
     x = rng.integers(0, 2**32, d, dtype=np.uint64).astype(np.uint32)
-    ks = keystream_words(key, nonce, d)
+    ks = keystream_words(key, d)
     y = x.copy()
-    _core.secagg_apply_masks(y, key, [1], nonce, 32)
+    _core.secagg_apply_masks(y, key, [1], 32)
     np.testing.assert_array_equal(y, ((x.astype(np.uint64) + ks) % 2**32).astype(np.uint32))
-    _core.secagg_apply_masks(y, key, [-1], nonce, 32)
+    _core.secagg_apply_masks(y, key, [-1], 32)
     np.testing.assert_array_equal(y, x)
+
+
+@needs_aes
+@pytest.mark.parametrize("counter", ["00" * 8 + "ff" * 7 + "f0", "ff" * 16, "12" * 8 + "ff" * 8])
+def test_the_counter_carries_and_wraps_as_openssls(isa, counter):
+    # the low 64 bits overflow inside the vector (carry into the high half) and at 2^128 (wrap to 0)
+    key = np.random.default_rng(7).bytes(16) + bytes.fromhex(counter)
+    d = 100_003
+    y = np.zeros(d, np.uint32)
+    _core.secagg_apply_masks(y, key, [1], 32)
+    np.testing.assert_array_equal(y, keystream_words(key, d))
 
 
 @pytest.mark.parametrize("bits", [1, 8, 20, 31, 32])
@@ -49,13 +77,37 @@ def test_several_masks_fused_mod_2_bits(isa, bits):
     x = rng.integers(0, 2**bits, d, dtype=np.uint64)
     want = x.astype(object)
     for k, s in zip(keys, signs):
-        want = want + s * keystream_words(k, bytes(12), d).astype(object)
+        want = want + s * keystream_words(k, d).astype(object)
     want = np.array([int(v) % 2**bits for v in want], dtype=np.uint64)
     y = x.astype(np.uint32)
     apply_masks(y, keys, signs, bits)
     np.testing.assert_array_equal(y, want.astype(np.uint32))
 
 
+@pytest.mark.parametrize("bits", [7, 32])
+def test_without_aes_instructions_openssl_gives_the_same_masks(monkeypatch, bits):
+    rng = np.random.default_rng(11)
+    keys, signs = [rng.bytes(32) for _ in range(3)], [1, -1, 1]
+    x = rng.integers(0, 2**32, 70_001, dtype=np.uint64).astype(np.uint32)
+    want = x.copy()
+    protocol._apply_masks_openssl(want, keys, signs, bits)
+    if _core.secagg_prg_path() != "none":
+        native = x.copy()
+        apply_masks(native, keys, signs, bits)
+        np.testing.assert_array_equal(native, want)
+    monkeypatch.setattr(_core, "secagg_prg_path", lambda: "none")  # what a CPU without AES would report
+    y = x.copy()
+    apply_masks(y, keys, signs, bits)
+    np.testing.assert_array_equal(y, want)
+    ref = x.astype(object)
+    for k, s in zip(keys, signs):
+        ref = ref + s * keystream_words(k, x.size).astype(object)
+    np.testing.assert_array_equal(y, np.array([int(v) % 2**bits for v in ref], dtype=np.uint64).astype(np.uint32))
+    with pytest.raises(ValueError, match="32-byte key"):
+        apply_masks(y, [bytes(16)], [1], 32)
+
+
+@needs_aes
 def test_masks_do_not_depend_on_threads(threads_restored):
     rng = np.random.default_rng(3)
     key = rng.bytes(32)
@@ -80,14 +132,13 @@ def test_no_masks_reduces_into_the_ring():
     (dict(data=np.zeros(4, np.int32)), TypeError, "uint32"),
     (dict(data=np.zeros((2, 2), np.uint32)), TypeError, "1-D"),
     (dict(data=np.zeros(8, np.uint32)[::2]), TypeError, "contiguous"),
-    (dict(keys=bytes(31)), ValueError, "32 bytes per sign"),
+    (dict(seeds=bytes(31)), ValueError, "32 bytes per sign"),
     (dict(signs=[2]), ValueError, "signs"),
-    (dict(nonce=bytes(8)), ValueError, "12 bytes"),
     (dict(bits=0), ValueError, "bits"),
     (dict(bits=33), ValueError, "bits"),
 ])
 def test_bad_mask_calls_are_refused(bad, err, match):
-    args = dict(data=np.zeros(4, np.uint32), keys=bytes(32), signs=[1], nonce=bytes(12), bits=32)
+    args = dict(data=np.zeros(4, np.uint32), seeds=bytes(32), signs=[1], bits=32)
     args.update(bad)
     with pytest.raises(err, match=match):
         _core.secagg_apply_masks(**args)
@@ -97,7 +148,7 @@ def test_read_only_data_is_refused():
     y = np.zeros(4, np.uint32)
     y.flags.writeable = False
     with pytest.raises(TypeError, match="writable"):
-        _core.secagg_apply_masks(y, bytes(32), [1], bytes(12), 32)
+        _core.secagg_apply_masks(y, bytes(32), [1], 32)
 
 
 # ------------------------------------------------------------------------------------- Shamir

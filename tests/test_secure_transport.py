@@ -331,6 +331,24 @@ def test_secagg_on_a_plain_server_and_secure_clients_on_it(secure):
         t.join(10)
 
 
+@pytest.mark.parametrize("prg", ["chacha20", None])
+def test_a_participant_refuses_a_server_masking_with_another_prg(secure, monkeypatch, prg):
+    # a server of another fedagg version (None: one from before STATE named its PRG) would get masks that
+    # do not cancel: the participant refuses before it joins, and sends nothing of its update
+    public = SecureRound.public
+    monkeypatch.setattr(SecureRound, "public",
+                        lambda self: {k: v for k, v in {**public(self), "prg": prg}.items() if v is not None})
+    s = secure(quorum=3, min_updates=3, deadline=3, secure=SecureConfig(bucket_size=3, phase_seconds=2))
+    with Client(s.endpoint, "a", timeout=5) as c:
+        with pytest.raises(TransportError, match="mask PRG") as e:
+            c.submit(np.zeros(D, np.float32))
+        assert e.value.reason == "secure"
+        st = c.status()
+        assert st["held"] == 0 and st["phase"] == "join"
+    s.join(30)
+    assert s.records[0]["model_updated"] is False
+
+
 def test_a_masked_input_of_the_wrong_size_is_refused(secure):
     n = 3
     X = np.random.default_rng(8).normal(size=(n, D)).astype(np.float32) * 0.02

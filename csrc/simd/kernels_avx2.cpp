@@ -27,7 +27,6 @@ extern const KernelTable table_avx2 = {"avx2",
                                        &isa_avx2::sqdist_to,
                                        &isa_avx2::sqnorms,
                                        &isa_avx2::sorted_reduce,
-                                       &isa_avx2::chacha_mask,
                                        &isa_avx2::weighted_sum_half,
                                        &isa_avx2::widen};
 

@@ -25,7 +25,6 @@ extern const KernelTable table_avx512 = {"avx512",
                                        &isa_avx512::sqdist_to,
                                        &isa_avx512::sqnorms,
                                        &isa_avx512::sorted_reduce,
-                                       &isa_avx512::chacha_mask,
                                        &isa_avx512::weighted_sum_half,
                                        &isa_avx512::widen};
 

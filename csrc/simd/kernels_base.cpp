@@ -32,7 +32,6 @@ extern const KernelTable table_base = {"base",
                                        &isa_base::sqdist_to,
                                        &isa_base::sqnorms,
                                        &isa_base::sorted_reduce,
-                                       &isa_base::chacha_mask,
                                        &isa_base::weighted_sum_half,
                                        &isa_base::widen};
 

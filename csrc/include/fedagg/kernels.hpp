@@ -32,11 +32,6 @@ struct KernelTable {
   // Returns true if a NaN or Inf was seen (the output is then meaningless).
   bool (*sorted_reduce)(const float* const* rows, const NetworkView& net, int mode, int f, float* out,
                         std::size_t begin, std::size_t end);
-  // data[j] = (data[j] + ks[j]) & mask, or (data[j] - ks[j]) & mask with `subtract`, for j in
-  // [begin, end) (begin a multiple of 16), ks the RFC 8439 ChaCha20 keystream of (key, nonce)
-  // as little-endian 32-bit words from block counter 0.
-  void (*chacha_mask)(const std::uint32_t* key, const std::uint32_t* nonce, std::uint32_t* data,
-                      std::size_t begin, std::size_t end, bool subtract, std::uint32_t mask);
   // weighted_sum of rows that all hold binary16 (elem 1) or bfloat16 (elem 2), widened in
   // registers: the bits weighted_sum gives on the rows widened beforehand.
   void (*weighted_sum_half)(const std::uint16_t* const* rows, int elem, int n, const double* coef, float* out,

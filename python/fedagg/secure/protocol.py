@@ -11,7 +11,7 @@ Phases (docs/secure.md):
    the c keys (HKDF, round and direction in its info; round and both ends as associated data), and
    the server routes them. U2: the participants whose shares the server received.
 2. Masked input. y_u = x_u + PRG(b_u) + sum over neighbours v in U2 of +-PRG(s_uv) (+ if u < v),
-   all mod 2^bits; PRG: the ChaCha20 keystream, expanded and added natively in one pass. U3: the
+   all mod 2^bits; PRG: the AES-128-CTR keystream, expanded and added natively in one pass. U3: the
    participants whose masked input the server received.
 3. Consistency (with identity keys). The server sends U3; each participant signs it; shares are
    revealed only with t neighbours' signatures over the same U3 (so the server cannot tell some
@@ -72,9 +72,9 @@ def _crypto():
     return _CRYPTO
 
 
+PRG = "aes128-ctr"  # the masks' PRG (apply_masks), named in a server's STATE
 ROUND_ID_BYTES = 32
 REBUILD_TRIES = 2000  # random t-subsets tried per secret when shares disagree
-ZERO_NONCE = bytes(12)
 
 
 @dataclass(frozen=True)
@@ -199,8 +199,34 @@ def _aad(round_id: bytes, sender: int, receiver: int) -> bytes:
 
 
 def apply_masks(y: np.ndarray, keys: Sequence[bytes], signs: Sequence[int], bits: int) -> None:
-    """y (uint32, in place) += sum_i signs[i] * ChaCha20(keys[i]) mod 2^bits, natively, one pass."""
-    _core.secagg_apply_masks(y, b"".join(keys), list(signs), ZERO_NONCE, bits)
+    """y (uint32, in place) += sum_i signs[i] * PRG(keys[i]) mod 2^bits, natively, in one pass.
+
+    PRG(key), key 32 bytes: the AES-128-CTR keystream under key[:16] from the initial counter block
+    key[16:] (NIST SP 800-38A; OpenSSL's CTR mode), as little-endian uint32 words. On the CPU's AES
+    instructions; on a CPU without them, OpenSSL's keystream (through `cryptography`) added by NumPy.
+    """
+    if keys and _core.secagg_prg_path() == "none":
+        _apply_masks_openssl(y, keys, signs, bits)
+        return
+    _core.secagg_apply_masks(y, b"".join(keys), list(signs), bits)
+
+
+def _apply_masks_openssl(y: np.ndarray, keys: Sequence[bytes], signs: Sequence[int], bits: int) -> None:
+    """apply_masks without AES instructions: the same values, a keystream buffer per mask."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    if len(keys) != len(signs) or any(len(k) != 32 for k in keys) or any(s not in (1, -1) for s in signs):
+        raise ValueError("one 32-byte key per sign, signs +1 or -1")
+    if not 1 <= bits <= 32:
+        raise ValueError("bits must be in [1, 32]")
+    for key, sign in zip(keys, signs):
+        stream = Cipher(algorithms.AES(key[:16]), modes.CTR(key[16:])).encryptor().update(bytes(4 * y.size))
+        ks = np.frombuffer(stream, dtype="<u4")
+        if sign > 0:
+            np.add(y, ks, out=y)  # uint32: wraps modulo 2^32
+        else:
+            np.subtract(y, ks, out=y)
+    y &= np.uint32(0xFFFFFFFF if bits == 32 else (1 << bits) - 1)
 
 
 def check_ring(x: np.ndarray, params: Params, what: str) -> np.ndarray:

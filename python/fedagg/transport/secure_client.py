@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
-from ..secure import Encoding, Params, Participant, RoundAborted, wire
+from ..secure import PRG, Encoding, Params, Participant, RoundAborted, wire
 from .client import TransportError
 from .protocol import Codec, Dtype, Kind, ProtocolError, message, parse_json
 from .secure_round import Step
@@ -97,6 +97,9 @@ def submit_secure(c, update: Any, round: Optional[int] = None, *,
         raise TransportError("phase", f"the secure round {rnd} is in its {st.get('phase')} phase: it takes new "
                                       "participants in its join phase (wait for the next round)")
     sec = st["secure"]
+    if sec.get("prg") != PRG:  # another PRG's masks would not cancel: the sum would be garbage
+        raise TransportError("secure", f"the server's secure rounds use the mask PRG {sec.get('prg', 'chacha20')!r}; "
+                                       f"this fedagg masks with {PRG!r} (run the same fedagg version as the server)")
     phase_wait = float(sec["phase_seconds"]) + c.timeout
     body = _ask(c, Step.JOIN, b"", rnd, float(sec["deadline"]) + phase_wait)
     try:

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..secure import RoundRefused, buckets, wire
+from ..secure import PRG, RoundRefused, buckets, wire
 from ..secure import Server as GroupServer
 from ..secure.ddg import Encoding
 from ..secure.protocol import Params, UnmaskResponse
@@ -127,7 +127,8 @@ class SecureRound:
         """STATE's "secure": what a participant needs before it joins."""
         c = self.cfg
         return {"bucket_size": c.bucket_size, "clip": c.clip, "sigma": c.sigma, "bits": c.bits,
-                "phase_seconds": c.phase_seconds, "deadline": self.deadline, "ring_bytes": self.ring_bytes}
+                "phase_seconds": c.phase_seconds, "deadline": self.deadline, "ring_bytes": self.ring_bytes,
+                "prg": PRG}
 
     # ------------------------------------------------------------------ messages
     def on_message(self, rid: bytes, pid: str, head, body) -> None:
