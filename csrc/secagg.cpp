@@ -95,7 +95,8 @@ __attribute__((target("aes"))) void ctr_aesni(const RoundKeys& rk, Counter c, st
   for (; j < e; j += 4, c = c.plus(1)) {  // the last blocks, the last one maybe partial
     std::uint32_t ks[4];
     _mm_storeu_si128(reinterpret_cast<__m128i*>(ks), encrypt1(rk, block_of(c)));
-    for (std::size_t w = 0; w < 4 && j + w < e; ++w) data[j + w] = (neg ? data[j + w] - ks[w] : data[j + w] + ks[w]) & mask;
+    for (std::size_t w = 0; w < 4 && j + w < e; ++w)
+      data[j + w] = (neg ? data[j + w] - ks[w] : data[j + w] + ks[w]) & mask;
   }
 }
 
@@ -162,7 +163,8 @@ __attribute__((target("+crypto"))) void ctr_arm(const RoundKeys& rk, Counter c, 
   for (; j < e; j += 4, c = c.plus(1)) {
     std::uint32_t ks[4];
     vst1q_u32(ks, vreinterpretq_u32_u8(encrypt_arm(k, block_arm(c))));
-    for (std::size_t w = 0; w < 4 && j + w < e; ++w) data[j + w] = (neg ? data[j + w] - ks[w] : data[j + w] + ks[w]) & mask;
+    for (std::size_t w = 0; w < 4 && j + w < e; ++w)
+      data[j + w] = (neg ? data[j + w] - ks[w] : data[j + w] + ks[w]) & mask;
   }
 }
 #endif
