@@ -105,6 +105,8 @@ def test_without_aes_instructions_openssl_gives_the_same_masks(monkeypatch, bits
     np.testing.assert_array_equal(y, np.array([int(v) % 2**bits for v in ref], dtype=np.uint64).astype(np.uint32))
     with pytest.raises(ValueError, match="32-byte key"):
         apply_masks(y, [bytes(16)], [1], 32)
+    with pytest.raises(TypeError, match="uint32"):
+        apply_masks(y.astype(np.int64), keys, signs, bits)
 
 
 @needs_aes

@@ -15,5 +15,5 @@ from .ddg import Encoding
 from .protocol import (PRG, Advertisement, Ciphertext, Params, Participant, RoundAborted, RoundRefused, Server,
                        UnmaskRequest, UnmaskResponse, apply_masks)
 
-__all__ = ["PRG", "Advertisement", "Ciphertext", "Encoding", "Params", "Participant", "RoundAborted", "RoundRefused", "Server",
-           "UnmaskRequest", "UnmaskResponse", "apply_masks", "buckets", "ddg", "graph", "shamir", "wire"]
+__all__ = ["PRG", "Advertisement", "Ciphertext", "Encoding", "Params", "Participant", "RoundAborted", "RoundRefused",
+           "Server", "UnmaskRequest", "UnmaskResponse", "apply_masks", "buckets", "ddg", "graph", "shamir", "wire"]

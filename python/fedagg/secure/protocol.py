@@ -215,6 +215,8 @@ def _apply_masks_openssl(y: np.ndarray, keys: Sequence[bytes], signs: Sequence[i
     """apply_masks without AES instructions: the same values, a keystream buffer per mask."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+    if not (isinstance(y, np.ndarray) and y.dtype == np.uint32 and y.ndim == 1 and y.flags.writeable):
+        raise TypeError("data must be a writable 1-D uint32 array")  # what the native call checks
     if len(keys) != len(signs) or any(len(k) != 32 for k in keys) or any(s not in (1, -1) for s in signs):
         raise ValueError("one 32-byte key per sign, signs +1 or -1")
     if not 1 <= bits <= 32:
